@@ -1,0 +1,22 @@
+"""NormGuard's math core: pure torch (P1). Imports no ray, diffusers, pydantic or services."""
+
+from normguard_core import advantages, analysis, conventions, losses, metrics, samplers
+from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_penalty
+from normguard_core.types import LossOutput, PairResult, StepResult, Trajectory
+
+__all__ = [
+    "LossBatch",
+    "LossOutput",
+    "NormGuardParams",
+    "PairResult",
+    "StepResult",
+    "Trajectory",
+    "advantages",
+    "analysis",
+    "compose_objective",
+    "conventions",
+    "losses",
+    "metrics",
+    "normguard_penalty",
+    "samplers",
+]

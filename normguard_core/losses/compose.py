@@ -1,0 +1,84 @@
+"""Total objective = base loss + NormGuard (+ KL to the reference), by configuration (P7).
+
+Any registered base loss gains NormGuard by passing ``normguard=NormGuardParams(...)``; there is
+no subclass per (loss x regulariser). The NormGuard metrics (norm ratio, active fraction) are
+computed whenever ``v_theta`` and ``v_ref`` are present, also with ``weight = 0``, so baselines
+report the same inflation statistics; with ``weight = 0`` (or ``normguard=None``) the total loss
+IS the base loss tensor (bit-identical value and gradient), not ``base + 0 * penalty``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from normguard_core.losses.normguard import normguard_penalty
+from normguard_core.losses.registry import LossBatch, get_loss
+from normguard_core.types import LossOutput
+
+__all__ = ["NormGuardParams", "compose_objective"]
+
+
+@dataclass(frozen=True)
+class NormGuardParams:
+    """Hyperparameters of :func:`normguard_penalty` (same names, same meaning)."""
+
+    weight: float = 1.0
+    margin: float = 0.0
+    power: int = 2
+    scale: str = "relative"
+
+
+def compose_objective(
+    loss_name: str,
+    batch: LossBatch,
+    *,
+    loss_kwargs: Mapping[str, Any] | None = None,
+    normguard: NormGuardParams | None = None,
+    kl_weight: float = 0.0,
+) -> LossOutput:
+    """Compute ``base + lambda * NormGuard + kl_weight * KL`` for one batch.
+
+    Args:
+        loss_name: a registered base loss (``available_losses()``).
+        batch: the shared training points; NormGuard and KL need ``v_theta`` and ``v_ref``.
+        loss_kwargs: hyperparameters of the base loss.
+        normguard: NormGuard hyperparameters, or ``None`` for no penalty.
+        kl_weight: weight of the velocity-space KL surrogate ``mean (v_theta - v_ref)^2``
+            (for Gaussian steps of equal variance this is the KL up to a constant factor).
+
+    Returns:
+        LossOutput with ``loss/total``, ``loss/base``, the base loss's metrics, the NormGuard
+        metrics when ``v_ref`` is present, and ``loss/kl`` when ``kl_weight > 0``.
+    """
+    base = get_loss(loss_name)(batch, **dict(loss_kwargs or {}))
+    total = base.loss
+    metrics = dict(base.metrics)
+    metrics["loss/base"] = base.loss.detach()
+    has_ref = batch.v_theta is not None and batch.v_ref is not None
+    if normguard is not None and normguard.weight > 0 and not has_ref:
+        raise ValueError(f"NormGuard needs v_theta and v_ref in the batch; it carries {batch.present()}")
+    if has_ref:
+        weight = normguard.weight if normguard is not None else 0.0
+        ng = normguard_penalty(
+            v_theta=batch.v_theta,
+            v_ref=batch.v_ref,
+            weight=weight,
+            margin=normguard.margin if normguard is not None else 0.0,
+            power=normguard.power if normguard is not None else 2,
+            scale=normguard.scale if normguard is not None else "relative",
+        )
+        metrics.update(ng.metrics)
+        if weight > 0:
+            total = total + ng.loss
+    if kl_weight < 0:
+        raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+    if kl_weight > 0:
+        if not has_ref:
+            raise ValueError(f"the KL term needs v_theta and v_ref; the batch carries {batch.present()}")
+        kl = (batch.v_theta - batch.v_ref.detach()).pow(2).mean()
+        total = total + kl_weight * kl
+        metrics["loss/kl"] = kl.detach()
+    metrics["loss/total"] = total.detach()
+    return LossOutput(loss=total, metrics=metrics)

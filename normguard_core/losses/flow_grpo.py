@@ -1,0 +1,64 @@
+"""Flow-GRPO: PPO-clip on the Gaussian log-probs of SDE sampling steps.
+
+Paper: J. Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL",
+arXiv:2505.05470 (2025). Reference code followed: yifan123/flow_grpo ``train_sd3.py`` and
+``diffusers_patch/sd3_sde_with_logprob.py`` (the step lives in ``normguard_core.samplers``).
+
+With ``log p`` the log-density of the taken step x_t -> x_{t-1} under the current policy
+(recomputed from the stored states and noise), ``log p_old`` the same under the sampling
+policy, group-normalised advantages A and clip eps::
+
+    ratio = exp(log p - log p_old)
+    L     = mean_b max(-A_b * ratio_b, -A_b * clip(ratio_b, 1 - eps, 1 + eps))
+
+Flow-GRPO's KL to the reference is a separate term (``compose.compose_objective``'s
+``kl_weight``), as in verl-omni where it is registered separately.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normguard_core.losses.registry import register_loss
+from normguard_core.types import LossOutput
+
+__all__ = ["flow_grpo_loss"]
+
+
+@register_loss("flow_grpo", required=("log_prob", "old_log_prob", "advantages"))
+def flow_grpo_loss(
+    *,
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    clip_range: float = 1e-4,
+    adv_clip_max: float = 5.0,
+) -> LossOutput:
+    """PPO-clipped policy-gradient loss on SDE-step log-probs.
+
+    Args:
+        log_prob: ``(B,)`` current-policy log-prob of the taken step (carries grad).
+        old_log_prob: ``(B,)`` sampling-policy log-prob of the same step.
+        advantages: ``(B,)`` group-normalised advantages.
+        clip_range: ratio clip eps > 0 (Flow-GRPO's SD3 config uses 1e-4).
+        adv_clip_max: advantage clip.
+
+    Returns:
+        LossOutput with metrics ``loss/grpo_ratio_mean``, ``loss/grpo_clip_frac``,
+        ``loss/grpo_approx_kl``.
+    """
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob - old_log_prob.detach()
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
+    metrics = {
+        "loss/grpo_ratio_mean": ratio.mean().detach(),
+        "loss/grpo_clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
+        # Schulman's k3 estimator of KL(old || new), for monitoring only.
+        "loss/grpo_approx_kl": (ratio - 1.0 - log_ratio).mean().detach(),
+    }
+    return LossOutput(loss=loss, metrics=metrics)

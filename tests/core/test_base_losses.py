@@ -1,0 +1,207 @@
+"""Each base loss against its formula, written out independently in float64."""
+
+import math
+
+import pytest
+import torch
+
+from normguard_core.advantages import nft_reward_prob
+from normguard_core.losses import LossBatch, awm_loss, compute_loss, diffusion_nft_loss, flow_dpo_loss, flow_grpo_loss
+
+pytestmark = pytest.mark.unit
+B, SHAPE = 6, (6, 2, 3, 3)
+
+
+@pytest.fixture
+def data(gen):
+    t = {k: torch.randn(SHAPE, generator=gen) for k in ("v_theta", "v_old", "v_ref", "x0", "noise")}
+    t["sigma"] = torch.rand(B, generator=gen) * 0.9 + 0.05
+    t["adv"] = torch.randn(B, generator=gen) * 2
+    return t
+
+
+def _mean_d(x):
+    return x.flatten(1).mean(dim=1)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_diffusion_nft_matches_formula(data, adaptive):
+    beta = 0.7
+    r = nft_reward_prob(data["adv"], adv_clip_max=2.0)
+    out = diffusion_nft_loss(
+        v_theta=data["v_theta"],
+        v_old=data["v_old"],
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        reward_prob=r,
+        beta=beta,
+        adaptive_weighting=adaptive,
+    )
+    d = {k: v.double() for k, v in data.items()}
+    vp = beta * d["v_theta"] + (1 - beta) * d["v_old"]
+    vn = (1 + beta) * d["v_old"] - beta * d["v_theta"]
+    s = d["sigma"].view(-1, 1, 1, 1)
+    if adaptive:
+        xs = (1 - s) * d["x0"] + s * d["noise"]
+
+        def err(v):
+            e = xs - s * v - d["x0"]
+            return _mean_d(e**2) / _mean_d(e.abs()).clamp_min(1e-5)
+    else:
+
+        def err(v):
+            return _mean_d((v - (d["noise"] - d["x0"])) ** 2)
+
+    rr = r.double()
+    expected = ((rr * err(vp) + (1 - rr) * err(vn)) / beta).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_diffusion_nft_gradient_signs(data):
+    """At beta -> 0 the gradient is (2r - 1) times the flow-matching gradient."""
+    v = data["v_theta"].clone().requires_grad_(True)
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5])
+    out = diffusion_nft_loss(
+        v_theta=v,
+        v_old=v.detach(),
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        reward_prob=r,
+        beta=1e-3,
+        adaptive_weighting=False,
+    )
+    out.loss.backward()
+    fm_grad = 2 * (v.detach() - (data["noise"] - data["x0"])) / v[0].numel() / B
+    expected = fm_grad * (2 * r - 1).view(-1, 1, 1, 1)
+    assert torch.allclose(v.grad, expected, atol=1e-4)
+
+
+def test_diffusion_nft_rejects_unmapped_rewards(data):
+    with pytest.raises(ValueError, match="reward_prob"):
+        diffusion_nft_loss(
+            v_theta=data["v_theta"],
+            v_old=data["v_old"],
+            x0=data["x0"],
+            noise=data["noise"],
+            sigma=data["sigma"],
+            reward_prob=data["adv"],
+        )
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "sigma", "sigma2"])
+def test_awm_plain_matches_formula(data, weighting):
+    out = awm_loss(
+        v_theta=data["v_theta"],
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        advantages=data["adv"],
+        weighting=weighting,
+        adv_clip_max=1.5,
+    )
+    d = {k: v.double() for k, v in data.items()}
+    w = {"uniform": 1.0, "sigma": d["sigma"], "sigma2": d["sigma"] ** 2}[weighting]
+    mse = _mean_d((d["v_theta"] - (d["noise"] - d["x0"])) ** 2)
+    expected = (d["adv"].clamp(-1.5, 1.5) * w * mse).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_awm_clipped_matches_formula(data):
+    v_theta = data["v_old"] + 0.01 * data["v_theta"]
+    out = awm_loss(
+        v_theta=v_theta,
+        v_old=data["v_old"],
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        advantages=data["adv"],
+        clip_range=0.01,
+    )
+    d = {k: v.double() for k, v in data.items()}
+    tgt = d["noise"] - d["x0"]
+    lp = -_mean_d((v_theta.double() - tgt) ** 2)
+    lp_old = -_mean_d((d["v_old"] - tgt) ** 2)
+    ratio = torch.exp(lp - lp_old)
+    a = d["adv"].clamp(-5, 5)
+    expected = torch.maximum(-a * ratio, -a * ratio.clamp(0.99, 1.01)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert 0.0 <= out.metrics["loss/awm_clip_frac"].item() <= 1.0
+
+
+def test_awm_clip_needs_v_old(data):
+    with pytest.raises(ValueError, match="v_old"):
+        awm_loss(
+            v_theta=data["v_theta"],
+            x0=data["x0"],
+            noise=data["noise"],
+            sigma=data["sigma"],
+            advantages=data["adv"],
+            clip_range=0.1,
+        )
+
+
+def _dpo_data(data):
+    noise = data["noise"].clone()
+    sigma = data["sigma"].clone()
+    noise[3:] = noise[:3]  # pairs (0,3), (1,4), (2,5) share eps and sigma
+    sigma[3:] = sigma[:3]
+    return noise, sigma, torch.tensor([0, 4, 2]), torch.tensor([3, 1, 5])
+
+
+def test_flow_dpo_matches_formula(data):
+    noise, sigma, w, lo = _dpo_data(data)
+    beta = 50.0
+    out = flow_dpo_loss(
+        v_theta=data["v_theta"],
+        v_ref=data["v_ref"],
+        x0=data["x0"],
+        noise=noise,
+        sigma=sigma,
+        winners=w,
+        losers=lo,
+        beta=beta,
+    )
+    tgt = (noise - data["x0"]).double()
+    e = _mean_d((data["v_theta"].double() - tgt) ** 2)
+    e_ref = _mean_d((data["v_ref"].double() - tgt) ** 2)
+    delta = (e[w] - e_ref[w]) - (e[lo] - e_ref[lo])
+    expected = sum(math.log1p(math.exp(0.5 * beta * float(x))) for x in delta) / len(delta)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)  # float32 loss, beta amplifies
+    assert out.metrics["loss/dpo_accuracy"].item() == pytest.approx(float((delta < 0).double().mean()))
+
+
+def test_flow_dpo_rejects_pairs_with_different_noise(data):
+    with pytest.raises(ValueError, match="share"):
+        flow_dpo_loss(
+            v_theta=data["v_theta"],
+            v_ref=data["v_ref"],
+            x0=data["x0"],
+            noise=data["noise"],
+            sigma=data["sigma"],
+            winners=torch.tensor([0]),
+            losers=torch.tensor([1]),
+        )
+
+
+def test_flow_grpo_matches_formula(gen):
+    lp = torch.randn(B, generator=gen) * 0.01
+    old = torch.randn(B, generator=gen) * 0.01
+    adv = torch.randn(B, generator=gen)
+    out = flow_grpo_loss(log_prob=lp, old_log_prob=old, advantages=adv, clip_range=0.005)
+    ratio = torch.exp(lp.double() - old.double())
+    a = adv.double()
+    expected = torch.maximum(-a * ratio, -a * ratio.clamp(0.995, 1.005)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_registry_names_missing_fields(data):
+    batch = LossBatch(v_theta=data["v_theta"], x0=data["x0"])
+    with pytest.raises(ValueError, match=r"diffusion_nft.*\['v_old', 'noise', 'sigma', 'reward_prob'\]"):
+        compute_loss("diffusion_nft", batch)
+
+
+def test_registry_unknown_name_lists_known():
+    with pytest.raises(KeyError, match="awm.*diffusion_nft.*flow_dpo.*flow_grpo"):
+        compute_loss("ppo", LossBatch())
