@@ -1,0 +1,224 @@
+"""One typed, airtight pydantic v2 config tree (P9), loaded from YAML with dotted overrides.
+
+Hardware layout (``resources``) is separate from algorithm hyperparameters; the per-loss
+sections are a discriminated union on ``loss.name``; every YAML in ``deploy/configs`` is
+loaded in a test. Services unpack these into explicit keyword arguments (P10): the core never
+sees a config object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["ExperimentConfig", "load_config", "apply_overrides"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    kind: Literal["digits", "sd3", "flux"] = Field("digits", description="generator family")
+    path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
+    lora_rank: int | None = Field(
+        None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
+    )
+    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (defaults to the rank)")
+    lora_targets: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), description="module names for LoRA")
+    resolution: int = Field(16, ge=8, le=4096, description="image side in pixels")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype on the device")
+    pretrain_steps: int = Field(600, ge=0, description="digits only: steps of the embedded pretraining")
+    cache_dir: str | None = Field(None, description="digits only: where pretrained weights are cached")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> ModelConfig:
+        if self.kind in ("sd3", "flux") and not self.path:
+            raise ValueError(f"model.path is required for model.kind={self.kind!r} (a local dir or hub id)")
+        return self
+
+
+class RolloutConfig(_Section):
+    num_samplers: int = Field(2, ge=1, description="RolloutSampler actors")
+    prompts_per_step: int = Field(10, ge=1, description="prompt groups per RL step")
+    group_size: int = Field(8, ge=1, description="samples per prompt")
+    num_steps: int = Field(10, ge=1, le=200, description="sampler steps for rollouts")
+    shift: float = Field(1.0, gt=0, description="timestep shift of the sampling grid")
+    guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale for rollouts")
+    sde_noise_level: float = Field(0.0, ge=0.0, description="0 = ODE rollouts; > 0 Flow-SDE (needed by flow_grpo)")
+    max_staleness: int = Field(0, ge=0, description="policy versions a rollout may lag the learner")
+
+
+class ScorerSpec(_Section):
+    name: str = Field(description="registered scorer name (see `normguard scorers`)")
+    weight: float = Field(1.0, description="weight in the combined reward")
+    path: str | None = Field(None, description="checkpoint dir / hub id / URL for the scorer")
+    required: bool = Field(True, description="a failure of a required scorer fails the step")
+    pool: Literal["proxy", "judge"] = Field("proxy", description="actor pool (MLLM judges get their own)")
+    options: dict[str, Any] = Field(default_factory=dict, description="scorer-specific keyword arguments")
+
+
+class RewardConfig(_Section):
+    scorers: tuple[ScorerSpec, ...] = Field((ScorerSpec(name="digits_classifier"),), min_length=1)
+    eval_scorers: tuple[ScorerSpec, ...] = Field((), description="independent judges, never used for training")
+    num_actors: int = Field(1, ge=1, description="RewardScorer actors per pool")
+    timeout_s: float = Field(120.0, gt=0, description="per-call timeout")
+    retries: int = Field(2, ge=0, description="retries per call, with exponential backoff")
+
+
+class NFTLoss(_Section):
+    name: Literal["diffusion_nft"] = "diffusion_nft"
+    beta: float = Field(1.0, gt=0, description="DiffusionNFT mixing strength")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantage clip, maps A to r in [0, 1]")
+    adaptive_weighting: bool = Field(True, description="x0-space self-normalised error (reference code)")
+
+
+class AWMLoss(_Section):
+    name: Literal["awm"] = "awm"
+    weighting: Literal["uniform", "sigma", "sigma2"] = "uniform"
+    clip_range: float | None = Field(None, gt=0, description="PPO ratio clip; None = plain AWM")
+    adv_clip_max: float = Field(5.0, gt=0)
+
+
+class DPOLoss(_Section):
+    name: Literal["flow_dpo"] = "flow_dpo"
+    beta: float = Field(2000.0, gt=0, description="inverse temperature on per-element MSEs")
+    min_gap: float = Field(0.0, ge=0, description="reward gap below which a group is a tie (skipped, counted)")
+
+
+class GRPOLoss(_Section):
+    name: Literal["flow_grpo"] = "flow_grpo"
+    clip_range: float = Field(1e-4, gt=0)
+    adv_clip_max: float = Field(5.0, gt=0)
+
+
+LossConfig = Annotated[NFTLoss | AWMLoss | DPOLoss | GRPOLoss, Field(discriminator="name")]
+
+
+class NormGuardConfig(_Section):
+    weight: float = Field(0.0, ge=0.0, description="lambda on the velocity-norm hinge (0 = off)")
+    margin: float = Field(0.0, ge=0.0, description="relative slack over ||v_ref||")
+    power: Literal[1, 2] = 2
+    scale: Literal["relative", "absolute"] = "relative"
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    timesteps_per_sample: int = Field(2, ge=1, description="training sigmas drawn per rollout sample (NFT/AWM/DPO)")
+    sigma_scheme: Literal["logit_normal", "uniform"] = "uniform"
+    sigma_min: float = Field(0.02, ge=0.0, lt=1.0, description="lower clamp of training sigmas")
+    sigma_max: float = Field(0.98, gt=0.0, le=1.0, description="upper clamp of training sigmas")
+    micro_batch: int = Field(40, ge=1, description="samples per backward pass per worker")
+    kl_weight: float = Field(0.0, ge=0.0, description="velocity-space KL to the reference")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights (None = off)")
+    max_nonfinite_in_row: int = Field(3, ge=1, description="abort after this many skipped NaN/Inf updates in a row")
+
+
+class ResourcesConfig(_Section):
+    num_learners: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    learner_cpus: float = Field(1.0, gt=0)
+    learner_gpus: float = Field(0.0, ge=0)
+    sampler_cpus: float = Field(0.25, ge=0)
+    sampler_gpus: float = Field(0.0, ge=0)
+    scorer_cpus: float = Field(0.25, ge=0)
+    scorer_gpus: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1, description="torch threads per actor (avoid oversubscription)")
+
+
+class TrainConfig(_Section):
+    run_name: str = Field("digits-nft", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = Field("runs", description="run directories live here")
+    steps: int = Field(30, ge=1, description="RL steps (rollout -> update -> sync)")
+    seed: int = 0
+    eval_every: int = Field(10, ge=0, description="0 = only before and after")
+    checkpoint_every: int = Field(10, ge=0, description="0 = only at the end")
+    compare_baseline: bool = Field(False, description="also train the same config with NormGuard off, and compare")
+    rollout_timeout_s: float = Field(600.0, gt=0)
+    learner_timeout_s: float = Field(900.0, gt=0)
+
+
+class EvalConfig(_Section):
+    num_prompts: int = Field(10, ge=1)
+    samples_per_prompt: int = Field(10, ge=1)
+    few_steps: int = Field(4, ge=1)
+    full_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(1.0, ge=1.0)
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment. Derived values are properties, never stored twice."""
+
+    model: ModelConfig = ModelConfig()
+    prompts: tuple[str, ...] = Field(tuple(f"a handwritten digit {d}" for d in range(10)), min_length=1)
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    loss: LossConfig = NFTLoss()
+    normguard: NormGuardConfig = NormGuardConfig()
+    learner: LearnerConfig = LearnerConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def samples_per_step(self) -> int:
+        """Rollout samples generated per RL step."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+    @property
+    def run_dir(self) -> Path:
+        """Directory of this run's outputs."""
+        return Path(self.train.output_dir) / self.train.run_name
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.loss.name == "flow_grpo" and self.rollout.sde_noise_level <= 0:
+            raise ValueError("loss flow_grpo needs SDE rollouts: set rollout.sde_noise_level > 0 (e.g. 0.7)")
+        if self.loss.name in ("flow_dpo", "flow_grpo", "awm", "diffusion_nft") and self.rollout.group_size < 2:
+            raise ValueError(f"loss {self.loss.name} compares samples within a prompt group: rollout.group_size >= 2")
+        if self.learner.sigma_min >= self.learner.sigma_max:
+            raise ValueError("learner.sigma_min must be < learner.sigma_max")
+        if self.samples_per_step % self.rollout.num_samplers:
+            raise ValueError(
+                f"samples per step ({self.samples_per_step}) must divide evenly over rollout.num_samplers "
+                f"({self.rollout.num_samplers})"
+            )
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an ExperimentConfig from YAML (or the embedded default when ``path`` is None)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    apply_overrides(data, list(overrides or []))
+    return ExperimentConfig.model_validate(data)

@@ -1,0 +1,167 @@
+"""The generator interface the Ray services use, and the diffusers-transformer base.
+
+A generator turns prompts into conditions, (x, sigma, condition) into velocities in the
+convention of ``normguard_core.conventions``, and latents into images in [0, 1]. Its reference
+is the same model with LoRA adapters disabled (no second copy), or a frozen copy of the initial
+weights for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from normguard_core.samplers import VelocityFn, cfg_combine
+
+__all__ = ["Condition", "FlowGenerator"]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Prompt conditioning: named tensors sharing batch dim 0 (e.g. ``prompt_embeds (B, L, C)``)."""
+
+    tensors: dict[str, Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return next(iter(self.tensors.values())).shape[0]
+
+    def index(self, idx: Tensor) -> Condition:
+        """Rows ``idx`` of every tensor."""
+        return Condition({k: v[idx] for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, n: int) -> Condition:
+        """Each row repeated ``n`` times (prompt -> group of samples)."""
+        return Condition({k: v.repeat_interleave(n, dim=0) for k, v in self.tensors.items()})
+
+    def cat(self, other: Condition) -> Condition:
+        """Concatenate along the batch (for batched CFG)."""
+        return Condition({k: torch.cat([v, other.tensors[k]]) for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> Condition:
+        """Move every tensor."""
+        return Condition({k: v.to(device) for k, v in self.tensors.items()})
+
+
+class FlowGenerator:
+    """Base of the diffusers-transformer generators: trainable backbone, reference, guidance.
+
+    Subclasses implement ``_call_backbone`` (one model call), ``encode_prompts``,
+    ``decode`` and ``latent_shape``.
+    """
+
+    name = "base"
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        *,
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.transformer = transformer.to(self.device)
+        self.lora_rank = lora_rank
+        self._reference: nn.Module | None = None
+        if lora_rank is not None:
+            from peft import LoraConfig
+
+            self.transformer.requires_grad_(False)
+            cfg = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                target_modules=list(lora_targets),
+                init_lora_weights=True,
+            )
+            self.transformer.add_adapter(cfg)
+        else:
+            self._reference = copy.deepcopy(self.transformer).eval().requires_grad_(False)
+        self.transformer.eval()
+
+    # ---- model-specific -------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Per-sample latent shape ``*D``."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
+        """Condition for each prompt (``""`` is the unconditional prompt)."""
+        raise NotImplementedError
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """``(B, *D)`` latents -> ``(B, 3, H, W)`` images in [0, 1]."""
+        raise NotImplementedError
+
+    def _call_backbone(self, module: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the learner optimises (LoRA weights, or the whole transformer)."""
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What weight sync ships: the LoRA tensors only, or the full transformer (CPU copies)."""
+        names = {n for n, p in self.transformer.named_parameters() if p.requires_grad}
+        return {n: t.detach().cpu().clone() for n, t in self.transformer.state_dict().items() if n in names}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load weights produced by :meth:`trainable_state_dict` (strict on the given names)."""
+        own = self.transformer.state_dict()
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise KeyError(f"weights for unknown parameters: {unknown[:5]}")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+    @contextlib.contextmanager
+    def _reference_module(self) -> Iterator[nn.Module]:
+        if self._reference is not None:
+            yield self._reference
+            return
+        self.transformer.disable_adapters()
+        try:
+            yield self.transformer
+        finally:
+            self.transformer.enable_adapters()
+
+    def velocity(
+        self, x: Tensor, sigma: Tensor, cond: Condition, *, reference: bool = False, module: nn.Module | None = None
+    ) -> Tensor:
+        """Velocity ``(B, *D)`` at ``(x (B, *D), sigma (B,), cond)``.
+
+        Args:
+            x: state.
+            sigma: per-sample sigma.
+            cond: condition with batch B.
+            reference: use the frozen reference (always under ``no_grad``).
+            module: the policy module to call (e.g. a DDP wrapper of ``transformer``).
+        """
+        if reference:
+            with torch.no_grad(), self._reference_module() as ref:
+                return self._call_backbone(ref, x, sigma, cond).float()
+        return self._call_backbone(module or self.transformer, x, sigma, cond).float()
+
+    def guided_velocity_fn(
+        self, cond: Condition, null_cond: Condition | None, guidance_scale: float, *, reference: bool = False
+    ) -> VelocityFn:
+        """A ``(x, sigma) -> v`` closure with CFG, batching conditional and null passes together."""
+        if guidance_scale == 1.0 or null_cond is None:
+            return lambda x, sigma: self.velocity(x, sigma, cond, reference=reference)
+        both = cond.cat(null_cond)
+
+        def fn(x: Tensor, sigma: Tensor) -> Tensor:
+            v = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both, reference=reference)
+            v_cond, v_uncond = v.chunk(2)
+            return cfg_combine(v_cond, v_uncond, guidance_scale)
+
+        return fn

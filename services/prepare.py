@@ -1,0 +1,116 @@
+"""The embedded default's assets: the pretrained digits generator and its scorers, cached.
+
+``normguard prepare`` pretrains (or loads) the generator, trains the reward proxy and the
+independent judges (the realism detector on real digits vs. base-model samples), and writes a
+PNG grid of digits at few and full steps with their scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.models.digits import (
+    digit_prompt,
+    digits_dataset,
+    load_digits_generator,
+    load_or_pretrain_digits,
+    split_indices,
+)
+from services.rewards import build_scorer
+
+__all__ = ["EmbeddedAssets", "prepare_embedded", "real_test_images"]
+
+
+@dataclass(frozen=True)
+class EmbeddedAssets:
+    """Paths of the cached generator and scorer directories."""
+
+    model_path: Path
+    scorer_path: Path
+
+
+def real_test_images(resolution: int = 16) -> torch.Tensor:
+    """Held-out real digits as ``(N, 3, R, R)`` images in [0, 1] (for the Frechet distance)."""
+    x, y = digits_dataset(resolution)
+    _, te = split_indices(len(y))
+    return ((x[te] + 1) / 2).repeat(1, 3, 1, 1)
+
+
+def prepare_embedded(
+    *,
+    resolution: int = 16,
+    pretrain_steps: int = 600,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    num_fake: int = 1200,
+    log: Callable[[str], None] = print,
+) -> EmbeddedAssets:
+    """Pretrain / load the digits generator and train / load its scorers (both cached)."""
+    from services.evaluation import generate
+    from services.rewards.digits import train_digit_scorers
+
+    model_path = load_or_pretrain_digits(
+        resolution=resolution, steps=pretrain_steps, seed=seed, cache_dir=cache_dir, log=log
+    )
+    scorer_path = model_path / "scorers"
+    if not (scorer_path / "meta.json").is_file():
+        log("training the digit scorers (proxy classifier, judge, realism detector) ...")
+        gen = load_digits_generator(model_path)
+        prompts = [digit_prompt(i % 10) for i in range(num_fake)]
+        fakes = []
+        for i, steps in enumerate((4, 20)):  # the detector sees both few- and full-step samples
+            half = prompts[i::2]
+            latents, _, _ = generate(gen, half, num_steps=steps, seed=seed + 100 + i, measure_ratio=False)
+            fakes.append(latents.clamp(-1, 1))
+        fake = torch.cat(fakes)[torch.randperm(num_fake, generator=torch.Generator().manual_seed(seed))]
+        train_digit_scorers(scorer_path, fake_images=fake, resolution=resolution, seed=seed, log=log)
+    return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
+
+
+def embedded_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, object]:
+    """The proxy and the independent judges of the embedded default, by name."""
+    return {
+        name: build_scorer(name, path=str(assets.scorer_path), device=device)
+        for name in ("digits_classifier", "digits_judge", "digits_realism")
+    }
+
+
+def preview(
+    assets: EmbeddedAssets,
+    out_dir: str | Path,
+    *,
+    steps: tuple[int, ...] = (4, 20),
+    guidance_scale: float = 1.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Write ``digits_{n}steps.png`` grids (one row per digit) and print their scores."""
+    from services.evaluation import evaluate_generator
+    from services.report import format_table, save_image_grid
+
+    gen = load_digits_generator(assets.model_path)
+    scorers = embedded_scorers(assets)
+    prompts = [digit_prompt(d) for d in range(10)]
+    res = evaluate_generator(
+        gen,
+        prompts=prompts,
+        samples_per_prompt=8,
+        steps=steps,
+        scorers=scorers,
+        guidance_scale=guidance_scale,
+        fd_scorer=scorers["digits_judge"],
+        fd_real_images=real_test_images(gen.resolution),
+    )
+    out_dir = Path(out_dir)
+    for n, images in res.images.items():
+        path = save_image_grid(images, out_dir / f"digits_{n}steps.png", nrow=8, row_labels=[str(d) for d in range(10)])
+        log(f"wrote {path}")
+    rows = [
+        {"steps": n, **{k.split("/")[1].split("@")[0]: v for k, v in res.metrics.items() if k.endswith(f"@{n}")}}
+        for n in steps
+    ]
+    log(format_table(rows))
+    return res.metrics

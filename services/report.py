@@ -1,0 +1,159 @@
+"""Run-directory outputs: metrics.jsonl, TensorBoard events, plots, image grids, tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["MetricsWriter", "format_table", "save_image_grid"]
+
+
+def save_image_grid(
+    images: Tensor, path: str | Path, *, nrow: int, scale: int = 4, row_labels: Sequence[str] | None = None
+) -> Path:
+    """Save ``(N, 3, H, W)`` images in [0, 1] as a PNG grid (nearest-neighbour upscaled)."""
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    ncol = nrow
+    rows = math.ceil(n / ncol)
+    pad = 2
+    label_w = 0 if not row_labels else 8 * max(len(s) for s in row_labels) + 6
+    canvas = Image.new("RGB", (label_w + ncol * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
+    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
+        canvas.paste(tile, (label_w + pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    if row_labels:
+        draw = ImageDraw.Draw(canvas)
+        for r, text in enumerate(row_labels[:rows]):
+            draw.text((3, pad + r * (h * scale + pad) + h * scale // 2 - 5), text, fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """A fixed-width text table of dict rows (floats with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+class MetricsWriter:
+    """Append-only metrics.jsonl plus TensorBoard scalars in a run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / "metrics.jsonl"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a declared dependency; keep writing JSONL without it
+            self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records beyond ``step`` (a resumed run rewrites them)."""
+        if not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, float(v), step)
+            self.tb.flush()
+
+    def read(self) -> list[dict]:
+        """All records."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_training(
+    records: Sequence[Mapping[str, float]],
+    path: str | Path,
+    keys: Sequence[str] = ("reward/mean", "normguard/ratio_mean", "loss/total"),
+) -> Path | None:
+    """Plot metric curves vs training step (one panel per key present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    axes = [axes] if len(keys) == 1 else axes
+    for ax, k in zip(axes, keys):
+        pts = [(r["step"], r[k]) for r in records if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(k)
+        ax.set_xlabel("training step")
+        if k.startswith("normguard/ratio"):
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_ratio_per_step(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str) -> Path:
+    """Velocity-norm ratio ||v|| / ||v_ref|| per sampling step, one line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), ys, marker="o", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("sampling step (sigma: 1 -> 0)")
+    ax.set_ylabel("||v|| / ||v_ref||")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def tensor_stats(x: Tensor) -> dict[str, float]:
+    """Mean / std of a 1-D tensor as floats."""
+    x = x.float()
+    return {"mean": float(x.mean()), "std": float(x.std()) if x.numel() > 1 else 0.0}
+
+
+def as_float_dict(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Tensor metrics -> floats (one sync, at the logging edge)."""
+    return {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}

@@ -1,0 +1,270 @@
+"""Tiny random models built from configs with locally built tokenizers (no hub access).
+
+Recipes from ../shared/ENVIRONMENT.md s3-s4: CLIP BPE / T5 unigram tokenizers built from
+in-memory vocabularies, tiny SD3 / FLUX pipelines, a tiny CLIPModel and a tiny LLaVA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("a", "photo", "of", "cat", "dog", "handwritten", "digit")
+
+
+def _bytes_to_unicode() -> list[str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for w in WORDS:
+        cur = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(cur) > 1:
+            a, b = cur[0], cur[1]
+            merges.append((a, b))
+            vocab.setdefault(a + b, len(vocab))
+            cur = [a + b] + cur[2:]
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=77)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=256)
+
+
+def _clip_text(cls, vocab_size):
+    from transformers import CLIPTextConfig
+
+    return cls(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=256, d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4))
+
+
+def _vae(latent_channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
+def save_tiny_sd3(path: Path) -> Path:
+    """A tiny StableDiffusion3Pipeline saved with save_pretrained (64x64 images, 16x32x32 latents)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=64,
+        pooled_projection_dim=64,
+        pos_embed_max_size=64,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16),
+        text_encoder=_clip_text(CLIPTextModelWithProjection, len(tok)),
+        tokenizer=tok,
+        text_encoder_2=_clip_text(CLIPTextModelWithProjection, len(tok)),
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=_t5(),
+        tokenizer_3=t5_tokenizer(),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_flux(path: Path) -> Path:
+    """A tiny FluxPipeline (64x64 images, packed latents (256, 16))."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        guidance_embeds=True,
+    )
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(4),
+        text_encoder=_clip_text(CLIPTextModel, len(tok)),
+        tokenizer=tok,
+        text_encoder_2=_t5(),
+        tokenizer_2=t5_tokenizer(),
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def save_tiny_clip(path: Path) -> Path:
+    """A tiny CLIPModel + CLIPProcessor (PIL image processor)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    CLIPModel(cfg).save_pretrained(path)
+    improc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=improc, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_tiny_llava(path: Path) -> Path:
+    """A tiny LlavaForConditionalGeneration (CLIP vision + Qwen2 text) with the stock processor."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2Config,
+        Qwen2Tokenizer,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    chars = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(chars)}
+    merges = []
+    for w in ("Yes", "No", "Is", "this", "image"):
+        cur = list(w)
+        while len(cur) > 1:
+            merges.append((cur[0], cur[1]))
+            vocab.setdefault(cur[0] + cur[1], len(vocab))
+            cur = [cur[0] + cur[1]] + cur[2:]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=list(dict.fromkeys(merges)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    tok.add_special_tokens({"additional_special_tokens": specials[1:]})
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    improc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        chat_template=LLAVA_TEMPLATE,
+        patch_size=8,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+    ).save_pretrained(path)
+    return path
