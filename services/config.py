@@ -63,7 +63,10 @@ class ScorerSpec(_Section):
 
 class RewardConfig(_Section):
     scorers: tuple[ScorerSpec, ...] = Field((ScorerSpec(name="digits_classifier"),), min_length=1)
-    eval_scorers: tuple[ScorerSpec, ...] = Field((), description="independent judges, never used for training")
+    eval_scorers: tuple[ScorerSpec, ...] = Field(
+        (ScorerSpec(name="digits_judge", pool="judge"), ScorerSpec(name="digits_realism", pool="judge")),
+        description="independent judges, never used for training",
+    )
     num_actors: int = Field(1, ge=1, description="RewardScorer actors per pool")
     timeout_s: float = Field(120.0, gt=0, description="per-call timeout")
     retries: int = Field(2, ge=0, description="retries per call, with exponential backoff")

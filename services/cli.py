@@ -1,0 +1,121 @@
+"""``normguard`` command line: prepare, train, submit, sweep, serve, scorers.
+
+Every command takes a YAML config (or none: the embedded default) plus ``key.path=value``
+overrides, validated by the pydantic tree before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _setup() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("ray", "diffusers", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(args):
+    from services.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args) -> int:
+    from services.prepare import prepare_embedded, preview
+
+    cfg = _load(args)
+    if cfg.model.kind != "digits":
+        print(f"`prepare` builds the embedded digits default; model.kind is {cfg.model.kind!r}", file=sys.stderr)
+        return 2
+    assets = prepare_embedded(
+        resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
+    )
+    out = args.out or str(cfg.run_dir.parent / "preview")
+    print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
+    print("\nguidance 1.0 (the RL setting):")
+    preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=1.0)
+    print("\nguidance 3.0:")
+    preview(assets, os.path.join(out, "cfg3"), steps=(cfg.eval.full_steps,), guidance_scale=3.0)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from services.train import run_training, summary_table
+
+    cfg = _load(args)
+    summaries = {cfg.train.run_name: run_training(cfg, local=args.local)}
+    if cfg.train.compare_baseline:
+        base = cfg.model_copy(
+            update={
+                "normguard": cfg.normguard.model_copy(update={"weight": 0.0}),
+                "train": cfg.train.model_copy(
+                    update={"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False}
+                ),
+            }
+        )
+        summaries[base.train.run_name] = run_training(base, local=args.local)
+    print("\n" + summary_table(summaries))
+    for name, s in summaries.items():
+        print(f"{name}: run directory {s.run_dir}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from deploy.submit import submit
+
+    return submit(args.config, args.overrides, address=args.address, wait=args.wait)
+
+
+def cmd_scorers(args) -> int:
+    from services.rewards import available_scorers
+
+    print("\n".join(available_scorers()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="normguard", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits default)")
+        sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        return sp
+
+    sp = with_config("prepare", "pretrain and cache the embedded generator and scorers; write preview grids")
+    sp.add_argument("--out", default=None, help="directory for the preview PNGs")
+    sp.set_defaults(fn=cmd_prepare)
+    sp = with_config("train", "run RL post-training (local Ray, or RAY_ADDRESS)")
+    sp.add_argument("--local", action="store_true", help="run in one process without Ray (debugging, baseline)")
+    sp.set_defaults(fn=cmd_train)
+    sp = with_config("submit", "submit `normguard train` to a Ray cluster with the Jobs SDK")
+    sp.add_argument("--address", default=None, help="dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
+    sp.add_argument("--no-wait", dest="wait", action="store_false", help="return after submission")
+    sp.set_defaults(fn=cmd_submit)
+    sp = sub.add_parser("scorers", help="list registered reward scorers")
+    sp.set_defaults(fn=cmd_scorers)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup()
+    args = build_parser().parse_args(argv)
+    # `normguard train key=value` (no YAML): the first positional is an override, not a file
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

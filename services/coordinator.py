@@ -1,0 +1,359 @@
+"""The coordinator: one RL step reads top to bottom as a recipe (P11).
+
+    prompts -> rollout (RolloutSampler actors) -> rewards (RewardScorer actors)
+            -> advantages / pairs (pure core) -> learner update (Ray Train, base loss + NormGuard)
+            -> versioned weight sync -> eval and report
+
+It runs in the driver. The actors are thin wrappers of plain classes; with ``local=True`` the
+same recipe runs on the plain objects in one process (the benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from normguard_core.advantages import group_advantages, nft_reward_prob, preference_pairs
+from services.remote import CallStats, call_with_retries
+from services.types import RolloutBatch, RolloutRequest, TrainBatch
+
+__all__ = ["Coordinator", "RunState", "StepReport"]
+
+log = logging.getLogger(__name__)
+SYNC_TIMEOUT_S = 120.0
+
+
+class RunState(enum.Enum):
+    """Lifecycle of a run; transitions happen only in ``Coordinator._transition``."""
+
+    INITIALIZING = "initializing"
+    RUNNING = "running"
+    EVALUATING = "evaluating"
+    CHECKPOINTING = "checkpointing"
+    FINISHED = "finished"
+    ERRORED = "errored"
+
+
+_ALLOWED = {
+    RunState.INITIALIZING: {RunState.RUNNING, RunState.EVALUATING, RunState.ERRORED},
+    RunState.RUNNING: {RunState.EVALUATING, RunState.CHECKPOINTING, RunState.FINISHED, RunState.ERRORED},
+    RunState.EVALUATING: {RunState.RUNNING, RunState.CHECKPOINTING, RunState.FINISHED, RunState.ERRORED},
+    RunState.CHECKPOINTING: {RunState.RUNNING, RunState.EVALUATING, RunState.FINISHED, RunState.ERRORED},
+    RunState.FINISHED: set(),
+    RunState.ERRORED: set(),
+}
+
+
+@dataclass
+class StepReport:
+    """What one RL step produced (the caller logs it)."""
+
+    step: int
+    version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + index) % (2**31 - 1)
+
+
+class Coordinator:
+    """Drives samplers, scorers and the learner through RL steps. Build with ``services.train``."""
+
+    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0) -> None:
+        self.cfg = cfg
+        self.samplers, self.scorers, self.learner = samplers, scorers, learner
+        self.step_idx = start_step
+        self.version = learner.version
+        self.stats = CallStats()
+        self.nonfinite_in_row = 0
+        self.state = RunState.INITIALIZING
+        self.weights_ref = learner.weights()
+        self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}
+        self.required = {s.name for s in cfg.reward.scorers if s.required}
+
+    def _transition(self, new: RunState) -> None:
+        if new not in _ALLOWED[self.state] and new != self.state:
+            raise RuntimeError(f"illegal run-state transition {self.state.value} -> {new.value}")
+        self.state = new
+
+    # ---- the recipe -----------------------------------------------------------------------
+    def step(self) -> StepReport:
+        """One RL step; returns its metrics."""
+        self._transition(RunState.RUNNING)
+        t = {"start": time.perf_counter()}
+        prompts, groups, seeds = self._next_prompts()  # 1. prompts
+        rollout = self._rollout(prompts, groups, seeds)  # 2. sample on rollout actors
+        t["rollout"] = time.perf_counter()
+        rewards, reward_metrics = self._score(rollout)  # 3. score (pool, timeouts)
+        t["reward"] = time.perf_counter()
+        shards, batch_metrics = self._build_shards(rollout, rewards)  # 4. advantages / pairs
+        learn_metrics = self._update(shards)  # 5. base loss + NormGuard
+        t["learner"] = time.perf_counter()
+        self._sync()  # 6. versioned weight sync
+        t["sync"] = time.perf_counter()
+        self.step_idx += 1
+        metrics = {**reward_metrics, **batch_metrics, **learn_metrics, **self._perf(t, len(prompts))}
+        metrics["rollout/norm_ratio_mean"] = float(rollout.norm_ratio.mean())
+        metrics["rollout/version_lag"] = float(self.version - 1 - rollout.versions.min()) if learn_metrics else 0.0
+        return StepReport(step=self.step_idx, version=self.version, metrics=metrics)  # 7. caller logs
+
+    # ---- 1. prompts -----------------------------------------------------------------------
+    def _next_prompts(self) -> tuple[list[str], list[int], list[int]]:
+        """Deterministic prompt cursor: step s uses prompt groups ``s * P .. s * P + P - 1`` (mod)."""
+        ro, pool = self.cfg.rollout, self.cfg.prompts
+        prompts, groups, seeds = [], [], []
+        for j in range(ro.prompts_per_step):
+            g = self.step_idx * ro.prompts_per_step + j
+            for i in range(ro.group_size):
+                prompts.append(pool[g % len(pool)])
+                groups.append(g)
+                seeds.append(_sample_seed(self.cfg.train.seed, self.step_idx, j * ro.group_size + i))
+        return prompts, groups, seeds
+
+    # ---- 2. rollout -----------------------------------------------------------------------
+    def _rollout(self, prompts: list[str], groups: list[int], seeds: list[int]) -> RolloutBatch:
+        ro = self.cfg.rollout
+        n = len(self.samplers)
+        chunks = [slice(i * len(prompts) // n, (i + 1) * len(prompts) // n) for i in range(n)]
+        reqs = [
+            RolloutRequest(
+                prompts=prompts[c],
+                group_ids=groups[c],
+                seeds=seeds[c],
+                num_steps=ro.num_steps,
+                guidance_scale=ro.guidance_scale,
+                shift=ro.shift,
+                sde_noise_level=ro.sde_noise_level,
+                min_version=max(0, self.version - ro.max_staleness),
+            )
+            for c in chunks
+        ]
+        parts = self._parallel(
+            "generate", self.samplers, reqs, name="rollout", timeout_s=self.cfg.train.rollout_timeout_s
+        )
+        batch = _concat_rollouts(parts)
+        if batch.seeds != seeds:  # no sample lost or counted twice, also after restarts
+            raise RuntimeError("rollout bookkeeping error: returned samples do not match the request")
+        return batch
+
+    def _parallel(self, method: str, actors: list, payloads: list, *, name: str, timeout_s: float) -> list:
+        """Fan out one payload per actor; a failed one is retried on its own (after re-sync)."""
+        from services.remote import is_actor
+
+        if actors and is_actor(actors[0]):
+            import ray
+
+            refs = [getattr(a, method).remote(p) for a, p in zip(actors, payloads)]
+            out = []
+            for a, p, ref in zip(actors, payloads, refs):
+                try:
+                    out.append(ray.get(ref, timeout=timeout_s))
+                except Exception as err:  # noqa: BLE001 - redone with the retry policy
+                    log.warning("%s: %s failed (%s); redoing its share", name, method, type(err).__name__)
+                    out.append(self._retry(a, method, p, name=name, timeout_s=timeout_s))
+            return out
+        return [self._retry(a, method, p, name=name, timeout_s=timeout_s) for a, p in zip(actors, payloads)]
+
+    def _retry(self, actor, method: str, payload, *, name: str, timeout_s: float):
+        def resync() -> None:
+            call_with_retries(
+                actor,
+                "set_weights",
+                self.weights_ref,
+                self.version,
+                timeout_s=SYNC_TIMEOUT_S,
+                retries=0,
+                stats=self.stats,
+                name=f"{name}-sync",
+            )
+
+        hook = resync if method == "generate" else None
+        return call_with_retries(
+            actor,
+            method,
+            payload,
+            timeout_s=timeout_s,
+            retries=self.cfg.reward.retries,
+            stats=self.stats,
+            name=name,
+            on_actor_restart=hook,
+        )
+
+    # ---- 3. rewards -----------------------------------------------------------------------
+    def _score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        n = len(self.scorers)
+        b = len(rollout.prompts)
+        chunks = [slice(i * b // n, (i + 1) * b // n) for i in range(n)]
+        payloads = [(rollout.images[c], rollout.prompts[c]) for c in chunks]
+        parts = self._parallel(
+            "score_batch", self.scorers, payloads, name="reward", timeout_s=self.cfg.reward.timeout_s
+        )
+        scores = {k: torch.cat([p[k] for p in parts]) for k in self.train_scorers}
+        missing = self.required - set(scores)
+        if missing:
+            raise RuntimeError(
+                f"required scorers {sorted(missing)} returned nothing: refusing to train on made-up rewards"
+            )
+        reward = torch.stack([w * scores[k] for k, w in self.train_scorers.items()]).sum(dim=0)
+        metrics = {"reward/mean": float(reward.mean()), "reward/std": float(reward.std())}
+        metrics.update({f"reward/{k}": float(v.mean()) for k, v in scores.items()})
+        metrics["perf/reward_busy_s"] = float(sum(float(p["_seconds"]) for p in parts))
+        return reward, metrics
+
+    # ---- 4. advantages / pairs ------------------------------------------------------------
+    def _build_shards(self, rollout: RolloutBatch, reward: torch.Tensor) -> tuple[list[TrainBatch], dict[str, float]]:
+        world = self.learner.world_size
+        adv = group_advantages(reward, rollout.group_ids)
+        loss = self.cfg.loss
+        prob = nft_reward_prob(adv, adv_clip_max=getattr(loss, "adv_clip_max", 5.0))
+        metrics = {"advantages/abs_mean": float(adv.abs().mean())}
+        if loss.name == "flow_dpo":
+            pairs = preference_pairs(reward, rollout.group_ids, min_gap=loss.min_gap)
+            metrics.update({"dpo/pairs": float(pairs.num_pairs), "dpo/ties": float(pairs.num_ties)})
+            if pairs.num_pairs == 0:
+                return [], metrics
+            parts = torch.tensor_split(torch.arange(pairs.num_pairs), world)
+            shards = []
+            for rank, part in enumerate(parts):
+                idx = torch.cat([pairs.winners[part], pairs.losers[part]])
+                shards.append(
+                    TrainBatch(
+                        latents=rollout.latents[idx],
+                        prompts=[rollout.prompts[i] for i in idx],
+                        advantages=adv[idx],
+                        reward_prob=prob[idx],
+                        step=self.step_idx,
+                        rank=rank,
+                        global_count=2 * pairs.num_pairs,
+                        num_pairs=len(part),
+                    )
+                )
+            return shards, metrics
+        shards = []
+        for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world)):
+            sde = rollout.states is not None
+            shards.append(
+                TrainBatch(
+                    latents=rollout.latents[idx],
+                    prompts=[rollout.prompts[i] for i in idx],
+                    advantages=adv[idx],
+                    reward_prob=prob[idx],
+                    step=self.step_idx,
+                    rank=rank,
+                    global_count=len(reward),
+                    states=rollout.states[:, idx] if sde else None,
+                    log_probs=rollout.log_probs[:, idx] if sde else None,
+                    sigmas=rollout.sigmas if sde else None,
+                )
+            )
+        return shards, metrics
+
+    # ---- 5. update ------------------------------------------------------------------------
+    def _update(self, shards: list[TrainBatch]) -> dict[str, float]:
+        if not shards:
+            return {"learner/skipped_no_pairs": 1.0}
+        metrics, weights = self.learner.update(shards)
+        if metrics.get("learner/skipped_nonfinite", 0.0) > 0:
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.learner.max_nonfinite_in_row:
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_row} non-finite updates in a row (step {self.step_idx}); "
+                    "lower the learning rate or check the rewards"
+                )
+        else:
+            self.nonfinite_in_row = 0
+            self.version = self.learner.version
+            self.weights_ref = weights
+        return metrics
+
+    # ---- 6. sync --------------------------------------------------------------------------
+    def _sync(self) -> None:
+        from services.remote import is_actor
+
+        if self.samplers and is_actor(self.samplers[0]):
+            import ray
+
+            ref = self.weights_ref if isinstance(self.weights_ref, ray.ObjectRef) else ray.put(self.weights_ref)
+            self.weights_ref = ref
+        for s in self.samplers:
+            got = call_with_retries(
+                s,
+                "set_weights",
+                self.weights_ref,
+                self.version,
+                timeout_s=SYNC_TIMEOUT_S,
+                retries=self.cfg.reward.retries,
+                stats=self.stats,
+                name="sync",
+            )
+            if got != self.version:
+                raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
+
+    def _perf(self, t: dict[str, float], num_samples: int) -> dict[str, float]:
+        return {
+            "perf/rollout_s": t["rollout"] - t["start"],
+            "perf/reward_s": t["reward"] - t["rollout"],
+            "perf/learner_s": t["learner"] - t["reward"],
+            "perf/sync_s": t["sync"] - t["learner"],
+            "perf/samples_per_s": num_samples / max(t["sync"] - t["start"], 1e-9),
+            "faults/retries": float(self.stats.retries),
+            "faults/restarts": float(self.stats.restarts),
+            "faults/failures": float(self.stats.failures),
+        }
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self, run_dir: Path, extra: dict | None = None) -> Path:
+        """Atomic learner checkpoint + coordinator state; ``checkpoints/latest`` points at it."""
+        prev = self.state
+        self._transition(RunState.CHECKPOINTING)
+        path = run_dir / "checkpoints" / f"step_{self.step_idx:06d}"
+        state = {
+            "step": self.step_idx,
+            "version": self.version,
+            "prompt_cursor": self.step_idx * self.cfg.rollout.prompts_per_step,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            **(extra or {}),
+        }
+        self.learner.save(str(path), state)
+        (path / "coordinator.json").write_text(json.dumps(state))
+        latest = run_dir / "checkpoints" / "latest"
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(path.name)
+        tmp.replace(latest)
+        self._transition(prev if prev != RunState.INITIALIZING else RunState.RUNNING)
+        return path
+
+
+def _concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
+    def cat(name: str, dim: int = 0):
+        vals = [getattr(p, name) for p in parts]
+        return None if vals[0] is None else torch.cat(vals, dim=dim)
+
+    return RolloutBatch(
+        latents=cat("latents"),
+        images=cat("images"),
+        prompts=[x for p in parts for x in p.prompts],
+        group_ids=cat("group_ids"),
+        seeds=[s for p in parts for s in p.seeds],
+        versions=cat("versions"),
+        norm_ratio=cat("norm_ratio", 1),
+        sigmas=parts[0].sigmas,
+        states=cat("states", 1),
+        log_probs=cat("log_probs", 1),
+    )
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``checkpoints/latest`` names, if any."""
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    path = run_dir / "checkpoints" / latest.read_text().strip()
+    return path if (path / "coordinator.json").is_file() else None

@@ -1,0 +1,183 @@
+"""The learner on Ray Train: persistent TorchTrainer workers driven through command queues.
+
+``TorchTrainer.fit()`` runs one ``train_loop_per_worker`` per worker for the whole run (Train V2
+starts workers once; restarting a trainer per RL step would cost ~15 s each). The loop waits
+on a per-rank command queue: ``update`` (a TrainBatch shard) -> metrics and, from rank 0, an
+object ref of the new policy weights; ``save`` -> an atomic checkpoint, reported through
+``ray.train.report`` with a ``Checkpoint``; ``stop``. The process group is set up by Ray Train
+(gloo on CPU, NCCL on GPU) and used by ``Learner`` to all-reduce gradients.
+
+``LocalLearner`` is the same interface in-process (single-process baseline, fast tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from services.learner import Learner
+from services.types import TrainBatch
+
+__all__ = ["LearnerGroup", "LocalLearner"]
+
+log = logging.getLogger(__name__)
+QUEUE_POLL_S = 1.0
+
+
+class LocalLearner:
+    """One in-process Learner behind the LearnerGroup interface."""
+
+    world_size = 1
+
+    def __init__(self, cfg, model_path: str, *, resume_from: str | None = None) -> None:
+        self.learner = Learner(cfg, model_path)
+        self.extra = self.learner.load(resume_from) if resume_from else {}
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def weights(self) -> dict:
+        return self.learner.policy_weights()
+
+    def update(self, shards: list[TrainBatch]) -> tuple[dict[str, float], Any]:
+        (shard,) = shards
+        return self.learner.update(shard), self.learner.policy_weights()
+
+    def save(self, path: str, extra: dict) -> str:
+        return str(self.learner.save(path, extra))
+
+    def stop(self) -> None:
+        pass
+
+
+def _learner_loop(config: dict) -> None:
+    """``train_loop_per_worker``: serve commands until ``stop``."""
+    import ray
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cmd_q, out_q = config["cmd_queues"][rank], config["out_queue"]
+    device = "cuda" if torch.cuda.is_available() and config["use_gpu"] else "cpu"
+    learner = Learner(config["cfg"], config["model_path"], device=device, distributed=ctx.get_world_size() > 1)
+    extra = learner.load(config["resume_from"]) if config["resume_from"] else {}
+    out_q.put(("ready", rank, ray.put(learner.policy_weights()) if rank == 0 else None, learner.version, extra))
+    while True:
+        cmd, payload = cmd_q.get(block=True)
+        if cmd == "stop":
+            return
+        try:
+            if cmd == "update":
+                metrics = learner.update(ray.get(payload))
+                ref = ray.put(learner.policy_weights()) if rank == 0 else None
+                out_q.put(("updated", rank, metrics, ref, learner.version))
+            elif cmd == "save":
+                path, extra = payload
+                if rank == 0:
+                    learner.save(path, extra)
+                ckpt = ray.train.Checkpoint.from_directory(path) if rank == 0 else None
+                ray.train.report({"step": learner.step_count, "version": learner.version}, checkpoint=ckpt)
+                out_q.put(("saved", rank, path))
+        except Exception as err:  # report, do not hang the driver
+            out_q.put(("error", rank, f"{type(err).__name__}: {err}"))
+            raise
+
+
+class LearnerGroup:
+    """Ray Train TorchTrainer workers running :class:`Learner`, driven step by step."""
+
+    def __init__(
+        self, cfg, model_path: str, *, storage_path: str, resume_from: str | None = None, timeout_s: float = 900.0
+    ) -> None:
+        import ray
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.queue import Queue
+
+        res = cfg.resources
+        self.world_size, self.timeout_s = res.num_learners, timeout_s
+        opts = {"num_cpus": 0}
+        self.cmd_queues = [Queue(actor_options=opts) for _ in range(self.world_size)]
+        self.out_queue = Queue(actor_options=opts)
+        per_worker = {"CPU": res.learner_cpus}
+        if res.learner_gpus:
+            per_worker["GPU"] = res.learner_gpus
+        self.trainer = TorchTrainer(
+            _learner_loop,
+            train_loop_config=dict(
+                cfg=cfg,
+                model_path=model_path,
+                cmd_queues=self.cmd_queues,
+                out_queue=self.out_queue,
+                resume_from=resume_from,
+                use_gpu=res.learner_gpus > 0,
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=self.world_size, use_gpu=res.learner_gpus > 0, resources_per_worker=per_worker
+            ),
+            torch_config=TorchConfig(backend="nccl" if res.learner_gpus > 0 else "gloo"),
+            run_config=RunConfig(name=f"{cfg.train.run_name}-learner", storage_path=str(Path(storage_path).resolve())),
+        )
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, daemon=True, name="ray-train-fit")
+        self._thread.start()
+        ready = self._collect("ready")
+        self.version = ready[0][3]
+        self.extra = ready[0][4]
+        self._weights = ray.get(ready[0][2])
+        self._ray = ray
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as err:  # surfaced by _collect
+            self._error = err
+
+    def _collect(self, kind: str) -> list[tuple]:
+        results: dict[int, tuple] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while len(results) < self.world_size:
+            if self._error is not None:
+                raise RuntimeError(f"the Ray Train learner failed: {self._error}") from self._error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"learner did not answer {kind!r} within {self.timeout_s} s")
+            try:
+                msg = self.out_queue.get(block=True, timeout=QUEUE_POLL_S)
+            except Exception:  # queue.Empty from the queue actor
+                continue
+            if msg[0] == "error":
+                raise RuntimeError(f"learner rank {msg[1]} failed: {msg[2]}")
+            if msg[0] != kind:
+                raise RuntimeError(f"learner protocol error: expected {kind!r}, got {msg[0]!r}")
+            results[msg[1]] = msg
+        return [results[r] for r in range(self.world_size)]
+
+    def weights(self) -> dict:
+        return self._weights
+
+    def update(self, shards: list[TrainBatch]) -> tuple[dict[str, float], Any]:
+        """Send one shard per rank; returns rank-0 metrics (averaged over ranks) and a weights ref."""
+        for rank, shard in enumerate(shards):
+            self.cmd_queues[rank].put(("update", self._ray.put(shard)))
+        results = self._collect("updated")
+        keys = results[0][2].keys()
+        metrics = {k: sum(r[2].get(k, 0.0) for r in results) / len(results) for k in keys}
+        self.version = results[0][4]
+        self._weights = results[0][3]
+        return metrics, results[0][3]
+
+    def save(self, path: str, extra: dict) -> str:
+        for q in self.cmd_queues:
+            q.put(("save", (path, extra)))
+        self._collect("saved")
+        return path
+
+    def stop(self) -> None:
+        for q in self.cmd_queues:
+            q.put(("stop", None))
+        self._thread.join(timeout=self.timeout_s)

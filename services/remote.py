@@ -1,0 +1,104 @@
+"""Remote-call policy shared by the coordinator: timeouts, retries with backoff, counting.
+
+``Executor`` makes actors and in-process objects interchangeable (P12): the same coordinator
+runs on Ray actors, or on plain objects in one process (the benchmark's baseline and fast
+tests). Every remote wait is bounded by a timeout in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["CallStats", "call_with_retries", "is_actor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CallStats:
+    """Counters of recovered and failed calls (logged as metrics, P14)."""
+
+    retries: int = 0
+    failures: int = 0
+    restarts: int = 0
+    by_name: dict[str, int] = field(default_factory=dict)
+
+
+def is_actor(obj: Any) -> bool:
+    """True for a Ray actor handle."""
+    return type(obj).__name__ == "ActorHandle"
+
+
+def call(obj: Any, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+    """``obj.method(*args)`` locally, or ``ray.get(actor.method.remote(*args), timeout)``."""
+    if not is_actor(obj):
+        return getattr(obj, method)(*args, **kwargs)
+    import ray
+
+    return ray.get(getattr(obj, method).remote(*args, **kwargs), timeout=timeout_s)
+
+
+def call_with_retries(
+    obj: Any,
+    method: str,
+    *args: Any,
+    timeout_s: float,
+    retries: int,
+    stats: CallStats,
+    name: str,
+    on_actor_restart: Callable[[], None] | None = None,
+    backoff_s: float = 0.5,
+    **kwargs: Any,
+) -> Any:
+    """Call with a timeout; retry with exponential backoff; raise after ``retries`` retries.
+
+    A dead / restarting actor (``RayActorError``) or a stale one (``StaleSamplerError``) runs
+    ``on_actor_restart`` (e.g. to push the current weights) before the retry, and the same
+    request is redone, so no sample is lost or counted twice.
+    """
+    from services.rollout import StaleSamplerError
+
+    for attempt in range(retries + 1):
+        try:
+            return call(obj, method, *args, timeout_s=timeout_s, **kwargs)
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised when out of retries
+            kind = type(err).__name__
+            stale = isinstance(err, StaleSamplerError) or "StaleSamplerError" in str(err)
+            actor_gone = kind in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+            if attempt == retries:
+                stats.failures += 1
+                stats.by_name[name] = stats.by_name.get(name, 0) + 1
+                raise RuntimeError(f"{name}.{method} failed after {attempt + 1} tries: {kind}: {err}") from err
+            stats.retries += 1
+            log.warning(
+                "%s.%s failed (%s); retry %d/%d%s",
+                name,
+                method,
+                kind,
+                attempt + 1,
+                retries,
+                " after re-syncing weights" if (stale or actor_gone) else "",
+                exc_info=False,
+            )
+            time.sleep(backoff_s * 2**attempt)
+            if (stale or actor_gone) and on_actor_restart is not None:
+                stats.restarts += int(actor_gone)
+                _retry_hook(on_actor_restart, timeout_s)
+    raise AssertionError("unreachable")
+
+
+def _retry_hook(hook: Callable[[], None], timeout_s: float) -> None:
+    """Run a recovery hook, waiting (bounded) for a restarting actor to accept calls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            hook()
+            return
+        except Exception:  # noqa: BLE001 - the actor may still be restarting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)

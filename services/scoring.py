@@ -1,0 +1,50 @@
+"""RewardScorer workers: plain classes that hold scorers; the coordinator wraps them as actors.
+
+A worker builds its scorers once, then scores batches; every call returns per-scorer ``(B,)``
+scores and the wall time. Timeouts, retries with backoff and failure counting live in the
+coordinator's ``call_with_retries`` (one policy for every remote call).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from services.rewards import build_scorer
+
+__all__ = ["ScorerWorker"]
+
+
+class ScorerWorker:
+    """Holds a set of named scorers (``{name: (path, options)}``) and scores batches."""
+
+    def __init__(self, specs: dict[str, tuple[str | None, dict]], *, device: str = "cpu", torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.scorers = {
+            name: build_scorer(name, path=path, device=device, options=opts) for name, (path, opts) in specs.items()
+        }
+
+    def score(self, images: Tensor, prompts: Sequence[str], names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``{name: (B,) scores}`` for the requested scorers (all by default)."""
+        t0 = time.perf_counter()
+        out = {n: self.scorers[n].score(images, list(prompts)) for n in (names or self.scorers)}
+        for n, s in out.items():
+            if s.shape != (len(prompts),) or not torch.isfinite(s).all():
+                raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
+        out["_seconds"] = torch.tensor(time.perf_counter() - t0)
+        return out
+
+    def score_batch(self, payload: tuple[Tensor, Sequence[str]]) -> dict[str, Tensor]:
+        """:meth:`score` on an ``(images, prompts)`` tuple (one argument, for fan-out)."""
+        images, prompts = payload
+        return self.score(images, prompts)
+
+    def features(self, name: str, images: Tensor) -> Tensor:
+        """Feature vectors of a scorer that has them (Frechet distance)."""
+        return self.scorers[name].features(images).cpu()
+
+    def names(self) -> list[str]:
+        return list(self.scorers)

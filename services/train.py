@@ -1,0 +1,240 @@
+"""Composition root of a training run: Ray actors from config, the loop, the run directory.
+
+``run_training(cfg)`` resolves the model and scorers, starts (or joins) Ray, creates the
+RolloutSampler and RewardScorer actors and the Ray Train learner, resumes from
+``<run_dir>/checkpoints/latest`` when present, and writes metrics.jsonl, TensorBoard events,
+plots, image grids and a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.coordinator import Coordinator, RunState, latest_checkpoint
+from services.report import MetricsWriter, format_table, plot_ratio_per_step, plot_training, save_image_grid
+
+__all__ = ["RunSummary", "run_training"]
+
+log = logging.getLogger(__name__)
+EVAL_SEED = 4321
+
+
+@dataclass
+class RunSummary:
+    """Before / after evaluation of one run."""
+
+    run_dir: Path
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    ratio_per_step: dict[str, list[float]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def _resolve(cfg):
+    """Model path and scorer specs (the embedded default fills its cached paths in)."""
+    from services.models import resolve_model_path
+
+    model_path = resolve_model_path(cfg.model, seed=0)
+    scorer_dir = None
+    if cfg.model.kind == "digits":
+        from services.prepare import prepare_embedded
+
+        assets = prepare_embedded(
+            resolution=cfg.model.resolution,
+            pretrain_steps=cfg.model.pretrain_steps,
+            cache_dir=cfg.model.cache_dir,
+            log=log.info,
+        )
+        model_path, scorer_dir = str(assets.model_path), str(assets.scorer_path)
+
+    def specs(items):
+        return {
+            s.name: (s.path or (scorer_dir if s.name.startswith("digits_") else None), dict(s.options)) for s in items
+        }
+
+    return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a local cluster (token auth stays as configured)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+
+
+def build_coordinator(cfg, *, local: bool = False) -> tuple[Coordinator, dict, dict]:
+    """Actors (or plain objects with ``local``) and a Coordinator; resumes if a checkpoint exists."""
+    from services.learner_group import LearnerGroup, LocalLearner
+    from services.rollout import RolloutSampler
+    from services.scoring import ScorerWorker
+
+    model_path, train_specs, eval_specs = _resolve(cfg)
+    ckpt = latest_checkpoint(cfg.run_dir)
+    resume = str(ckpt) if ckpt else None
+    res = cfg.resources
+    scorer_specs = {**train_specs, **eval_specs}
+    if local:
+        samplers = [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)]
+        scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads)]
+        learner = LocalLearner(cfg, model_path, resume_from=resume)
+    else:
+        import ray
+
+        ensure_ray()
+        sampler_cls = ray.remote(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, max_restarts=3)(RolloutSampler)
+        scorer_cls = ray.remote(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, max_restarts=3)(ScorerWorker)
+        samplers = [
+            sampler_cls.remote(
+                cfg.model, model_path, torch_threads=res.torch_threads, device="cuda" if res.sampler_gpus else "cpu"
+            )
+            for _ in range(cfg.rollout.num_samplers)
+        ]
+        scorers = [
+            scorer_cls.remote(
+                scorer_specs, torch_threads=res.torch_threads, device="cuda" if res.scorer_gpus else "cpu"
+            )
+            for _ in range(cfg.reward.num_actors)
+        ]
+        learner = LearnerGroup(
+            cfg,
+            model_path,
+            storage_path=str(cfg.run_dir / "ray_train"),
+            resume_from=resume,
+            timeout_s=cfg.train.learner_timeout_s,
+        )
+    extra = learner.extra if resume else {}
+    coord = Coordinator(cfg, samplers=samplers, scorers=scorers, learner=learner, start_step=extra.get("step", 0))
+    coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
+    if resume:
+        log.info("resuming %s from %s (step %d, policy v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
+    coord._sync()  # samplers start from the learner's weights (the checkpoint's after a resume)
+    return coord, extra, eval_specs
+
+
+def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: bool = False) -> tuple[dict, dict, dict]:
+    """Fixed-noise evaluation on sampler 0, scored by the scorer pool; Frechet distance for digits."""
+    from services.remote import call
+
+    ev = cfg.eval
+    prompts = [p for p in cfg.prompts[: ev.num_prompts] for _ in range(ev.samples_per_prompt)]
+    metrics, ratios, images = {}, {}, {}
+    timeout = cfg.train.rollout_timeout_s
+    for n in sorted({ev.few_steps, ev.full_steps}):
+        out = call(
+            coord.samplers[0],
+            "eval_samples",
+            prompts,
+            num_steps=n,
+            guidance_scale=ev.guidance_scale,
+            shift=cfg.rollout.shift,
+            seed=EVAL_SEED,
+            renormalize=renormalize,
+            timeout_s=timeout,
+        )
+        scores = call(coord.scorers[0], "score", out["images"], prompts, timeout_s=cfg.reward.timeout_s)
+        for name in list(coord.train_scorers) + eval_names:
+            metrics[f"eval/{name}@{n}"] = float(scores[name].mean())
+        metrics[f"eval/norm_ratio@{n}"] = float(out["ratio"].mean())
+        ratios[n] = out["ratio"].mean(dim=1).tolist()
+        images[n] = out["images"]
+        if cfg.model.kind == "digits" and "digits_judge" in eval_names:
+            from services.prepare import real_test_images
+            from services.rewards.digits import frechet_distance
+
+            real = real_test_images(cfg.model.resolution)
+            feats = [
+                call(coord.scorers[0], "features", "digits_judge", x, timeout_s=timeout) for x in (out["images"], real)
+            ]
+            metrics[f"eval/frechet@{n}"] = frechet_distance(*feats)
+    return metrics, ratios, images
+
+
+def run_training(cfg, *, local: bool = False, progress: bool = True) -> RunSummary:
+    """Train one configuration end to end; resumable by rerunning with the same run name."""
+    from tqdm import tqdm
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    coord, extra, eval_specs = build_coordinator(cfg, local=local)
+    eval_names = list(eval_specs)
+    writer = MetricsWriter(run_dir)
+    writer.truncate_after(coord.step_idx)
+    summary = RunSummary(run_dir=run_dir, before=extra.get("before", {}))
+    try:
+        if not summary.before:
+            coord._transition(RunState.EVALUATING)
+            summary.before, ratios, images = evaluate(coord, cfg, eval_names)
+            summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
+            _save_grids(run_dir, images, "before", cfg)
+            writer.write(coord.step_idx, summary.before)
+        bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
+        while coord.step_idx < cfg.train.steps:
+            report = coord.step()
+            writer.write(report.step, report.metrics)
+            m = report.metrics
+            bar.set_postfix(
+                reward=f"{m['reward/mean']:.3f}",
+                ratio=f"{m.get('normguard/ratio_mean', float('nan')):.3f}",
+                loss=f"{m.get('loss/total', float('nan')):.4f}",
+            )
+            bar.update(1)
+            done = coord.step_idx == cfg.train.steps
+            if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
+                coord._transition(RunState.EVALUATING)
+                writer.write(coord.step_idx, evaluate(coord, cfg, eval_names)[0])
+            if (cfg.train.checkpoint_every and coord.step_idx % cfg.train.checkpoint_every == 0) or done:
+                coord.checkpoint(run_dir, {"before": summary.before})
+        bar.close()
+        coord._transition(RunState.EVALUATING)
+        summary.after, ratios, images = evaluate(coord, cfg, eval_names)
+        writer.write(coord.step_idx, summary.after)
+        summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
+        _save_grids(run_dir, images, "after", cfg)
+        coord._transition(RunState.FINISHED)
+    except BaseException:
+        coord.state = RunState.ERRORED
+        raise
+    finally:
+        coord.learner.stop()
+        writer.close()
+    summary.history = writer.read()
+    plot_training([r for r in summary.history if "reward/mean" in r], run_dir / "training.png")
+    plot_ratio_per_step(
+        {"policy": summary.ratio_per_step["policy"]},
+        run_dir / "norm_ratio_per_step.png",
+        title=f"{cfg.train.run_name} ({cfg.eval.full_steps} steps)",
+    )
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {"before": summary.before, "after": summary.after, "ratio_per_step": summary.ratio_per_step}, indent=2
+        )
+    )
+    return summary
+
+
+def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg) -> None:
+    per = cfg.eval.samples_per_prompt
+    for n, imgs in images.items():
+        save_image_grid(imgs, run_dir / "grids" / f"{tag}_{n}steps.png", nrow=per)
+
+
+def summary_table(summaries: dict[str, RunSummary]) -> str:
+    """One row per (run, before/after) with the eval metrics."""
+    rows = []
+    for name, s in summaries.items():
+        for when, m in (("before", s.before), ("after", s.after)):
+            rows.append({"run": name, "when": when, **{k.removeprefix("eval/"): v for k, v in sorted(m.items())}})
+    return format_table(rows)

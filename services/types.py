@@ -1,0 +1,96 @@
+"""Typed messages between the coordinator and its actors (P5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+__all__ = ["RolloutBatch", "RolloutRequest", "TrainBatch"]
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """Work for one RolloutSampler: one entry per sample.
+
+    Attributes:
+        prompts: B prompts (a prompt repeats ``group_size`` times).
+        group_ids: B prompt-group ids.
+        seeds: B per-sample seeds: the noise (and SDE noise) of a sample depends only on its
+            seed, so a redone request after an actor restart reproduces the same samples.
+        num_steps: sampler steps.
+        guidance_scale: CFG scale.
+        shift: grid shift.
+        sde_noise_level: 0 for ODE rollouts.
+        min_version: the sampler must hold at least this policy version.
+    """
+
+    prompts: list[str]
+    group_ids: list[int]
+    seeds: list[int]
+    num_steps: int
+    guidance_scale: float = 1.0
+    shift: float = 1.0
+    sde_noise_level: float = 0.0
+    min_version: int = 0
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Samples from one sampler, each tagged with the policy version that made it.
+
+    Attributes:
+        latents: ``(B, *D)`` final samples x0.
+        images: ``(B, 3, H, W)`` decoded, in [0, 1].
+        prompts: B prompts.
+        group_ids: ``(B,)``.
+        seeds: B seeds (for bookkeeping and dedup).
+        versions: ``(B,)`` policy version per sample.
+        norm_ratio: ``(T, B)`` ``||v_theta|| / ||v_ref||`` along the rollout.
+        states: ``(T + 1, B, *D)`` trajectory (SDE rollouts only).
+        log_probs: ``(T, B)`` step log-probs (SDE rollouts only).
+        sigmas: ``(T + 1,)`` grid used.
+    """
+
+    latents: Tensor
+    images: Tensor
+    prompts: list[str]
+    group_ids: Tensor
+    seeds: list[int]
+    versions: Tensor
+    norm_ratio: Tensor
+    sigmas: Tensor
+    states: Tensor | None = None
+    log_probs: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One learner worker's shard of an RL step.
+
+    Attributes:
+        latents: ``(N, *D)`` clean samples (DPO: winners then losers, N = 2P).
+        prompts: N prompts.
+        advantages: ``(N,)``.
+        reward_prob: ``(N,)`` DiffusionNFT's r in [0, 1].
+        step: the RL step (seeds the training sigmas / noise).
+        rank: the worker's rank (seeds, too).
+        global_count: samples over all shards (gradients are averaged over it).
+        num_pairs: DPO pairs in this shard (winners are rows ``[:P]``, losers ``[P:]``).
+        states: ``(T + 1, N, *D)`` SDE trajectory (GRPO).
+        log_probs: ``(T, N)`` rollout log-probs (GRPO).
+        sigmas: ``(T + 1,)`` grid (GRPO).
+    """
+
+    latents: Tensor
+    prompts: list[str]
+    advantages: Tensor
+    reward_prob: Tensor
+    step: int
+    rank: int
+    global_count: int
+    num_pairs: int = 0
+    states: Tensor | None = None
+    log_probs: Tensor | None = None
+    sigmas: Tensor | None = None
+    extra: dict = field(default_factory=dict)
