@@ -70,9 +70,47 @@ def cmd_train(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from deploy.submit import submit
+    from services.submit import submit
 
-    return submit(args.config, args.overrides, address=args.address, wait=args.wait)
+    return submit(
+        args.config, args.overrides, address=args.address, wait=args.wait, token=args.token, install=args.install
+    )
+
+
+def cmd_serve(args) -> int:
+    """Serve a run dir / checkpoint (as checkpoint 'trained') or a serve YAML, on 127.0.0.1."""
+    import time
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+
+    from services.serve import build_app, resolve_for_serving
+    from services.serve_config import load_serve_config
+
+    target = Path(args.target) if args.target else None
+    over = {"port": args.port, "host": args.host}
+    if target is not None and target.suffix in (".yaml", ".yml"):
+        cfg = load_serve_config(target, **over)
+    else:
+        checkpoints = {"trained": str(target)} if target is not None else {}
+        model = {}
+        if target is not None and (target / "config.json").is_file():  # a run dir knows its model
+            import json
+
+            model = json.loads((target / "config.json").read_text())["model"]
+        cfg = load_serve_config(None, checkpoints=checkpoints, model=model, **over)
+    model_path = resolve_for_serving(cfg)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg, model_path), name="normguard", route_prefix="/")
+    print(f"serving {['base', *cfg.checkpoints]} on http://{cfg.host}:{cfg.port}  (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
 
 
 def cmd_scorers(args) -> int:
@@ -101,7 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("submit", "submit `normguard train` to a Ray cluster with the Jobs SDK")
     sp.add_argument("--address", default=None, help="dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
     sp.add_argument("--no-wait", dest="wait", action="store_false", help="return after submission")
+    sp.add_argument("--token", default=None, help="cluster auth token (default: NORMGUARD_RAY_TOKEN / Ray's own)")
+    sp.add_argument("--install", action="store_true", help="pip install the uploaded project on the cluster")
     sp.set_defaults(fn=cmd_submit)
+    sp = sub.add_parser("serve", help="serve a trained run / checkpoint or a serve YAML over HTTP (Ray Serve)")
+    sp.add_argument(
+        "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"
+    )
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--num-cpus", type=int, default=None)
+    sp.set_defaults(fn=cmd_serve)
     sp = sub.add_parser("scorers", help="list registered reward scorers")
     sp.set_defaults(fn=cmd_scorers)
     return p
@@ -111,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup()
     args = build_parser().parse_args(argv)
     # `normguard train key=value` (no YAML): the first positional is an override, not a file
+    if args.command == "serve":
+        return args.fn(args)
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]
         args.config = None

@@ -26,3 +26,55 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+TINY_PRETRAIN_STEPS = 5
+
+
+@pytest.fixture(scope="session")
+def digits_assets(tmp_path_factory):
+    """A tiny cached digits generator + scorers (5 pretrain steps; shapes, not quality)."""
+    cache = tmp_path_factory.mktemp("ngcache")
+    os.environ["NORMGUARD_CACHE"] = str(cache)
+    from services.prepare import prepare_embedded
+
+    assets = prepare_embedded(pretrain_steps=TINY_PRETRAIN_STEPS, num_fake=200, log=lambda s: None)
+    return assets
+
+
+def tiny_overrides(run_dir, name: str, **extra) -> list[str]:
+    """Overrides for a fast 2-step run of the embedded default."""
+    base = {
+        "model.pretrain_steps": TINY_PRETRAIN_STEPS,
+        "train.steps": 2,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 0,
+        "train.output_dir": str(run_dir),
+        "train.run_name": name,
+        "rollout.prompts_per_step": 2,
+        "rollout.group_size": 4,
+        "rollout.num_samplers": 2,
+        "rollout.num_steps": 4,
+        "learner.micro_batch": 16,
+        "eval.num_prompts": 2,
+        "eval.samples_per_prompt": 2,
+        "eval.full_steps": 6,
+        "eval.few_steps": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the service tests (2 CPUs; shut down at the end)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "NORMGUARD_CACHE": os.environ.get("NORMGUARD_CACHE", "")}},
+    )
+    yield ray
+    ray.shutdown()

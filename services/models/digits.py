@@ -199,7 +199,7 @@ def pretrain_digits(
                 for pe, pc in zip(ema.parameters(), cur.parameters()):
                     pe.lerp_(pc, 1.0 - decay)
         if progress is not None:
-            progress(k, float(loss))
+            progress(k, float(loss.detach()))
     return ema_model.eval(), ema_cond.eval()
 
 

@@ -1,0 +1,271 @@
+"""Ray Serve: few-step generation over HTTP for trained generators.
+
+Two deployments: ``Ingress`` (FastAPI: ``POST /v1/generate``, ``GET /v1/models``,
+``GET /healthz``, the web page at ``/`` and the OpenAPI schema) and ``Generator`` (the model
+replicas). Checkpoints / LoRAs are served from one deployment with model multiplexing
+(``@serve.multiplexed``: an LRU of loaded checkpoints per replica, requests routed to replicas
+that hold theirs); concurrent requests for the same checkpoint and settings are merged into one
+sampler batch with ``@serve.batch``. The optional ``renormalize`` flag applies the paper's
+inference-time renormalisation baseline, for comparison.
+"""
+
+import base64
+import io
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from normguard_core.conventions import sigma_grid
+from normguard_core.samplers import renormalize_velocity, sample_trajectory
+from services.serve_config import ServeConfig, load_serve_config
+
+__all__ = ["GenerateRequest", "build_app", "app_from_env"]
+
+BASE_ID = "base"
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[str] = Field(description="one prompt or a list (one image each)")
+    num_steps: int | None = Field(None, ge=1, description="sampler steps (default: the few-step default)")
+    guidance_scale: float | None = Field(None, ge=1.0)
+    seed: int | None = Field(None, ge=0, description="noise seed (random when omitted)")
+    size: int | None = Field(None, ge=8, le=4096, description="image side in pixels")
+    checkpoint: str = Field(BASE_ID, description="checkpoint id from GET /v1/models")
+    renormalize: bool = Field(False, description="rescale v to ||v_ref|| each step (inference baseline)")
+    format: str = Field("json", pattern="^(json|png)$", description="'png' returns image/png for one image")
+
+
+def _png_b64(image: torch.Tensor) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
+    """Trainable weights from a learner checkpoint dir, or a run dir's latest checkpoint."""
+    p = Path(path)
+    if (p / "checkpoints" / "latest").is_file():
+        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+    if not (p / "learner.pt").is_file():
+        raise FileNotFoundError(f"no learner checkpoint at {path} (expected learner.pt or checkpoints/latest)")
+    return torch.load(p / "learner.pt", map_location="cpu", weights_only=False)["weights"]
+
+
+class GeneratorCore:
+    """Plain class behind the Generator deployment (tested in-process)."""
+
+    def __init__(self, cfg: ServeConfig, model_path: str) -> None:
+        from services.models import build_generator
+
+        self.cfg, self.model_path = cfg, model_path
+        self.build = lambda: build_generator(cfg.model, path=model_path, device="cuda" if cfg.replica_gpus else "cpu")
+
+    def load(self, checkpoint_id: str):
+        if checkpoint_id != BASE_ID and checkpoint_id not in self.cfg.checkpoints:
+            raise KeyError(checkpoint_id)
+        gen = self.build()
+        if checkpoint_id != BASE_ID:
+            gen.load_trainable_state_dict(_checkpoint_weights(self.cfg.checkpoints[checkpoint_id]))
+        return gen
+
+    @staticmethod
+    @torch.no_grad()
+    def run(gen, items: list[dict]) -> list[list[str]]:
+        """One sampler batch for requests sharing (steps, guidance, renormalize)."""
+        first = items[0]
+        prompts = [p for it in items for p in it["prompts"]]
+        noise = torch.cat(
+            [
+                torch.randn(len(it["prompts"]), *gen.latent_shape, generator=torch.Generator().manual_seed(it["seed"]))
+                for it in items
+            ]
+        ).to(gen.device)
+        cond = gen.encode_prompts(prompts)
+        null = gen.encode_prompts([""] * len(prompts)) if first["guidance_scale"] != 1.0 else None
+        policy = gen.guided_velocity_fn(cond, null, first["guidance_scale"])
+        hook = None
+        if first["renormalize"]:
+            ref = gen.guided_velocity_fn(cond, null, first["guidance_scale"], reference=True)
+            hook = lambda k, x, s, v: renormalize_velocity(v, ref(x, s))  # noqa: E731
+        traj = sample_trajectory(
+            policy, noise, sigma_grid(first["num_steps"], shift=first["shift"]).to(gen.device), transform=hook
+        )
+        images = [_png_b64(im) for im in gen.decode(traj.x0)]
+        out, i = [], 0
+        for it in items:
+            out.append(images[i : i + len(it["prompts"])])
+            i += len(it["prompts"])
+        return out
+
+
+@serve.deployment(name="Generator")
+class GeneratorDeployment:
+    def __init__(self, cfg: ServeConfig, model_path: str) -> None:
+        torch.set_num_threads(max(1, int(cfg.replica_cpus) or 1))
+        self.core = GeneratorCore(cfg, model_path)
+        self.generate_batch.set_max_batch_size(cfg.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, checkpoint_id: str):
+        return self.core.load(checkpoint_id)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, items: list[dict]) -> list[dict]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            groups[(it["checkpoint"], it["num_steps"], it["guidance_scale"], it["renormalize"])].append(i)
+        results: list[dict] = [None] * len(items)  # type: ignore[list-item]
+        for key, idx in groups.items():
+            gen = await self.get_model(key[0])
+            t0 = time.perf_counter()
+            images = GeneratorCore.run(gen, [items[i] for i in idx])
+            ms = (time.perf_counter() - t0) * 1000
+            for j, i in enumerate(idx):
+                results[i] = {"images": images[j], "batch_requests": len(idx), "compute_ms": ms}
+        return results
+
+    async def __call__(self, item: dict) -> dict:
+        return await self.generate_batch(item)
+
+
+def _validate(cfg: ServeConfig, req: GenerateRequest) -> dict:
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    steps = req.num_steps or cfg.default_steps
+    guidance = req.guidance_scale if req.guidance_scale is not None else cfg.default_guidance
+    problems = []
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        problems.append("prompt must be a string or a non-empty list of strings")
+    if len(prompts) > cfg.max_images:
+        problems.append(f"at most {cfg.max_images} images per request, got {len(prompts)}")
+    if steps > cfg.max_steps:
+        problems.append(f"num_steps must be in [1, {cfg.max_steps}], got {steps}")
+    if guidance > cfg.max_guidance:
+        problems.append(f"guidance_scale must be in [1, {cfg.max_guidance}], got {guidance}")
+    if req.size is not None and req.size not in cfg.sizes:
+        problems.append(f"size must be one of {list(cfg.sizes)}, got {req.size}")
+    if req.format == "png" and len(prompts) != 1:
+        problems.append("format 'png' returns one image: send one prompt")
+    if problems:
+        raise HTTPException(status_code=422, detail="; ".join(problems))
+    if cfg.model.kind == "digits":
+        from services.models.digits import parse_digit_prompt
+
+        try:
+            [parse_digit_prompt(p) for p in prompts]
+        except ValueError as err:
+            raise HTTPException(status_code=422, detail=str(err)) from None
+    seed = req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return {
+        "prompts": prompts,
+        "num_steps": steps,
+        "guidance_scale": guidance,
+        "seed": seed,
+        "shift": cfg.shift,
+        "checkpoint": req.checkpoint,
+        "renormalize": req.renormalize,
+    }
+
+
+def build_fastapi(cfg: ServeConfig) -> FastAPI:
+    api = FastAPI(
+        title="NormGuard generation",
+        version="0.1.0",
+        description="Few-step generation with RL post-trained flow-matching generators.",
+    )
+
+    @api.middleware("http")
+    async def auth(request: Request, call_next):
+        if cfg.auth_token and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization") != f"Bearer {cfg.auth_token}":
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        return await call_next(request)
+
+    return api
+
+
+def build_app(cfg: ServeConfig, model_path: str):
+    """The Serve application (``serve.run(build_app(...))``)."""
+    api = build_fastapi(cfg)
+    known = [BASE_ID, *cfg.checkpoints]
+
+    @serve.deployment(name="Ingress")
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, generator) -> None:
+            self.generator = generator
+
+        @api.get("/healthz")
+        async def healthz(self) -> dict:
+            return {"status": "ok"}
+
+        @api.get("/v1/models")
+        async def models(self) -> dict:
+            return {
+                "models": [{"id": k, "path": cfg.checkpoints.get(k, model_path)} for k in known],
+                "default_steps": cfg.default_steps,
+                "max_steps": cfg.max_steps,
+                "sizes": list(cfg.sizes),
+            }
+
+        @api.get("/", response_class=HTMLResponse)
+        async def page(self) -> str:
+            return PAGE.read_text()
+
+        @api.post("/v1/generate")
+        async def generate(self, req: GenerateRequest) -> Any:
+            if req.checkpoint not in known:
+                raise HTTPException(status_code=404, detail=f"unknown checkpoint {req.checkpoint!r}; known: {known}")
+            item = _validate(cfg, req)
+            t0 = time.perf_counter()
+            out = await self.generator.options(multiplexed_model_id=req.checkpoint).remote(item)
+            if req.format == "png":
+                return Response(content=base64.b64decode(out["images"][0]), media_type="image/png")
+            return {
+                "images": out["images"],
+                "checkpoint": req.checkpoint,
+                "num_steps": item["num_steps"],
+                "seed": item["seed"],
+                "batch_requests": out["batch_requests"],
+                "latency_ms": (time.perf_counter() - t0) * 1000,
+            }
+
+    opts = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
+    gen = GeneratorDeployment.options(
+        num_replicas=cfg.num_replicas, ray_actor_options=opts, max_ongoing_requests=max(cfg.max_batch_size * 2, 8)
+    )
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(gen.bind(cfg, model_path))
+
+
+def resolve_for_serving(cfg: ServeConfig) -> str:
+    from services.models import resolve_model_path
+
+    if cfg.model.kind == "digits" and not cfg.model.path:
+        from services.prepare import prepare_embedded
+
+        return str(
+            prepare_embedded(
+                resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
+            ).model_path
+        )
+    return resolve_model_path(cfg.model)
+
+
+def app_from_env(args: dict | None = None):
+    """Import path for ``serve run`` / RayService: config from ``NORMGUARD_SERVE_CONFIG``."""
+    import os
+
+    cfg = load_serve_config(os.environ.get("NORMGUARD_SERVE_CONFIG") or (args or {}).get("config"))
+    return build_app(cfg, resolve_for_serving(cfg))

@@ -1,0 +1,46 @@
+"""Serving config: which model, which checkpoints, request bounds, batching, auth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.config import ModelConfig
+
+__all__ = ["ServeConfig", "load_serve_config"]
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelConfig = ModelConfig()
+    checkpoints: dict[str, str] = Field(
+        default_factory=dict, description="checkpoint id -> learner checkpoint dir (checkpoints/step_N) or run dir"
+    )
+    default_steps: int = Field(4, ge=1, le=200, description="few-step default")
+    max_steps: int = Field(50, ge=1, le=500)
+    max_images: int = Field(16, ge=1, description="images per request")
+    allowed_sizes: tuple[int, ...] | None = Field(None, description="image sides accepted (default: the model's)")
+    default_guidance: float = Field(1.0, ge=1.0)
+    max_guidance: float = Field(15.0, ge=1.0)
+    shift: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests merged per forward")
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    replica_cpus: float = Field(1.0, ge=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    auth_token: str | None = Field(None, description="require 'Authorization: Bearer <token>' when set")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.allowed_sizes or (self.model.resolution,)
+
+
+def load_serve_config(path: str | Path | None = None, **overrides) -> ServeConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data.update(overrides)
+    return ServeConfig.model_validate(data)

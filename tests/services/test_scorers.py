@@ -1,0 +1,169 @@
+"""Every reward scorer passes one contract; the judge responds to its token probabilities."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from services.rewards import available_scorers, build_scorer, combine_scores
+from services.rewards.judges import HTTPJudge, probs_to_score
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import tiny_models  # noqa: E402
+
+pytestmark = pytest.mark.service
+PROMPTS = [
+    "a handwritten digit 1",
+    "a handwritten digit 7",
+    "a handwritten digit 3",
+    "a handwritten digit 0",
+    "a handwritten digit 9",
+]
+
+
+def _save_tiny_vit(path: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=2,
+        id2label={0: "generated", 1: "real"},
+        label2id={"generated": 0, "real": 1},
+    )
+    ViTForImageClassification(cfg).save_pretrained(path)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def _openai_mock(p_yes: float):
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+        top = [{"token": "Yes", "logprob": math.log(p_yes)}, {"token": "No", "logprob": math.log(1 - p_yes)}]
+        return httpx.Response(200, json={"choices": [{"logprobs": {"content": [{"top_logprobs": top}]}}]})
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.fixture(scope="module")
+def scorers(tmp_path_factory, digits_assets):
+    root = tmp_path_factory.mktemp("scorers")
+    clip = tiny_models.save_tiny_clip(root / "clip")
+    out = {
+        "pickscore": build_scorer("pickscore", path=str(clip)),
+        "hpsv2": build_scorer("hpsv2", path=str(clip)),
+        "vlm_judge": build_scorer("vlm_judge", path=str(tiny_models.save_tiny_llava(root / "llava"))),
+        "vlm_judge_rating": build_scorer(
+            "vlm_judge", path=str(root / "llava"), options={"mode": "rating", "num_ratings": 5}
+        ),
+        "realism_detector": build_scorer("realism_detector", path=str(_save_tiny_vit(root / "vit"))),
+        "http_judge": HTTPJudge("http_judge", "http://judge.test/v1", transport=_openai_mock(0.8)),
+    }
+    for name in ("digits_classifier", "digits_judge", "digits_realism"):
+        out[name] = build_scorer(name, path=str(digits_assets.scorer_path))
+    return out
+
+
+def test_every_registered_scorer_is_covered(scorers):
+    assert set(available_scorers()) <= {n.removesuffix("_rating") for n in scorers}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "pickscore",
+        "hpsv2",
+        "vlm_judge",
+        "vlm_judge_rating",
+        "realism_detector",
+        "http_judge",
+        "digits_classifier",
+        "digits_judge",
+        "digits_realism",
+    ],
+)
+def test_scorer_contract(scorers, name):
+    scorer = scorers[name]
+    images = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    s = scorer.score(images, PROMPTS)
+    assert s.shape == (5,) and s.dtype == torch.float32 and torch.isfinite(s).all()
+    assert torch.equal(s, scorer.score(images, PROMPTS))  # deterministic in eval mode
+    halves = torch.cat([scorer.score(images[:2], PROMPTS[:2]), scorer.score(images[2:], PROMPTS[2:])])
+    assert torch.allclose(s, halves, atol=1e-4)  # batching does not change scores
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        scorer.score(torch.rand(5, 24, 24), PROMPTS)
+    with pytest.raises(ValueError, match="prompts"):
+        scorer.score(images, PROMPTS[:3])
+
+
+def test_probs_to_score():
+    assert torch.allclose(probs_to_score(torch.tensor([[0.3, 0.1]]), mode="yes_no"), torch.tensor([0.75]))
+    assert torch.allclose(probs_to_score(torch.tensor([[0.0, 0.0, 1.0]]), mode="rating"), torch.tensor([1.0]))
+    assert torch.allclose(probs_to_score(torch.tensor([[1.0, 1.0, 1.0]]), mode="rating"), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="yes_no"):
+        probs_to_score(torch.ones(1, 2), mode="stars")
+
+
+def test_local_judge_score_follows_its_token_probabilities(scorers):
+    judge = scorers["vlm_judge"]
+    images = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    before = judge.score(images, PROMPTS[:3])
+    head = judge.model.get_output_embeddings()
+    yes_id = judge.answer_ids[0]
+    with torch.no_grad():
+        saved = head.weight[yes_id].clone()
+        head.weight[yes_id] += 5.0 * head.weight.abs().mean() * torch.sign(torch.randn_like(saved))
+        probs = judge.answer_probs(images, PROMPTS[:3])
+        after = judge.score(images, PROMPTS[:3])
+        head.weight[yes_id] = saved
+    assert torch.allclose(after, probs[:, 0] / probs.sum(dim=1), atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_http_judge_reads_logprobs_and_retries():
+    calls = {"n": 0}
+    inner = _openai_mock(0.9)
+
+    def flaky(request):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return httpx.Response(503)
+        return inner.handle_request(request)
+
+    judge = HTTPJudge("j", "http://judge.test/v1", transport=httpx.MockTransport(flaky), backoff_s=0.0)
+    s = judge.score(torch.rand(1, 3, 8, 8), ["a cat"])
+    assert s.item() == pytest.approx(0.9, abs=1e-5) and judge.failures == 1
+    dead = HTTPJudge(
+        "j",
+        "http://judge.test/v1",
+        transport=httpx.MockTransport(lambda r: httpx.Response(500)),
+        retries=1,
+        backoff_s=0.0,
+    )
+    with pytest.raises(RuntimeError, match="failed after 2 tries"):
+        dead.score(torch.rand(1, 3, 8, 8), ["a cat"])
+
+
+def test_registry_errors(tmp_path):
+    with pytest.raises(KeyError, match="pickscore"):
+        build_scorer("aesthetic")
+    with pytest.raises(FileNotFoundError, match="missing-clip"):
+        build_scorer("pickscore", path=str(tmp_path / "missing-clip"))
+
+
+def test_combine_scores():
+    out = combine_scores({"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5, 0.5])}, {"a": 1.0, "b": -2.0})
+    assert torch.equal(out, torch.tensor([0.0, 1.0]))
+    with pytest.raises(KeyError, match="c"):
+        combine_scores({"a": torch.ones(2)}, {"c": 1.0})
