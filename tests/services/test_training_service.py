@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from services.config import load_config
 from services.train import build_coordinator, run_training
 
