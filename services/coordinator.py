@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from normguard_core.advantages import group_advantages, nft_reward_prob, preference_pairs
-from services.remote import CallStats, call_with_retries
+from services.remote import CallStats, call, call_with_retries
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
 __all__ = ["Coordinator", "RunState", "StepReport"]
@@ -162,17 +162,8 @@ class Coordinator:
         return [self._retry(a, method, p, name=name, timeout_s=timeout_s) for a, p in zip(actors, payloads)]
 
     def _retry(self, actor, method: str, payload, *, name: str, timeout_s: float):
-        def resync() -> None:
-            call_with_retries(
-                actor,
-                "set_weights",
-                self.weights_ref,
-                self.version,
-                timeout_s=SYNC_TIMEOUT_S,
-                retries=0,
-                stats=self.stats,
-                name=f"{name}-sync",
-            )
+        def resync() -> None:  # retried by the hook until the restarted actor answers (bounded)
+            call(actor, "set_weights", self.weights_ref, self.version, timeout_s=SYNC_TIMEOUT_S)
 
         hook = resync if method == "generate" else None
         return call_with_retries(

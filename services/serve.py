@@ -188,7 +188,7 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
 
     @api.middleware("http")
     async def auth(request: Request, call_next):
-        if cfg.auth_token and request.url.path.startswith("/v1/"):
+        if cfg.auth_token and "/v1/" in request.url.path:
             if request.headers.get("authorization") != f"Bearer {cfg.auth_token}":
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
         return await call_next(request)

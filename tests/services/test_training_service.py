@@ -67,7 +67,7 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
         ray_local.kill(coord.samplers[1], no_restart=False)
         prompts, groups, seeds = coord._next_prompts()
         report = coord.step()
-        assert report.metrics["faults/restarts"] >= 1 and report.metrics["faults/failures"] == 0
+        assert report.metrics["faults/restarts"] >= 1 and report.metrics["faults/failures"] == 0, coord.stats
         versions = ray_local.get([s.get_version.remote() for s in coord.samplers], timeout=60)
         assert versions == [coord.version, coord.version]  # the restarted actor was re-synced
         # the step consumed exactly the requested samples (bookkeeping check inside _rollout)

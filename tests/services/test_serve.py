@@ -1,0 +1,157 @@
+"""Ray Serve app over HTTP on 127.0.0.1: generation, batching, multiplexing, bad input, auth, page."""
+
+import base64
+import io
+import shutil
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import torch
+
+from services.config import ModelConfig, load_config
+from services.learner import Learner
+from services.serve_config import ServeConfig
+
+pytestmark = [pytest.mark.service, pytest.mark.slow]
+TIMEOUT_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, digits_assets, tmp_path_factory):
+    from ray import serve
+
+    from services.serve import build_app
+
+    ckpt = tmp_path_factory.mktemp("serve") / "step_000001"
+    learner = Learner(load_config(None, ["model.pretrain_steps=5"]), str(digits_assets.model_path))
+    with torch.no_grad():  # a "trained" checkpoint whose weights differ from the base model's
+        for p in learner.params:
+            p.add_(0.05 * torch.randn_like(p))
+    learner.save(ckpt)
+    port = _free_port()
+    cfg = ServeConfig(
+        model=ModelConfig(kind="digits", pretrain_steps=5),
+        checkpoints={"trained": str(ckpt)},
+        replica_cpus=0.5,
+        max_batch_size=8,
+        batch_wait_timeout_s=0.2,
+        max_images=4,
+        port=port,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, str(digits_assets.model_path)), name="normguard", route_prefix="/")
+    auth_cfg = cfg.model_copy(update={"auth_token": "s3cret"})
+    serve.run(build_app(auth_cfg, str(digits_assets.model_path)), name="authed", route_prefix="/authed")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def _post(url, payload, **kw):
+    return httpx.post(f"{url}/v1/generate", json=payload, timeout=TIMEOUT_S, **kw)
+
+
+def _decode(b64: str) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(b64)))))
+
+
+def test_health_models_and_openapi(server):
+    assert httpx.get(f"{server}/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}
+    models = httpx.get(f"{server}/v1/models", timeout=TIMEOUT_S).json()
+    assert [m["id"] for m in models["models"]] == ["base", "trained"] and models["default_steps"] == 4
+    assert "/v1/generate" in httpx.get(f"{server}/openapi.json", timeout=TIMEOUT_S).json()["paths"]
+
+
+def test_generate_json_and_png(server):
+    r = _post(server, {"prompt": ["a handwritten digit 3", "a handwritten digit 5"], "seed": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["images"]) == 2 and body["num_steps"] == 4 and body["seed"] == 7
+    assert _decode(body["images"][0]).shape == (16, 16, 3)
+    png = _post(server, {"prompt": "a handwritten digit 3", "seed": 7, "format": "png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert base64.b64encode(png.content).decode() == body["images"][0]  # same seed, same image
+
+
+def test_concurrent_requests_are_batched(server):
+    payload = {"prompt": "a handwritten digit 2", "num_steps": 6}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda s: _post(server, {**payload, "seed": s}), range(6)))
+    assert all(r.status_code == 200 for r in responses)
+    assert max(r.json()["batch_requests"] for r in responses) > 1
+
+
+def test_multiplexing_picks_the_requested_checkpoint(server):
+    req = {"prompt": "a handwritten digit 8", "seed": 11}
+    base = _post(server, {**req, "checkpoint": "base"}).json()["images"][0]
+    again = _post(server, {**req, "checkpoint": "base"}).json()["images"][0]
+    trained = _post(server, {**req, "checkpoint": "trained"}).json()["images"][0]
+    assert base == again and base != trained
+
+
+def test_renormalize_flag_runs(server):
+    r = _post(server, {"prompt": "a handwritten digit 4", "seed": 1, "checkpoint": "trained", "renormalize": True})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "message"),
+    [
+        ({"prompt": "a handwritten digit 1", "num_steps": 999}, 422, "num_steps must be in [1, 50]"),
+        ({"prompt": "a handwritten digit 1", "num_steps": 0}, 422, "greater than or equal to 1"),
+        ({"prompt": "a handwritten digit 1", "size": 512}, 422, "size must be one of [16]"),
+        ({"prompt": ["a handwritten digit 1"] * 5}, 422, "at most 4 images"),
+        ({"prompt": "a handwritten digit 1", "checkpoint": "nope"}, 404, "unknown checkpoint 'nope'"),
+        ({"prompt": "a photo of a cat"}, 422, "a handwritten digit 3"),
+        ({"prompt": "a handwritten digit 1", "stepz": 3}, 422, "stepz"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_service_keeps_serving(server, payload, status, message):
+    r = _post(server, payload)
+    assert r.status_code == status and message in r.text
+    assert _post(server, {"prompt": "a handwritten digit 1", "seed": 0}).status_code == 200
+
+
+def test_malformed_json(server):
+    r = httpx.post(
+        f"{server}/v1/generate", content=b"{not json", headers={"content-type": "application/json"}, timeout=TIMEOUT_S
+    )
+    assert r.status_code == 422 and "JSON" in r.text
+
+
+def test_bearer_token(server):
+    url = f"{server}/authed"
+    assert httpx.get(f"{url}/v1/models", timeout=TIMEOUT_S).status_code == 401
+    r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT_S)
+    assert r.status_code == 200
+    assert httpx.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200  # health stays open
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
+def test_web_page_in_headless_chromium(server, tmp_path):
+    url = f"{server}/?autorun=1&prompt=a%20handwritten%20digit%207&checkpoint=trained"
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=60000",
+        f"--user-data-dir={tmp_path}",
+        "--dump-dom",
+        url,
+    ]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
+    assert "checkpoint trained" in dom and "error" not in dom.split('id="status"')[1][:200]
