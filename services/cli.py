@@ -113,6 +113,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from services.sweep_config import load_sweep
+    from services.tune import run_sweep, write_results
+
+    sweep = load_sweep(args.config, args.overrides)
+    if args.table_only:
+        write_results(sweep)
+        return 0
+    run_sweep(sweep)
+    return 0
+
+
 def cmd_scorers(args) -> int:
     from services.rewards import available_scorers
 
@@ -142,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--token", default=None, help="cluster auth token (default: NORMGUARD_RAY_TOKEN / Ray's own)")
     sp.add_argument("--install", action="store_true", help="pip install the uploaded project on the cluster")
     sp.set_defaults(fn=cmd_submit)
+    sp = sub.add_parser("sweep", help="run / resume an ablation sweep on Ray Tune; print its table")
+    sp.add_argument("config", help="sweep YAML (deploy/sweeps/*.yaml)")
+    sp.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config")
+    sp.add_argument("--table-only", action="store_true", help="only rebuild the table and plots")
+    sp.set_defaults(fn=cmd_sweep)
     sp = sub.add_parser("serve", help="serve a trained run / checkpoint or a serve YAML over HTTP (Ray Serve)")
     sp.add_argument(
         "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup()
     args = build_parser().parse_args(argv)
     # `normguard train key=value` (no YAML): the first positional is an override, not a file
-    if args.command == "serve":
+    if args.command in ("serve", "sweep"):
         return args.fn(args)
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]

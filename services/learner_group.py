@@ -101,7 +101,7 @@ class LearnerGroup:
 
         res = cfg.resources
         self.world_size, self.timeout_s = res.num_learners, timeout_s
-        opts = {"num_cpus": 0}
+        opts = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
         self.cmd_queues = [Queue(actor_options=opts) for _ in range(self.world_size)]
         self.out_queue = Queue(actor_options=opts)
         per_worker = {"CPU": res.learner_cpus}

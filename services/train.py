@@ -93,8 +93,10 @@ def build_coordinator(cfg, *, local: bool = False) -> tuple[Coordinator, dict, d
         import ray
 
         ensure_ray()
-        sampler_cls = ray.remote(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, max_restarts=3)(RolloutSampler)
-        scorer_cls = ray.remote(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, max_restarts=3)(ScorerWorker)
+        # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
+        opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
+        sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)
+        scorer_cls = ray.remote(ScorerWorker).options(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, **opts)
         samplers = [
             sampler_cls.remote(
                 cfg.model, model_path, torch_threads=res.torch_threads, device="cuda" if res.sampler_gpus else "cpu"
@@ -161,7 +163,7 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
     return metrics, ratios, images
 
 
-def run_training(cfg, *, local: bool = False, progress: bool = True) -> RunSummary:
+def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None) -> RunSummary:
     """Train one configuration end to end; resumable by rerunning with the same run name."""
     from tqdm import tqdm
 
@@ -184,6 +186,8 @@ def run_training(cfg, *, local: bool = False, progress: bool = True) -> RunSumma
         while coord.step_idx < cfg.train.steps:
             report = coord.step()
             writer.write(report.step, report.metrics)
+            if on_step is not None:  # e.g. Ray Tune's report (ASHA may stop the trial here)
+                on_step(report.step, report.metrics)
             m = report.metrics
             bar.set_postfix(
                 reward=f"{m['reward/mean']:.3f}",
@@ -200,6 +204,11 @@ def run_training(cfg, *, local: bool = False, progress: bool = True) -> RunSumma
         bar.close()
         coord._transition(RunState.EVALUATING)
         summary.after, ratios, images = evaluate(coord, cfg, eval_names)
+        # the paper's inference-time baseline on the same trained weights: v rescaled to ||v_ref||
+        renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
+        summary.after.update(
+            {k.replace("eval/", "eval_renorm/"): v for k, v in renorm.items() if "norm_ratio" not in k}
+        )
         writer.write(coord.step_idx, summary.after)
         summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
         _save_grids(run_dir, images, "after", cfg)
@@ -232,9 +241,13 @@ def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg) -
 
 
 def summary_table(summaries: dict[str, RunSummary]) -> str:
-    """One row per (run, before/after) with the eval metrics."""
+    """One row per (run, before/after[/after+renorm]) with the eval metrics."""
     rows = []
     for name, s in summaries.items():
-        for when, m in (("before", s.before), ("after", s.after)):
+        after = {k: v for k, v in s.after.items() if k.startswith("eval/")}
+        renorm = {k.replace("eval_renorm/", "eval/"): v for k, v in s.after.items() if k.startswith("eval_renorm/")}
+        for when, m in (("before", s.before), ("after", after), ("after+renorm", renorm)):
+            if not m:
+                continue
             rows.append({"run": name, "when": when, **{k.removeprefix("eval/"): v for k, v in sorted(m.items())}})
     return format_table(rows)

@@ -66,7 +66,7 @@ def tiny_overrides(run_dir, name: str, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(digits_assets):
     """One local Ray cluster for the service tests (2 CPUs; shut down at the end)."""
     import ray
 

@@ -153,7 +153,7 @@ def _cache_key(resolution: int, steps: int, seed: int) -> str:
 
 def default_cache_dir() -> Path:
     """``$NORMGUARD_CACHE`` or ``~/.cache/normguard``."""
-    return Path(os.environ.get("NORMGUARD_CACHE", Path.home() / ".cache" / "normguard"))
+    return Path(os.environ.get("NORMGUARD_CACHE") or Path.home() / ".cache" / "normguard").expanduser().resolve()
 
 
 def pretrain_digits(
@@ -212,7 +212,7 @@ def load_or_pretrain_digits(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Path of the cached pretrained digits model, pretraining it first if needed (atomic write)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
     target = root / f"digits-{_cache_key(resolution, steps, seed)}"
     if (target / "meta.json").is_file():
         return target

@@ -1,0 +1,86 @@
+"""Sweep config: a base experiment plus a search space over dotted keys (grid or random)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.config import ExperimentConfig, apply_overrides
+
+__all__ = ["Axis", "SweepConfig", "load_sweep"]
+
+
+class Axis(BaseModel):
+    """One searched key: ``grid`` values, or a random ``choice`` / ``uniform`` / ``loguniform``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: str = Field(description="dotted config key, e.g. normguard.weight or loss.name")
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Axis:
+        kinds = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(
+                f"axis {self.key!r}: give exactly one of grid / choice / uniform / loguniform, got {kinds}"
+            )
+        return self
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("ablation", pattern=r"^[A-Za-z0-9._-]+$")
+    base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig overrides shared by all trials")
+    axes: tuple[Axis, ...] = Field(min_length=1)
+    num_samples: int = Field(1, ge=1, description="repeats of the grid (random axes are re-drawn)")
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.01, gt=0, description="CPUs of the trial driver itself (its actors ask for their own)")
+    asha: bool = Field(False, description="early-stop trials with ASHA on `metric` vs the `step` attribute")
+    asha_grace_steps: int = Field(5, ge=1)
+    metric: str = Field("reward/mean", description="the per-step metric ASHA compares")
+    mode: Literal["max", "min"] = "max"
+    output_dir: str = "runs/sweeps"
+    renorm_baseline: bool = Field(True, description="also evaluate each trial with inference-time renormalisation")
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepConfig:
+        trial = self.trial_config({a.key: _first(a) for a in self.axes}, "check")
+        if self.asha and trial.train.steps <= self.asha_grace_steps:
+            raise ValueError("asha needs train.steps > asha_grace_steps")
+        return self
+
+    def trial_config(self, params: dict[str, Any], trial_name: str) -> ExperimentConfig:
+        data = apply_overrides(
+            {}, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in self.base.items()]
+        )
+        data = apply_overrides(
+            data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in params.items()]
+        )
+        data.setdefault("train", {})
+        data["train"].update(run_name=trial_name, output_dir=str(self.sweep_dir / "trials"), compare_baseline=False)
+        return ExperimentConfig.model_validate(data)
+
+
+def _first(axis: Axis) -> Any:
+    if axis.grid is not None:
+        return axis.grid[0]
+    if axis.choice is not None:
+        return axis.choice[0]
+    return (axis.uniform or axis.loguniform)[0]
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    apply_overrides(data, list(overrides or []))
+    return SweepConfig.model_validate(data)

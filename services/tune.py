@@ -1,0 +1,188 @@
+"""Ablation sweeps on Ray Tune: each trial is one training run (Ray Train inside a function
+trainable, the Train V2 pattern), reported step by step, optionally early-stopped by ASHA on
+the explicit ``step`` attribute; the sweep is resumable; the end product is one table (CSV and
+printed) and plots (norm ratio per sampling step, reward vs quality frontier).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from services.report import format_table
+from services.sweep_config import SweepConfig
+
+__all__ = ["run_sweep", "results_table"]
+
+log = logging.getLogger(__name__)
+
+
+def _trial_name(params: dict[str, Any]) -> str:
+    import re
+
+    parts = [f"{k.split('.')[-1]}-{v}" for k, v in sorted(params.items())]
+    return re.sub(r"[^A-Za-z0-9._-]", "", "_".join(parts))[:120]
+
+
+def _search_space(sweep: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for a in sweep.axes:
+        if a.grid is not None:
+            space[a.key] = tune.grid_search(a.grid)
+        elif a.choice is not None:
+            space[a.key] = tune.choice(a.choice)
+        elif a.uniform is not None:
+            space[a.key] = tune.uniform(*a.uniform)
+        else:
+            space[a.key] = tune.loguniform(*a.loguniform)
+    return space
+
+
+def _trainable(params: dict[str, Any], sweep_json: str) -> None:
+    """One trial: a full training run whose steps are reported to Tune."""
+    from ray import tune
+
+    from services.sweep_config import SweepConfig
+    from services.train import run_training
+
+    sweep = SweepConfig.model_validate_json(sweep_json)
+    params = {k: v for k, v in params.items()}
+    cfg = sweep.trial_config(params, _trial_name(params))
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        tune.report({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
+
+    summary = run_training(cfg, progress=False, on_step=report)
+    final = {"step": cfg.train.steps, **summary.after, "done": 1.0}
+    (cfg.run_dir / "trial.json").write_text(
+        json.dumps(
+            {
+                "params": params,
+                "after": summary.after,
+                "before": summary.before,
+                "ratio_per_step": summary.ratio_per_step,
+            }
+        )
+    )
+    tune.report(final)
+
+
+def run_sweep(sweep: SweepConfig) -> list[dict]:
+    """Run (or resume) the sweep; returns the table rows and writes results.csv and plots."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from services.train import ensure_ray
+
+    ensure_ray()
+    sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, sweep_json=sweep.model_dump_json()), {"cpu": sweep.trial_cpus}
+    )
+    storage = str(sweep.sweep_dir / "tune")
+    scheduler = None
+    if sweep.asha:
+        scheduler = ASHAScheduler(
+            time_attr="step", metric=sweep.metric, mode=sweep.mode, grace_period=sweep.asha_grace_steps
+        )
+    if tune.Tuner.can_restore(str(Path(storage) / sweep.name)):
+        log.info("resuming sweep %s", sweep.name)
+        tuner = tune.Tuner.restore(str(Path(storage) / sweep.name), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_search_space(sweep),
+            tune_config=tune.TuneConfig(
+                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler
+            ),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=0),
+        )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        log.warning("%d trial(s) errored; the first: %s", len(errors), errors[0])
+    del ray
+    return write_results(sweep)
+
+
+def _row(trial: dict) -> dict:
+    p, a, b = trial["params"], trial["after"], trial["before"]
+    row: dict[str, Any] = {k.split(".")[-1] if k != "loss.name" else "method": v for k, v in p.items()}
+    for key in sorted(a):
+        if key.startswith(("eval/", "eval_renorm/")):
+            name = key.replace("eval/", "").replace("eval_renorm/", "renorm:")
+            row[name] = a[key]
+    for key in sorted(b):
+        if key.startswith("eval/norm_ratio") or "frechet" in key:
+            continue
+        row["before:" + key.replace("eval/", "")] = b[key]
+    return row
+
+
+def results_table(sweep: SweepConfig) -> list[dict]:
+    trials = [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
+    return [_row(t) for t in trials]
+
+
+def write_results(sweep: SweepConfig) -> list[dict]:
+    """results.csv, a printed table, and the sweep's plots."""
+    rows = results_table(sweep)
+    if not rows:
+        print("no finished trials")
+        return rows
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with (sweep.sweep_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    short = [c for c in cols if not c.startswith(("before:", "renorm:")) and "realism@" not in c]
+    print(format_table(rows, short))
+    _plots(sweep)
+    print(f"\nwrote {sweep.sweep_dir / 'results.csv'} and plots in {sweep.sweep_dir}")
+    return rows
+
+
+def _plots(sweep: SweepConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from services.report import plot_ratio_per_step
+
+    trials = [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
+    curves = {"reference": next(iter(t["ratio_per_step"].get("reference", []) for t in trials), [])}
+    for t in trials:
+        name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(t["params"].items()))
+        curves[name] = t["ratio_per_step"]["policy"]
+    if not curves["reference"]:
+        curves.pop("reference")
+    plot_ratio_per_step(
+        curves, sweep.sweep_dir / "norm_ratio_per_step.png", title="||v|| / ||v_ref|| per sampling step"
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for t in trials:
+        a = t["after"]
+        label = ", ".join(f"{v}" for _, v in sorted(t["params"].items()))
+        rk = next((k for k in a if k.startswith("eval/digits_classifier@") or k.startswith("eval/pickscore@")), None)
+        for ax, qk in zip(axes, ("frechet", "judge")):
+            qkey = (
+                next((k for k in a if qk in k and k.startswith("eval/") and k.endswith(rk.split("@")[1])), None)
+                if rk
+                else None
+            )
+            if rk and qkey:
+                ax.scatter(a[rk], a[qkey])
+                ax.annotate(label, (a[rk], a[qkey]), fontsize=6)
+                ax.set_xlabel(rk)
+                ax.set_ylabel(qkey)
+    fig.suptitle("reward vs quality")
+    fig.tight_layout()
+    fig.savefig(sweep.sweep_dir / "reward_vs_quality.png", dpi=100)
+    plt.close(fig)
