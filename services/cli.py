@@ -125,6 +125,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from services.analyze import adjoint_report
+
+    adjoint_report(args.run_dir, steps=args.steps, samples=args.samples)
+    return 0
+
+
 def cmd_scorers(args) -> int:
     from services.rewards import available_scorers
 
@@ -159,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config")
     sp.add_argument("--table-only", action="store_true", help="only rebuild the table and plots")
     sp.set_defaults(fn=cmd_sweep)
+    sp = sub.add_parser("analyze", help="adjoint sensitivity of reward to per-step velocity magnitude (digits runs)")
+    sp.add_argument("run_dir")
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--samples", type=int, default=40)
+    sp.set_defaults(fn=cmd_analyze)
     sp = sub.add_parser("serve", help="serve a trained run / checkpoint or a serve YAML over HTTP (Ray Serve)")
     sp.add_argument(
         "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"
@@ -176,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup()
     args = build_parser().parse_args(argv)
     # `normguard train key=value` (no YAML): the first positional is an override, not a file
-    if args.command in ("serve", "sweep"):
+    if args.command in ("serve", "sweep", "analyze"):
         return args.fn(args)
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]

@@ -120,6 +120,9 @@ class LearnerConfig(_Section):
     kl_weight: float = Field(0.0, ge=0.0, description="velocity-space KL to the reference")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights (None = off)")
     max_nonfinite_in_row: int = Field(3, ge=1, description="abort after this many skipped NaN/Inf updates in a row")
+    track_norm_ratio: bool = Field(
+        True, description="compute v_ref for the norm-ratio metrics even when no term needs it"
+    )
 
 
 class ResourcesConfig(_Section):

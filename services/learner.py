@@ -69,6 +69,10 @@ class Learner:
         ng = cfg.normguard
         self.normguard = NormGuardParams(weight=ng.weight, margin=ng.margin, power=ng.power, scale=ng.scale)
         self.loss_kwargs = loss_kwargs(cfg.loss)
+        # the frozen reference forward is skipped only when nothing reads it (benchmarks)
+        self._needs_ref = (
+            ng.weight > 0 or cfg.learner.kl_weight > 0 or cfg.learner.track_norm_ratio or cfg.loss.name == "flow_dpo"
+        )
 
     # ---- training points ------------------------------------------------------------------
     def _points(self, batch: TrainBatch) -> dict[str, Tensor]:
@@ -100,7 +104,7 @@ class Learner:
         x0, noise, sigma = pts["x0"][idx].to(dev), pts["noise"][idx].to(dev), pts["sigma"][idx].to(dev)
         c = cond.index(pts["prompt_idx"][idx].to(dev))
         x = interpolate(x0, noise, sigma)
-        v_ref = self.gen.velocity(x, sigma, c, reference=True)
+        v_ref = self.gen.velocity(x, sigma, c, reference=True) if self._needs_ref else None
         v_old = pts["v_old"][idx].to(dev)
         v_theta = self.gen.velocity(x, sigma, c)
         winners = losers = None
@@ -136,7 +140,7 @@ class Learner:
         s, s_next = batch.sigmas[step_k].to(dev), batch.sigmas[step_k + 1].to(dev)
         c = cond.index(b)
         v_theta = self.gen.velocity(x, s, c)
-        v_ref = self.gen.velocity(x, s, c, reference=True)
+        v_ref = self.gen.velocity(x, s, c, reference=True) if self._needs_ref else None
         step = sde_step(x, v_theta, s, s_next, noise_level=self.cfg.rollout.sde_noise_level, x_next=x_next)
         lb = LossBatch(
             v_theta=v_theta,
