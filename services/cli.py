@@ -193,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides = [args.config, *args.overrides]
         args.config = None
-    return args.fn(args)
+    from pydantic import ValidationError
+
+    try:
+        return args.fn(args)
+    except (ValidationError, FileNotFoundError, KeyError) as err:  # user errors: a message, not a traceback
+        print(f"normguard {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     from services.train import ensure_ray
 
     ensure_ray()
+    # Tune runs each trial in its own working directory: pin the outputs to an absolute path first
+    sweep = sweep.model_copy(update={"output_dir": str(Path(sweep.output_dir).resolve())})
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, sweep_json=sweep.model_dump_json()), {"cpu": sweep.trial_cpus}

@@ -9,7 +9,7 @@ import torch
 
 # Offline, quiet, token auth off for the local clusters that tests start (ENVIRONMENT.md s2).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE") or "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
