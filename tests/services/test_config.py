@@ -57,3 +57,13 @@ def test_missing_config_file_names_the_path(tmp_path):
 def test_malformed_override():
     with pytest.raises(ValueError, match="key.path=value"):
         load_config(None, ["normguard.weight"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[2] / "deploy" / "serve").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_every_serve_config_loads(path):
+    from services.serve_config import load_serve_config
+
+    cfg = load_serve_config(path)
+    assert cfg.default_steps <= cfg.max_steps
