@@ -205,28 +205,43 @@ class Coordinator:
         loss = self.cfg.loss
         prob = nft_reward_prob(adv, adv_clip_max=getattr(loss, "adv_clip_max", 5.0))
         metrics = {"advantages/abs_mean": float(adv.abs().mean())}
+
+        def shard(idx: torch.Tensor, rank: int, global_count: int, **extra) -> TrainBatch:
+            return TrainBatch(
+                latents=rollout.latents[idx],
+                prompts=[rollout.prompts[i] for i in idx],
+                advantages=adv[idx],
+                reward_prob=prob[idx],
+                step=self.step_idx,
+                rank=rank,
+                global_count=global_count,
+                **extra,
+            )
+
         if loss.name == "flow_dpo":
             pairs = preference_pairs(reward, rollout.group_ids, min_gap=loss.min_gap)
             metrics.update({"dpo/pairs": float(pairs.num_pairs), "dpo/ties": float(pairs.num_ties)})
             if pairs.num_pairs == 0:
                 return [], metrics
             parts = torch.tensor_split(torch.arange(pairs.num_pairs), world)
-            shards = []
-            for rank, part in enumerate(parts):
-                idx = torch.cat([pairs.winners[part], pairs.losers[part]])
-                shards.append(
-                    TrainBatch(
-                        latents=rollout.latents[idx],
-                        prompts=[rollout.prompts[i] for i in idx],
-                        advantages=adv[idx],
-                        reward_prob=prob[idx],
-                        step=self.step_idx,
-                        rank=rank,
-                        global_count=2 * pairs.num_pairs,
-                        num_pairs=len(part),
-                    )
-                )
+            shards = [
+                shard(torch.cat([pairs.winners[p], pairs.losers[p]]), r, 2 * pairs.num_pairs, num_pairs=len(p))
+                for r, p in enumerate(parts)
+            ]
             return shards, metrics
+        sde = rollout.states is not None
+        shards = [
+            shard(
+                idx,
+                rank,
+                len(reward),
+                states=rollout.states[:, idx] if sde else None,
+                log_probs=rollout.log_probs[:, idx] if sde else None,
+                sigmas=rollout.sigmas if sde else None,
+            )
+            for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world))
+        ]
+        return shards, metrics
         shards = []
         for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world)):
             sde = rollout.states is not None

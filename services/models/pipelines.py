@@ -25,6 +25,14 @@ __all__ = ["FluxGenerator", "SD3Generator"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _vae_decode(vae, z: Tensor) -> Tensor:
+    """Scaled / shifted VAE latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1]."""
+    z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    with torch.no_grad():
+        images = vae.decode(z, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
 class SD3Generator(FlowGenerator):
     """Stable Diffusion 3 / 3.5 (Medium, Large)."""
 
@@ -61,11 +69,7 @@ class SD3Generator(FlowGenerator):
     def decode(self, latents: Tensor) -> Tensor:
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
             raise ValueError(f"sd3 latents must be (B, {self.latent_shape}), got {tuple(latents.shape)}")
-        vae = self.pipe.vae
-        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        with torch.no_grad():
-            images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return _vae_decode(self.pipe.vae, latents)
 
     def _call_backbone(self, module: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         dtype = self.pipe.transformer.dtype
@@ -117,12 +121,8 @@ class FluxGenerator(FlowGenerator):
     def decode(self, latents: Tensor) -> Tensor:
         if latents.ndim != 3 or tuple(latents.shape[1:]) != self.latent_shape:
             raise ValueError(f"flux packed latents must be (B, {self.latent_shape}), got {tuple(latents.shape)}")
-        vae = self.pipe.vae
         z = self.pipe._unpack_latents(latents, self.resolution, self.resolution, self.pipe.vae_scale_factor)
-        z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-        with torch.no_grad():
-            images = vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return _vae_decode(self.pipe.vae, z)
 
     def _call_backbone(self, module: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
         dtype = self.pipe.transformer.dtype
