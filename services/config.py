@@ -144,6 +144,12 @@ class TrainConfig(_Section):
     eval_every: int = Field(10, ge=0, description="0 = only before and after")
     checkpoint_every: int = Field(10, ge=0, description="0 = only at the end")
     compare_baseline: bool = Field(False, description="also train the same config with NormGuard off, and compare")
+    stop_at_reward: float | None = Field(
+        None,
+        description="early-stopping control: end training once the mean training reward over the last "
+        "`stop_window` steps reaches this (then the final eval runs as usual)",
+    )
+    stop_window: int = Field(3, ge=1)
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
 
@@ -177,8 +183,9 @@ class ExperimentConfig(_Section):
 
     @property
     def run_dir(self) -> Path:
-        """Directory of this run's outputs."""
-        return Path(self.train.output_dir) / self.train.run_name
+        """Directory of this run's outputs, absolute: Ray actors (the learner writes checkpoints) do not
+        share the driver's working directory."""
+        return Path(self.train.output_dir).expanduser().resolve() / self.train.run_name
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

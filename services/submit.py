@@ -10,6 +10,7 @@ explicit ``--token`` or ``NORMGUARD_RAY_TOKEN`` is sent as a bearer header.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import time
@@ -51,7 +52,7 @@ def submit(
     token = token or os.environ.get("NORMGUARD_RAY_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
     client = JobSubmissionClient(address, headers=headers)
-    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env_vars = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     if os.environ.get("NORMGUARD_CACHE"):
         env_vars["NORMGUARD_CACHE"] = os.environ["NORMGUARD_CACHE"]
     runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars}
@@ -62,10 +63,29 @@ def submit(
     if not wait:
         return 0
     deadline = time.monotonic() + timeout_s
+    streamed = _follow_logs(client, job_id, timeout_s)
     status = client.get_job_status(job_id)
     while status not in {JobStatus(s) for s in TERMINAL} and time.monotonic() < deadline:
         time.sleep(POLL_S)
         status = client.get_job_status(job_id)
-    print(client.get_job_logs(job_id)[-4000:])
+    if not streamed:  # the log stream was unavailable (e.g. a proxy without websockets)
+        print(client.get_job_logs(job_id)[-20000:])
     print(f"job {job_id}: {status}")
     return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _follow_logs(client, job_id: str, timeout_s: float) -> bool:
+    """Print the job's logs as they arrive until it ends (``tail_job_logs``); False if unavailable."""
+
+    async def follow():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout_s))
+    except TimeoutError:
+        print(f"stopped following {job_id} after {timeout_s:.0f} s; it keeps running on the cluster")
+    except Exception as e:  # noqa: BLE001 - fall back to fetching the logs at the end
+        print(f"log streaming unavailable ({type(e).__name__}: {e}); fetching logs at the end")
+        return False
+    return True

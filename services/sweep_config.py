@@ -48,6 +48,11 @@ class SweepConfig(BaseModel):
     mode: Literal["max", "min"] = "max"
     output_dir: str = "runs/sweeps"
     renorm_baseline: bool = Field(True, description="also evaluate each trial with inference-time renormalisation")
+    early_stop_control: bool = Field(
+        False,
+        description="after the grid: for every finished trial with normguard.weight > 0, train the same "
+        "config with NormGuard off, stopped once its training reward reaches that trial's final reward",
+    )
 
     @property
     def sweep_dir(self) -> Path:

@@ -68,7 +68,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}}
-    if os.environ.get("RAY_ADDRESS"):
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Driver of a Ray job (``normguard submit``): the job's runtime env already applies to every
+        # actor, and Ray refuses a driver runtime env that sets the same keys.
+        ray.init(log_to_driver=False)
+    elif os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
@@ -183,8 +187,10 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
             _save_grids(run_dir, images, "before", cfg)
             writer.write(coord.step_idx, summary.before)
         bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
-        while coord.step_idx < cfg.train.steps:
+        rewards = [r["reward/mean"] for r in writer.read() if "reward/mean" in r]
+        while coord.step_idx < cfg.train.steps and not _reached(rewards, cfg.train):
             report = coord.step()
+            rewards.append(report.metrics["reward/mean"])
             writer.write(report.step, report.metrics)
             if on_step is not None:  # e.g. Ray Tune's report (ASHA may stop the trial here)
                 on_step(report.step, report.metrics)
@@ -195,7 +201,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
                 loss=f"{m.get('loss/total', float('nan')):.4f}",
             )
             bar.update(1)
-            done = coord.step_idx == cfg.train.steps
+            done = coord.step_idx == cfg.train.steps or _reached(rewards, cfg.train)
             if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
                 coord._transition(RunState.EVALUATING)
                 writer.write(coord.step_idx, evaluate(coord, cfg, eval_names)[0])
@@ -204,6 +210,8 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
         bar.close()
         coord._transition(RunState.EVALUATING)
         summary.after, ratios, images = evaluate(coord, cfg, eval_names)
+        summary.after["train/steps_done"] = float(coord.step_idx)
+        summary.after["train/final_reward"] = _window_mean(rewards, cfg.train.stop_window)
         # the paper's inference-time baseline on the same trained weights: v rescaled to ||v_ref||
         renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
         summary.after.update(
@@ -232,6 +240,18 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
         )
     )
     return summary
+
+
+def _window_mean(rewards: list[float], window: int) -> float:
+    tail = rewards[-window:]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _reached(rewards: list[float], train) -> bool:
+    """The early-stopping control's test: the windowed training reward reached ``stop_at_reward``."""
+    if train.stop_at_reward is None or len(rewards) < train.stop_window:
+        return False
+    return _window_mean(rewards, train.stop_window) >= train.stop_at_reward
 
 
 def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg) -> None:

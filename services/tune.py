@@ -51,7 +51,8 @@ def _trainable(params: dict[str, Any], sweep_json: str) -> None:
     from services.train import run_training
 
     sweep = SweepConfig.model_validate_json(sweep_json)
-    params = {k: v for k, v in params.items()}
+    # grid trials get the searched keys; early-stopping controls get one whole dict under "control"
+    params = dict(params["control"]) if "control" in params else dict(params)
     cfg = sweep.trial_config(params, _trial_name(params))
 
     def report(step: int, metrics: dict[str, float]) -> None:
@@ -105,17 +106,66 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=storage, verbose=0),
         )
+    _fit(tuner)
+    if sweep.early_stop_control:
+        _run_controls(sweep, trainable, storage)
+    del ray
+    return write_results(sweep)
+
+
+def _fit(tuner) -> None:
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
     if errors:
         log.warning("%d trial(s) errored; the first: %s", len(errors), errors[0])
-    del ray
-    return write_results(sweep)
+
+
+def control_params(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """The early-stopping controls: each NormGuard trial's config with NormGuard off, stopped at the
+    NormGuard trial's final (windowed) training reward, so the two can be compared at matched reward."""
+    out = []
+    for t in _trials(sweep):
+        p = t["params"]
+        if "train.stop_at_reward" in p or float(p.get("normguard.weight", 0.0)) <= 0.0:
+            continue
+        level = t["after"].get("train/final_reward")
+        if level is None or level != level:  # NaN: the trial has no training reward
+            continue
+        out.append({**p, "normguard.weight": 0.0, "train.stop_at_reward": round(float(level), 4)})
+    return out
+
+
+def _run_controls(sweep: SweepConfig, trainable, storage: str) -> None:
+    from ray import tune
+
+    controls = control_params(sweep)
+    if not controls:
+        log.warning("early_stop_control: no finished NormGuard trial to match")
+        return
+    name = f"{sweep.name}-early_stop"
+    path = str(Path(storage) / name)
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"control": tune.grid_search(controls)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        )
+    _fit(tuner)
+
+
+def _trials(sweep: SweepConfig) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
 
 
 def _row(trial: dict) -> dict:
     p, a, b = trial["params"], trial["after"], trial["before"]
     row: dict[str, Any] = {k.split(".")[-1] if k != "loss.name" else "method": v for k, v in p.items()}
+    row.setdefault("stop_at_reward", None)
+    row["steps_done"] = a.get("train/steps_done")
+    row["train_reward"] = a.get("train/final_reward")
     for key in sorted(a):
         if key.startswith(("eval/", "eval_renorm/")):
             name = key.replace("eval/", "").replace("eval_renorm/", "renorm:")
@@ -128,8 +178,7 @@ def _row(trial: dict) -> dict:
 
 
 def results_table(sweep: SweepConfig) -> list[dict]:
-    trials = [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
-    return [_row(t) for t in trials]
+    return [_row(t) for t in _trials(sweep)]
 
 
 def write_results(sweep: SweepConfig) -> list[dict]:
@@ -158,7 +207,7 @@ def _plots(sweep: SweepConfig) -> None:
 
     from services.report import plot_ratio_per_step
 
-    trials = [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
+    trials = _trials(sweep)
     curves = {"reference": next(iter(t["ratio_per_step"].get("reference", []) for t in trials), [])}
     for t in trials:
         name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(t["params"].items()))

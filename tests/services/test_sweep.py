@@ -29,7 +29,8 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
         output_dir=str(tmp_path),
         base={
             "model.pretrain_steps": TINY_PRETRAIN_STEPS,
-            "train.steps": 2,
+            "train.steps": 3,
+            "train.stop_window": 1,
             "train.eval_every": 0,
             "rollout.prompts_per_step": 2,
             "rollout.group_size": 4,
@@ -42,13 +43,22 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
             "learner.micro_batch": 16,
         },
         axes=(Axis(key="loss.name", grid=["diffusion_nft", "awm"]), Axis(key="normguard.weight", grid=[0.0, 1.0])),
+        early_stop_control=True,
     )
     rows = run_sweep(sweep)
-    assert len(rows) == 4
-    assert {(r["method"], r["weight"]) for r in rows} == {(m, w) for m in ("diffusion_nft", "awm") for w in (0.0, 1.0)}
+    grid = [r for r in rows if r["stop_at_reward"] is None]
+    assert len(grid) == 4
+    assert {(r["method"], r["weight"]) for r in grid} == {(m, w) for m in ("diffusion_nft", "awm") for w in (0.0, 1.0)}
     for r in rows:
         assert "norm_ratio@4" in r and "digits_judge@2" in r and "renorm:digits_judge@4" in r
+    # one early-stopping control per NormGuard trial: NormGuard off, stopped at that trial's reward
+    controls = {r["method"]: r for r in rows if r["stop_at_reward"] is not None}
+    assert set(controls) == {"diffusion_nft", "awm"}
+    for method, c in controls.items():
+        ng = next(r for r in grid if r["method"] == method and r["weight"] == 1.0)
+        assert c["weight"] == 0.0 and c["stop_at_reward"] == pytest.approx(ng["train_reward"], abs=1e-4)
+        assert c["steps_done"] == 3 or c["train_reward"] >= c["stop_at_reward"]
     with (sweep.sweep_dir / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 6
     assert (sweep.sweep_dir / "norm_ratio_per_step.png").is_file()
     assert (sweep.sweep_dir / "reward_vs_quality.png").is_file()

@@ -94,3 +94,17 @@ def test_resume_reproduces_the_uninterrupted_run(digits_assets, tmp_path):
     assert resumed.after == straight.after
     ckpt = json.loads((tmp_path / "resumed" / "checkpoints" / "step_000004" / "coordinator.json").read_text())
     assert ckpt["step"] == 4 and ckpt["version"] == 4
+
+
+def test_early_stopping_control_stops_at_the_reward_level(digits_assets, tmp_path):
+    """``train.stop_at_reward``: training ends once the windowed reward reaches the level, then the
+    final eval runs; an unreachable level trains all the steps."""
+    over = tiny_overrides(tmp_path, "stop", **{"train.steps": 4, "train.stop_at_reward": 0.0, "train.stop_window": 2})
+    stopped = run_training(load_config(None, over), local=True, progress=False)
+    rewards = [r["reward/mean"] for r in stopped.history if "reward/mean" in r]
+    assert stopped.after["train/steps_done"] == 2 == len(rewards)
+    assert stopped.after["train/final_reward"] == pytest.approx(sum(rewards) / 2)
+    assert "eval/norm_ratio@6" in stopped.after
+    over = tiny_overrides(tmp_path, "full", **{"train.steps": 3, "train.stop_at_reward": 2.0})
+    full = run_training(load_config(None, over), local=True, progress=False)
+    assert full.after["train/steps_done"] == 3
