@@ -50,10 +50,7 @@ def generate(
     """
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), *gen.latent_shape, generator=g).to(gen.device)
-    cond = gen.encode_prompts(prompts)
-    null = gen.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
-    policy = gen.guided_velocity_fn(cond, null, guidance_scale)
-    ref = gen.guided_velocity_fn(cond, null, guidance_scale, reference=True)
+    policy, ref = gen.velocity_fns(prompts, guidance_scale)
     ratios: list[Tensor] = []
 
     def hook(k: int, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:

@@ -57,10 +57,7 @@ class RolloutSampler:
             raise StaleSamplerError(f"sampler holds policy v{self.version}, request needs >= v{req.min_version}")
         gen = self.gen
         b = len(req.prompts)
-        cond = gen.encode_prompts(req.prompts)
-        null = gen.encode_prompts([""] * b) if req.guidance_scale != 1.0 else None
-        policy = gen.guided_velocity_fn(cond, null, req.guidance_scale)
-        reference = gen.guided_velocity_fn(cond, null, req.guidance_scale, reference=True)
+        policy, reference = gen.velocity_fns(req.prompts, req.guidance_scale)
         sigmas = sigma_grid(req.num_steps, shift=req.shift)
         x = _per_sample_noise(req.seeds, gen.latent_shape, offset=0).to(gen.device)
         use_sde = req.sde_noise_level > 0

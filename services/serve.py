@@ -92,12 +92,9 @@ class GeneratorCore:
                 for it in items
             ]
         ).to(gen.device)
-        cond = gen.encode_prompts(prompts)
-        null = gen.encode_prompts([""] * len(prompts)) if first["guidance_scale"] != 1.0 else None
-        policy = gen.guided_velocity_fn(cond, null, first["guidance_scale"])
+        policy, ref = gen.velocity_fns(prompts, first["guidance_scale"])
         hook = None
         if first["renormalize"]:
-            ref = gen.guided_velocity_fn(cond, null, first["guidance_scale"], reference=True)
             hook = lambda k, x, s, v: renormalize_velocity(v, ref(x, s))  # noqa: E731
         traj = sample_trajectory(
             policy, noise, sigma_grid(first["num_steps"], shift=first["shift"]).to(gen.device), transform=hook

@@ -151,6 +151,16 @@ class FlowGenerator:
                 return self._call_backbone(ref, x, sigma, cond).float()
         return self._call_backbone(module or self.transformer, x, sigma, cond).float()
 
+    def velocity_fns(self, prompts: Sequence[str], guidance_scale: float = 1.0) -> tuple[VelocityFn, VelocityFn]:
+        """``(policy, reference)`` ``(x, sigma) -> v`` closures for ``prompts`` with CFG (the null prompt
+        is encoded only when ``guidance_scale != 1``); the prompts are encoded once for both."""
+        cond = self.encode_prompts(list(prompts))
+        null = self.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
+        return (
+            self.guided_velocity_fn(cond, null, guidance_scale),
+            self.guided_velocity_fn(cond, null, guidance_scale, reference=True),
+        )
+
     def guided_velocity_fn(
         self, cond: Condition, null_cond: Condition | None, guidance_scale: float, *, reference: bool = False
     ) -> VelocityFn:
