@@ -20,6 +20,7 @@ def _rate(summary) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--cores", type=int, default=2, help="threads of the single-process loop")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="ng-bench-")
     common = [
@@ -32,13 +33,32 @@ def main():
         "eval.full_steps=4",
     ]
     local = run_training(
-        load_config(None, common + ["train.run_name=local", "rollout.num_samplers=1", "resources.torch_threads=2"]),
+        load_config(
+            None, common + ["train.run_name=local", "rollout.num_samplers=1", f"resources.torch_threads={args.cores}"]
+        ),
         local=True,
         progress=False,
     )
-    ray_run = run_training(load_config(None, common + ["train.run_name=ray"]), progress=False)
-    a, b = _rate(local), _rate(ray_run)
-    print(f"samples/s  single-process {a:.1f}   Ray service {b:.1f}   ratio {b / a:.3f}")
+    ray_default = run_training(load_config(None, common + ["train.run_name=ray"]), progress=False)
+    # the learner runs while the samplers wait: let it use both cores (samplers keep 1 thread each)
+    ray_tuned = run_training(
+        load_config(None, common + ["train.run_name=ray_lt", f"resources.learner_threads={args.cores}"]),
+        progress=False,
+    )
+    a = _rate(local)
+    print(f"samples/s  single-process ({args.cores} threads)          {a:.1f}")
+    for name, run in (
+        ("Ray service (defaults)", ray_default),
+        (f"Ray service, learner_threads={args.cores}", ray_tuned),
+    ):
+        b = _rate(run)
+        print(f"samples/s  {name:<37}{b:.1f}   ratio {b / a:.3f}   ({_phases(run)})")
+
+
+def _phases(summary) -> str:
+    rows = [r for r in summary.history if "perf/samples_per_s" in r][1:]
+    keys = ("perf/rollout_s", "perf/reward_s", "perf/learner_s", "perf/sync_s")
+    return ", ".join(f"{k.split('/')[1]} {statistics.median(r[k] for r in rows):.2f}" for k in keys)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,12 @@ class ResourcesConfig(_Section):
     scorer_cpus: float = Field(0.25, ge=0)
     scorer_gpus: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="torch threads per actor (avoid oversubscription)")
+    learner_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads per learner worker (default: torch_threads); the update runs while the "
+        "samplers wait, so on a small CPU machine the learner can use every core",
+    )
 
 
 class TrainConfig(_Section):

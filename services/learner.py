@@ -57,7 +57,7 @@ class Learner:
     """Owns the trainable generator, optimiser and EMA of one data-parallel worker."""
 
     def __init__(self, cfg, model_path: str, *, device: str = "cpu", distributed: bool = False) -> None:
-        torch.set_num_threads(cfg.resources.torch_threads)
+        torch.set_num_threads(cfg.resources.learner_threads or cfg.resources.torch_threads)
         self.cfg = cfg
         self.gen = build_generator(cfg.model, path=model_path, device=device)
         self.params = self.gen.trainable_parameters()

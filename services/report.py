@@ -134,14 +134,18 @@ def plot_ratio_per_step(curves: Mapping[str, Sequence[float]], path: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    many = len(curves) > 4
+    fig, ax = plt.subplots(figsize=(9 if many else 5, 3.6 if many else 3.2))
     for name, ys in curves.items():
-        ax.plot(range(len(ys)), ys, marker="o", label=name)
+        ax.plot(range(len(ys)), ys, marker="o", ms=3, label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("sampling step (sigma: 1 -> 0)")
     ax.set_ylabel("||v|| / ||v_ref||")
     ax.set_title(title)
-    ax.legend()
+    if many:  # keep the legend off the curves
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -120,19 +121,39 @@ def _fit(tuner) -> None:
         log.warning("%d trial(s) errored; the first: %s", len(errors), errors[0])
 
 
-def control_params(sweep: SweepConfig) -> list[dict[str, Any]]:
-    """The early-stopping controls: each NormGuard trial's config with NormGuard off, stopped at the
-    NormGuard trial's final (windowed) training reward, so the two can be compared at matched reward."""
+def control_params(sweep: SweepConfig, num_se: float = 2.0) -> list[dict[str, Any]]:
+    """The early-stopping controls: each NormGuard trial's config with NormGuard off, stopped once its
+    training reward reaches the NormGuard trial's final reward, so the two are compared at matched
+    reward. "Reaches" is within ``num_se`` standard errors of that final reward (the mean over the
+    last ``train.stop_window`` steps): near a saturated proxy an exact match would only ever happen
+    at the last step, by noise."""
     out = []
-    for t in _trials(sweep):
+    for run_dir in sorted((sweep.sweep_dir / "trials").glob("*/trial.json")):
+        t = json.loads(run_dir.read_text())
         p = t["params"]
         if "train.stop_at_reward" in p or float(p.get("normguard.weight", 0.0)) <= 0.0:
             continue
-        level = t["after"].get("train/final_reward")
-        if level is None or level != level:  # NaN: the trial has no training reward
-            continue
-        out.append({**p, "normguard.weight": 0.0, "train.stop_at_reward": round(float(level), 4)})
+        level = _reward_level(run_dir.parent, num_se)
+        if level is not None:
+            out.append({**p, "normguard.weight": 0.0, "train.stop_at_reward": round(level, 5)})
     return out
+
+
+def _reward_level(run_dir: Path, num_se: float) -> float | None:
+    """Final windowed training reward minus ``num_se`` standard errors (None without training rows)."""
+    cfg = json.loads((run_dir / "config.json").read_text())
+    window, train = cfg["train"]["stop_window"], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "reward/mean" in r:
+            train.append(r)
+    tail = train[-window:]
+    if not tail:
+        return None
+    n = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["group_size"] * len(tail)
+    mean = sum(r["reward/mean"] for r in tail) / len(tail)
+    std = sum(r.get("reward/std", 0.0) for r in tail) / len(tail)
+    return mean - num_se * std / math.sqrt(n)
 
 
 def _run_controls(sweep: SweepConfig, trainable, storage: str) -> None:
@@ -217,22 +238,22 @@ def _plots(sweep: SweepConfig) -> None:
     plot_ratio_per_step(
         curves, sweep.sweep_dir / "norm_ratio_per_step.png", title="||v|| / ||v_ref|| per sampling step"
     )
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for t in trials:
-        a = t["after"]
-        label = ", ".join(f"{v}" for _, v in sorted(t["params"].items()))
-        rk = next((k for k in a if k.startswith("eval/digits_classifier@") or k.startswith("eval/pickscore@")), None)
-        for ax, qk in zip(axes, ("frechet", "judge")):
-            qkey = (
-                next((k for k in a if qk in k and k.startswith("eval/") and k.endswith(rk.split("@")[1])), None)
-                if rk
-                else None
-            )
-            if rk and qkey:
-                ax.scatter(a[rk], a[qkey])
-                ax.annotate(label, (a[rk], a[qkey]), fontsize=6)
-                ax.set_xlabel(rk)
-                ax.set_ylabel(qkey)
+    # rows: few / full sampling steps; columns: the reward proxy vs FD and vs the independent judge
+    steps = sorted({int(k.rsplit("@", 1)[1]) for t in trials for k in t["after"] if k.startswith("eval/norm_ratio@")})
+    fig, axes = plt.subplots(len(steps), 2, figsize=(10, 3.6 * len(steps)), squeeze=False)
+    for row, n in zip(axes, steps):
+        for ax, qk in zip(row, ("frechet", "judge")):
+            for t in trials:
+                a = t["after"]
+                rk = next((k for k in a if k.startswith("eval/") and ("classifier" in k or "pickscore" in k)), None)
+                rk = rk and f"{rk.rsplit('@', 1)[0]}@{n}"
+                qkey = next((k for k in a if k.startswith("eval/") and qk in k and k.endswith(f"@{n}")), None)
+                if rk in a and qkey:
+                    label = ", ".join(f"{v}" for _, v in sorted(t["params"].items()))
+                    ax.scatter(a[rk], a[qkey])
+                    ax.annotate(label, (a[rk], a[qkey]), fontsize=6)
+                    ax.set_xlabel(rk)
+                    ax.set_ylabel(qkey)
     fig.suptitle("reward vs quality")
     fig.tight_layout()
     fig.savefig(sweep.sweep_dir / "reward_vs_quality.png", dpi=100)
