@@ -242,24 +242,6 @@ class Coordinator:
             for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world))
         ]
         return shards, metrics
-        shards = []
-        for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world)):
-            sde = rollout.states is not None
-            shards.append(
-                TrainBatch(
-                    latents=rollout.latents[idx],
-                    prompts=[rollout.prompts[i] for i in idx],
-                    advantages=adv[idx],
-                    reward_prob=prob[idx],
-                    step=self.step_idx,
-                    rank=rank,
-                    global_count=len(reward),
-                    states=rollout.states[:, idx] if sde else None,
-                    log_probs=rollout.log_probs[:, idx] if sde else None,
-                    sigmas=rollout.sigmas if sde else None,
-                )
-            )
-        return shards, metrics
 
     # ---- 5. update ------------------------------------------------------------------------
     def _update(self, shards: list[TrainBatch]) -> dict[str, float]:

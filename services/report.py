@@ -89,9 +89,15 @@ class MetricsWriter:
 
     def read(self) -> list[dict]:
         """All records."""
-        if not self.path.is_file():
+        return self.read_file(self.run_dir)
+
+    @staticmethod
+    def read_file(run_dir: str | Path) -> list[dict]:
+        """All records of a run directory's metrics.jsonl, without opening a writer."""
+        path = Path(run_dir) / "metrics.jsonl"
+        if not path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
 
     def close(self) -> None:
         if self.tb is not None:

@@ -188,7 +188,8 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
             writer.write(coord.step_idx, summary.before)
         bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
         rewards = [r["reward/mean"] for r in writer.read() if "reward/mean" in r]
-        while coord.step_idx < cfg.train.steps and not _reached(rewards, cfg.train):
+        done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train)
+        while not done:
             report = coord.step()
             rewards.append(report.metrics["reward/mean"])
             writer.write(report.step, report.metrics)
@@ -201,7 +202,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
                 loss=f"{m.get('loss/total', float('nan')):.4f}",
             )
             bar.update(1)
-            done = coord.step_idx == cfg.train.steps or _reached(rewards, cfg.train)
+            done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train)
             if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
                 coord._transition(RunState.EVALUATING)
                 writer.write(coord.step_idx, evaluate(coord, cfg, eval_names)[0])
@@ -211,7 +212,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
         coord._transition(RunState.EVALUATING)
         summary.after, ratios, images = evaluate(coord, cfg, eval_names)
         summary.after["train/steps_done"] = float(coord.step_idx)
-        summary.after["train/final_reward"] = _window_mean(rewards, cfg.train.stop_window)
+        summary.after["train/final_reward"] = window_mean(rewards, cfg.train.stop_window)
         # the paper's inference-time baseline on the same trained weights: v rescaled to ||v_ref||
         renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
         summary.after.update(
@@ -242,7 +243,8 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     return summary
 
 
-def _window_mean(rewards: list[float], window: int) -> float:
+def window_mean(rewards: list[float], window: int) -> float:
+    """Mean of the last ``window`` values (NaN for none)."""
     tail = rewards[-window:]
     return sum(tail) / len(tail) if tail else float("nan")
 
@@ -251,7 +253,7 @@ def _reached(rewards: list[float], train) -> bool:
     """The early-stopping control's test: the windowed training reward reached ``stop_at_reward``."""
     if train.stop_at_reward is None or len(rewards) < train.stop_window:
         return False
-    return _window_mean(rewards, train.stop_window) >= train.stop_at_reward
+    return window_mean(rewards, train.stop_window) >= train.stop_at_reward
 
 
 def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg) -> None:

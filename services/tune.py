@@ -128,12 +128,11 @@ def control_params(sweep: SweepConfig, num_se: float = 2.0) -> list[dict[str, An
     last ``train.stop_window`` steps): near a saturated proxy an exact match would only ever happen
     at the last step, by noise."""
     out = []
-    for run_dir in sorted((sweep.sweep_dir / "trials").glob("*/trial.json")):
-        t = json.loads(run_dir.read_text())
-        p = t["params"]
+    for path in _trial_files(sweep):
+        p = json.loads(path.read_text())["params"]
         if "train.stop_at_reward" in p or float(p.get("normguard.weight", 0.0)) <= 0.0:
             continue
-        level = _reward_level(run_dir.parent, num_se)
+        level = _reward_level(path.parent, num_se)
         if level is not None:
             out.append({**p, "normguard.weight": 0.0, "train.stop_at_reward": round(level, 5)})
     return out
@@ -141,18 +140,17 @@ def control_params(sweep: SweepConfig, num_se: float = 2.0) -> list[dict[str, An
 
 def _reward_level(run_dir: Path, num_se: float) -> float | None:
     """Final windowed training reward minus ``num_se`` standard errors (None without training rows)."""
+    from services.report import MetricsWriter
+    from services.train import window_mean
+
     cfg = json.loads((run_dir / "config.json").read_text())
-    window, train = cfg["train"]["stop_window"], []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "reward/mean" in r:
-            train.append(r)
-    tail = train[-window:]
-    if not tail:
+    window = cfg["train"]["stop_window"]
+    train = [r for r in MetricsWriter.read_file(run_dir) if "reward/mean" in r]
+    if not train:
         return None
-    n = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["group_size"] * len(tail)
-    mean = sum(r["reward/mean"] for r in tail) / len(tail)
-    std = sum(r.get("reward/std", 0.0) for r in tail) / len(tail)
+    n = cfg["rollout"]["prompts_per_step"] * cfg["rollout"]["group_size"] * len(train[-window:])
+    mean = window_mean([r["reward/mean"] for r in train], window)
+    std = window_mean([r.get("reward/std", 0.0) for r in train], window)
     return mean - num_se * std / math.sqrt(n)
 
 
@@ -177,8 +175,12 @@ def _run_controls(sweep: SweepConfig, trainable, storage: str) -> None:
     _fit(tuner)
 
 
+def _trial_files(sweep: SweepConfig) -> list[Path]:
+    return sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))
+
+
 def _trials(sweep: SweepConfig) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((sweep.sweep_dir / "trials").glob("*/trial.json"))]
+    return [json.loads(p.read_text()) for p in _trial_files(sweep)]
 
 
 def _row(trial: dict) -> dict:
