@@ -19,6 +19,15 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
+AGENT_PORT_FLAGS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "ray-client-server-port",
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +86,9 @@ def ray_head():
         "--disable-usage-stats",
         "--block",
         f"--temp-dir={temp_dir}",
+        # fixed-default ports of the head's agents, taken by any other Ray on the machine (e.g. the
+        # service tests' cluster): without its own, the job agent never comes up
+        *(f"--{flag}={_free_port()}" for flag in AGENT_PORT_FLAGS),
     ]
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
