@@ -1,6 +1,6 @@
 """NormGuard's math core: pure torch (P1). Imports no ray, diffusers, pydantic or services."""
 
-from normguard_core import advantages, analysis, conventions, losses, metrics, samplers
+from normguard_core import advantages, analysis, conventions, lagged, losses, metrics, samplers
 from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_penalty
 from normguard_core.types import LossOutput, PairResult, StepResult, Trajectory
 
@@ -15,6 +15,7 @@ __all__ = [
     "analysis",
     "compose_objective",
     "conventions",
+    "lagged",
     "losses",
     "metrics",
     "normguard_penalty",

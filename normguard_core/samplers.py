@@ -36,6 +36,7 @@ __all__ = [
     "euler_step",
     "renormalize_velocity",
     "sample_trajectory",
+    "sde_kl_scale",
     "sde_step",
 ]
 
@@ -157,6 +158,28 @@ def sde_step(
         log_prob = log_density.mean(dim=tuple(range(1, x.ndim)))
     std_b = step_std.expand(x.shape[0], *([1] * (x.ndim - 1))).reshape(-1)  # (B,)
     return StepResult(x_next=x_next, mean=mean, std=std_b, log_prob=log_prob)
+
+
+def sde_kl_scale(sigma: Tensor, sigma_next: Tensor, *, noise_level: float) -> Tensor:
+    """``(B,)`` Flow-GRPO's KL weight in velocity terms: ``KL = scale * mean_D (v_theta - v_ref)^2``.
+
+    Source: flow_grpo ``train_sd3.py`` ``kl = mean_D (mean_theta - mean_ref)^2 / (2 std_t^2)`` on the
+    means of :func:`sde_step` (divided by ``std_t^2``, not by the step variance ``std_t^2 (-dt)``).
+    The mean is linear in ``v`` with coefficient ``c = (1 + std_t^2 (1 - s) / (2 s)) dt``, so
+    ``scale = c^2 / (2 std_t^2)``; ``s = 1`` uses ``sigma_next`` in ``std_t`` as :func:`sde_step` does.
+
+    Args:
+        sigma: ``(B,)`` sigma of the step.
+        sigma_next: ``(B,)`` the next sigma (< sigma).
+        noise_level: Flow-GRPO's ``a`` (> 0).
+    """
+    if noise_level <= 0:
+        raise ValueError(f"the SDE KL needs noise_level > 0, got {noise_level}")
+    s, s_next = sigma.double(), sigma_next.double()
+    dt = s_next - s
+    std_t = noise_level * torch.sqrt(s / (1.0 - torch.where(s >= 1.0, s_next, s)))
+    coef = (1.0 + std_t**2 * (1.0 - s) / (2.0 * s)) * dt
+    return (coef**2 / (2.0 * std_t**2)).float()
 
 
 def renormalize_velocity(v: Tensor, v_ref: Tensor, *, eps: float = 1e-12) -> Tensor:

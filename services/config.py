@@ -72,33 +72,78 @@ class RewardConfig(_Section):
     retries: int = Field(2, ge=0, description="retries per call, with exponential backoff")
 
 
+TrainSigmas = Literal["sampler_grid", "grid_stratified", "uniform", "logit_normal"]
+
+
 class NFTLoss(_Section):
+    """DiffusionNFT (NVlabs/DiffusionNFT ``train_nft_sd3.py``, ``config/nft.py``); defaults are the source's."""
+
     name: Literal["diffusion_nft"] = "diffusion_nft"
-    beta: float = Field(1.0, gt=0, description="DiffusionNFT mixing strength")
+    beta: float = Field(1.0, gt=0, description="DiffusionNFT mixing strength (1.0 in the SD3 configs, 0.1 OCR)")
     adv_clip_max: float = Field(5.0, gt=0, description="advantage clip, maps A to r in [0, 1]")
     adaptive_weighting: bool = Field(True, description="x0-space self-normalised error (reference code)")
+    loss_scale: Literal["adv_clip_max", "unit"] = Field(
+        "adv_clip_max", description="'adv_clip_max': the source's mean(loss * adv_clip_max); 'unit': no factor"
+    )
+    old_policy_decay: Literal["nft_linear", "nft_delayed", "none"] = Field(
+        "nft_linear",
+        description="the old (sampling) policy's EMA schedule: decay_type 1 (min(0.001 k, 0.5)), 2 (OCR) or "
+        "none (old = theta after every RL step)",
+    )
+    kl_weight: float = Field(1e-4, ge=0, description="velocity KL to the reference (the source's train.beta)")
+    train_sigmas: TrainSigmas = Field("sampler_grid", description="training sigmas: the sampler's grid (source)")
 
 
 class AWMLoss(_Section):
+    """AWM (scxue/advantage_weighted_matching ``train_sd3_awm.py``); defaults are ``config/dgx_awm.py``'s."""
+
     name: Literal["awm"] = "awm"
-    weighting: Literal["uniform", "sigma", "sigma2"] = "uniform"
-    clip_range: float | None = Field(None, gt=0, description="PPO ratio clip; None = plain AWM")
+    weighting: Literal["uniform", "sigma", "sigma2", "huber", "ghuber"] = "ghuber"
+    ghuber_power: float = Field(0.25, gt=0, description="p of the ghuber weighting")
+    clip_range: float | None = Field(1.0, gt=0, description="PPO ratio clip; None = plain AWM")
     adv_clip_max: float = Field(5.0, gt=0)
+    advantage_max: float | None = Field(1.0, gt=0, description="rescale clipped advantages to +-advantage_max")
+    kl_weight: float = Field(1e-4, ge=0, description="KL to the reference (1e-4 PickScore, 1e-3 GenEval)")
+    kl_form: Literal["uniform", "elbo"] = Field("uniform", description="'elbo' divides by 2 std_t^2 (source option)")
+    ema_kl_weight: float = Field(1.0, ge=0, description="EMA-KL weight (the source's ema_beta)")
+    ema_decay: Literal["awm_linear", "none"] = Field("awm_linear", description="EMA-KL copy: min(0.3, 0.001 k)")
+    train_sigmas: TrainSigmas = Field(
+        "grid_stratified", description="training sigmas: stratified indices into the sampler's grid (discrete_wo_init)"
+    )
 
 
 class DPOLoss(_Section):
+    """Flow-DPO (flow_grpo ``train_sd3_dpo.py``, ``config/dpo.py``)."""
+
     name: Literal["flow_dpo"] = "flow_dpo"
-    beta: float = Field(2000.0, gt=0, description="inverse temperature on per-element MSEs")
-    min_gap: float = Field(0.0, ge=0, description="reward gap below which a group is a tie (skipped, counted)")
+    beta: float = Field(100.0, gt=0, description="inverse temperature on per-element MSEs (flow_grpo SD3: 100)")
+    min_gap: float = Field(0.0, ge=0, description="reward gap below which a group is a tie")
+    ties: Literal["skip", "flow_grpo"] = Field(
+        "skip", description="a tie: skipped and counted, or paired index 1 over 0 as flow_grpo does"
+    )
+    kl_weight: float = Field(0.0, ge=0, description="velocity KL to the reference (none in the source)")
+    train_sigmas: TrainSigmas = Field("logit_normal", description="logit-normal(0, 1), shifted by rollout.shift")
 
 
 class GRPOLoss(_Section):
+    """Flow-GRPO (flow_grpo ``train_sd3.py``, ``config/grpo.py``)."""
+
     name: Literal["flow_grpo"] = "flow_grpo"
     clip_range: float = Field(1e-4, gt=0)
     adv_clip_max: float = Field(5.0, gt=0)
+    kl_weight: float = Field(0.04, ge=0, description="KL beta (0.04 OCR/GenEval, 0.01 PickScore), sigma-dependent")
+    drop_zero_advantages: bool = Field(True, description="train only on samples with a non-zero advantage")
+    train_cfg: bool = Field(True, description="train on the CFG velocity of rollout.guidance_scale (uncond detached)")
 
 
 LossConfig = Annotated[NFTLoss | AWMLoss | DPOLoss | GRPOLoss, Field(discriminator="name")]
+
+
+class AdvantageConfig(_Section):
+    std: Literal["global", "group"] = Field(
+        "global", description="normalise by the std of all rewards of the step (sources) or of each prompt group"
+    )
+    eps: float = Field(1e-4, gt=0, description="added to the std")
 
 
 class NormGuardConfig(_Section):
@@ -112,16 +157,22 @@ class LearnerConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    timesteps_per_sample: int = Field(2, ge=1, description="training sigmas drawn per rollout sample (NFT/AWM/DPO)")
-    sigma_scheme: Literal["logit_normal", "uniform"] = "uniform"
-    sigma_min: float = Field(0.02, ge=0.0, lt=1.0, description="lower clamp of training sigmas")
-    sigma_max: float = Field(0.98, gt=0.0, le=1.0, description="upper clamp of training sigmas")
+    updates_per_step: int | None = Field(
+        None, ge=1, description="optimiser steps (mini-batches) per RL step and epoch; None = the method's source default"
+    )
+    epochs_per_step: int = Field(1, ge=1, description="passes over the rollout batch per RL step (num_inner_epochs)")
+    timesteps_per_sample: int | None = Field(
+        None, ge=1, description="training points per sample; None = the method's source default"
+    )
+    sigma_min: float = Field(0.02, ge=0.0, lt=1.0, description="lower clamp of uniform / logit-normal training sigmas")
+    sigma_max: float = Field(0.98, gt=0.0, le=1.0, description="upper clamp of uniform / logit-normal training sigmas")
     micro_batch: int = Field(40, ge=1, description="samples per backward pass per worker")
-    kl_weight: float = Field(0.0, ge=0.0, description="velocity-space KL to the reference")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of trainable weights (None = off)")
     max_nonfinite_in_row: int = Field(3, ge=1, description="abort after this many skipped NaN/Inf updates in a row")
     track_norm_ratio: bool = Field(
         True, description="compute v_ref for the norm-ratio metrics even when no term needs it"
+    )
+    track_old_policy_gap: bool = Field(
+        True, description="compute v_old for learner/old_policy_gap even when the loss does not read it"
     )
 
 
@@ -176,6 +227,7 @@ class ExperimentConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     loss: LossConfig = NFTLoss()
+    advantages: AdvantageConfig = AdvantageConfig()
     normguard: NormGuardConfig = NormGuardConfig()
     learner: LearnerConfig = LearnerConfig()
     resources: ResourcesConfig = ResourcesConfig()
@@ -195,10 +247,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        if self.loss.name == "flow_grpo" and self.rollout.sde_noise_level <= 0:
-            raise ValueError("loss flow_grpo needs SDE rollouts: set rollout.sde_noise_level > 0 (e.g. 0.7)")
-        if self.loss.name in ("flow_dpo", "flow_grpo", "awm", "diffusion_nft") and self.rollout.group_size < 2:
-            raise ValueError(f"loss {self.loss.name} compares samples within a prompt group: rollout.group_size >= 2")
+        from services.methods import get_method  # the method's own cross-checks (no import cycle: it reads attributes)
+
+        get_method(self.loss.name).check(self)
         if self.learner.sigma_min >= self.learner.sigma_max:
             raise ValueError("learner.sigma_min must be < learner.sigma_max")
         if self.samples_per_step % self.rollout.num_samplers:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from normguard_core.advantages import group_advantages, nft_reward_prob, preference_pairs
+from services.methods import get_method
 from services.remote import CallStats, call, call_with_retries
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
@@ -69,6 +69,7 @@ class Coordinator:
     def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0) -> None:
         self.cfg = cfg
         self.samplers, self.scorers, self.learner = samplers, scorers, learner
+        self.method = get_method(cfg.loss.name)
         self.step_idx = start_step
         self.version = learner.version
         self.stats = CallStats()
@@ -200,13 +201,13 @@ class Coordinator:
 
     # ---- 4. advantages / pairs ------------------------------------------------------------
     def _build_shards(self, rollout: RolloutBatch, reward: torch.Tensor) -> tuple[list[TrainBatch], dict[str, float]]:
+        """The method's targets (``services.methods``), split over the learner ranks by training unit."""
         world = self.learner.world_size
-        adv = group_advantages(reward, rollout.group_ids)
-        loss = self.cfg.loss
-        prob = nft_reward_prob(adv, adv_clip_max=getattr(loss, "adv_clip_max", 5.0))
-        metrics = {"advantages/abs_mean": float(adv.abs().mean())}
+        targets = self.method.targets(reward, rollout.group_ids, self.cfg)
+        adv, prob = targets.advantages.float(), targets.reward_prob
+        sde = rollout.states is not None
 
-        def shard(idx: torch.Tensor, rank: int, global_count: int, **extra) -> TrainBatch:
+        def shard(idx: torch.Tensor, rank: int, units: tuple[int, ...], num_pairs: int = 0) -> TrainBatch:
             return TrainBatch(
                 latents=rollout.latents[idx],
                 prompts=[rollout.prompts[i] for i in idx],
@@ -214,41 +215,34 @@ class Coordinator:
                 reward_prob=prob[idx],
                 step=self.step_idx,
                 rank=rank,
-                global_count=global_count,
-                **extra,
-            )
-
-        if loss.name == "flow_dpo":
-            pairs = preference_pairs(reward, rollout.group_ids, min_gap=loss.min_gap)
-            metrics.update({"dpo/pairs": float(pairs.num_pairs), "dpo/ties": float(pairs.num_ties)})
-            if pairs.num_pairs == 0:
-                return [], metrics
-            parts = torch.tensor_split(torch.arange(pairs.num_pairs), world)
-            shards = [
-                shard(torch.cat([pairs.winners[p], pairs.losers[p]]), r, 2 * pairs.num_pairs, num_pairs=len(p))
-                for r, p in enumerate(parts)
-            ]
-            return shards, metrics
-        sde = rollout.states is not None
-        shards = [
-            shard(
-                idx,
-                rank,
-                len(reward),
+                shard_units=units,
+                num_pairs=num_pairs,
                 states=rollout.states[:, idx] if sde else None,
                 log_probs=rollout.log_probs[:, idx] if sde else None,
                 sigmas=rollout.sigmas if sde else None,
             )
-            for rank, idx in enumerate(torch.tensor_split(torch.arange(len(reward)), world))
-        ]
-        return shards, metrics
+
+        if targets.winners is not None:  # pair methods: a unit is a (winner, loser) pair
+            parts = torch.tensor_split(torch.arange(len(targets.winners)), world)
+            units = tuple(len(p) for p in parts)
+            if not sum(units):
+                return [], targets.metrics
+            return [
+                shard(torch.cat([targets.winners[p], targets.losers[p]]), r, units, num_pairs=len(p))
+                for r, p in enumerate(parts)
+            ], targets.metrics
+        parts = torch.tensor_split(targets.train_idx, world)
+        units = tuple(len(p) for p in parts)
+        if not sum(units):  # e.g. Flow-GRPO with every group's rewards equal
+            return [], targets.metrics
+        return [shard(idx, rank, units) for rank, idx in enumerate(parts)], targets.metrics
 
     # ---- 5. update ------------------------------------------------------------------------
     def _update(self, shards: list[TrainBatch]) -> dict[str, float]:
         if not shards:
-            return {"learner/skipped_no_pairs": 1.0}
+            return {"learner/skipped_no_data": 1.0}
         metrics, weights = self.learner.update(shards)
-        if metrics.get("learner/skipped_nonfinite", 0.0) > 0:
+        if metrics.get("learner/updates", 0.0) == 0 and metrics.get("learner/skipped_nonfinite", 0.0) > 0:
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= self.cfg.learner.max_nonfinite_in_row:
                 raise FloatingPointError(

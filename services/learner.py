@@ -1,29 +1,39 @@
 """The Learner: base loss + NormGuard on one data-parallel shard (a plain, testable class).
 
-Per RL step each worker builds training points from its shard and minimises
-``compose_objective(base, NormGuard, KL)`` at those points:
+One RL step is the training loop of the method's source (``services.methods``), for every method:
 
-* NFT / AWM / DPO (forward-process losses): ``timesteps_per_sample`` sigmas and noises per
-  sample, seeded by (seed, step, rank); ``x_sigma = (1 - sigma) x0 + sigma eps``. The
-  sampling-policy velocity ``v_old`` is computed with the weights the samplers used (the
-  learner's weights before this step's update: rollouts are on-policy after each sync) and
-  the reference velocity ``v_ref`` with adapters disabled / the frozen copy, both no_grad.
-  DPO pairs share sigma and eps (winner row i and loser row P + i).
-* GRPO: the stored SDE trajectory; ``timesteps_per_sample`` steps per sample are re-evaluated,
-  their log-probs recomputed from the stored states (``sde_step(x_next=...)``).
+* ``epochs_per_step`` passes (the sources' ``num_inner_epochs``) over the shard. Each pass draws
+  fresh training points: ``timesteps_per_sample`` per sample (or pair), with fresh noise for the
+  forward-process methods (sigmas from the sampler's grid, stratified grid indices, uniform or
+  logit-normal, as the method says) or the stored SDE steps for Flow-GRPO, seeded by
+  (seed, step, rank, epoch).
+* The units (samples, or pairs) are shuffled and split into ``updates_per_step`` mini-batches; each
+  mini-batch is one optimiser step (micro-batched backward passes, one gradient all-reduce, clip,
+  AdamW). From the second mini-batch on, the weights differ from the sampling policy, so the PPO
+  ratio of Flow-GRPO / AWM-clip moves and clips, and NFT's ``beta`` acts.
+* The "old" policy is a separate copy of the trainable weights: the weights the samplers sample with
+  (what :meth:`policy_weights` ships), whose velocity ``v_old`` the loss reads. After the step's
+  updates it moves toward the trained weights, ``old <- d old + (1 - d) theta`` with the method's
+  schedule (``normguard_core.lagged``): DiffusionNFT ``min(0.001 k, 0.5)``, the others ``d = 0``
+  (on-policy: old = theta). AWM's EMA-KL keeps a second lagged copy the same way. ``v_old`` / ``v_ema``
+  are evaluated with the copy's weights swapped into the model under ``no_grad`` (exactly restored).
 
 Gradients are averaged over all workers with one all-reduce of the flattened gradient over the
-Ray Train process group (gloo on CPU, NCCL on GPU). This is DDP's arithmetic, done explicitly
-so that shards of unequal size (DPO pairs after ties) cannot deadlock the bucket hooks. A
-non-finite loss or gradient on any worker skips the step on every worker and is reported.
+Ray Train process group (gloo on CPU, NCCL on GPU): DDP's arithmetic, done explicitly so that
+shards of unequal size (DPO pairs after ties, dropped zero-advantage samples) cannot deadlock.
+Every rank splits its units into the same number of mini-batches and knows every rank's unit
+count (``TrainBatch.shard_units``), so each mini-batch's loss is the mean over its points on all
+ranks. A non-finite loss or gradient on any worker skips that optimiser step on every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,225 +41,290 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from normguard_core.conventions import interpolate, sample_sigmas
+from normguard_core.conventions import interpolate, sample_sigmas, sigma_grid
+from normguard_core.lagged import lag_decay, update_lagged
 from normguard_core.losses import LossBatch, NormGuardParams, compose_objective
-from normguard_core.samplers import sde_step
+from normguard_core.metrics import velocity_norm
+from normguard_core.samplers import cfg_combine, sde_step
+from services.methods import get_method
 from services.models import build_generator
 from services.types import TrainBatch
 
-__all__ = ["Learner", "loss_kwargs"]
-
-
-def loss_kwargs(loss_cfg) -> dict:
-    """The base loss's hyperparameters from its config section (explicit, no ``**cfg`` splat)."""
-    if loss_cfg.name == "diffusion_nft":
-        return dict(beta=loss_cfg.beta, adaptive_weighting=loss_cfg.adaptive_weighting)
-    if loss_cfg.name == "awm":
-        return dict(weighting=loss_cfg.weighting, clip_range=loss_cfg.clip_range, adv_clip_max=loss_cfg.adv_clip_max)
-    if loss_cfg.name == "flow_dpo":
-        return dict(beta=loss_cfg.beta)
-    if loss_cfg.name == "flow_grpo":
-        return dict(clip_range=loss_cfg.clip_range, adv_clip_max=loss_cfg.adv_clip_max)
-    raise KeyError(f"unknown loss {loss_cfg.name!r}")
+__all__ = ["Learner"]
 
 
 class Learner:
-    """Owns the trainable generator, optimiser and EMA of one data-parallel worker."""
+    """Owns the trainable generator, optimiser and lagged copies of one data-parallel worker."""
 
     def __init__(self, cfg, model_path: str, *, device: str = "cpu", distributed: bool = False) -> None:
         torch.set_num_threads(cfg.resources.learner_threads or cfg.resources.torch_threads)
         self.cfg = cfg
+        self.method = get_method(cfg.loss.name)
         self.gen = build_generator(cfg.model, path=model_path, device=device)
         self.params = self.gen.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
-        self.ema = [p.detach().clone() for p in self.params] if cfg.learner.ema_decay else None
+        self.old = [p.detach().clone() for p in self.params]  # the sampling ("old") policy
+        self.ema_schedule = self.method.ema_schedule(cfg.loss)
+        self.ema = [p.detach().clone() for p in self.params] if self.ema_schedule else None
         self.distributed = distributed and dist.is_available() and dist.is_initialized()
-        self.step_count = 0
-        self.version = 0
-        ng = cfg.normguard
+        self.step_count = 0  # optimiser steps (the sources' global_step: drives the lag schedules)
+        self.version = 0  # policy versions shipped to the samplers (one per RL step with an update)
+        ng, lc, loss = cfg.normguard, cfg.learner, cfg.loss
         self.normguard = NormGuardParams(weight=ng.weight, margin=ng.margin, power=ng.power, scale=ng.scale)
-        self.loss_kwargs = loss_kwargs(cfg.loss)
+        self.loss_kwargs = self.method.loss_kwargs(loss)
+        self.updates_per_step = lc.updates_per_step or self.method.updates_per_step
+        self.timesteps = lc.timesteps_per_sample or self.method.timesteps_per_sample(cfg)
         # the frozen reference forward is skipped only when nothing reads it (benchmarks)
-        self._needs_ref = (
-            ng.weight > 0 or cfg.learner.kl_weight > 0 or cfg.learner.track_norm_ratio or cfg.loss.name == "flow_dpo"
-        )
+        self._needs_ref = ng.weight > 0 or self.method.needs_ref(loss) or lc.track_norm_ratio
+        self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
+        ro = cfg.rollout
+        self._guidance = ro.guidance_scale if getattr(loss, "train_cfg", False) else 1.0
 
     # ---- training points ------------------------------------------------------------------
-    def _points(self, batch: TrainBatch) -> dict[str, Tensor]:
-        """Forward-process training points (NFT / AWM / DPO), repeated ``timesteps_per_sample``."""
-        lc, k = self.cfg.learner, self.cfg.learner.timesteps_per_sample
-        g = torch.Generator().manual_seed(hash((self.cfg.train.seed, batch.step, batch.rank)) % 2**63)
-        x0 = batch.latents.repeat(k, *([1] * (batch.latents.ndim - 1)))
-        n = x0.shape[0]
-        sigma = sample_sigmas(n, scheme=lc.sigma_scheme, low=lc.sigma_min, high=lc.sigma_max, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        if batch.num_pairs:  # losers share the winners' sigma and eps, block by block
-            p, size = batch.num_pairs, batch.latents.shape[0]
-            for r in range(k):
-                lo = r * size
-                sigma[lo + p : lo + 2 * p] = sigma[lo : lo + p]
-                noise[lo + p : lo + 2 * p] = noise[lo : lo + p]
+    def _generator(self, batch: TrainBatch, epoch: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.cfg.train.seed, batch.step, batch.rank, epoch)) % 2**63)
+
+    def _sigmas(self, n: int, g: torch.Generator) -> Tensor:
+        """``(n, K)`` training sigmas of the forward-process methods."""
+        k, ro, lc = self.timesteps, self.cfg.rollout, self.cfg.learner
+        scheme = self.method.train_sigmas(self.cfg.loss)
+        grid = sigma_grid(ro.num_steps, shift=ro.shift)[:-1]  # (T,) the sampler's grid, without the final 0
+        if scheme == "sampler_grid":  # DiffusionNFT: K of the T grid sigmas, permuted per sample
+            if k > len(grid):
+                raise ValueError(f"timesteps_per_sample={k} > the {len(grid)} sampler steps")
+            return torch.stack([grid[torch.randperm(len(grid), generator=g)[:k]] for _ in range(n)])
+        if scheme == "grid_stratified":  # AWM discrete_wo_init: one index per stratum of [1, 0.9 T]
+            bounds = torch.linspace(1, max(int(len(grid) * 0.9), 2), k + 1).long()
+            lo, hi = bounds[:-1], bounds[1:]
+            idx = lo + (torch.rand(n, k, generator=g) * (hi - lo)).long()
+            return grid[idx.clamp_max(len(grid) - 1)]
+        flat = sample_sigmas(
+            n * k, scheme=scheme, shift=ro.shift, low=lc.sigma_min, high=lc.sigma_max, generator=g
+        )
+        return flat.view(n, k)
+
+    def _points(self, batch: TrainBatch, epoch: int) -> dict[str, Tensor]:
+        """Rows ``unit * K + j`` of this epoch's training points (see the module docstring)."""
+        g, k, n = self._generator(batch, epoch), self.timesteps, batch.units
+        unit = torch.arange(n).repeat_interleave(k)  # (n K,)
+        if self.method.data == "trajectory":
+            t = batch.log_probs.shape[0]
+            if k > t:
+                raise ValueError(f"timesteps_per_sample={k} > the {t} rollout steps")
+            steps = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(n)]).flatten()
+            return dict(unit=unit, sample=unit, step_k=steps, adv=batch.advantages[unit])
+        sigma = self._sigmas(n, g).flatten()  # (n K,)
+        if self.method.data == "pairs":
+            p = batch.num_pairs
+            noise = torch.randn((n * k, *batch.latents.shape[1:]), generator=g)
+            return dict(unit=unit, sample=unit, loser=unit + p, sigma=sigma, noise=noise)
+        noise = torch.randn((n * k, *batch.latents.shape[1:]), generator=g)
         return dict(
-            x0=x0,
-            noise=noise,
-            sigma=sigma,
-            adv=batch.advantages.repeat(k),
-            r=batch.reward_prob.repeat(k),
-            prompt_idx=torch.arange(batch.latents.shape[0]).repeat(k),
+            unit=unit, sample=unit, sigma=sigma, noise=noise, adv=batch.advantages[unit], r=batch.reward_prob[unit]
         )
 
-    def _micro_loss(self, batch: TrainBatch, pts: dict[str, Tensor], idx: Tensor, cond) -> tuple[Tensor, dict]:
-        """Objective of micro-batch ``idx`` of the forward-process points."""
+    def _minibatches(self, batch: TrainBatch, epoch: int) -> list[tuple[Tensor, int]]:
+        """``updates_per_step`` (rows, global point count) pairs: shuffled units, split evenly."""
+        g = self._generator(batch, 1_000 + epoch)
+        u, k = self.updates_per_step, self.timesteps
+        chunks = torch.tensor_split(torch.randperm(batch.units, generator=g), u)
+        sizes = [torch.tensor_split(torch.arange(m), u) for m in batch.shard_units]
+        out = []
+        for i, units in enumerate(chunks):
+            rows = (units[:, None] * k + torch.arange(k)[None]).flatten()
+            out.append((rows, k * sum(len(s[i]) for s in sizes)))
+        return out
+
+    # ---- velocities -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _weights(self, tensors: list[Tensor]) -> Iterator[None]:
+        """Evaluate with ``tensors`` as the trainable weights; the trained ones are restored exactly."""
+        saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, t in zip(self.params, tensors):
+                p.copy_(t)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+    def _velocity(self, x: Tensor, sigma: Tensor, cond, null, *, reference: bool = False) -> Tensor:
+        """Policy (or reference) velocity; with train-time CFG the unconditional branch is detached."""
+        if null is None:
+            return self.gen.velocity(x, sigma, cond, reference=reference)
+        v_c = self.gen.velocity(x, sigma, cond, reference=reference)
+        v_u = self.gen.velocity(x, sigma, null, reference=reference).detach()
+        return cfg_combine(v_c, v_u, self._guidance)
+
+    def _inputs(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x, sigma, condition rows)`` at ``rows``; pair methods stack winners then losers."""
         dev = self.gen.device
-        x0, noise, sigma = pts["x0"][idx].to(dev), pts["noise"][idx].to(dev), pts["sigma"][idx].to(dev)
-        c = cond.index(pts["prompt_idx"][idx].to(dev))
-        x = interpolate(x0, noise, sigma)
-        v_ref = self.gen.velocity(x, sigma, c, reference=True) if self._needs_ref else None
-        v_old = pts["v_old"][idx].to(dev)
-        v_theta = self.gen.velocity(x, sigma, c)
-        winners = losers = None
-        if batch.num_pairs:
-            half = len(idx) // 2
-            winners, losers = torch.arange(half), torch.arange(half, 2 * half)
-        lb = LossBatch(
-            v_theta=v_theta,
-            v_ref=v_ref,
-            v_old=v_old,
-            x0=x0,
-            noise=noise,
-            sigma=sigma,
-            advantages=pts["adv"][idx].to(dev),
-            reward_prob=pts["r"][idx].to(dev),
-            winners=winners,
-            losers=losers,
-        )
+        if self.method.data == "trajectory":
+            s, k = pts["sample"][rows], pts["step_k"][rows]
+            return batch.states[k, s].to(dev), batch.sigmas[k].to(dev), s
+        sigma, noise = pts["sigma"][rows], pts["noise"][rows]
+        idx = pts["sample"][rows]
+        if self.method.data == "pairs":
+            idx = torch.cat([idx, pts["loser"][rows]])
+            sigma, noise = torch.cat([sigma, sigma]), torch.cat([noise, noise])
+        x0 = batch.latents[idx]
+        return interpolate(x0, noise, sigma).to(dev), sigma.to(dev), idx
+
+    @torch.no_grad()
+    def _lagged_velocities(self, batch: TrainBatch, pts: dict[str, Tensor], cond, null) -> None:
+        """``v_old`` (and ``v_ema``) at every point of the epoch, with the copy's weights swapped in."""
+        copies = {"v_old": self.old} if self._needs_old else {}
+        if self.ema is not None:
+            copies["v_ema"] = self.ema
+        if not copies:
+            return
+        self.gen.transformer.eval()
+        micro, n = self.cfg.learner.micro_batch, len(pts["unit"])
+        for key, weights in copies.items():
+            with self._weights(weights):
+                parts = []
+                for i in range(0, n, micro):
+                    rows = torch.arange(i, min(i + micro, n))
+                    x, sigma, idx = self._inputs(batch, pts, rows)
+                    c, nc = cond.index(idx.to(self.gen.device)), null.index(idx.to(self.gen.device)) if null else None
+                    parts.append(self._velocity(x, sigma, c, nc)[: len(rows)].cpu())  # pairs: the winners
+                pts[key] = torch.cat(parts)
+        self.gen.transformer.train()
+
+    # ---- the objective of one micro-batch -------------------------------------------------
+    def _micro_loss(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null) -> tuple[Tensor, dict]:
+        dev, loss_cfg, data = self.gen.device, self.cfg.loss, self.method.data
+        x, sigma, idx = self._inputs(batch, pts, rows)
+        c, nc = cond.index(idx.to(dev)), null.index(idx.to(dev)) if null else None
+        v_theta = self._velocity(x, sigma, c, nc)
+        v_ref = self._velocity(x, sigma, c, nc, reference=True) if self._needs_ref else None
+        # Flow-DPO reads no v_old (its lagged rows are the winners', for the gap metric only)
+        v_old = pts["v_old"][rows].to(dev) if "v_old" in pts and data != "pairs" else None
+        v_ema = pts["v_ema"][rows].to(dev) if "v_ema" in pts else None
+        fields: dict = dict(v_theta=v_theta, v_ref=v_ref, sigma=sigma)
+        if data == "trajectory":
+            s_idx, k = pts["sample"][rows], pts["step_k"][rows]
+            s_next = batch.sigmas[k + 1].to(dev)
+            noise_level = self.cfg.rollout.sde_noise_level
+            step = sde_step(x, v_theta, sigma, s_next, noise_level=noise_level, x_next=batch.states[k + 1, s_idx].to(dev))
+            fields.update(
+                log_prob=step.log_prob,
+                old_log_prob=batch.log_probs[k, s_idx].to(dev),
+                advantages=pts["adv"][rows].to(dev),
+                kl_scale=self.method.kl_scale(loss_cfg, sigma=sigma, sigma_next=s_next, noise_level=noise_level),
+                sigma=None,
+            )
+        else:
+            noise = pts["noise"][rows]
+            x0 = batch.latents[idx].to(dev)
+            fields.update(
+                x0=x0,
+                noise=torch.cat([noise, noise]).to(dev) if data == "pairs" else noise.to(dev),
+                v_old=v_old,
+                v_ema=v_ema,
+                kl_scale=self.method.kl_scale(loss_cfg, sigma=sigma, sigma_next=None, noise_level=0.0),
+            )
+            if data == "pairs":
+                half = len(rows)
+                fields.update(winners=torch.arange(half), losers=torch.arange(half, 2 * half))
+            else:
+                fields.update(advantages=pts["adv"][rows].to(dev), reward_prob=pts["r"][rows].to(dev))
         out = compose_objective(
-            self.cfg.loss.name,
-            lb,
+            loss_cfg.name,
+            LossBatch(**fields),
             loss_kwargs=self.loss_kwargs,
             normguard=self.normguard,
-            kl_weight=self.cfg.learner.kl_weight,
+            kl_weight=loss_cfg.kl_weight,
         )
-        return out.loss, out.metrics
+        metrics = dict(out.metrics)
+        if "v_old" in pts:
+            old = pts["v_old"][rows].to(dev)
+            gap = velocity_norm(v_theta.detach()[: len(rows)] - old) / velocity_norm(old).clamp_min(1e-12)
+            metrics["learner/old_policy_gap"] = gap.mean()
+        return out.loss, metrics
 
-    def _grpo_loss(self, batch: TrainBatch, idx: Tensor, step_k: Tensor, cond) -> tuple[Tensor, dict]:
-        dev = self.gen.device
-        b = idx.to(dev)
-        x = batch.states[step_k, idx].to(dev)
-        x_next = batch.states[step_k + 1, idx].to(dev)
-        s, s_next = batch.sigmas[step_k].to(dev), batch.sigmas[step_k + 1].to(dev)
-        c = cond.index(b)
-        v_theta = self.gen.velocity(x, s, c)
-        v_ref = self.gen.velocity(x, s, c, reference=True) if self._needs_ref else None
-        step = sde_step(x, v_theta, s, s_next, noise_level=self.cfg.rollout.sde_noise_level, x_next=x_next)
-        lb = LossBatch(
-            v_theta=v_theta,
-            v_ref=v_ref,
-            log_prob=step.log_prob,
-            old_log_prob=batch.log_probs[step_k, idx].to(dev),
-            advantages=batch.advantages[idx].to(dev),
-        )
-        out = compose_objective(
-            "flow_grpo",
-            lb,
-            loss_kwargs=self.loss_kwargs,
-            normguard=self.normguard,
-            kl_weight=self.cfg.learner.kl_weight,
-        )
-        return out.loss, out.metrics
-
-    # ---- one update -----------------------------------------------------------------------
+    # ---- one RL step ----------------------------------------------------------------------
     def update(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimiser step on this shard; returns float metrics (averaged over micro-batches)."""
+        """The RL step's optimiser steps on this shard; returns float metrics (means over its points)."""
         self.gen.transformer.train()
         cond = self.gen.encode_prompts(batch.prompts)
+        null = self.gen.encode_prompts([""]).index(torch.zeros(len(batch.prompts), dtype=torch.long)) if (
+            self._guidance != 1.0
+        ) else None
         micro = self.cfg.learner.micro_batch
         sums: dict[str, float] = {}
-        count = 0
-        self.opt.zero_grad(set_to_none=False)
-        if self.cfg.loss.name == "flow_grpo":
-            n, t = batch.latents.shape[0], batch.log_probs.shape[0]
-            g = torch.Generator().manual_seed(hash((self.cfg.train.seed, batch.step, batch.rank)) % 2**63)
-            steps = torch.stack(
-                [torch.randperm(t, generator=g)[: self.cfg.learner.timesteps_per_sample] for _ in range(n)], dim=1
-            )  # (K, N)
-            work = [
-                (torch.arange(n)[i : i + micro], steps[j, i : i + micro])
-                for j in range(steps.shape[0])
-                for i in range(0, n, micro)
-            ]
-            total = steps.numel()
-            global_total = batch.global_count * steps.shape[0]
-        else:
-            pts = self._points(batch)
-            with torch.no_grad():  # the sampling policy's velocity, before this step changes the weights
-                self.gen.transformer.eval()
-                x = interpolate(pts["x0"], pts["noise"], pts["sigma"]).to(self.gen.device)
-                pts["v_old"] = torch.cat(
-                    [
-                        self.gen.velocity(
-                            x[i : i + micro],
-                            pts["sigma"][i : i + micro].to(self.gen.device),
-                            cond.index(pts["prompt_idx"][i : i + micro].to(self.gen.device)),
-                        )
-                        for i in range(0, x.shape[0], micro)
-                    ]
-                ).cpu()
-                self.gen.transformer.train()
-            total = pts["x0"].shape[0]
-            global_total = batch.global_count * self.cfg.learner.timesteps_per_sample
-            step_size = micro if not batch.num_pairs else 2 * batch.num_pairs  # a DPO micro-batch holds whole pairs
-            work = [(torch.arange(total)[i : i + step_size], None) for i in range(0, total, step_size)]
-        for idx, step_k in work:
-            if step_k is None:
-                loss, metrics = self._micro_loss(batch, pts, idx, cond)
-            else:
-                loss, metrics = self._grpo_loss(batch, idx, step_k, cond)
-            (loss * len(idx) / global_total).backward()  # sum over shards of these = the global mean
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-            count += len(idx)
-        del total
-        return self._apply(sums, count)
+        count, applied, skipped, grad_norms = 0, 0, 0, []
+        for epoch in range(self.cfg.learner.epochs_per_step):
+            pts = self._points(batch, epoch)
+            self._lagged_velocities(batch, pts, cond, null)
+            for rows, global_rows in self._minibatches(batch, epoch):
+                if global_rows == 0:  # empty on every rank (e.g. fewer pairs than mini-batches)
+                    continue
+                self.opt.zero_grad(set_to_none=False)
+                for i in range(0, len(rows), micro):
+                    part = rows[i : i + micro]
+                    loss, metrics = self._micro_loss(batch, pts, part, cond, null)
+                    (loss * len(part) / global_rows).backward()  # summed over ranks: the mini-batch mean
+                    for key, v in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(v) * len(part)
+                    count += len(part)
+                norm = self._apply()
+                if norm is None:
+                    skipped += 1
+                else:
+                    applied += 1
+                    grad_norms.append(norm)
+        metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        metrics["learner/updates"] = float(applied)
+        metrics["learner/skipped_nonfinite"] = skipped / max(applied + skipped, 1)
+        if grad_norms:
+            metrics["learner/grad_norm"] = float(np.mean(grad_norms))
+        if applied:
+            metrics.update(self._advance_lagged())
+            self.version += 1
+        return metrics
 
-    def _apply(self, sums: dict[str, float], count: int) -> dict[str, float]:
+    def _apply(self) -> float | None:
+        """All-reduce, clip and step; ``None`` (and no step) when any worker saw a non-finite value."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.flatten() for g in grads])
         finite = torch.tensor([float(torch.isfinite(flat).all())])
         if self.distributed:
-            dist.all_reduce(flat)  # the per-shard gradients were pre-scaled by 1 / global_total
+            dist.all_reduce(flat)  # the per-shard gradients were pre-scaled by 1 / global points
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        metrics = {k: v / max(count, 1) for k, v in sums.items()}
-        if finite.item() < 1 or any(not np.isfinite(v) for v in metrics.values()):
+        if finite.item() < 1:
             self.opt.zero_grad(set_to_none=False)
-            metrics["learner/skipped_nonfinite"] = 1.0
-            return metrics
+            return None
         offset = 0
         for p, g in zip(self.params, grads):
             p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
-        metrics["learner/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip))
         self.opt.step()
-        if self.ema is not None:
-            with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1.0 - self.cfg.learner.ema_decay)
         self.step_count += 1
-        self.version += 1
-        metrics["learner/skipped_nonfinite"] = 0.0
-        return metrics
+        return norm
+
+    def _advance_lagged(self) -> dict[str, float]:
+        """After the RL step: old (and EMA) <- d copy + (1 - d) theta, d from the optimiser-step count."""
+        d_old = lag_decay(self.step_count, self.method.old_schedule(self.cfg.loss))
+        update_lagged(self.old, self.params, d_old)
+        out = {"learner/old_policy_decay": d_old}
+        if self.ema is not None:
+            d_ema = lag_decay(self.step_count, self.ema_schedule)
+            update_lagged(self.ema, self.params, d_ema)
+            out["learner/ema_decay"] = d_ema
+        return out
 
     def policy_weights(self) -> dict[str, Tensor]:
-        """Weights shipped to the samplers (the EMA when enabled)."""
-        state = self.gen.trainable_state_dict()
-        if self.ema is not None:
-            names = [n for n, p in self.gen.transformer.named_parameters() if p.requires_grad]
-            state = {n: e.detach().cpu().clone() for n, e in zip(names, self.ema)}
-        return state
+        """Weights shipped to the samplers: the old (sampling) policy."""
+        names = [n for n, p in self.gen.transformer.named_parameters() if p.requires_grad]
+        return {n: t.detach().cpu().clone() for n, t in zip(names, self.old)}
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write weights, optimiser, EMA, RNG states, step and version atomically to ``path``."""
+        """Write weights, optimiser, lagged copies, RNG states, step and version atomically to ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
@@ -257,7 +332,8 @@ class Learner:
             {
                 "weights": self.gen.trainable_state_dict(),
                 "optimizer": self.opt.state_dict(),
-                "ema": self.ema,
+                "old": [t.detach().cpu() for t in self.old],
+                "ema": None if self.ema is None else [t.detach().cpu() for t in self.ema],
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                 "step": self.step_count,
                 "version": self.version,
@@ -275,7 +351,10 @@ class Learner:
         state = torch.load(Path(path) / "learner.pt", map_location="cpu", weights_only=False)
         self.gen.load_trainable_state_dict(state["weights"])
         self.opt.load_state_dict(state["optimizer"])
-        self.ema = state["ema"]
+        dev = self.params[0].device if self.params else "cpu"
+        self.old = [t.to(dev) for t in state["old"]]
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema = [t.to(dev) for t in state["ema"]]
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])

@@ -75,7 +75,9 @@ class TrainBatch:
         reward_prob: ``(N,)`` DiffusionNFT's r in [0, 1].
         step: the RL step (seeds the training sigmas / noise).
         rank: the worker's rank (seeds, too).
-        global_count: samples over all shards (gradients are averaged over it).
+        shard_units: training units (samples, or pairs for pair methods) of every rank's shard, in
+            rank order. Each rank splits its units into the same number of mini-batches, so every
+            rank knows how many points each global mini-batch holds (gradients average over them).
         num_pairs: DPO pairs in this shard (winners are rows ``[:P]``, losers ``[P:]``).
         states: ``(T + 1, N, *D)`` SDE trajectory (GRPO).
         log_probs: ``(T, N)`` rollout log-probs (GRPO).
@@ -88,9 +90,14 @@ class TrainBatch:
     reward_prob: Tensor
     step: int
     rank: int
-    global_count: int
+    shard_units: tuple[int, ...]
     num_pairs: int = 0
     states: Tensor | None = None
     log_probs: Tensor | None = None
     sigmas: Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def units(self) -> int:
+        """Training units in this shard (pairs for pair methods, else samples)."""
+        return self.num_pairs or self.latents.shape[0]

@@ -1,7 +1,7 @@
 """Losses: NormGuard, the base RL objectives (one file each) and their composition."""
 
 from normguard_core.losses import awm, diffusion_nft, flow_dpo, flow_grpo  # noqa: F401  (registers)
-from normguard_core.losses.awm import awm_loss, matching_log_prob
+from normguard_core.losses.awm import awm_loss, elbo_kl_scale, matching_log_prob
 from normguard_core.losses.compose import NormGuardParams, compose_objective
 from normguard_core.losses.diffusion_nft import diffusion_nft_loss
 from normguard_core.losses.flow_dpo import flow_dpo_loss
@@ -25,6 +25,7 @@ __all__ = [
     "compose_objective",
     "compute_loss",
     "diffusion_nft_loss",
+    "elbo_kl_scale",
     "flow_dpo_loss",
     "flow_grpo_loss",
     "get_loss",

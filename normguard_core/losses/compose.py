@@ -45,8 +45,10 @@ def compose_objective(
         batch: the shared training points; NormGuard and KL need ``v_theta`` and ``v_ref``.
         loss_kwargs: hyperparameters of the base loss.
         normguard: NormGuard hyperparameters, or ``None`` for no penalty.
-        kl_weight: weight of the velocity-space KL surrogate ``mean (v_theta - v_ref)^2``
-            (for Gaussian steps of equal variance this is the KL up to a constant factor).
+        kl_weight: weight of the velocity-space KL ``mean_b kl_scale_b * mean_D (v_theta - v_ref)^2``
+            (``kl_scale`` from the batch, 1 when absent). With ``kl_scale = 1`` it is the KL of
+            DiffusionNFT (``train.beta``) and AWM (``kl_weight='Uniform'``); a method whose KL is
+            sigma-dependent (Flow-GRPO, AWM ``ELBO``) supplies its per-sample scale.
 
     Returns:
         LossOutput with ``loss/total``, ``loss/base``, the base loss's metrics, the NormGuard
@@ -77,7 +79,11 @@ def compose_objective(
     if kl_weight > 0:
         if not has_ref:
             raise ValueError(f"the KL term needs v_theta and v_ref; the batch carries {batch.present()}")
-        kl = (batch.v_theta - batch.v_ref.detach()).pow(2).mean()
+        dims = tuple(range(1, batch.v_theta.ndim))
+        per_sample = (batch.v_theta - batch.v_ref.detach()).pow(2).mean(dim=dims)  # (B,)
+        if batch.kl_scale is not None:
+            per_sample = per_sample * batch.kl_scale.to(per_sample.dtype)
+        kl = per_sample.mean()
         total = total + kl_weight * kl
         metrics["loss/kl"] = kl.detach()
     metrics["loss/total"] = total.detach()

@@ -13,7 +13,12 @@ positive and negative policies are::
 
 and with the optimality probability r in [0, 1] (``advantages.nft_reward_prob``)::
 
-    L = mean_b [ r_b * l(v+_b) + (1 - r_b) * l(v-_b) ] / beta
+    L = loss_scale * mean_b [ r_b * l(v+_b) + (1 - r_b) * l(v-_b) ] / beta
+
+The reference code multiplies the mean by ``adv_clip_max`` (``policy_loss = (ori_policy_loss *
+config.train.adv_clip_max).mean()``, also in Flow-Factory's ``trainers/nft.py``); the services pass
+``loss_scale = adv_clip_max`` by default so that NormGuard's and the KL's weights mean what they
+mean next to the source's loss.
 
 Velocity form (paper, eq. for L(theta)): ``l(v) = mean_D (v - v*)^2`` with ``v* = eps - x0``.
 Reference-code form (``adaptive_weighting=True``, the default): the error is measured on the
@@ -64,6 +69,7 @@ def diffusion_nft_loss(
     beta: float = 1.0,
     adaptive_weighting: bool = True,
     weight_min: float = 1e-5,
+    loss_scale: float = 1.0,
 ) -> LossOutput:
     """DiffusionNFT objective.
 
@@ -77,13 +83,14 @@ def diffusion_nft_loss(
         beta: mixing strength > 0 (the reference code's ``beta``; 1.0 in its SD3 configs).
         adaptive_weighting: use the reference code's x0-space self-normalised error.
         weight_min: floor of the adaptive weight.
+        loss_scale: factor on the mean (the reference code's ``adv_clip_max``, 5).
 
     Returns:
         LossOutput with metrics ``loss/nft_positive``, ``loss/nft_negative``,
         ``loss/nft_r_mean``, ``loss/nft_old_deviation``.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if beta <= 0 or loss_scale <= 0:
+        raise ValueError(f"beta and loss_scale must be > 0, got beta={beta}, loss_scale={loss_scale}")
     if reward_prob.min() < 0 or reward_prob.max() > 1:
         raise ValueError("reward_prob must lie in [0, 1]; map rewards with advantages.nft_reward_prob")
     v_old = v_old.detach()
@@ -93,7 +100,7 @@ def diffusion_nft_loss(
     l_pos = _per_sample_error(v_pos, **kw)  # (B,)
     l_neg = _per_sample_error(v_neg, **kw)  # (B,)
     r = reward_prob.to(l_pos.dtype)
-    loss = ((r * l_pos + (1.0 - r) * l_neg) / beta).mean()
+    loss = loss_scale * ((r * l_pos + (1.0 - r) * l_neg) / beta).mean()
     metrics = {
         "loss/nft_positive": l_pos.mean().detach(),
         "loss/nft_negative": l_neg.mean().detach(),

@@ -11,8 +11,10 @@ policy, group-normalised advantages A and clip eps::
     ratio = exp(log p - log p_old)
     L     = mean_b max(-A_b * ratio_b, -A_b * clip(ratio_b, 1 - eps, 1 + eps))
 
-Flow-GRPO's KL to the reference is a separate term (``compose.compose_objective``'s
-``kl_weight``), as in verl-omni where it is registered separately.
+Flow-GRPO's KL to the reference is a separate term (``compose.compose_objective``'s ``kl_weight``
+with the per-sample scale ``samplers.sde_kl_scale``), as in verl-omni where it is registered
+separately. Source: ``kl = mean_D (mean_theta - mean_ref)^2 / (2 std_t^2)`` on the SDE means, which
+in velocity terms is ``sde_kl_scale * mean_D (v_theta - v_ref)^2``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def flow_grpo_loss(
         adv_clip_max: advantage clip.
 
     Returns:
-        LossOutput with metrics ``loss/grpo_ratio_mean``, ``loss/grpo_clip_frac``,
-        ``loss/grpo_approx_kl``.
+        LossOutput with metrics ``loss/ratio_mean``, ``loss/clip_frac`` (the same names as AWM's
+        clipped variant) and ``loss/grpo_approx_kl``.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -56,8 +58,8 @@ def flow_grpo_loss(
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
     metrics = {
-        "loss/grpo_ratio_mean": ratio.mean().detach(),
-        "loss/grpo_clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
+        "loss/ratio_mean": ratio.mean().detach(),
+        "loss/clip_frac": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
         # Schulman's k3 estimator of KL(old || new), for monitoring only.
         "loss/grpo_approx_kl": (ratio - 1.0 - log_ratio).mean().detach(),
     }

@@ -38,6 +38,9 @@ class LossBatch:
         old_log_prob: ``(B,)`` the same under the sampling policy (no grad).
         winners: ``(P,)`` long indices of preferred samples (Flow-DPO).
         losers: ``(P,)`` long indices of rejected samples, paired with ``winners``.
+        v_ema: ``(B, *D)`` velocity of a lagged EMA copy of the policy (AWM's EMA-KL; no grad).
+        kl_scale: ``(B,)`` per-sample weight of the KL term (a method's sigma-dependent KL form,
+            e.g. Flow-GRPO's ``1 / (2 std_t^2)`` in velocity terms); ``None`` means 1.
     """
 
     v_theta: Tensor | None = None
@@ -52,6 +55,8 @@ class LossBatch:
     old_log_prob: Tensor | None = None
     winners: Tensor | None = None
     losers: Tensor | None = None
+    v_ema: Tensor | None = None
+    kl_scale: Tensor | None = None
 
     def present(self) -> list[str]:
         """Names of the fields that are set."""

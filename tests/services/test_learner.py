@@ -59,7 +59,7 @@ def _batch(cfg, assets) -> TrainBatch:
             reward_prob=(adv[idx] / 4 + 0.5),
             step=0,
             rank=0,
-            global_count=4,
+            shard_units=(2,),
             num_pairs=2,
         )
     return TrainBatch(
@@ -69,7 +69,7 @@ def _batch(cfg, assets) -> TrainBatch:
         reward_prob=(adv / 4 + 0.5).clamp(0, 1),
         step=0,
         rank=0,
-        global_count=8,
+        shard_units=(8,),
         states=rb.states,
         log_probs=rb.log_probs,
         sigmas=rb.sigmas,
