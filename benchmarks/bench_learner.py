@@ -51,7 +51,13 @@ def main():
     torch.set_num_threads(2)
     assets = prepare_embedded()
     path = str(assets.model_path)
-    base = ["learner.micro_batch=40", "learner.timesteps_per_sample=2", "resources.torch_threads=2"]
+    base = [
+        "learner.micro_batch=40",
+        "learner.timesteps_per_sample=2",
+        "resources.torch_threads=2",
+        "learner.track_old_policy_gap=false",
+        "loss.kl_weight=0",
+    ]
     rb, prompts, adv = _batch(load_config(None, base), path, args.samples)
     nft_batch = TrainBatch(
         latents=rb.latents,
@@ -60,7 +66,7 @@ def main():
         reward_prob=(adv / 4 + 0.5).clamp(0, 1),
         step=0,
         rank=0,
-        global_count=args.samples,
+        shard_units=(args.samples,),
     )
     p = args.samples // 2
     dpo_batch = TrainBatch(
@@ -70,7 +76,7 @@ def main():
         reward_prob=adv,
         step=0,
         rank=0,
-        global_count=args.samples,
+        shard_units=(p,),
         num_pairs=p,
     )
     rows = []

@@ -16,9 +16,7 @@ __all__ = [
 ]
 
 
-def group_advantages(
-    rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-4, std: str = "global"
-) -> Tensor:
+def group_advantages(rewards: Tensor, group_ids: Tensor, *, eps: float = 1e-4, std: str = "global") -> Tensor:
     """Per-prompt advantages ``(r - mean_g) / (std + eps)``, computed in float64.
 
     Source: the per-prompt stat tracker of flow_grpo / DiffusionNFT (``flow_grpo/stat_tracking.py``):
@@ -90,9 +88,7 @@ def rewards_to_unit(rewards: Tensor, *, low: float, high: float) -> Tensor:
     return ((rewards.float() - low) / (high - low)).clamp(0.0, 1.0)
 
 
-def preference_pairs(
-    rewards: Tensor, group_ids: Tensor, *, min_gap: float = 0.0, ties: str = "skip"
-) -> PairResult:
+def preference_pairs(rewards: Tensor, group_ids: Tensor, *, min_gap: float = 0.0, ties: str = "skip") -> PairResult:
     """One (best, worst) pair per prompt group; ties are counted, and skipped by default.
 
     A group whose best and worst rewards differ by ``<= min_gap`` (e.g. all equal) is a tie. With

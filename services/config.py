@@ -158,7 +158,9 @@ class LearnerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     updates_per_step: int | None = Field(
-        None, ge=1, description="optimiser steps (mini-batches) per RL step and epoch; None = the method's source default"
+        None,
+        ge=1,
+        description="optimiser steps (mini-batches) per RL step and epoch; None = the method's source default",
     )
     epochs_per_step: int = Field(1, ge=1, description="passes over the rollout batch per RL step (num_inner_epochs)")
     timesteps_per_sample: int | None = Field(

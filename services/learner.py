@@ -98,9 +98,7 @@ class Learner:
             lo, hi = bounds[:-1], bounds[1:]
             idx = lo + (torch.rand(n, k, generator=g) * (hi - lo)).long()
             return grid[idx.clamp_max(len(grid) - 1)]
-        flat = sample_sigmas(
-            n * k, scheme=scheme, shift=ro.shift, low=lc.sigma_min, high=lc.sigma_max, generator=g
-        )
+        flat = sample_sigmas(n * k, scheme=scheme, shift=ro.shift, low=lc.sigma_min, high=lc.sigma_max, generator=g)
         return flat.view(n, k)
 
     def _points(self, batch: TrainBatch, epoch: int) -> dict[str, Tensor]:
@@ -208,7 +206,9 @@ class Learner:
             s_idx, k = pts["sample"][rows], pts["step_k"][rows]
             s_next = batch.sigmas[k + 1].to(dev)
             noise_level = self.cfg.rollout.sde_noise_level
-            step = sde_step(x, v_theta, sigma, s_next, noise_level=noise_level, x_next=batch.states[k + 1, s_idx].to(dev))
+            step = sde_step(
+                x, v_theta, sigma, s_next, noise_level=noise_level, x_next=batch.states[k + 1, s_idx].to(dev)
+            )
             fields.update(
                 log_prob=step.log_prob,
                 old_log_prob=batch.log_probs[k, s_idx].to(dev),
@@ -250,9 +250,11 @@ class Learner:
         """The RL step's optimiser steps on this shard; returns float metrics (means over its points)."""
         self.gen.transformer.train()
         cond = self.gen.encode_prompts(batch.prompts)
-        null = self.gen.encode_prompts([""]).index(torch.zeros(len(batch.prompts), dtype=torch.long)) if (
-            self._guidance != 1.0
-        ) else None
+        null = (
+            self.gen.encode_prompts([""]).index(torch.zeros(len(batch.prompts), dtype=torch.long))
+            if (self._guidance != 1.0)
+            else None
+        )
         micro = self.cfg.learner.micro_batch
         sums: dict[str, float] = {}
         count, applied, skipped, grad_norms = 0, 0, 0, []

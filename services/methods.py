@@ -97,7 +97,10 @@ class Method:
         adv = group_advantages(reward, group_ids, eps=cfg.advantages.eps, std=cfg.advantages.std)
         clip = getattr(cfg.loss, "adv_clip_max", 5.0)
         prob = nft_reward_prob(adv, adv_clip_max=clip).float()
-        metrics = {"advantages/abs_mean": float(adv.abs().mean()), "advantages/zero_frac": float((adv == 0).double().mean())}
+        metrics = {
+            "advantages/abs_mean": float(adv.abs().mean()),
+            "advantages/zero_frac": float((adv == 0).double().mean()),
+        }
         return Targets(advantages=adv, reward_prob=prob, train_idx=torch.arange(len(reward)), metrics=metrics)
 
     def check(self, cfg) -> None:

@@ -25,8 +25,8 @@ form directly). The EMA-KL regulariser ``ema_kl_weight * mean_b mean_D (v_theta 
 toward a lagged EMA copy of the policy (``normguard_core.lagged``, ``awm_linear``); the KL to the
 reference is ``compose_objective``'s term (``elbo_kl_scale`` gives the source's ``ELBO`` form).
 
-Released defaults (``dgx_awm.py``): ``ghuber`` with p = 0.25, ``advantage_max = 1``,
-``clip_range = 1``, ``ema_beta = 1``.
+The function's defaults are the plain formula; the released defaults (``dgx_awm.py``: ``ghuber``
+with p = 0.25, ``advantage_max = 1``, ``clip_range = 1``, ``ema_beta = 1``) are the service config's.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def awm_loss(
     advantages: Tensor,
     v_old: Tensor | None = None,
     v_ema: Tensor | None = None,
-    weighting: str = "ghuber",
+    weighting: str = "uniform",
     ghuber_power: float = 0.25,
-    clip_range: float | None = 1.0,
+    clip_range: float | None = None,
     adv_clip_max: float = 5.0,
-    advantage_max: float | None = 1.0,
+    advantage_max: float | None = None,
     ema_kl_weight: float = 0.0,
 ) -> LossOutput:
     """AWM objective, PPO-clipped (the source) or plain.
@@ -117,7 +117,9 @@ def awm_loss(
     adv = advantages.double().clamp(-adv_clip_max, adv_clip_max)
     if advantage_max is not None:
         adv = adv / adv_clip_max * advantage_max
-    log_p = matching_log_prob(v=v_theta, x0=x0, noise=noise, sigma=sigma, weighting=weighting, ghuber_power=ghuber_power)
+    log_p = matching_log_prob(
+        v=v_theta, x0=x0, noise=noise, sigma=sigma, weighting=weighting, ghuber_power=ghuber_power
+    )
     dims = tuple(range(1, v_theta.ndim))
     mse = (v_theta.detach().double() - (noise.double() - x0.double())).pow(2).mean(dim=dims)
     metrics = {"loss/awm_mse": mse.mean().float()}

@@ -14,8 +14,46 @@ pytestmark = pytest.mark.unit
 def test_group_advantages_hand_computed():
     r = torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0, 2.0])
     g = torch.tensor([0, 0, 1, 1, 2, 2])
-    a = group_advantages(r, g, eps=0.0 + 1e-12)
-    assert torch.allclose(a, torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0]), atol=1e-5)
+    a = group_advantages(r, g, eps=1e-12, std="group")
+    assert a.dtype == torch.float64
+    assert torch.allclose(a, torch.tensor([-1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64), atol=1e-9)
+    # global std (the sources' default): the std of all six rewards, population form
+    glob = group_advantages(r, g, eps=1e-4)
+    std = float(r.double().std(unbiased=False))
+    assert torch.allclose(glob, torch.tensor([-1.0, 1.0, 0, 0, 0, 0], dtype=torch.float64) / (std + 1e-4))
+
+
+def test_group_advantages_are_exactly_zero_for_equal_groups():
+    """float32 left +-6e-4 on all-equal groups; they are now exactly 0, in both std modes."""
+    r = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.3, 0.301, 0.3, 0.3], dtype=torch.float32)
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    same = torch.tensor([1 / 3] * 5 + [0.2] * 3)
+    for std in ("global", "group"):
+        a = group_advantages(same, torch.tensor([0] * 5 + [1] * 3), std=std)
+        assert torch.equal(a, torch.zeros(8, dtype=torch.float64))
+        b = group_advantages(r, g, std=std)
+        assert b.abs().max() > 0 and float(b[4:].sum()) == pytest.approx(0.0, abs=1e-6)
+    # a tiny difference in a saturated group: full scale with the group's std, tiny with the global one
+    per_group = group_advantages(r, g, std="group")[4:].abs().max()
+    glob = group_advantages(r, g, std="global")[4:].abs().max()
+    assert per_group > 1.0 and glob < 0.01
+    with pytest.raises(ValueError, match="global"):
+        group_advantages(r, g, std="batch")
+
+
+def test_lag_schedules_follow_the_sources():
+    from normguard_core.lagged import LAG_SCHEDULES, lag_decay, update_lagged
+
+    nft, ocr, awm = LAG_SCHEDULES["nft_linear"], LAG_SCHEDULES["nft_delayed"], LAG_SCHEDULES["awm_linear"]
+    assert [lag_decay(k, nft) for k in (0, 1, 100, 499, 500, 10_000)] == pytest.approx([0, 0.001, 0.1, 0.499, 0.5, 0.5])
+    assert [lag_decay(k, ocr) for k in (0, 74, 75, 76, 10_000)] == pytest.approx([0, 0, 0, 0.0075, 0.999])
+    assert [lag_decay(k, awm) for k in (0, 200, 300, 5000)] == pytest.approx([0, 0.2, 0.3, 0.3])
+    assert lag_decay(1000, LAG_SCHEDULES["none"]) == 0.0
+    lag, cur = [torch.zeros(3)], [torch.ones(3)]
+    update_lagged(lag, cur, 0.25)
+    assert torch.allclose(lag[0], torch.full((3,), 0.75))
+    update_lagged(lag, cur, 0.0)
+    assert torch.equal(lag[0], cur[0])
 
 
 def test_nft_reward_prob_and_unit_map():
@@ -33,6 +71,9 @@ def test_preference_pairs_counts_ties():
     assert pairs.num_groups == 3 and pairs.num_ties == 1 and pairs.num_pairs == 2
     assert pairs.winners.tolist() == [1, 6] and pairs.losers.tolist() == [0, 5]
     assert preference_pairs(r, g, min_gap=0.2).num_ties == 2
+    # flow_grpo's tie handling (an option): the tied group pairs its 2nd sample over its 1st
+    src = preference_pairs(r, g, ties="flow_grpo")
+    assert src.num_ties == 1 and src.winners.tolist() == [1, 4, 6] and src.losers.tolist() == [0, 3, 5]
 
 
 def test_norm_metrics():

@@ -127,7 +127,7 @@ def test_awm_clipped_matches_formula(data):
     a = d["adv"].clamp(-5, 5)
     expected = torch.maximum(-a * ratio, -a * ratio.clamp(0.99, 1.01)).mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert 0.0 <= out.metrics["loss/awm_clip_frac"].item() <= 1.0
+    assert 0.0 <= out.metrics["loss/clip_frac"].item() <= 1.0
 
 
 def test_awm_clip_needs_v_old(data):
@@ -205,3 +205,68 @@ def test_registry_names_missing_fields(data):
 def test_registry_unknown_name_lists_known():
     with pytest.raises(KeyError, match="awm.*diffusion_nft.*flow_dpo.*flow_grpo"):
         compute_loss("ppo", LossBatch())
+
+
+@pytest.mark.parametrize("weighting", ["huber", "ghuber"])
+def test_awm_source_weightings_advantage_max_and_ema_kl(data, weighting):
+    """AWM's released form: (g)huber weighting, advantages rescaled to +-advantage_max, EMA-KL."""
+    v_ema = data["v_old"] * 0.5
+    out = awm_loss(
+        v_theta=data["v_theta"],
+        v_ema=v_ema,
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        advantages=data["adv"],
+        weighting=weighting,
+        ghuber_power=0.25,
+        advantage_max=1.0,
+        ema_kl_weight=0.3,
+    )
+    d = {k: v.double() for k, v in data.items()}
+    mse = _mean_d((d["v_theta"] - (d["noise"] - d["x0"])) ** 2)
+    if weighting == "huber":
+        lp = -(torch.sqrt(mse + 1e-10) - 1e-5) * d["sigma"]
+    else:
+        lp = -(torch.pow(mse + 1e-10, 0.25) - math.pow(1e-10, 0.25)) * d["sigma"] / 0.25
+    a = d["adv"].clamp(-5, 5) / 5 * 1.0
+    ema_kl = _mean_d((d["v_theta"] - v_ema.double()) ** 2).mean()
+    expected = -(a * lp).mean() + 0.3 * ema_kl
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="v_ema"):
+        awm_loss(
+            v_theta=data["v_theta"],
+            x0=data["x0"],
+            noise=data["noise"],
+            sigma=data["sigma"],
+            advantages=data["adv"],
+            ema_kl_weight=1.0,
+        )
+
+
+def test_nft_loss_scale_is_a_plain_factor(data):
+    r = nft_reward_prob(data["adv"])
+    kw = dict(v_theta=data["v_theta"], v_old=data["v_old"], x0=data["x0"], noise=data["noise"], sigma=data["sigma"])
+    one = diffusion_nft_loss(**kw, reward_prob=r)
+    five = diffusion_nft_loss(**kw, reward_prob=r, loss_scale=5.0)
+    assert five.loss.item() == pytest.approx(5 * one.loss.item(), rel=1e-6)
+
+
+def test_kl_scale_weights_the_composed_kl(data):
+    from normguard_core.losses import compose_objective, elbo_kl_scale
+
+    scale = elbo_kl_scale(data["sigma"])
+    batch = LossBatch(
+        v_theta=data["v_theta"],
+        v_ref=data["v_ref"],
+        x0=data["x0"],
+        noise=data["noise"],
+        sigma=data["sigma"],
+        advantages=data["adv"],
+        kl_scale=scale,
+    )
+    out = compose_objective("awm", batch, kl_weight=0.1)
+    d = {k: v.double() for k, v in data.items()}
+    std_t = 0.7 * torch.sqrt(d["sigma"] / (1 - d["sigma"].clamp(0, 0.99)))
+    kl = (_mean_d((d["v_theta"] - d["v_ref"]) ** 2) / (2 * std_t**2)).mean()
+    assert out.metrics["loss/kl"].item() == pytest.approx(kl.item(), rel=1e-5)

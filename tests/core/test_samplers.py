@@ -115,3 +115,17 @@ def test_sde_trajectory_records_log_probs_and_noise(gen):
         s, sn = sigmas[k].expand(3), sigmas[k + 1].expand(3)
         step = sde_step(traj.states[k], -traj.states[k], s, sn, noise_level=0.5, x_next=traj.states[k + 1])
         assert torch.allclose(step.log_prob, traj.log_probs[k], atol=1e-5)
+
+
+def test_sde_kl_scale_is_flow_grpos_kl_on_the_step_means(gen):
+    """flow_grpo: KL = mean_D (mean_theta - mean_ref)^2 / (2 std_t^2), with sigma = 1 using sigmas[1]."""
+    from normguard_core.samplers import sde_kl_scale, sde_step
+
+    s, s_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.8, 0.4, 0.1])
+    x, v1, v2 = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(3))
+    a = sde_step(x, v1, s, s_next, noise_level=0.7, noise=torch.zeros_like(x))
+    b = sde_step(x, v2, s, s_next, noise_level=0.7, noise=torch.zeros_like(x))
+    std_t = 0.7 * torch.sqrt(s / (1 - torch.where(s >= 1, s_next, s)))
+    kl = ((a.mean - b.mean) ** 2).flatten(1).mean(1) / (2 * std_t**2)
+    scaled = sde_kl_scale(s, s_next, noise_level=0.7) * ((v1 - v2) ** 2).flatten(1).mean(1)
+    assert torch.allclose(kl, scaled, rtol=1e-5)

@@ -113,8 +113,13 @@ def test_nonfinite_loss_skips_the_update(digits_assets):
     assert all(torch.equal(before[k], v) for k, v in learner.policy_weights().items())
 
 
-def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_path):
-    cfg = _cfg("diffusion_nft", 1.0)
+@pytest.mark.parametrize(
+    "loss, extra",
+    [("diffusion_nft", ["learner.updates_per_step=2", "learner.epochs_per_step=2"]), ("awm", [])],
+)
+def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_path, loss, extra):
+    """Weights, optimiser, the old policy (NFT) and the EMA-KL copy (AWM) survive a checkpoint exactly."""
+    cfg = _cfg(loss, 1.0, *extra)
     batch = _batch(cfg, digits_assets)
     a = Learner(cfg, str(digits_assets.model_path))
     a.update(batch)
@@ -123,6 +128,9 @@ def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_pat
     assert b.load(tmp_path / "ck") == {"step": 1} and b.version == 1
     second = TrainBatch(**{**batch.__dict__, "step": 1})
     ma, mb = a.update(second), b.update(second)
-    assert ma == mb
+    assert ma == mb and ma["learner/updates"] == cfg.learner.epochs_per_step * (cfg.learner.updates_per_step or 1)
     wa, wb = a.policy_weights(), b.policy_weights()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
+    if a.ema is not None:
+        assert all(torch.equal(x, y) for x, y in zip(a.ema, b.ema))

@@ -77,19 +77,30 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
 
 
 def test_resume_reproduces_the_uninterrupted_run(digits_assets, tmp_path):
-    """In-process (same code path as the actors): 4 steps straight vs 2 + resume + 2."""
-    over = tiny_overrides(tmp_path, "straight", **{"train.steps": 4, "train.checkpoint_every": 2})
+    """In-process (same code path as the actors): 4 steps straight vs 2 + resume + 2, with NFT's
+    lagging old policy (the sampling policy) and two optimiser steps per RL step."""
+    inner = {"train.checkpoint_every": 2, "learner.updates_per_step": 2}
+    over = tiny_overrides(tmp_path, "straight", **{"train.steps": 4, **inner})
     straight = run_training(load_config(None, over), local=True, progress=False)
-    over_a = tiny_overrides(tmp_path, "resumed", **{"train.steps": 2, "train.checkpoint_every": 2})
+    over_a = tiny_overrides(tmp_path, "resumed", **{"train.steps": 2, **inner})
     run_training(load_config(None, over_a), local=True, progress=False)
-    over_b = tiny_overrides(tmp_path, "resumed", **{"train.steps": 4, "train.checkpoint_every": 2})
+    over_b = tiny_overrides(tmp_path, "resumed", **{"train.steps": 4, **inner})
     resumed = run_training(load_config(None, over_b), local=True, progress=False)
 
     def train_rows(s):
-        keys = ("reward/mean", "loss/total", "normguard/ratio_mean", "rollout/norm_ratio_mean")
+        keys = (
+            "reward/mean",
+            "loss/total",
+            "normguard/ratio_mean",
+            "rollout/norm_ratio_mean",
+            "learner/old_policy_gap",
+            "learner/old_policy_decay",
+            "learner/updates",
+        )
         return [{k: r[k] for k in keys} for r in s.history if "reward/mean" in r]
 
     assert len(train_rows(straight)) == 4
+    assert all(r["learner/updates"] == 2 and r["learner/old_policy_gap"] > 0 for r in train_rows(straight))
     assert train_rows(resumed) == train_rows(straight)
     assert resumed.after == straight.after
     ckpt = json.loads((tmp_path / "resumed" / "checkpoints" / "step_000004" / "coordinator.json").read_text())
