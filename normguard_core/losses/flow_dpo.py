@@ -13,6 +13,12 @@ For a pair (winner w, loser l) noised with the SAME (sigma, eps), with per-sampl
 
 Lowering the winner's error relative to the reference (and raising the loser's) lowers the
 loss. The implicit reward accuracy is the fraction of pairs with ``delta < 0``.
+
+Source defaults: flow_grpo ``train_sd3_dpo.py`` / ``config/dpo.py`` (the velocity form, errors in
+float32, winner and loser noised with the same eps and sigma) uses ``beta = 100``, the default
+here; Diffusion-DPO (eps-prediction, SD1.5 / SDXL launchers) 5000 and Flow-Factory 2000. The
+pairing (best vs worst per prompt; ties skipped, or flow_grpo's index pairing as an option) is
+``advantages.preference_pairs``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def flow_dpo_loss(
     sigma: Tensor,
     winners: Tensor,
     losers: Tensor,
-    beta: float = 2000.0,
+    beta: float = 100.0,
 ) -> LossOutput:
     """Flow-DPO objective over index pairs of one batch.
 
@@ -49,7 +55,7 @@ def flow_dpo_loss(
         sigma: ``(B,)``; winner and loser of a pair must share it.
         winners: ``(P,)`` long indices of preferred samples.
         losers: ``(P,)`` long indices of rejected samples.
-        beta: inverse temperature > 0 (Diffusion-DPO uses ~2000-5000 on per-element means).
+        beta: inverse temperature > 0 (flow_grpo: 100 on per-element means).
 
     Returns:
         LossOutput with metrics ``loss/dpo_accuracy``, ``loss/dpo_delta``, ``loss/dpo_mse_w``,
