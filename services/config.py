@@ -53,7 +53,12 @@ class RolloutConfig(_Section):
 
 
 class ScorerSpec(_Section):
-    name: str = Field(description="registered scorer name (see `normguard scorers`)")
+    name: str = Field(description="registered scorer name (see `normguard scorers`), or a label when impl is set")
+    impl: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$",
+        description="'package.module:ClassName' of a user scorer following the scorer protocol",
+    )
     weight: float = Field(1.0, description="weight in the combined reward")
     path: str | None = Field(None, description="checkpoint dir / hub id / URL for the scorer")
     required: bool = Field(True, description="a failure of a required scorer fails the step")
@@ -213,6 +218,29 @@ class TrainConfig(_Section):
     learner_timeout_s: float = Field(900.0, gt=0)
 
 
+class LoggingConfig(_Section):
+    """Where a run's scalars, image grids, config and summary go besides metrics.jsonl (``services.trackers``)."""
+
+    backends: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
+        ("tensorboard",), description="any subset of tensorboard, wandb, mlflow"
+    )
+    project: str = Field("normguard", description="W&B project / MLflow experiment")
+    group: str | None = Field(None, description="W&B group (a sweep sets its name)")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline needs no network; `wandb sync` uploads later"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow server or store URI; default sqlite:///<train.output_dir>/mlflow.db"
+    )
+    log_images: bool = Field(True, description="image grids at every evaluation")
+
+    @model_validator(mode="after")
+    def _unique(self) -> LoggingConfig:
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"logging.backends lists a backend twice: {list(self.backends)}")
+        return self
+
+
 class EvalConfig(_Section):
     num_prompts: int = Field(10, ge=1)
     samples_per_prompt: int = Field(10, ge=1)
@@ -235,6 +263,7 @@ class ExperimentConfig(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
 
     @property
     def samples_per_step(self) -> int:

@@ -180,10 +180,12 @@ class Coordinator:
 
     # ---- 3. rewards -----------------------------------------------------------------------
     def _score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        n = len(self.scorers)
-        b = len(rollout.prompts)
-        chunks = [slice(i * b // n, (i + 1) * b // n) for i in range(n)]
-        payloads = [(rollout.images[c], rollout.prompts[c]) for c in chunks]
+        # whole prompt groups per scorer actor: a group-wise scorer must see every sample of a group
+        starts = [0] + [i for i in range(1, len(rollout.group_ids)) if rollout.group_ids[i] != rollout.group_ids[i - 1]]
+        bounds, n = [*starts, len(rollout.group_ids)], len(self.scorers)
+        cuts = [bounds[i * (len(bounds) - 1) // n] for i in range(n)] + [len(rollout.group_ids)]
+        chunks = [slice(cuts[i], cuts[i + 1]) for i in range(n)]
+        payloads = [(rollout.images[c], rollout.prompts[c], rollout.group_ids[c]) for c in chunks]
         parts = self._parallel(
             "score_batch", self.scorers, payloads, name="reward", timeout_s=self.cfg.reward.timeout_s
         )

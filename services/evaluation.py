@@ -19,6 +19,7 @@ from normguard_core.conventions import sigma_grid
 from normguard_core.metrics import velocity_norm
 from normguard_core.samplers import renormalize_velocity, sample_trajectory
 from services.models.base import FlowGenerator
+from services.report import eval_key
 
 __all__ = ["EvalResult", "evaluate_generator", "generate"]
 
@@ -80,7 +81,7 @@ def evaluate_generator(
     fd_scorer: object | None = None,
     fd_real_images: Tensor | None = None,
 ) -> EvalResult:
-    """Score fixed-noise samples at each step count; metric names are ``eval/{name}@{steps}``.
+    """Score fixed-noise samples at each step count; metric names are ``eval/{name}_{steps}steps`` (``report.eval_key``).
 
     Args:
         gen: the generator (its LoRA / weights are the policy; the reference is built in).
@@ -109,14 +110,14 @@ def evaluate_generator(
         )
         result.images[n] = images
         for name, scorer in scorers.items():
-            result.metrics[f"eval/{name}@{n}"] = float(scorer.score(images, all_prompts).mean())
+            result.metrics[eval_key(name, n)] = float(scorer.score(images, all_prompts).mean())
         if ratio is not None:
             result.ratio_per_step[n] = ratio.mean(dim=1).tolist()
-            result.metrics[f"eval/norm_ratio@{n}"] = float(ratio.mean())
+            result.metrics[eval_key("norm_ratio", n)] = float(ratio.mean())
         if fd_scorer is not None and fd_real_images is not None:
             from services.rewards.digits import frechet_distance
 
             with torch.no_grad():
                 fd = frechet_distance(fd_scorer.features(images), fd_scorer.features(fd_real_images))
-            result.metrics[f"eval/frechet@{n}"] = fd
+            result.metrics[eval_key("frechet", n)] = fd
     return result

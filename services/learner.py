@@ -89,6 +89,8 @@ class Learner:
         k, ro, lc = self.timesteps, self.cfg.rollout, self.cfg.learner
         scheme = self.method.train_sigmas(self.cfg.loss)
         grid = sigma_grid(ro.num_steps, shift=ro.shift)[:-1]  # (T,) the sampler's grid, without the final 0
+        if n == 0:  # an empty shard (fewer pairs / kept samples than ranks) still joins every all-reduce
+            return torch.zeros(0, k)
         if scheme == "sampler_grid":  # DiffusionNFT: K of the T grid sigmas, permuted per sample
             if k > len(grid):
                 raise ValueError(f"timesteps_per_sample={k} > the {len(grid)} sampler steps")
@@ -109,7 +111,7 @@ class Learner:
             t = batch.log_probs.shape[0]
             if k > t:
                 raise ValueError(f"timesteps_per_sample={k} > the {t} rollout steps")
-            steps = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(n)]).flatten()
+            steps = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(n)]).flatten() if n else unit
             return dict(unit=unit, sample=unit, step_k=steps, adv=batch.advantages[unit])
         sigma = self._sigmas(n, g).flatten()  # (n K,)
         if self.method.data == "pairs":
@@ -185,10 +187,11 @@ class Learner:
                 parts = []
                 for i in range(0, n, micro):
                     rows = torch.arange(i, min(i + micro, n))
-                    x, sigma, idx = self._inputs(batch, pts, rows)
+                    m = len(rows)  # pair methods: only the winners (their lagged velocity is a metric only)
+                    x, sigma, idx = (t[:m] for t in self._inputs(batch, pts, rows))
                     c, nc = cond.index(idx.to(self.gen.device)), null.index(idx.to(self.gen.device)) if null else None
-                    parts.append(self._velocity(x, sigma, c, nc)[: len(rows)].cpu())  # pairs: the winners
-                pts[key] = torch.cat(parts)
+                    parts.append(self._velocity(x, sigma, c, nc).cpu())
+                pts[key] = torch.cat(parts) if parts else torch.zeros(0)
         self.gen.transformer.train()
 
     # ---- the objective of one micro-batch -------------------------------------------------

@@ -89,7 +89,7 @@ def preview(
 ) -> dict[str, float]:
     """Write ``digits_{n}steps.png`` grids (one row per digit) and print their scores."""
     from services.evaluation import evaluate_generator
-    from services.report import format_table, save_image_grid
+    from services.report import format_table, save_image_grid, split_eval_key
 
     gen = load_digits_generator(assets.model_path)
     scorers = embedded_scorers(assets)
@@ -109,7 +109,14 @@ def preview(
         path = save_image_grid(images, out_dir / f"digits_{n}steps.png", nrow=8, row_labels=[str(d) for d in range(10)])
         log(f"wrote {path}")
     rows = [
-        {"steps": n, **{k.split("/")[1].split("@")[0]: v for k, v in res.metrics.items() if k.endswith(f"@{n}")}}
+        {
+            "steps": n,
+            **{
+                sk[0].removeprefix("eval/"): v
+                for k, v in res.metrics.items()
+                if (sk := split_eval_key(k)) and sk[1] == n
+            },
+        }
         for n in steps
     ]
     log(format_table(rows))

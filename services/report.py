@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["MetricsWriter", "format_table", "save_image_grid"]
+__all__ = ["MetricsWriter", "eval_key", "format_table", "grid_tensor", "save_image_grid", "split_eval_key"]
+
+_EVAL_KEY = re.compile(r"^(?P<name>.+)_(?P<steps>\d+)steps$")
+
+
+def eval_key(name: str, steps: int, *, prefix: str = "eval") -> str:
+    """``eval/{name}_{steps}steps``: the one spelling of an evaluation metric.
+
+    Only letters, digits, ``_``, ``-``, ``.`` and ``/``: legal as a TensorBoard summary name, an
+    MLflow metric key and a W&B key alike (``@`` is illegal in the first two).
+    """
+    return f"{prefix}/{name}_{steps}steps"
+
+
+def split_eval_key(key: str) -> tuple[str, int] | None:
+    """``"eval/frechet_20steps"`` -> ``("eval/frechet", 20)``; ``None`` for other keys."""
+    m = _EVAL_KEY.match(key)
+    return (m["name"], int(m["steps"])) if m else None
 
 
 def save_image_grid(
@@ -40,6 +58,21 @@ def save_image_grid(
     return path
 
 
+def grid_tensor(images: Tensor, *, nrow: int, pad: int = 2) -> Tensor:
+    """``(N, 3, H, W)`` in [0, 1] -> one ``(3, H', W')`` grid (small images upscaled to >= 64 px)."""
+    scale = max(1, 64 // images.shape[-1])
+    images = images.float().clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    out = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        out[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = (
+            images[i]
+        )
+    return out
+
+
 def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
     """A fixed-width text table of dict rows (floats with 4 significant digits)."""
     if not rows:
@@ -58,18 +91,13 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | 
 
 
 class MetricsWriter:
-    """Append-only metrics.jsonl plus TensorBoard scalars in a run directory."""
+    """Append-only metrics.jsonl in a run directory, mirrored to the run's trackers."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, trackers=None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is a declared dependency; keep writing JSONL without it
-            self.tb = None
+        self.trackers = trackers  # services.trackers.Trackers: TensorBoard / W&B / MLflow
 
     def truncate_after(self, step: int) -> None:
         """Drop records beyond ``step`` (a resumed run rewrites them)."""
@@ -82,10 +110,8 @@ class MetricsWriter:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, float(v), step)
-            self.tb.flush()
+        if self.trackers is not None:
+            self.trackers.log_scalars(step, {k: v for k, v in record.items() if k != "step"})
 
     def read(self) -> list[dict]:
         """All records."""
@@ -100,8 +126,8 @@ class MetricsWriter:
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def plot_training(

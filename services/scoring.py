@@ -13,34 +13,52 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.rewards import build_scorer
+from services.rewards import build_scorer, is_groupwise
 
 __all__ = ["ScorerWorker"]
 
 
 class ScorerWorker:
-    """Holds a set of named scorers (``{name: (path, options)}``) and scores batches."""
+    """Holds a set of named scorers (``{name: (path, options[, impl])}``) and scores batches."""
 
-    def __init__(self, specs: dict[str, tuple[str | None, dict]], *, device: str = "cpu", torch_threads: int = 1):
+    def __init__(self, specs: dict[str, tuple], *, device: str = "cpu", torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.scorers = {
-            name: build_scorer(name, path=path, device=device, options=opts) for name, (path, opts) in specs.items()
-        }
+        self.scorers = {}
+        for name, spec in specs.items():
+            path, opts, impl = (*spec, None)[:3]
+            self.scorers[name] = build_scorer(name, path=path, device=device, options=opts, impl=impl)
 
-    def score(self, images: Tensor, prompts: Sequence[str], names: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """``{name: (B,) scores}`` for the requested scorers (all by default)."""
+    def score(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        names: Sequence[str] | None = None,
+        group_ids: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """``{name: (B,) scores}`` for the requested scorers (all by default).
+
+        ``group_ids`` ``(B,)`` is passed to the group-wise scorers; without it the whole batch is
+        one group for them.
+        """
         t0 = time.perf_counter()
-        out = {n: self.scorers[n].score(images, list(prompts)) for n in (names or self.scorers)}
+        groups = group_ids if group_ids is not None else torch.zeros(len(prompts), dtype=torch.long)
+        out = {}
+        for n in names or self.scorers:
+            scorer = self.scorers[n]
+            if is_groupwise(scorer):
+                out[n] = scorer.score(images, list(prompts), groups)
+            else:
+                out[n] = scorer.score(images, list(prompts))
         for n, s in out.items():
             if s.shape != (len(prompts),) or not torch.isfinite(s).all():
                 raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
         out["_seconds"] = torch.tensor(time.perf_counter() - t0)
         return out
 
-    def score_batch(self, payload: tuple[Tensor, Sequence[str]]) -> dict[str, Tensor]:
-        """:meth:`score` on an ``(images, prompts)`` tuple (one argument, for fan-out)."""
-        images, prompts = payload
-        return self.score(images, prompts)
+    def score_batch(self, payload: tuple) -> dict[str, Tensor]:
+        """:meth:`score` on an ``(images, prompts[, group_ids])`` tuple (one argument, for fan-out)."""
+        images, prompts, *rest = payload
+        return self.score(images, prompts, group_ids=rest[0] if rest else None)
 
     def features(self, name: str, images: Tensor) -> Tensor:
         """Feature vectors of a scorer that has them (Frechet distance)."""

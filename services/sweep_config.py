@@ -74,6 +74,7 @@ class SweepConfig(BaseModel):
         )
         data.setdefault("train", {})
         data["train"].update(run_name=trial_name, output_dir=str(self.sweep_dir / "trials"), compare_baseline=False)
+        data.setdefault("logging", {}).setdefault("group", self.name)  # W&B groups a sweep's trials
         return ExperimentConfig.model_validate(data)
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 import torch
 
 from services.coordinator import Coordinator, RunState, latest_checkpoint
-from services.report import MetricsWriter, format_table, plot_ratio_per_step, plot_training, save_image_grid
+from services.report import (
+    MetricsWriter,
+    eval_key,
+    format_table,
+    grid_tensor,
+    plot_ratio_per_step,
+    plot_training,
+    save_image_grid,
+)
 
 __all__ = ["RunSummary", "run_training"]
 
@@ -55,7 +63,12 @@ def _resolve(cfg):
 
     def specs(items):
         return {
-            s.name: (s.path or (scorer_dir if s.name.startswith("digits_") else None), dict(s.options)) for s in items
+            s.name: (
+                s.path or (scorer_dir if s.name.startswith("digits_") and not s.impl else None),
+                dict(s.options),
+                s.impl,
+            )
+            for s in items
         }
 
     return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
@@ -149,10 +162,13 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
             renormalize=renormalize,
             timeout_s=timeout,
         )
-        scores = call(coord.scorers[0], "score", out["images"], prompts, timeout_s=cfg.reward.timeout_s)
+        groups = torch.arange(ev.num_prompts).repeat_interleave(ev.samples_per_prompt)  # one group per prompt
+        scores = call(
+            coord.scorers[0], "score", out["images"], prompts, group_ids=groups, timeout_s=cfg.reward.timeout_s
+        )
         for name in list(coord.train_scorers) + eval_names:
-            metrics[f"eval/{name}@{n}"] = float(scores[name].mean())
-        metrics[f"eval/norm_ratio@{n}"] = float(out["ratio"].mean())
+            metrics[eval_key(name, n)] = float(scores[name].mean())
+        metrics[eval_key("norm_ratio", n)] = float(out["ratio"].mean())
         ratios[n] = out["ratio"].mean(dim=1).tolist()
         images[n] = out["images"]
         if cfg.model.kind == "digits" and "digits_judge" in eval_names:
@@ -163,7 +179,7 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
             feats = [
                 call(coord.scorers[0], "features", "digits_judge", x, timeout_s=timeout) for x in (out["images"], real)
             ]
-            metrics[f"eval/frechet@{n}"] = frechet_distance(*feats)
+            metrics[eval_key("frechet", n)] = frechet_distance(*feats)
     return metrics, ratios, images
 
 
@@ -176,7 +192,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     coord, extra, eval_specs = build_coordinator(cfg, local=local)
     eval_names = list(eval_specs)
-    writer = MetricsWriter(run_dir)
+    writer = _open_writer(cfg)
     writer.truncate_after(coord.step_idx)
     summary = RunSummary(run_dir=run_dir, before=extra.get("before", {}))
     try:
@@ -184,7 +200,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
             coord._transition(RunState.EVALUATING)
             summary.before, ratios, images = evaluate(coord, cfg, eval_names)
             summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
-            _save_grids(run_dir, images, "before", cfg)
+            _save_grids(run_dir, images, "before", cfg, writer, coord.step_idx)
             writer.write(coord.step_idx, summary.before)
         bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
         rewards = [r["reward/mean"] for r in writer.read() if "reward/mean" in r]
@@ -205,7 +221,9 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
             done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train)
             if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
                 coord._transition(RunState.EVALUATING)
-                writer.write(coord.step_idx, evaluate(coord, cfg, eval_names)[0])
+                ev_metrics, _, ev_images = evaluate(coord, cfg, eval_names)
+                writer.write(coord.step_idx, ev_metrics)
+                _log_grids(writer, ev_images, "eval", cfg, coord.step_idx)
             if (cfg.train.checkpoint_every and coord.step_idx % cfg.train.checkpoint_every == 0) or done:
                 coord.checkpoint(run_dir, {"before": summary.before})
         bar.close()
@@ -220,7 +238,8 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
         )
         writer.write(coord.step_idx, summary.after)
         summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
-        _save_grids(run_dir, images, "after", cfg)
+        _save_grids(run_dir, images, "after", cfg, writer, coord.step_idx)
+        writer.trackers.log_summary(summary.after)
         coord._transition(RunState.FINISHED)
     except BaseException:
         coord.state = RunState.ERRORED
@@ -243,6 +262,21 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     return summary
 
 
+def _open_writer(cfg) -> MetricsWriter:
+    """metrics.jsonl plus the configured trackers (``logging.backends``)."""
+    from services.trackers import build_trackers
+
+    run_dir = cfg.run_dir
+    trackers = build_trackers(
+        cfg.logging,
+        run_dir=run_dir,
+        output_dir=run_dir.parent,
+        run_name=cfg.train.run_name,
+        config=cfg.model_dump(mode="json"),
+    )
+    return MetricsWriter(run_dir, trackers)
+
+
 def window_mean(rewards: list[float], window: int) -> float:
     """Mean of the last ``window`` values (NaN for none)."""
     tail = rewards[-window:]
@@ -256,10 +290,19 @@ def _reached(rewards: list[float], train) -> bool:
     return window_mean(rewards, train.stop_window) >= train.stop_at_reward
 
 
-def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg) -> None:
+def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg, writer, step: int) -> None:
     per = cfg.eval.samples_per_prompt
     for n, imgs in images.items():
         save_image_grid(imgs, run_dir / "grids" / f"{tag}_{n}steps.png", nrow=per)
+    _log_grids(writer, images, tag, cfg, step)
+
+
+def _log_grids(writer, images: dict[int, torch.Tensor], tag: str, cfg, step: int) -> None:
+    """The evaluation grids to the trackers as ``grids/<tag>_<N>steps``."""
+    if writer.trackers is None or not cfg.logging.log_images:
+        return
+    grids = {f"grids/{tag}_{n}steps": grid_tensor(imgs, nrow=cfg.eval.samples_per_prompt) for n, imgs in images.items()}
+    writer.trackers.log_images(step, grids)
 
 
 def summary_table(summaries: dict[str, RunSummary]) -> str:

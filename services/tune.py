@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from services.report import format_table
+from services.report import eval_key, format_table, split_eval_key
 from services.sweep_config import SweepConfig
 
 __all__ = ["run_sweep", "results_table"]
@@ -215,7 +215,7 @@ def write_results(sweep: SweepConfig) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    short = [c for c in cols if not c.startswith(("before:", "renorm:")) and "realism@" not in c]
+    short = [c for c in cols if not c.startswith(("before:", "renorm:")) and "realism_" not in c]
     print(format_table(rows, short))
     _plots(sweep)
     print(f"\nwrote {sweep.sweep_dir / 'results.csv'} and plots in {sweep.sweep_dir}")
@@ -241,15 +241,16 @@ def _plots(sweep: SweepConfig) -> None:
         curves, sweep.sweep_dir / "norm_ratio_per_step.png", title="||v|| / ||v_ref|| per sampling step"
     )
     # rows: few / full sampling steps; columns: the reward proxy vs FD and vs the independent judge
-    steps = sorted({int(k.rsplit("@", 1)[1]) for t in trials for k in t["after"] if k.startswith("eval/norm_ratio@")})
+    keys = [split_eval_key(k) for t in trials for k in t["after"]]
+    steps = sorted({sk[1] for sk in keys if sk and sk[0] == "eval/norm_ratio"})
     fig, axes = plt.subplots(len(steps), 2, figsize=(10, 3.6 * len(steps)), squeeze=False)
     for row, n in zip(axes, steps):
         for ax, qk in zip(row, ("frechet", "judge")):
             for t in trials:
                 a = t["after"]
                 rk = next((k for k in a if k.startswith("eval/") and ("classifier" in k or "pickscore" in k)), None)
-                rk = rk and f"{rk.rsplit('@', 1)[0]}@{n}"
-                qkey = next((k for k in a if k.startswith("eval/") and qk in k and k.endswith(f"@{n}")), None)
+                rk = rk and eval_key(split_eval_key(rk)[0].removeprefix("eval/"), n)
+                qkey = next((k for k in a if k.startswith("eval/") and qk in k and k.endswith(f"_{n}steps")), None)
                 if rk in a and qkey:
                     label = ", ".join(f"{v}" for _, v in sorted(t["params"].items()))
                     ax.scatter(a[rk], a[qkey])

@@ -2,6 +2,14 @@
 
 Protocol: ``score(images, prompts) -> (B,) float32`` with ``images`` a ``(B, 3, H, W)`` float
 tensor in [0, 1]. Scorers are batched, device-aware and deterministic in eval mode.
+
+A **group-wise** scorer (``groupwise = True``) scores a whole prompt group at once:
+``score(images, prompts, group_ids) -> (B,)``, e.g. a rank within the group or a pairwise judge
+(Flow-Factory's group-wise rewards). The coordinator never splits a group across scorer actors.
+
+A user's scorer need not live in this package: ``reward.scorers: [{name: mine, impl:
+"my_pkg.rewards:MyScorer"}]`` imports ``MyScorer`` and calls it like a registered factory,
+``MyScorer(path=..., device=..., **options)``; the result is checked against the protocol.
 """
 
 from __future__ import annotations
@@ -12,7 +20,16 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["RewardScorer", "available_scorers", "build_scorer", "combine_scores", "register_scorer", "validate_images"]
+__all__ = [
+    "GroupRewardScorer",
+    "RewardScorer",
+    "available_scorers",
+    "build_scorer",
+    "combine_scores",
+    "is_groupwise",
+    "register_scorer",
+    "validate_images",
+]
 
 
 @runtime_checkable
@@ -22,6 +39,21 @@ class RewardScorer(Protocol):
     name: str
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+
+@runtime_checkable
+class GroupRewardScorer(Protocol):
+    """``groupwise = True`` and ``score(images (B, 3, H, W), prompts, group_ids (B,)) -> (B,)``."""
+
+    name: str
+    groupwise: bool
+
+    def score(self, images: Tensor, prompts: Sequence[str], group_ids: Tensor) -> Tensor: ...
+
+
+def is_groupwise(scorer: object) -> bool:
+    """Whether ``scorer`` scores whole prompt groups (see the module docstring)."""
+    return bool(getattr(scorer, "groupwise", False))
 
 
 def validate_images(images: Tensor, prompts: Sequence[str], *, scorer: str) -> None:
@@ -58,13 +90,70 @@ def available_scorers() -> list[str]:
 
 
 def build_scorer(
-    name: str, *, path: str | None = None, device: str | torch.device = "cpu", options: Mapping[str, Any] | None = None
+    name: str,
+    *,
+    path: str | None = None,
+    device: str | torch.device = "cpu",
+    options: Mapping[str, Any] | None = None,
+    impl: str | None = None,
 ) -> RewardScorer:
-    """Instantiate a registered scorer; an unknown name lists the known ones."""
+    """Instantiate a registered scorer, or the class / factory ``impl`` (``"module.path:Name"``).
+
+    An unknown name lists the known ones; an ``impl`` that cannot be imported, built, or does not
+    follow the protocol raises an error naming the scorer, the import path and what is wrong.
+    """
+    if impl is not None:
+        factory = _import_impl(name, impl)
+        try:
+            scorer = factory(path=path, device=device, **dict(options or {}))
+        except TypeError as err:
+            raise TypeError(
+                f"scorer {name!r}: {impl} must accept (path=None, device='cpu', **options); calling it failed: {err}"
+            ) from err
+        _check_protocol(name, impl, scorer)
+        return scorer
     _import_builtin()
     if name not in _SCORERS:
-        raise KeyError(f"unknown scorer {name!r}; known scorers: {available_scorers()}")
+        raise KeyError(f"unknown scorer {name!r}; known scorers: {available_scorers()} (or give impl: 'module:Class')")
     return _SCORERS[name](path=path, device=device, **dict(options or {}))
+
+
+def _import_impl(name: str, impl: str) -> Callable[..., Any]:
+    import importlib
+
+    module_name, sep, attr = impl.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"scorer {name!r}: impl must look like 'package.module:ClassName', got {impl!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(
+            f"scorer {name!r}: cannot import module {module_name!r} of impl {impl!r} ({err}); on a Ray cluster it "
+            "must be importable on every node (an installed package, or runtime_env py_modules / working_dir)"
+        ) from err
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise AttributeError(f"scorer {name!r}: module {module_name!r} has no attribute {attr!r} (impl {impl!r})")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise TypeError(f"scorer {name!r}: {impl} is not a class or factory")
+    return factory
+
+
+def _check_protocol(name: str, impl: str, scorer: object) -> None:
+    score = getattr(scorer, "score", None)
+    if not callable(score):
+        raise TypeError(
+            f"scorer {name!r}: {impl} built a {type(scorer).__name__} without a score method; the protocol is "
+            "score(images (B, 3, H, W) in [0, 1], prompts) -> (B,) tensor, or with groupwise = True "
+            "score(images, prompts, group_ids)"
+        )
+    if not hasattr(scorer, "name"):
+        try:
+            scorer.name = name
+        except AttributeError:
+            pass
 
 
 def combine_scores(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:

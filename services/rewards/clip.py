@@ -78,3 +78,37 @@ def _pickscore(path: str | None = None, device: str | torch.device = "cpu", **op
 @register_scorer("hpsv2")
 def _hpsv2(path: str | None = None, device: str | torch.device = "cpu", **options) -> CLIPPreferenceScorer:
     return CLIPPreferenceScorer("hpsv2", path, device=device, use_logit_scale=False, **options)
+
+
+class GroupRankScorer:
+    """Group-wise: each sample's rank within its prompt group by a CLIP-preference model, in [0, 1].
+
+    The worst sample of a group scores 0 and the best 1 (ties share their mean rank; a group of one
+    scores 0.5). A rank is invariant to the preference model's scale and offset, which drift between
+    prompts; as a reward it turns any CLIP-style scorer into a within-group preference.
+    """
+
+    groupwise = True
+
+    def __init__(self, inner: CLIPPreferenceScorer, name: str = "clip_group_rank") -> None:
+        self.inner, self.name = inner, name
+
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: Sequence[str], group_ids: Tensor) -> Tensor:
+        validate_images(images, prompts, scorer=self.name)
+        if group_ids.shape != (len(prompts),):
+            raise ValueError(f"{self.name}: group_ids must be ({len(prompts)},), got {tuple(group_ids.shape)}")
+        raw = self.inner.score(images, prompts)  # (B,)
+        out = torch.empty_like(raw)
+        for g in torch.unique(group_ids):
+            idx = torch.nonzero(group_ids == g).flatten()
+            r = raw[idx]
+            below = (r[:, None] > r[None, :]).sum(1).float()
+            ties = (r[:, None] == r[None, :]).sum(1).float() - 1
+            out[idx] = (below + 0.5 * ties) / (len(idx) - 1) if len(idx) > 1 else torch.full_like(r, 0.5)
+        return out
+
+
+@register_scorer("clip_group_rank")
+def _clip_group_rank(path: str | None = None, device: str | torch.device = "cpu", **options) -> GroupRankScorer:
+    return GroupRankScorer(CLIPPreferenceScorer("clip_group_rank", path, device=device, **options))

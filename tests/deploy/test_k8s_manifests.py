@@ -7,7 +7,6 @@ Each check is shown to catch a planted error of its kind.
 """
 
 import copy
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import skip_unless
 
 pytestmark = pytest.mark.unit
 
@@ -31,10 +31,7 @@ def _docs(name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[str, dict]:
-    if not CRD_DIR.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"KubeRay CRDs not found at {CRD_DIR}")
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR}")
+    skip_unless(CRD_DIR.is_dir(), f"KubeRay CRDs not found at {CRD_DIR}")
     out = {}
     for f in CRD_DIR.glob("ray.io_*.yaml"):
         crd = yaml.safe_load(f.read_text())
@@ -140,8 +137,8 @@ def test_planted_serve_config_error_is_caught():
         validate_serve_config(yaml.safe_dump(cfg))
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomization_renders_with_image_and_storage(crd_schemas):
+    skip_unless(shutil.which("kubectl") is not None, "kubectl not installed")
     out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]
     assert {d["kind"] for d in docs} == {"PersistentVolumeClaim", "RayJob", "RayService", "RayCluster"}

@@ -49,7 +49,7 @@ def test_normguard_train_cli(digits_assets, tmp_path):
         [str(BIN / "normguard"), "train", *over], capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "after+renorm" in out.stdout and "norm_ratio@6" in out.stdout
+    assert "after+renorm" in out.stdout and "norm_ratio_6steps" in out.stdout
     run = tmp_path / "runs" / "cli"
     assert (run / "summary.json").is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"

@@ -134,3 +134,26 @@ def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_pat
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
     if a.ema is not None:
         assert all(torch.equal(x, y) for x, y in zip(a.ema, b.ema))
+
+
+@pytest.mark.parametrize("loss", ["flow_dpo", "flow_grpo"])
+def test_an_empty_shard_still_takes_every_step(digits_assets, loss):
+    """A rank can get no pairs (DPO) or no kept samples (GRPO): it must still join each optimiser step."""
+    cfg = _cfg(loss, 0.0, "learner.updates_per_step=2")
+    full = _batch(cfg, digits_assets)
+    empty = TrainBatch(
+        **{
+            **full.__dict__,
+            "latents": full.latents[:0],
+            "prompts": [],
+            "advantages": full.advantages[:0],
+            "reward_prob": full.reward_prob[:0],
+            "num_pairs": 0,
+            "shard_units": (0, full.units),
+            "states": None if full.states is None else full.states[:, :0],
+            "log_probs": None if full.log_probs is None else full.log_probs[:, :0],
+        }
+    )
+    learner = Learner(cfg, str(digits_assets.model_path))
+    metrics = learner.update(empty)
+    assert metrics["learner/updates"] == 2.0 and learner.step_count == 2

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from services.rewards import available_scorers, build_scorer, combine_scores
+from services.rewards import available_scorers, build_scorer, combine_scores, is_groupwise
 from services.rewards.judges import HTTPJudge, probs_to_score
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -63,6 +63,7 @@ def scorers(tmp_path_factory, digits_assets):
     out = {
         "pickscore": build_scorer("pickscore", path=str(clip)),
         "hpsv2": build_scorer("hpsv2", path=str(clip)),
+        "clip_group_rank": build_scorer("clip_group_rank", path=str(clip)),
         "vlm_judge": build_scorer("vlm_judge", path=str(tiny_models.save_tiny_llava(root / "llava"))),
         "vlm_judge_rating": build_scorer(
             "vlm_judge", path=str(root / "llava"), options={"mode": "rating", "num_ratings": 5}
@@ -97,6 +98,7 @@ def test_scorer_contract(scorers, name):
     scorer = scorers[name]
     images = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     s = scorer.score(images, PROMPTS)
+    assert not is_groupwise(scorer)
     assert s.shape == (5,) and s.dtype == torch.float32 and torch.isfinite(s).all()
     assert torch.equal(s, scorer.score(images, PROMPTS))  # deterministic in eval mode
     halves = torch.cat([scorer.score(images[:2], PROMPTS[:2]), scorer.score(images[2:], PROMPTS[2:])])
@@ -105,6 +107,39 @@ def test_scorer_contract(scorers, name):
         scorer.score(torch.rand(5, 24, 24), PROMPTS)
     with pytest.raises(ValueError, match="prompts"):
         scorer.score(images, PROMPTS[:3])
+
+
+def test_group_rank_scorer_ranks_within_each_group(scorers):
+    """The built-in group-wise scorer: the CLIP preference's rank inside each prompt group, in [0, 1]."""
+    scorer, inner = scorers["clip_group_rank"], scorers["pickscore"]
+    assert is_groupwise(scorer)
+    images = torch.rand(6, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    prompts, groups = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3, torch.tensor([0, 0, 0, 1, 1, 1])
+    s = scorer.score(images, prompts, groups)
+    raw = inner.score(images, prompts)
+    for g in (0, 1):
+        idx = torch.nonzero(groups == g).flatten()
+        assert torch.equal(torch.argsort(s[idx]), torch.argsort(raw[idx]))
+        assert sorted(s[idx].tolist()) == [0.0, 0.5, 1.0]
+    alone = scorer.score(images[:3], prompts[:3], groups[:3])  # other groups do not change a group's score
+    assert torch.equal(alone, s[:3])
+
+
+def test_scorer_by_import_path_and_its_errors():
+    ink = build_scorer("ink", impl="user_rewards:InkScorer", options={"scale": 2.0})
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ink.score(images, PROMPTS[:4]), 2 * images.mean(dim=(1, 2, 3)))
+    assert is_groupwise(build_scorer("rank", impl="user_rewards:InkRankInGroup"))
+    with pytest.raises(ImportError, match="cannot import module 'no_such_pkg.rewards'"):
+        build_scorer("x", impl="no_such_pkg.rewards:Mine")
+    with pytest.raises(AttributeError, match="has no attribute 'Missing'"):
+        build_scorer("x", impl="user_rewards:Missing")
+    with pytest.raises(TypeError, match="without a score method"):
+        build_scorer("x", impl="user_rewards:NotAScorer")
+    with pytest.raises(TypeError, match="must accept"):
+        build_scorer("x", impl="user_rewards:InkScorer", options={"bogus": 1})
+    with pytest.raises(ValueError, match="package.module:ClassName"):
+        build_scorer("x", impl="user_rewards.InkScorer")
 
 
 def test_probs_to_score():

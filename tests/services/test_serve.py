@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from conftest import skip_unless
 
 from services.config import ModelConfig, load_config
 from services.learner import Learner
@@ -139,8 +140,8 @@ def test_bearer_token(server):
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200  # health stays open
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (apt-get install chromium)")
 def test_web_page_in_headless_chromium(server, tmp_path):
+    skip_unless(shutil.which("chromium") is not None, "chromium not installed (apt-get install chromium)")
     url = f"{server}/?autorun=1&prompt=a%20handwritten%20digit%207&checkpoint=trained"
     cmd = [
         "chromium",

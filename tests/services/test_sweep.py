@@ -52,7 +52,7 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
     assert len(grid) == 4
     assert {(r["method"], r["weight"]) for r in grid} == {(m, w) for m in ("diffusion_nft", "awm") for w in (0.0, 1.0)}
     for r in rows:
-        assert "norm_ratio@4" in r and "digits_judge@2" in r and "renorm:digits_judge@4" in r
+        assert "norm_ratio_4steps" in r and "digits_judge_2steps" in r and "renorm:digits_judge_4steps" in r
     # one early-stopping control per NormGuard trial: NormGuard off, stopped at that trial's reward
     controls = {r["method"]: r for r in rows if r["stop_at_reward"] is not None}
     assert set(controls) == {"diffusion_nft", "awm"}

@@ -34,7 +34,7 @@ def test_two_step_run_of_each_loss(ray_local, digits_assets, tmp_path, loss, ext
     for r in steps:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["normguard/ratio_mean"] > 0
         assert r["faults/failures"] == 0
-    assert "eval/norm_ratio@6" in summary.after and "eval/digits_judge@2" in summary.before
+    assert "eval/norm_ratio_6steps" in summary.after and "eval/digits_judge_2steps" in summary.before
     assert (cfg.run_dir / "checkpoints" / "latest").is_file()
     assert (cfg.run_dir / "training.png").is_file() and (cfg.run_dir / "grids" / "after_6steps.png").is_file()
     assert any(p.name.startswith("events") for p in (cfg.run_dir / "tensorboard").iterdir())
@@ -115,7 +115,7 @@ def test_early_stopping_control_stops_at_the_reward_level(digits_assets, tmp_pat
     rewards = [r["reward/mean"] for r in stopped.history if "reward/mean" in r]
     assert stopped.after["train/steps_done"] == 2 == len(rewards)
     assert stopped.after["train/final_reward"] == pytest.approx(sum(rewards) / 2)
-    assert "eval/norm_ratio@6" in stopped.after
+    assert "eval/norm_ratio_6steps" in stopped.after
     over = tiny_overrides(tmp_path, "full", **{"train.steps": 3, "train.stop_at_reward": 2.0})
     full = run_training(load_config(None, over), local=True, progress=False)
     assert full.after["train/steps_done"] == 3
