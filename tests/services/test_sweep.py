@@ -43,6 +43,7 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
             "eval.few_steps": 2,
             "eval.full_steps": 4,
             "learner.micro_batch": 16,
+            "logging.backends": ["tensorboard", "wandb", "mlflow"],
         },
         axes=(Axis(key="loss.name", grid=["diffusion_nft", "awm"]), Axis(key="normguard.weight", grid=[0.0, 1.0])),
         early_stop_control=True,
@@ -70,3 +71,12 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
         assert len(list(csv.DictReader(f))) == 6
     assert (sweep.sweep_dir / "norm_ratio_per_step.png").is_file()
     assert (sweep.sweep_dir / "reward_vs_quality.png").is_file()
+    # every trial (controls included) logs to the trackers like a training run, grouped by the sweep
+    from mlflow.tracking import MlflowClient
+
+    trials = sweep.sweep_dir / "trials"
+    client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("normguard").experiment_id])
+    assert len(runs) == 6 and all(client.get_metric_history(r.info.run_id, "reward/mean") for r in runs)
+    assert {r.info.run_name for r in runs} == {p.name for p in trials.iterdir() if (p / "trial.json").is_file()}
+    assert len(list(trials.glob("*/wandb/offline-run-*/run-*.wandb"))) == 6
