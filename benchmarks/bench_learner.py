@@ -56,7 +56,6 @@ def main():
         "learner.timesteps_per_sample=2",
         "resources.torch_threads=2",
         "learner.track_old_policy_gap=false",
-        "loss.kl_weight=0",
     ]
     rb, prompts, adv = _batch(load_config(None, base), path, args.samples)
     nft_batch = TrainBatch(
@@ -81,10 +80,10 @@ def main():
     )
     rows = []
     for loss, batch, extra in (("diffusion_nft", nft_batch, []), ("flow_dpo", dpo_batch, ["loss.beta=50"])):
-        off = load_config(
-            None, base + extra + [f"loss.name={loss}", "normguard.weight=0", "learner.track_norm_ratio=false"]
-        )
-        on = load_config(None, base + extra + [f"loss.name={loss}", "normguard.weight=1"])
+        # NormGuard's own cost: no KL term (it would compute the reference forward in both arms)
+        same = base + extra + [f"loss.name={loss}", "loss.kl_weight=0"]
+        off = load_config(None, same + ["normguard.weight=0", "learner.track_norm_ratio=false"])
+        on = load_config(None, same + ["normguard.weight=1"])
         t_off, t_on = _time(off, path, batch, args.repeats), _time(on, path, batch, args.repeats)
         rows.append((loss, t_off, t_on, t_on / t_off))
     print(f"learner step, {args.samples} samples x 2 sigmas, median of {args.repeats} (s)")
