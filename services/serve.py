@@ -10,6 +10,7 @@ inference-time renormalisation baseline, for comparison.
 """
 
 import base64
+import hmac
 import io
 import time
 from collections import defaultdict
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -32,13 +34,16 @@ BASE_ID = "base"
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
+
+
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str | list[str] = Field(description="one prompt or a list (one image each)")
-    num_steps: int | None = Field(None, ge=1, description="sampler steps (default: the few-step default)")
-    guidance_scale: float | None = Field(None, ge=1.0)
-    seed: int | None = Field(None, ge=0, description="noise seed (random when omitted)")
+    num_steps: int | None = Field(None, ge=1, le=10_000, description="sampler steps (default: the few-step default)")
+    guidance_scale: float | None = Field(None, ge=1.0, le=1e6, description="CFG scale, finite")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="noise seed (random when omitted)")
     size: int | None = Field(None, ge=8, le=4096, description="image side in pixels")
     checkpoint: str = Field(BASE_ID, description="checkpoint id from GET /v1/models")
     renormalize: bool = Field(False, description="rescale v to ||v_ref|| each step (inference baseline)")
@@ -128,14 +133,40 @@ class GeneratorDeployment:
         for key, idx in groups.items():
             gen = await self.get_model(key[0])
             t0 = time.perf_counter()
-            images = GeneratorCore.run(gen, [items[i] for i in idx])
+            try:
+                images = GeneratorCore.run(gen, [items[i] for i in idx])
+            except Exception:  # noqa: BLE001 - isolate: redo one by one so a bad request fails alone
+                for i in idx:
+                    results[i] = self._alone(gen, items[i])
+                continue
             ms = (time.perf_counter() - t0) * 1000
             for j, i in enumerate(idx):
                 results[i] = {"images": images[j], "batch_requests": len(idx), "compute_ms": ms}
         return results
 
+    @staticmethod
+    def _alone(gen, item: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            (images,) = GeneratorCore.run(gen, [item])
+        except Exception as err:  # noqa: BLE001 - reported to this request only
+            return {"error": f"{type(err).__name__}: {_clip(str(err))}"}
+        return {"images": images, "batch_requests": 1, "compute_ms": (time.perf_counter() - t0) * 1000}
+
     async def __call__(self, item: dict) -> dict:
         return await self.generate_batch(item)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """Error messages never echo large inputs back."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _unprocessable(messages: list[str]) -> HTTPException:
+    """A 422 whose body has FastAPI's published shape: ``{"detail": [{"loc", "msg", "type"}]}``."""
+    return HTTPException(
+        status_code=422, detail=[{"loc": ["body"], "msg": _clip(m), "type": "value_error"} for m in messages]
+    )
 
 
 def _validate(cfg: ServeConfig, req: GenerateRequest) -> dict:
@@ -155,15 +186,17 @@ def _validate(cfg: ServeConfig, req: GenerateRequest) -> dict:
         problems.append(f"size must be one of {list(cfg.sizes)}, got {req.size}")
     if req.format == "png" and len(prompts) != 1:
         problems.append("format 'png' returns one image: send one prompt")
+    if any(len(p) > cfg.max_prompt_chars for p in prompts if isinstance(p, str)):
+        problems.append(f"each prompt must have at most {cfg.max_prompt_chars} characters")
     if problems:
-        raise HTTPException(status_code=422, detail="; ".join(problems))
+        raise _unprocessable(problems)
     if cfg.model.kind == "digits":
         from services.models.digits import parse_digit_prompt
 
         try:
             [parse_digit_prompt(p) for p in prompts]
         except ValueError as err:
-            raise HTTPException(status_code=422, detail=str(err)) from None
+            raise _unprocessable([_clip(str(err))]) from None
     seed = req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     return {
         "prompts": prompts,
@@ -183,12 +216,39 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
         description="Few-step generation with RL post-trained flow-matching generators.",
     )
 
+    open_paths = {"/healthz"} | ({"/"} if cfg.public_page else set())
+    expected = f"Bearer {cfg.auth_token}".encode() if cfg.auth_token else None
+
     @api.middleware("http")
-    async def auth(request: Request, call_next):
-        if cfg.auth_token and "/v1/" in request.url.path:
-            if request.headers.get("authorization") != f"Bearer {cfg.auth_token}":
+    async def guard(request: Request, call_next):
+        path = request.url.path  # relative to the app's route prefix (Serve sets root_path)
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if expected is not None and path not in open_paths:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):  # constant time
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > cfg.max_body_bytes):
+            return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+        if size is None and request.method in ("POST", "PUT", "PATCH"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > cfg.max_body_bytes:
+                    return JSONResponse({"detail": f"request body over {cfg.max_body_bytes} bytes"}, status_code=413)
+            request._body = body  # read once; the route parses it from here
         return await call_next(request)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # the published 422 shape, without the offending input (it may be huge, or NaN that JSON cannot carry)
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": _clip(str(e.get("msg", ""))), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     return api
 
@@ -221,13 +281,25 @@ def build_app(cfg: ServeConfig, model_path: str):
         async def page(self) -> str:
             return PAGE.read_text()
 
-        @api.post("/v1/generate")
+        @api.post(
+            "/v1/generate",
+            responses={
+                401: {"description": "missing or wrong bearer token (when auth_token is set)"},
+                404: {"description": "unknown checkpoint"},
+                413: {"description": "request body too large"},
+                500: {"description": "generation failed for this request (other requests are unaffected)"},
+            },
+        )
         async def generate(self, req: GenerateRequest) -> Any:
             if req.checkpoint not in known:
-                raise HTTPException(status_code=404, detail=f"unknown checkpoint {req.checkpoint!r}; known: {known}")
+                raise HTTPException(
+                    status_code=404, detail=f"unknown checkpoint {_clip(req.checkpoint, 80)!r}; known: {known}"
+                )
             item = _validate(cfg, req)
             t0 = time.perf_counter()
             out = await self.generator.options(multiplexed_model_id=req.checkpoint).remote(item)
+            if "error" in out:
+                raise HTTPException(status_code=500, detail=f"generation failed: {out['error']}")
             if req.format == "png":
                 return Response(content=base64.b64decode(out["images"][0]), media_type="image/png")
             return {

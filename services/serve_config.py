@@ -31,7 +31,14 @@ class ServeConfig(BaseModel):
     num_replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
-    auth_token: str | None = Field(None, description="require 'Authorization: Bearer <token>' when set")
+    auth_token: str | None = Field(
+        None, description="require 'Authorization: Bearer <token>' on every route but /healthz when set"
+    )
+    public_page: bool = Field(
+        False, description="with auth_token: serve the web page at / without a token (it asks for one for the API)"
+    )
+    max_body_bytes: int = Field(65_536, ge=1024, description="request bodies above this get 413")
+    max_prompt_chars: int = Field(1000, ge=1, description="characters per prompt")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import shutil
 import socket
 import subprocess
@@ -52,6 +53,8 @@ def server(ray_local, digits_assets, tmp_path_factory):
     serve.run(build_app(cfg, str(digits_assets.model_path)), name="normguard", route_prefix="/")
     auth_cfg = cfg.model_copy(update={"auth_token": "s3cret"})
     serve.run(build_app(auth_cfg, str(digits_assets.model_path)), name="authed", route_prefix="/authed")
+    page_cfg = auth_cfg.model_copy(update={"public_page": True})
+    serve.run(build_app(page_cfg, str(digits_assets.model_path)), name="pubauth", route_prefix="/pubauth")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -132,12 +135,58 @@ def test_malformed_json(server):
     assert r.status_code == 422 and "JSON" in r.text
 
 
-def test_bearer_token(server):
+def test_bearer_token_covers_every_route_but_health(server):
     url = f"{server}/authed"
-    assert httpx.get(f"{url}/v1/models", timeout=TIMEOUT_S).status_code == 401
-    r = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=TIMEOUT_S)
-    assert r.status_code == 200
+    good = {"Authorization": "Bearer s3cret"}
+    for path in ("/v1/models", "/", "/openapi.json", "/docs", "/redoc"):
+        assert httpx.get(f"{url}{path}", timeout=TIMEOUT_S).status_code == 401, path
+        assert (
+            httpx.get(f"{url}{path}", headers={"Authorization": "Bearer s3creT"}, timeout=TIMEOUT_S).status_code == 401
+        )
+        assert httpx.get(f"{url}{path}", headers=good, timeout=TIMEOUT_S).status_code == 200, path
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200  # health stays open
+    # public_page: the page is open, the API is not
+    assert httpx.get(f"{server}/pubauth/", timeout=TIMEOUT_S).status_code == 200
+    assert httpx.get(f"{server}/pubauth/v1/models", timeout=TIMEOUT_S).status_code == 401
+
+
+def test_a_bad_request_fails_alone_in_a_batch(server):
+    """Requests merged by @serve.batch: extreme seeds and NaN guidance get their own 4xx, every good one 200."""
+    good = [{"prompt": f"a handwritten digit {d}", "seed": d} for d in range(6)]
+    bad = [
+        {"prompt": "a handwritten digit 1", "seed": 2**64},
+        {"prompt": "a handwritten digit 1", "seed": -1},
+        {"prompt": "a handwritten digit 1", "guidance_scale": float("nan")},
+        {"prompt": "a handwritten digit 1", "guidance_scale": float("inf")},
+        {"prompt": "a handwritten digit 1", "num_steps": 10**30},
+    ]
+    mixed = [p for pair in zip(good, bad + [good[0]]) for p in pair]
+
+    def post(p):  # json.dumps writes NaN / Infinity literals, as a careless or hostile client would
+        body = json.dumps(p)
+        return httpx.post(
+            f"{server}/v1/generate", content=body, headers={"content-type": "application/json"}, timeout=TIMEOUT_S
+        )
+
+    with ThreadPoolExecutor(len(mixed)) as pool:
+        responses = list(pool.map(post, mixed))
+    for payload, r in zip(mixed, responses):
+        if payload in bad:
+            assert r.status_code == 422, (payload, r.status_code, r.text[:300])
+            detail = r.json()["detail"]
+            assert isinstance(detail, list) and {"loc", "msg", "type"} <= set(detail[0])
+        else:
+            assert r.status_code == 200, (payload, r.text[:300])
+    assert _post(server, {"prompt": "a handwritten digit 2", "seed": 2**63 - 1}).status_code == 200
+
+
+def test_body_size_limit_and_no_echo(server):
+    huge = {"prompt": "a handwritten digit 1 " + "x" * 20_000_000}
+    r = _post(server, huge)
+    assert r.status_code == 413 and len(r.content) < 1000
+    long_prompt = {"prompt": "y" * 5000}  # under the body limit, over max_prompt_chars
+    r = _post(server, long_prompt)
+    assert r.status_code == 422 and len(r.content) < 2000 and "at most 1000 characters" in r.text
 
 
 def test_web_page_in_headless_chromium(server, tmp_path):
@@ -156,3 +205,28 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
     assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
     assert "checkpoint trained" in dom and "error" not in dom.split('id="status"')[1][:200]
+
+
+def _page_dom(url: str, profile) -> str:
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=60000",
+        f"--user-data-dir={profile}",
+        "--dump-dom",
+        url,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+
+
+def test_web_page_under_auth_in_headless_chromium(server, tmp_path):
+    """With auth_token set, the page (public_page) asks for the token and works with it."""
+    skip_unless(shutil.which("chromium") is not None, "chromium not installed (apt-get install chromium)")
+    base = f"{server}/pubauth/?autorun=1&prompt=a%20handwritten%20digit%205"
+    dom = _page_dom(base, tmp_path / "a")
+    assert "needs a token" in dom and 'src="data:image/png;base64,' not in dom
+    dom = _page_dom(base + "&token=s3cret", tmp_path / "b")
+    assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
+    assert "error" not in dom.split('id="status"')[1][:200]
