@@ -186,19 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # flags may come anywhere (`normguard train CONFIG --local key=value`): argparse stops filling the
+    # override list at the first flag, so leftovers that look like overrides are appended to it
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     # `normguard train key=value` (no YAML): the first positional is an override, not a file
-    if args.command in ("serve", "sweep", "analyze"):
-        return args.fn(args)
-    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+    has_config = args.command not in ("serve", "sweep", "analyze")
+    if (
+        has_config
+        and getattr(args, "config", None)
+        and "=" in args.config
+        and not args.config.endswith((".yaml", ".yml"))
+    ):
         args.overrides = [args.config, *args.overrides]
         args.config = None
     from pydantic import ValidationError
 
+    from services.config import ConfigError
+
     try:
         return args.fn(args)
-    except (ValidationError, FileNotFoundError, KeyError) as err:  # user errors: a message, not a traceback
+    except (ValidationError, ConfigError, FileNotFoundError, KeyError) as err:  # user errors: a message
         print(f"normguard {args.command}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. an unwritable or impossible train.output_dir
+        print(f"normguard {args.command}: cannot use {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
 
 

@@ -14,7 +14,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ExperimentConfig", "load_config", "apply_overrides"]
+__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A user's config mistake (YAML syntax, malformed override): the CLI prints it, no traceback."""
 
 
 class _Section(BaseModel):
@@ -291,6 +295,14 @@ class ExperimentConfig(_Section):
         return self
 
 
+def _yaml_message(err: yaml.YAMLError) -> str:
+    """``YAML syntax error at line L, column C: problem`` (1-based, as editors count)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return f"YAML syntax error{where}: {problem}"
+
+
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
@@ -298,16 +310,19 @@ def _parse_value(text: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key.path=value")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.steps=10)")
         key, value = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = _parse_value(value)
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        try:
+            node[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
     return data
 
 
@@ -317,9 +332,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+            hint = "" if path.suffix in (".yaml", ".yml") else " (an override is written key.path=value)"
+            raise FileNotFoundError(f"config file not found: {path}{hint}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: {_yaml_message(err)}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     apply_overrides(data, list(overrides or []))
     return ExperimentConfig.model_validate(data)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from services.methods import get_method
-from services.remote import CallStats, call, call_with_retries
+from services.remote import CallStats, actor_gone, call, call_with_retries
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
 __all__ = ["Coordinator", "RunState", "StepReport"]
@@ -73,6 +73,7 @@ class Coordinator:
         self.step_idx = start_step
         self.version = learner.version
         self.stats = CallStats()
+        self._fault_base: dict[str, int] = {}  # counters at the previous step (faults/* are per step)
         self.nonfinite_in_row = 0
         self.state = RunState.INITIALIZING
         self.weights_ref = learner.weights()
@@ -158,6 +159,8 @@ class Coordinator:
                     out.append(ray.get(ref, timeout=timeout_s))
                 except Exception as err:  # noqa: BLE001 - redone with the retry policy
                     log.warning("%s: %s failed (%s); redoing its share", name, method, type(err).__name__)
+                    self.stats.retries += 1  # the redo below is a retry; the policy counts its own after it
+                    self.stats.restarts += int(actor_gone(err))
                     out.append(self._retry(a, method, p, name=name, timeout_s=timeout_s))
             return out
         return [self._retry(a, method, p, name=name, timeout_s=timeout_s) for a, p in zip(actors, payloads)]
@@ -281,15 +284,18 @@ class Coordinator:
                 raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
 
     def _perf(self, t: dict[str, float], num_samples: int) -> dict[str, float]:
+        """Timings, and the fault counters: ``faults/*`` this step, ``faults_total/*`` since the run began."""
+        totals = {"retries": self.stats.retries, "restarts": self.stats.restarts, "failures": self.stats.failures}
+        step = {k: v - self._fault_base.get(k, 0) for k, v in totals.items()}
+        self._fault_base = totals
         return {
             "perf/rollout_s": t["rollout"] - t["start"],
             "perf/reward_s": t["reward"] - t["rollout"],
             "perf/learner_s": t["learner"] - t["reward"],
             "perf/sync_s": t["sync"] - t["learner"],
             "perf/samples_per_s": num_samples / max(t["sync"] - t["start"], 1e-9),
-            "faults/retries": float(self.stats.retries),
-            "faults/restarts": float(self.stats.restarts),
-            "faults/failures": float(self.stats.failures),
+            **{f"faults/{k}": float(v) for k, v in step.items()},
+            **{f"faults_total/{k}": float(v) for k, v in totals.items()},
         }
 
     # ---- checkpoints ----------------------------------------------------------------------

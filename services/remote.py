@@ -13,19 +13,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CallStats", "call_with_retries", "is_actor"]
+__all__ = ["CallStats", "actor_gone", "call_with_retries", "is_actor"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class CallStats:
-    """Counters of recovered and failed calls (logged as metrics, P14)."""
+    """Counters of remote-call faults (logged per step as ``faults/*``, totals as ``faults_total/*``, P14).
+
+    Attributes:
+        retries: calls redone after an error or timeout.
+        failures: calls given up after every retry (the step then fails).
+        restarts: errors that found the actor dead or restarting (Ray restarts it).
+    """
 
     retries: int = 0
     failures: int = 0
     restarts: int = 0
     by_name: dict[str, int] = field(default_factory=dict)
+
+
+def actor_gone(err: BaseException) -> bool:
+    """The error says the actor died or is restarting (Ray's actor errors)."""
+    return type(err).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
 
 
 def is_actor(obj: Any) -> bool:
@@ -68,7 +79,7 @@ def call_with_retries(
         except Exception as err:  # noqa: BLE001 - classified below, re-raised when out of retries
             kind = type(err).__name__
             stale = isinstance(err, StaleSamplerError) or "StaleSamplerError" in str(err)
-            actor_gone = kind in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+            gone = actor_gone(err)
             if attempt == retries:
                 stats.failures += 1
                 stats.by_name[name] = stats.by_name.get(name, 0) + 1
@@ -81,12 +92,12 @@ def call_with_retries(
                 kind,
                 attempt + 1,
                 retries,
-                " after re-syncing weights" if (stale or actor_gone) else "",
+                " after re-syncing weights" if (stale or gone) else "",
                 exc_info=False,
             )
             time.sleep(backoff_s * 2**attempt)
-            if (stale or actor_gone) and on_actor_restart is not None:
-                stats.restarts += int(actor_gone)
+            stats.restarts += int(gone)
+            if (stale or gone) and on_actor_restart is not None:
                 _retry_hook(on_actor_restart, timeout_s)
     raise AssertionError("unreachable")
 

@@ -187,9 +187,10 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     """Train one configuration end to end; resumable by rerunning with the same run name."""
     from tqdm import tqdm
 
+    if (finished := _finished(cfg)) is not None:  # a rerun of a finished run: nothing re-evaluated or re-logged
+        return finished
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     coord, extra, eval_specs = build_coordinator(cfg, local=local)
     eval_names = list(eval_specs)
     writer = _open_writer(cfg)
@@ -262,11 +263,34 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     return summary
 
 
+def _finished(cfg) -> RunSummary | None:
+    """The stored summary when the run directory holds this config's finished run, else ``None``."""
+    path, ckpt = cfg.run_dir / "summary.json", latest_checkpoint(cfg.run_dir)
+    if not path.is_file() or ckpt is None:
+        return None
+    data = json.loads(path.read_text())
+    step = json.loads((ckpt / "coordinator.json").read_text())["step"]
+    if data.get("after", {}).get("train/steps_done") != step:
+        return None
+    history = MetricsWriter.read_file(cfg.run_dir)
+    if step < cfg.train.steps and not _reached([r["reward/mean"] for r in history if "reward/mean" in r], cfg.train):
+        return None  # e.g. train.steps was raised: resume and train on
+    log.info("%s already finished at step %d: %s", cfg.train.run_name, step, cfg.run_dir)
+    return RunSummary(
+        run_dir=cfg.run_dir,
+        before=data["before"],
+        after=data["after"],
+        ratio_per_step=data["ratio_per_step"],
+        history=history,
+    )
+
+
 def _open_writer(cfg) -> MetricsWriter:
-    """metrics.jsonl plus the configured trackers (``logging.backends``)."""
+    """config.json, metrics.jsonl and the configured trackers (``logging.backends``)."""
     from services.trackers import build_trackers
 
     run_dir = cfg.run_dir
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     trackers = build_trackers(
         cfg.logging,
         run_dir=run_dir,

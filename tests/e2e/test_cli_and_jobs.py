@@ -54,6 +54,18 @@ def test_normguard_train_cli(digits_assets, tmp_path):
     assert (run / "summary.json").is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
     assert (run / "checkpoints" / "step_000001" / "coordinator.json").is_file()
+    # rerunning a finished run (with the flag placed among the overrides) changes nothing
+    lines = (run / "metrics.jsonl").read_text()
+    again = subprocess.run(
+        [str(BIN / "normguard"), "train", over[0], "--local", *over[1:]],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "metrics.jsonl").read_text() == lines and "after+renorm" in again.stdout
 
 
 def test_unknown_override_fails_fast_with_the_field_name(tmp_path):

@@ -67,3 +67,29 @@ def test_every_serve_config_loads(path):
 
     cfg = load_serve_config(path)
     assert cfg.default_steps <= cfg.max_steps
+
+
+def test_cli_user_mistakes_get_a_message_not_a_traceback(tmp_path, capsys):
+    """YAML syntax (line and column), malformed overrides, flags among overrides, an impossible output dir."""
+    from services.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: [1, 2\n")
+    assert main(["train", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "YAML syntax error at line 3, column 1" in err and "Traceback" not in err
+    assert main(["train", "train.steps"]) == 2
+    assert "an override is written key.path=value" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  steps: 3\n")
+    assert main(["train", str(good), "train.steps"]) == 2
+    assert "not of the form key.path=value" in capsys.readouterr().err
+    assert main(["train", str(good), "train.steps.x=1"]) == 2
+    assert "'steps' is a value, not a section" in capsys.readouterr().err
+    # a flag among the overrides: the override after it still applies (here it is invalid, so it is reported)
+    assert main(["train", str(good), "--local", "train.steps=many"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["train", str(good), "--local", f"train.output_dir={blocker}"]) == 2
+    assert "cannot use" in capsys.readouterr().err

@@ -67,11 +67,20 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
         ray_local.kill(coord.samplers[1], no_restart=False)
         prompts, groups, seeds = coord._next_prompts()
         report = coord.step()
-        assert report.metrics["faults/restarts"] >= 1 and report.metrics["faults/failures"] == 0, coord.stats
+        m = report.metrics
+        assert m["faults/restarts"] >= 1 and m["faults/retries"] >= 1 and m["faults/failures"] == 0, coord.stats
         versions = ray_local.get([s.get_version.remote() for s in coord.samplers], timeout=60)
         assert versions == [coord.version, coord.version]  # the restarted actor was re-synced
         # the step consumed exactly the requested samples (bookkeeping check inside _rollout)
         assert len(seeds) == cfg.samples_per_step
+        # a killed scorer is counted too, in its own step only (faults/* are per step, totals separate)
+        ray_local.kill(coord.scorers[0], no_restart=False)
+        scored = coord.step().metrics
+        assert scored["faults/retries"] >= 1 and scored["faults/restarts"] >= 1 and scored["faults/failures"] == 0
+        assert scored["faults_total/retries"] == m["faults_total/retries"] + scored["faults/retries"]
+        quiet = coord.step().metrics
+        assert quiet["faults/retries"] == quiet["faults/restarts"] == 0
+        assert quiet["faults_total/restarts"] == scored["faults_total/restarts"]
     finally:
         coord.learner.stop()
 
