@@ -206,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     from pydantic import ValidationError
 
+    from services.checkpoints import CheckpointError
     from services.config import ConfigError
 
     try:
         return args.fn(args)
-    except (ValidationError, ConfigError, FileNotFoundError, KeyError) as err:  # user errors: a message
+    except (ValidationError, ConfigError, CheckpointError, FileNotFoundError, KeyError) as err:  # a message
         print(f"normguard {args.command}: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. an unwritable or impossible train.output_dir

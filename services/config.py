@@ -218,6 +218,9 @@ class TrainConfig(_Section):
         "`stop_window` steps reaches this (then the final eval runs as usual)",
     )
     stop_window: int = Field(3, ge=1)
+    on_corrupt_checkpoint: Literal["fallback", "stop"] = Field(
+        "fallback", description="a corrupt latest checkpoint: resume from the newest intact one, or stop"
+    )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from services.checkpoints import latest_intact, write_manifest
 from services.methods import get_method
 from services.remote import CallStats, actor_gone, call, call_with_retries
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
@@ -313,6 +314,7 @@ class Coordinator:
         }
         self.learner.save(str(path), state)
         (path / "coordinator.json").write_text(json.dumps(state))
+        write_manifest(path)  # last: a checkpoint without a matching manifest is not complete
         latest = run_dir / "checkpoints" / "latest"
         tmp = latest.with_suffix(".tmp")
         tmp.write_text(path.name)
@@ -340,10 +342,6 @@ def _concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
     )
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``checkpoints/latest`` names, if any."""
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    path = run_dir / "checkpoints" / latest.read_text().strip()
-    return path if (path / "coordinator.json").is_file() else None
+def latest_checkpoint(run_dir: Path, *, on_corrupt: str = "fallback") -> Path | None:
+    """The newest intact checkpoint (``services.checkpoints.latest_intact``), if any."""
+    return latest_intact(run_dir, on_corrupt=on_corrupt)

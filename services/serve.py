@@ -60,9 +60,11 @@ def _png_b64(image: torch.Tensor) -> str:
 
 def _checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
     """Trainable weights from a learner checkpoint dir, or a run dir's latest checkpoint."""
+    from services.checkpoints import latest_intact
+
     p = Path(path)
     if (p / "checkpoints" / "latest").is_file():
-        p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+        p = latest_intact(p)  # the newest intact checkpoint of a run directory
     if not (p / "learner.pt").is_file():
         raise FileNotFoundError(f"no learner checkpoint at {path} (expected learner.pt or checkpoints/latest)")
     return torch.load(p / "learner.pt", map_location="cpu", weights_only=False)["weights"]

@@ -98,7 +98,7 @@ def build_coordinator(cfg, *, local: bool = False) -> tuple[Coordinator, dict, d
     from services.scoring import ScorerWorker
 
     model_path, train_specs, eval_specs = _resolve(cfg)
-    ckpt = latest_checkpoint(cfg.run_dir)
+    ckpt = latest_checkpoint(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
     resume = str(ckpt) if ckpt else None
     res = cfg.resources
     scorer_specs = {**train_specs, **eval_specs}
@@ -265,7 +265,10 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
 
 def _finished(cfg) -> RunSummary | None:
     """The stored summary when the run directory holds this config's finished run, else ``None``."""
-    path, ckpt = cfg.run_dir / "summary.json", latest_checkpoint(cfg.run_dir)
+    path, ckpt = (
+        cfg.run_dir / "summary.json",
+        latest_checkpoint(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint),
+    )
     if not path.is_file() or ckpt is None:
         return None
     data = json.loads(path.read_text())

@@ -116,6 +116,34 @@ def test_resume_reproduces_the_uninterrupted_run(digits_assets, tmp_path):
     assert ckpt["step"] == 4 and ckpt["version"] == 4
 
 
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(digits_assets, tmp_path, caplog):
+    """A truncated learner.pt in the latest checkpoint: reported by path; the run resumes from the
+    previous, intact checkpoint and ends identical to an uninterrupted run (or stops, when told to)."""
+    from services.checkpoints import CheckpointError, verify_checkpoint
+
+    inner = {"train.checkpoint_every": 2}
+    straight = run_training(
+        load_config(None, tiny_overrides(tmp_path, "straight", **{"train.steps": 4, **inner})),
+        local=True,
+        progress=False,
+    )
+    over = tiny_overrides(tmp_path, "broken", **{"train.steps": 4, **inner})
+    run_training(load_config(None, over), local=True, progress=False)
+    ckpts = tmp_path / "broken" / "checkpoints"
+    assert verify_checkpoint(ckpts / "step_000002") is None and verify_checkpoint(ckpts / "step_000004") is None
+    pt = ckpts / "step_000004" / "learner.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # a write cut off half-way
+    with pytest.raises(CheckpointError, match="step_000004.*learner.pt has"):
+        run_training(load_config(None, [*over, "train.on_corrupt_checkpoint=stop"]), local=True, progress=False)
+    with caplog.at_level("WARNING"):
+        resumed = run_training(load_config(None, over), local=True, progress=False)
+    assert "step_000004 is corrupt or partial" in caplog.text and "step_000002" in caplog.text
+    keys = ("reward/mean", "loss/total", "normguard/ratio_mean")
+    rows = lambda s: [{k: r[k] for k in keys} for r in s.history if "reward/mean" in r]  # noqa: E731
+    assert rows(resumed) == rows(straight) and resumed.after == straight.after
+    assert verify_checkpoint(ckpts / "step_000004") is None  # rewritten, intact
+
+
 def test_early_stopping_control_stops_at_the_reward_level(digits_assets, tmp_path):
     """``train.stop_at_reward``: training ends once the windowed reward reaches the level, then the
     final eval runs; an unreachable level trains all the steps."""
