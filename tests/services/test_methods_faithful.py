@@ -166,6 +166,14 @@ def _last_minibatch(learner: Learner, batch: TrainBatch, calls) -> tuple[torch.T
     return rows, pts, loss
 
 
+def _forward_points(batch: TrainBatch, pts: dict, rows: torch.Tensor):
+    """The source's forward-process points in float64: x0, eps, t, t broadcast, x_t = (1 - t) x0 + t eps, prompts."""
+    s = pts["sample"][rows]
+    x0, eps, t = batch.latents[s].double(), pts["noise"][rows].double(), pts["sigma"][rows].double()
+    te = t.view(-1, 1, 1, 1)
+    return x0, eps, t, te, (1 - te) * x0 + te * eps, [batch.prompts[i] for i in s]
+
+
 def _compare(loss_ref: torch.Tensor, params: list[torch.Tensor], loss_learner: float, grad_learner: torch.Tensor):
     grad_ref = torch.cat([g.flatten() for g in torch.autograd.grad(loss_ref, params)]).float()
     assert loss_learner == pytest.approx(float(loss_ref.detach()), rel=2e-4, abs=1e-7)
@@ -181,14 +189,10 @@ def test_diffusion_nft_matches_the_source(digits_assets):
     old = F64(learner, [d * a + (1 - d) * b for a, b in zip(theta0, theta1)], trainable=False)
     pol, ref = F64(learner, theta1, trainable=True), _ref_module(learner)
     rows, pts, loss_l = _last_minibatch(learner, batch, calls)
-    s = pts["sample"][rows]
-    x0, eps, t = batch.latents[s].double(), pts["noise"][rows].double(), pts["sigma"][rows].double()
-    te = t.view(-1, 1, 1, 1)
-    xt = (1 - te) * x0 + te * eps
-    prompts = [batch.prompts[i] for i in s]
+    x0, eps, t, te, xt, prompts = _forward_points(batch, pts, rows)
     v, v_old, v_ref = pol(xt, t, prompts), old(xt, t, prompts).detach(), ref(xt, t, prompts).detach()
     beta, m = 0.5, 5.0
-    r = (batch.advantages[s].double().clamp(-m, m) / m / 2 + 0.5).clamp(0, 1)
+    r = (batch.advantages[pts["sample"][rows]].double().clamp(-m, m) / m / 2 + 0.5).clamp(0, 1)
     pos = beta * v + (1 - beta) * v_old
     neg = (1 + beta) * v_old - beta * v
 
@@ -212,11 +216,7 @@ def test_awm_matches_the_source(digits_assets):
     ema = F64(learner, [d * a + (1 - d) * b for a, b in zip(theta0, theta1)], trainable=False)
     pol, ref = F64(learner, theta1, trainable=True), _ref_module(learner)
     rows, pts, loss_l = _last_minibatch(learner, batch, calls)
-    s = pts["sample"][rows]
-    x0, eps, t = batch.latents[s].double(), pts["noise"][rows].double(), pts["sigma"][rows].double()
-    te = t.view(-1, 1, 1, 1)
-    xt = (1 - te) * x0 + te * eps
-    prompts = [batch.prompts[i] for i in s]
+    x0, eps, t, te, xt, prompts = _forward_points(batch, pts, rows)
     v = pol(xt, t, prompts)
 
     def lp(pred):  # compute_log_prob_awm, weighting='ghuber', ghuber_power=0.25
@@ -225,7 +225,7 @@ def test_awm_matches_the_source(digits_assets):
 
     with torch.no_grad():
         lp_old, v_ref, v_ema = lp(old(xt, t, prompts)), ref(xt, t, prompts), ema(xt, t, prompts)
-    adv = batch.advantages[s].double().clamp(-5, 5) / 5 * 1.0
+    adv = batch.advantages[pts["sample"][rows]].double().clamp(-5, 5) / 5 * 1.0
     ratio = torch.exp(lp(v) - lp_old)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 0.5, 1 + 0.5)).mean()
     loss = policy + 1e-3 * _mean_d((v - v_ref) ** 2).mean() + 1.0 * _mean_d((v - v_ema) ** 2).mean()

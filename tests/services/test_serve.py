@@ -191,23 +191,13 @@ def test_body_size_limit_and_no_echo(server):
 
 def test_web_page_in_headless_chromium(server, tmp_path):
     skip_unless(shutil.which("chromium") is not None, "chromium not installed (apt-get install chromium)")
-    url = f"{server}/?autorun=1&prompt=a%20handwritten%20digit%207&checkpoint=trained"
-    cmd = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--virtual-time-budget=60000",
-        f"--user-data-dir={tmp_path}",
-        "--dump-dom",
-        url,
-    ]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    dom = _page_dom(f"{server}/?autorun=1&prompt=a%20handwritten%20digit%207&checkpoint=trained", tmp_path)
     assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
     assert "checkpoint trained" in dom and "error" not in dom.split('id="status"')[1][:200]
 
 
 def _page_dom(url: str, profile) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium."""
     cmd = [
         "chromium",
         "--headless",
