@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from services.checkpoints import latest_intact, write_manifest
+from services.checkpoints import write_manifest
 from services.methods import get_method
 from services.remote import CallStats, actor_gone, call, call_with_retries
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
@@ -340,8 +340,3 @@ def _concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
         states=cat("states", 1),
         log_probs=cat("log_probs", 1),
     )
-
-
-def latest_checkpoint(run_dir: Path, *, on_corrupt: str = "fallback") -> Path | None:
-    """The newest intact checkpoint (``services.checkpoints.latest_intact``), if any."""
-    return latest_intact(run_dir, on_corrupt=on_corrupt)

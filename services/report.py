@@ -34,33 +34,28 @@ def split_eval_key(key: str) -> tuple[str, int] | None:
 def save_image_grid(
     images: Tensor, path: str | Path, *, nrow: int, scale: int = 4, row_labels: Sequence[str] | None = None
 ) -> Path:
-    """Save ``(N, 3, H, W)`` images in [0, 1] as a PNG grid (nearest-neighbour upscaled)."""
+    """Save ``(N, 3, H, W)`` images in [0, 1] as a PNG grid (:func:`grid_tensor`, optional row labels)."""
     from PIL import Image, ImageDraw
 
-    n, _, h, w = images.shape
-    ncol = nrow
-    rows = math.ceil(n / ncol)
-    pad = 2
+    grid = grid_tensor(images, nrow=nrow, scale=scale)  # (3, H', W')
     label_w = 0 if not row_labels else 8 * max(len(s) for s in row_labels) + 6
-    canvas = Image.new("RGB", (label_w + ncol * (w * scale + pad) + pad, rows * (h * scale + pad) + pad), "white")
-    arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        tile = Image.fromarray(arr[i]).resize((w * scale, h * scale), Image.NEAREST)
-        canvas.paste(tile, (label_w + pad + c * (w * scale + pad), pad + r * (h * scale + pad)))
+    canvas = Image.new("RGB", (label_w + grid.shape[2], grid.shape[1]), "white")
+    canvas.paste(Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()), (label_w, 0))
     if row_labels:
         draw = ImageDraw.Draw(canvas)
-        for r, text in enumerate(row_labels[:rows]):
-            draw.text((3, pad + r * (h * scale + pad) + h * scale // 2 - 5), text, fill="black")
+        tile_h, pad = images.shape[-2] * scale, 2
+        for r, text in enumerate(row_labels[: math.ceil(images.shape[0] / nrow)]):
+            draw.text((3, pad + r * (tile_h + pad) + tile_h // 2 - 5), text, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
 
 
-def grid_tensor(images: Tensor, *, nrow: int, pad: int = 2) -> Tensor:
-    """``(N, 3, H, W)`` in [0, 1] -> one ``(3, H', W')`` grid (small images upscaled to >= 64 px)."""
-    scale = max(1, 64 // images.shape[-1])
+def grid_tensor(images: Tensor, *, nrow: int, pad: int = 2, scale: int | None = None) -> Tensor:
+    """``(N, 3, H, W)`` in [0, 1] -> one ``(3, H', W')`` grid on white, each image upscaled ``scale``
+    times (nearest; default: small images to >= 64 px)."""
+    scale = scale or max(1, 64 // images.shape[-1])
     images = images.float().clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     n, c, h, w = images.shape
     rows = math.ceil(n / nrow)

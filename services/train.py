@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from services.coordinator import Coordinator, RunState, latest_checkpoint
+from services.checkpoints import latest_intact
+from services.coordinator import Coordinator, RunState
 from services.report import (
     MetricsWriter,
     eval_key,
@@ -91,14 +92,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
 
 
-def build_coordinator(cfg, *, local: bool = False) -> tuple[Coordinator, dict, dict]:
-    """Actors (or plain objects with ``local``) and a Coordinator; resumes if a checkpoint exists."""
+def build_coordinator(
+    cfg, *, local: bool = False, checkpoint: Path | None | str = "latest"
+) -> tuple[Coordinator, dict, dict]:
+    """Actors (or plain objects with ``local``) and a Coordinator; resumes from ``checkpoint`` (the run
+    directory's newest intact one when ``"latest"``, none when ``None``)."""
     from services.learner_group import LearnerGroup, LocalLearner
     from services.rollout import RolloutSampler
     from services.scoring import ScorerWorker
 
     model_path, train_specs, eval_specs = _resolve(cfg)
-    ckpt = latest_checkpoint(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
+    ckpt = (
+        latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint) if checkpoint == "latest" else checkpoint
+    )
     resume = str(ckpt) if ckpt else None
     res = cfg.resources
     scorer_specs = {**train_specs, **eval_specs}
@@ -187,11 +193,12 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     """Train one configuration end to end; resumable by rerunning with the same run name."""
     from tqdm import tqdm
 
-    if (finished := _finished(cfg)) is not None:  # a rerun of a finished run: nothing re-evaluated or re-logged
+    # verified once (checksums read every byte of the checkpoint), then used by both checks below
+    ckpt = latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
+    if (finished := _finished(cfg, ckpt)) is not None:  # a rerun of a finished run: nothing re-evaluated
         return finished
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    coord, extra, eval_specs = build_coordinator(cfg, local=local)
+    (run_dir := cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    coord, extra, eval_specs = build_coordinator(cfg, local=local, checkpoint=ckpt)
     eval_names = list(eval_specs)
     writer = _open_writer(cfg)
     writer.truncate_after(coord.step_idx)
@@ -263,12 +270,10 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     return summary
 
 
-def _finished(cfg) -> RunSummary | None:
-    """The stored summary when the run directory holds this config's finished run, else ``None``."""
-    path, ckpt = (
-        cfg.run_dir / "summary.json",
-        latest_checkpoint(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint),
-    )
+def _finished(cfg, ckpt: Path | None) -> RunSummary | None:
+    """The stored summary when the run directory holds this config's finished run (its newest intact
+    checkpoint ``ckpt`` is the final one), else ``None``."""
+    path = cfg.run_dir / "summary.json"
     if not path.is_file() or ckpt is None:
         return None
     data = json.loads(path.read_text())
