@@ -56,7 +56,7 @@ def cmd_train(args) -> int:
     if cfg.train.compare_baseline:
         base = cfg.model_copy(
             update={
-                "normguard": cfg.normguard.model_copy(update={"weight": 0.0}),
+                "normguard": cfg.normguard.model_copy(update={"weight": 0.0, "mode": "penalty"}),
                 "train": cfg.train.model_copy(
                     update={"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False}
                 ),

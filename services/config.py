@@ -71,10 +71,14 @@ class ScorerSpec(_Section):
 
 
 class RewardConfig(_Section):
-    scorers: tuple[ScorerSpec, ...] = Field((ScorerSpec(name="digits_classifier"),), min_length=1)
+    scorers: tuple[ScorerSpec, ...] = Field((ScorerSpec(name="digits_ink"),), min_length=1)
     eval_scorers: tuple[ScorerSpec, ...] = Field(
-        (ScorerSpec(name="digits_judge", pool="judge"), ScorerSpec(name="digits_realism", pool="judge")),
-        description="independent judges, never used for training",
+        (
+            ScorerSpec(name="digits_judge", pool="judge"),
+            ScorerSpec(name="digits_realism", pool="judge"),
+            ScorerSpec(name="digits_classifier", pool="judge"),
+        ),
+        description="judges never used for training (digits_classifier: the class term of the proxy, as a monitor)",
     )
     num_actors: int = Field(1, ge=1, description="RewardScorer actors per pool")
     timeout_s: float = Field(120.0, gt=0, description="per-call timeout")
@@ -143,6 +147,11 @@ class GRPOLoss(_Section):
     kl_weight: float = Field(0.04, ge=0, description="KL beta (0.04 OCR/GenEval, 0.01 PickScore), sigma-dependent")
     drop_zero_advantages: bool = Field(True, description="train only on samples with a non-zero advantage")
     train_cfg: bool = Field(True, description="train on the CFG velocity of rollout.guidance_scale (uncond detached)")
+    guard: bool = Field(
+        False,
+        description="GRPO-Guard (arXiv 2510.22319): the ratio normalised per timestep (x step std, mean-shift "
+        "corrected), as in Flow-Factory's grpo-guard trainer",
+    )
 
 
 LossConfig = Annotated[NFTLoss | AWMLoss | DPOLoss | GRPOLoss, Field(discriminator="name")]
@@ -156,10 +165,37 @@ class AdvantageConfig(_Section):
 
 
 class NormGuardConfig(_Section):
-    weight: float = Field(0.0, ge=0.0, description="lambda on the velocity-norm hinge (0 = off)")
-    margin: float = Field(0.0, ge=0.0, description="relative slack over ||v_ref||")
-    power: Literal[1, 2] = 2
+    """``mode: penalty`` is the fixed-weight hinge; ``mode: constraint`` holds the per-sigma-bin mean ratio
+    at or below ``1 + margin`` with one multiplier per bin (``normguard_core.constraint``)."""
+
+    mode: Literal["penalty", "constraint"] = Field(
+        "penalty", description="penalty: lambda = weight, fixed; constraint: per-sigma-bin lambdas by dual ascent"
+    )
+    weight: float = Field(0.0, ge=0.0, description="penalty mode: lambda on the velocity-norm hinge (0 = off)")
+    margin: float = Field(
+        0.0, ge=0.0, description="relative slack over ||v_ref|| (the constraint's bound is 1 + margin)"
+    )
+    power: Literal[1, 2] = Field(2, description="penalty mode: L1 or squared hinge (constraint mode uses L1)")
     scale: Literal["relative", "absolute"] = "relative"
+    bins: int = Field(10, ge=1, le=1000, description="sigma bins (constraint multipliers and the ratio_bin metrics)")
+    lambda_init: float = Field(0.1, gt=0, description="constraint mode: every bin's starting multiplier")
+    dual_rate: float = Field(1.0, ge=0, description="constraint mode: log-lambda step per RL step at a full violation")
+    tolerance: float = Field(0.02, gt=0, description="constraint mode: the ratio violation that counts as full")
+    lambda_min: float = Field(
+        1e-3, gt=0, description="constraint mode: multiplier floor (a satisfied bin decays to it)"
+    )
+    lambda_max: float = Field(100.0, gt=0, description="constraint mode: multiplier ceiling")
+
+    @property
+    def active(self) -> bool:
+        """The penalty acts on the policy (a constraint always does)."""
+        return self.mode == "constraint" or self.weight > 0
+
+    @model_validator(mode="after")
+    def _check(self) -> NormGuardConfig:
+        if self.mode == "constraint" and not self.lambda_min <= self.lambda_init <= self.lambda_max:
+            raise ValueError("normguard: need lambda_min <= lambda_init <= lambda_max")
+        return self
 
 
 class LearnerConfig(_Section):
@@ -204,6 +240,32 @@ class ResourcesConfig(_Section):
     )
 
 
+class GuardSpec(_Section):
+    """A bound on one metric watched during training (``services.guards``): crossing it warns, stops,
+    or rolls the run back to its newest checkpoint inside every bound."""
+
+    metric: str = Field(
+        description="a per-step metric (e.g. normguard/ratio_max, normguard/ratio_bin0) or an evaluation "
+        "metric (e.g. eval/digits_judge_20steps, eval/frechet_20steps; needs train.eval_every)"
+    )
+    max: float | None = Field(None, description="fires when the metric exceeds this")
+    min: float | None = Field(None, description="fires when the metric falls below this")
+    max_rise: float | None = Field(
+        None, description="fires when the metric exceeds its value before training by more than this"
+    )
+    action: Literal["warn", "stop", "rollback"] = Field(
+        "warn",
+        description="warn: log and go on; stop: end training here; rollback: end and restore the newest "
+        "checkpoint at which every guard held (checkpoint as often as you evaluate)",
+    )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> GuardSpec:
+        if self.max is None and self.min is None and self.max_rise is None:
+            raise ValueError(f"guard on {self.metric!r}: give max, min or max_rise")
+        return self
+
+
 class TrainConfig(_Section):
     run_name: str = Field("digits-nft", pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = Field("runs", description="run directories live here")
@@ -221,6 +283,7 @@ class TrainConfig(_Section):
     on_corrupt_checkpoint: Literal["fallback", "stop"] = Field(
         "fallback", description="a corrupt latest checkpoint: resume from the newest intact one, or stop"
     )
+    guards: tuple[GuardSpec, ...] = Field((), description="bounds watched during training (reward hacking)")
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
 
@@ -254,6 +317,9 @@ class EvalConfig(_Section):
     few_steps: int = Field(4, ge=1)
     full_steps: int = Field(20, ge=1)
     guidance_scale: float = Field(1.0, ge=1.0)
+    renorm_along: bool = Field(
+        False, description="also evaluate with inference-time renormalisation at every train.eval_every point"
+    )
 
 
 class ExperimentConfig(_Section):

@@ -29,6 +29,7 @@ ranks. A non-finite loss or gradient on any worker skips that optimiser step on 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import shutil
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from normguard_core.constraint import bin_means, sigma_bins, update_log_multipliers
 from normguard_core.conventions import interpolate, sample_sigmas, sigma_grid
 from normguard_core.lagged import lag_decay, update_lagged
 from normguard_core.losses import LossBatch, NormGuardParams, compose_objective
@@ -75,7 +77,10 @@ class Learner:
         self.updates_per_step = lc.updates_per_step or self.method.updates_per_step
         self.timesteps = lc.timesteps_per_sample or self.method.timesteps_per_sample(cfg)
         # the frozen reference forward is skipped only when nothing reads it (benchmarks)
-        self._needs_ref = ng.weight > 0 or self.method.needs_ref(loss) or lc.track_norm_ratio
+        self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
+        # NormGuard as a constraint: one log-multiplier per sigma bin (normguard_core.constraint)
+        self.log_lam = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)
+        self._bins: dict[str, Tensor] = {}
         self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
         ro = cfg.rollout
         self._guidance = ro.guidance_scale if getattr(loss, "train_cfg", False) else 1.0
@@ -219,6 +224,11 @@ class Learner:
                 kl_scale=self.method.kl_scale(loss_cfg, sigma=sigma, sigma_next=s_next, noise_level=noise_level),
                 sigma=None,
             )
+            if getattr(loss_cfg, "guard", False):  # GRPO-Guard: the sampling policy's SDE mean at the same state
+                old = sde_step(
+                    x, pts["v_old"][rows].to(dev), sigma, s_next, noise_level=noise_level, x_next=step.x_next
+                )
+                fields.update(mean=step.mean, old_mean=old.mean, step_std=step.std)
         else:
             noise = pts["noise"][rows]
             x0 = batch.latents[idx].to(dev)
@@ -234,6 +244,8 @@ class Learner:
                 fields.update(winners=torch.arange(half), losers=torch.arange(half, 2 * half))
             else:
                 fields.update(advantages=pts["adv"][rows].to(dev), reward_prob=pts["r"][rows].to(dev))
+        if v_ref is not None:
+            self._track_bins(v_theta, v_ref, sigma.detach(), fields)
         out = compose_objective(
             loss_cfg.name,
             LossBatch(**fields),
@@ -247,6 +259,49 @@ class Learner:
             gap = velocity_norm(v_theta.detach()[: len(rows)] - old) / velocity_norm(old).clamp_min(1e-12)
             metrics["learner/old_policy_gap"] = gap.mean()
         return out.loss, metrics
+
+    # ---- NormGuard's per-sigma-bin ratios and multipliers -----------------------------------
+    def _track_bins(self, v_theta: Tensor, v_ref: Tensor, sigma: Tensor, fields: dict) -> None:
+        """Accumulate the step's per-bin norm ratios; in constraint mode give each point its bin's lambda."""
+        ng = self.cfg.normguard
+        bins = sigma_bins(sigma.cpu(), ng.bins)
+        ratio = velocity_norm(v_theta.detach().float()) / velocity_norm(v_ref.detach().float()).clamp_min(1e-12)
+        sums, counts = bin_means(ratio, bins, ng.bins)
+        self._bins["sum"] = self._bins.get("sum", torch.zeros(ng.bins, dtype=torch.float64)) + sums
+        self._bins["count"] = self._bins.get("count", torch.zeros(ng.bins, dtype=torch.float64)) + counts
+        if ng.mode == "constraint":
+            fields["normguard_weight"] = self.log_lam.exp().float()[bins].to(v_theta.device)
+
+    def _advance_multipliers(self) -> dict[str, float]:
+        """After the RL step: all-reduce the per-bin ratios; in constraint mode, one dual-ascent step."""
+        ng = self.cfg.normguard
+        if "sum" not in self._bins:
+            self._bins = {k: torch.zeros(ng.bins, dtype=torch.float64) for k in ("sum", "count")}
+        stats = torch.stack([self._bins["sum"], self._bins["count"]])
+        self._bins = {}
+        if self.distributed:
+            dist.all_reduce(stats)
+        sums, counts = stats
+        if counts.sum() == 0:
+            return {}
+        ratio = sums / counts.clamp_min(1)
+        out = {f"normguard/ratio_bin{b}": float(ratio[b]) for b in range(ng.bins) if counts[b] > 0}
+        if ng.mode == "constraint":
+            self.log_lam = update_log_multipliers(
+                self.log_lam,
+                ratio,
+                counts,
+                bound=1.0 + ng.margin,
+                rate=ng.dual_rate,
+                tolerance=ng.tolerance,
+                lam_min=ng.lambda_min,
+                lam_max=ng.lambda_max,
+            )
+            lam = self.log_lam.exp()
+            out["normguard/lambda"] = float(lam.mean())
+            out["normguard/lambda_max_bin"] = float(lam.max())
+            out.update({f"normguard/lambda_bin{b}": float(lam[b]) for b in range(ng.bins)})
+        return out
 
     # ---- one RL step ----------------------------------------------------------------------
     def update(self, batch: TrainBatch) -> dict[str, float]:
@@ -282,6 +337,7 @@ class Learner:
                     applied += 1
                     grad_norms.append(norm)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
+        metrics.update(self._advance_multipliers())  # every rank joins this all-reduce, also an empty shard
         metrics["learner/updates"] = float(applied)
         metrics["learner/skipped_nonfinite"] = skipped / max(applied + skipped, 1)
         if grad_norms:
@@ -342,6 +398,7 @@ class Learner:
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                 "step": self.step_count,
                 "version": self.version,
+                "log_lambda": self.log_lam,
                 "extra": extra or {},
             },
             tmp / "learner.pt",
@@ -364,4 +421,6 @@ class Learner:
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         self.step_count, self.version = state["step"], state["version"]
+        if "log_lambda" in state:
+            self.log_lam = state["log_lambda"].double()
         return state["extra"]

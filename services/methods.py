@@ -224,6 +224,9 @@ class FlowGRPO(Method):
     def loss_kwargs(self, loss_cfg) -> dict:
         return dict(clip_range=loss_cfg.clip_range, adv_clip_max=loss_cfg.adv_clip_max)
 
+    def reads_v_old(self, loss_cfg) -> bool:
+        return loss_cfg.guard  # GRPO-Guard's ratio reads the sampling policy's SDE mean
+
     def kl_scale(self, loss_cfg, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float) -> Tensor | None:
         return sde_kl_scale(sigma, sigma_next, noise_level=noise_level)
 

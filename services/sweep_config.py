@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.config import ExperimentConfig, apply_overrides
 
-__all__ = ["Axis", "SweepConfig", "load_sweep"]
+__all__ = ["Arm", "Axis", "SweepConfig", "load_sweep"]
 
 
 class Axis(BaseModel):
@@ -33,6 +33,17 @@ class Axis(BaseModel):
         return self
 
 
+class Arm(BaseModel):
+    """A named set of overrides chosen by the ``arm`` axis (e.g. ``constraint``: normguard.mode=constraint)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys -> values")
+    methods: list[str] | None = Field(None, description="only with these loss.name values (None = every method)")
+    by_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="extra overrides for one loss.name (e.g. a KL weight per method)"
+    )
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,6 +59,17 @@ class SweepConfig(BaseModel):
     mode: Literal["max", "min"] = "max"
     output_dir: str = "runs/sweeps"
     renorm_baseline: bool = Field(True, description="also evaluate each trial with inference-time renormalisation")
+    arms: dict[str, Arm] = Field(
+        default_factory=dict, description="named override sets; an axis with key `arm` picks among them"
+    )
+    by_method: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="overrides per loss.name for every arm (e.g. SDE rollouts for flow_grpo)"
+    )
+    local_trials: bool = Field(
+        False,
+        description="each trial runs its samplers, scorers and learner in the trial's own process (small models on "
+        "few cores: no actor start-up, and trials run side by side, one core each)",
+    )
     early_stop_control: bool = Field(
         False,
         description="after the grid: for every finished trial with normguard.weight > 0, train the same "
@@ -58,20 +80,52 @@ class SweepConfig(BaseModel):
     def sweep_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.name
 
+    def grid_trials(self) -> list[dict[str, Any]] | None:
+        """With arms: every valid combination of the grid axes (an arm only with its methods); else None."""
+        if not self.arms:
+            return None
+        import itertools
+
+        keys = [a.key for a in self.axes]
+        out = []
+        for values in itertools.product(*(a.grid for a in self.axes)):
+            params = dict(zip(keys, values))
+            arm = self.arms[params["arm"]]
+            if arm.methods is None or params.get("loss.name") in arm.methods:
+                out.append(params)
+        return out
+
     @model_validator(mode="after")
     def _check(self) -> SweepConfig:
+        if self.arms:
+            arm_axes = [a for a in self.axes if a.key == "arm"]
+            if not arm_axes or any(a.grid is None for a in self.axes):
+                raise ValueError("with arms, give an axis with key `arm` and grid values on every axis")
+            unknown = sorted(set(arm_axes[0].grid) - set(self.arms))
+            if unknown:
+                raise ValueError(f"arm axis names undeclared arms {unknown}; declared: {sorted(self.arms)}")
+            for params in self.grid_trials():
+                self.trial_config(params, "check")
+            return self
         trial = self.trial_config({a.key: _first(a) for a in self.axes}, "check")
         if self.asha and trial.train.steps <= self.asha_grace_steps:
             raise ValueError("asha needs train.steps > asha_grace_steps")
         return self
 
     def trial_config(self, params: dict[str, Any], trial_name: str) -> ExperimentConfig:
-        data = apply_overrides(
-            {}, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in self.base.items()]
-        )
-        data = apply_overrides(
-            data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in params.items()]
-        )
+        params = dict(params)
+        layers = [self.base]
+        arm = self.arms.get(params.pop("arm", None)) if self.arms else None
+        method = params.get("loss.name", self.base.get("loss.name"))
+        layers.append(self.by_method.get(method, {}))
+        if arm is not None:
+            layers += [arm.overrides, arm.by_method.get(method, {})]
+        layers.append(params)
+        data: dict[str, Any] = {}
+        for layer in layers:
+            apply_overrides(
+                data, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in layer.items()]
+            )
         data.setdefault("train", {})
         data["train"].update(run_name=trial_name, output_dir=str(self.sweep_dir / "trials"), compare_baseline=False)
         data.setdefault("logging", {}).setdefault("group", self.name)  # W&B groups a sweep's trials

@@ -18,6 +18,7 @@ import torch
 
 from services.checkpoints import latest_intact
 from services.coordinator import Coordinator, RunState
+from services.guards import GuardMonitor
 from services.report import (
     MetricsWriter,
     eval_key,
@@ -43,6 +44,7 @@ class RunSummary:
     after: dict[str, float] = field(default_factory=dict)
     ratio_per_step: dict[str, list[float]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    guards: list[dict] = field(default_factory=list)  # the guards that fired (services.guards)
 
 
 def _resolve(cfg):
@@ -179,14 +181,28 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
         images[n] = out["images"]
         if cfg.model.kind == "digits" and "digits_judge" in eval_names:
             from services.prepare import real_test_images
-            from services.rewards.digits import frechet_distance
 
             real = real_test_images(cfg.model.resolution)
-            feats = [
+            fake_f, real_f = (
                 call(coord.scorers[0], "features", "digits_judge", x, timeout_s=timeout) for x in (out["images"], real)
-            ]
-            metrics[eval_key("frechet", n)] = frechet_distance(*feats)
+            )
+            metrics.update(_feature_metrics(fake_f, real_f, groups, n))
     return metrics, ratios, images
+
+
+def _feature_metrics(fake: torch.Tensor, real: torch.Tensor, groups: torch.Tensor, n: int) -> dict[str, float]:
+    """Set-level quality and diversity in the judge's features: FD, KID, precision / recall, spread."""
+    from normguard_core.sample_quality import kernel_inception_distance, precision_recall, within_group_spread
+    from services.rewards.digits import frechet_distance
+
+    precision, recall = precision_recall(fake, real)
+    return {
+        eval_key("frechet", n): frechet_distance(fake, real),
+        eval_key("kid", n): kernel_inception_distance(fake, real),
+        eval_key("precision", n): precision,
+        eval_key("recall", n): recall,
+        eval_key("diversity", n): within_group_spread(fake, groups),
+    }
 
 
 def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None) -> RunSummary:
@@ -210,6 +226,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
             summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
             _save_grids(run_dir, images, "before", cfg, writer, coord.step_idx)
             writer.write(coord.step_idx, summary.before)
+        guards = GuardMonitor(cfg.train.guards, before=summary.before)
         bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
         rewards = [r["reward/mean"] for r in writer.read() if "reward/mean" in r]
         done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train)
@@ -226,28 +243,15 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
                 loss=f"{m.get('loss/total', float('nan')):.4f}",
             )
             bar.update(1)
-            done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train)
+            halt = guards.check(report.step, m) in ("stop", "rollback")
+            done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train) or halt
             if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
-                coord._transition(RunState.EVALUATING)
-                ev_metrics, _, ev_images = evaluate(coord, cfg, eval_names)
-                writer.write(coord.step_idx, ev_metrics)
-                _log_grids(writer, ev_images, "eval", cfg, coord.step_idx)
+                done = _evaluate_along(coord, cfg, eval_names, writer, guards)
             if (cfg.train.checkpoint_every and coord.step_idx % cfg.train.checkpoint_every == 0) or done:
                 coord.checkpoint(run_dir, {"before": summary.before})
         bar.close()
-        coord._transition(RunState.EVALUATING)
-        summary.after, ratios, images = evaluate(coord, cfg, eval_names)
-        summary.after["train/steps_done"] = float(coord.step_idx)
-        summary.after["train/final_reward"] = window_mean(rewards, cfg.train.stop_window)
-        # the paper's inference-time baseline on the same trained weights: v rescaled to ||v_ref||
-        renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
-        summary.after.update(
-            {k.replace("eval/", "eval_renorm/"): v for k, v in renorm.items() if "norm_ratio" not in k}
-        )
-        writer.write(coord.step_idx, summary.after)
-        summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
-        _save_grids(run_dir, images, "after", cfg, writer, coord.step_idx)
-        writer.trackers.log_summary(summary.after)
+        coord = _rollback(coord, cfg, guards, local=local)
+        _final_eval(coord, cfg, eval_names, writer, summary, rewards)
         coord._transition(RunState.FINISHED)
     except BaseException:
         coord.state = RunState.ERRORED
@@ -262,12 +266,74 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
         run_dir / "norm_ratio_per_step.png",
         title=f"{cfg.train.run_name} ({cfg.eval.full_steps} steps)",
     )
-    (run_dir / "summary.json").write_text(
+    summary.guards = guards.record()
+    _write_summary(summary, stopped_by_guard=guards.action in ("stop", "rollback"))
+    return summary
+
+
+def _evaluate_along(coord: Coordinator, cfg, eval_names: list[str], writer, guards: GuardMonitor) -> bool:
+    """An evaluation during training (with the renormalised baseline when ``eval.renorm_along``); returns
+    whether a guard on its metrics ends the run."""
+    coord._transition(RunState.EVALUATING)
+    metrics, _, images = evaluate(coord, cfg, eval_names)
+    if cfg.eval.renorm_along:  # the inference-time baseline at every evaluation point
+        renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
+        metrics.update(_renorm_keys(renorm))
+    writer.write(coord.step_idx, metrics)
+    _log_grids(writer, images, "eval", cfg, coord.step_idx)
+    coord._transition(RunState.RUNNING)
+    return guards.check(coord.step_idx, metrics, evaluation=True) in ("stop", "rollback")
+
+
+def _final_eval(coord: Coordinator, cfg, eval_names: list[str], writer, summary: RunSummary, rewards: list) -> None:
+    """The after-training evaluation, and the paper's inference-time baseline on the same weights
+    (v rescaled to ||v_ref||)."""
+    coord._transition(RunState.EVALUATING)
+    summary.after, ratios, images = evaluate(coord, cfg, eval_names)
+    summary.after["train/steps_done"] = float(coord.step_idx)
+    summary.after["train/final_reward"] = window_mean(rewards, cfg.train.stop_window)
+    renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
+    summary.after.update(_renorm_keys(renorm))
+    writer.write(coord.step_idx, summary.after)
+    summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
+    _save_grids(summary.run_dir, images, "after", cfg, writer, coord.step_idx)
+    writer.trackers.log_summary(summary.after)
+
+
+def _write_summary(summary: RunSummary, *, stopped_by_guard: bool) -> None:
+    (summary.run_dir / "summary.json").write_text(
         json.dumps(
-            {"before": summary.before, "after": summary.after, "ratio_per_step": summary.ratio_per_step}, indent=2
+            {
+                "before": summary.before,
+                "after": summary.after,
+                "ratio_per_step": summary.ratio_per_step,
+                "guards": summary.guards,
+                "stopped_by_guard": stopped_by_guard,
+            },
+            indent=2,
         )
     )
-    return summary
+
+
+def _rollback(coord: Coordinator, cfg, guards: GuardMonitor, *, local: bool) -> Coordinator:
+    """A ``rollback`` guard fired: restore the newest checkpoint inside every bound (``checkpoints/latest``
+    then names it, so a rerun finds the run finished there)."""
+    if guards.action != "rollback":
+        return coord
+    target = guards.rollback_target(cfg.run_dir)
+    if target is None:
+        log.warning("rollback: no intact checkpoint inside the bounds; the run ends where the guard fired")
+        return coord
+    log.warning("rollback: restoring %s", target)
+    coord.learner.stop()
+    coord, _, _ = build_coordinator(cfg, local=local, checkpoint=target)
+    (cfg.run_dir / "checkpoints" / "latest").write_text(target.name)
+    return coord
+
+
+def _renorm_keys(metrics: dict[str, float]) -> dict[str, float]:
+    """``eval/...`` -> ``eval_renorm/...`` (the norm ratio is 1 by construction and dropped)."""
+    return {k.replace("eval/", "eval_renorm/"): v for k, v in metrics.items() if "norm_ratio" not in k}
 
 
 def _finished(cfg, ckpt: Path | None) -> RunSummary | None:
@@ -281,7 +347,9 @@ def _finished(cfg, ckpt: Path | None) -> RunSummary | None:
     if data.get("after", {}).get("train/steps_done") != step:
         return None
     history = MetricsWriter.read_file(cfg.run_dir)
-    if step < cfg.train.steps and not _reached([r["reward/mean"] for r in history if "reward/mean" in r], cfg.train):
+    if data.get("stopped_by_guard"):
+        pass  # a guard ended it: finished where it stopped (or rolled back to)
+    elif step < cfg.train.steps and not _reached([r["reward/mean"] for r in history if "reward/mean" in r], cfg.train):
         return None  # e.g. train.steps was raised: resume and train on
     log.info("%s already finished at step %d: %s", cfg.train.run_name, step, cfg.run_dir)
     return RunSummary(
@@ -290,6 +358,7 @@ def _finished(cfg, ckpt: Path | None) -> RunSummary | None:
         after=data["after"],
         ratio_per_step=data["ratio_per_step"],
         history=history,
+        guards=data.get("guards", []),
     )
 
 

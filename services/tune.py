@@ -52,14 +52,14 @@ def _trainable(params: dict[str, Any], sweep_json: str) -> None:
     from services.train import run_training
 
     sweep = SweepConfig.model_validate_json(sweep_json)
-    # grid trials get the searched keys; early-stopping controls get one whole dict under "control"
-    params = dict(params["control"]) if "control" in params else dict(params)
+    # grid trials get the searched keys; arm grids and early-stopping controls one whole dict under "trial"
+    params = dict(params["trial"]) if "trial" in params else dict(params)
     cfg = sweep.trial_config(params, _trial_name(params))
 
     def report(step: int, metrics: dict[str, float]) -> None:
         tune.report({"step": step, **{k: v for k, v in metrics.items() if isinstance(v, float)}})
 
-    summary = run_training(cfg, progress=False, on_step=report)
+    summary = run_training(cfg, local=sweep.local_trials, progress=False, on_step=report)
     final = {"step": cfg.train.steps, **summary.after, "done": 1.0}
     (cfg.run_dir / "trial.json").write_text(
         json.dumps(
@@ -68,6 +68,7 @@ def _trainable(params: dict[str, Any], sweep_json: str) -> None:
                 "after": summary.after,
                 "before": summary.before,
                 "ratio_per_step": summary.ratio_per_step,
+                "guards": summary.guards,
             }
         )
     )
@@ -101,7 +102,7 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_search_space(sweep),
+            param_space=_search_space(sweep) if not sweep.arms else {"trial": tune.grid_search(sweep.grid_trials())},
             tune_config=tune.TuneConfig(
                 num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler
             ),
@@ -168,7 +169,7 @@ def _run_controls(sweep: SweepConfig, trainable, storage: str) -> None:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"control": tune.grid_search(controls)},
+            param_space={"trial": tune.grid_search(controls)},
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
         )

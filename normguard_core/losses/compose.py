@@ -59,10 +59,14 @@ def compose_objective(
     metrics = dict(base.metrics)
     metrics["loss/base"] = base.loss.detach()
     has_ref = batch.v_theta is not None and batch.v_ref is not None
-    if normguard is not None and normguard.weight > 0 and not has_ref:
+    per_point = batch.normguard_weight
+    active = normguard is not None and (normguard.weight > 0 or per_point is not None)
+    if active and not has_ref:
         raise ValueError(f"NormGuard needs v_theta and v_ref in the batch; it carries {batch.present()}")
     if has_ref:
         weight = normguard.weight if normguard is not None else 0.0
+        if normguard is not None and per_point is not None:
+            weight = per_point
         ng = normguard_penalty(
             v_theta=batch.v_theta,
             v_ref=batch.v_ref,
@@ -72,7 +76,7 @@ def compose_objective(
             scale=normguard.scale if normguard is not None else "relative",
         )
         metrics.update(ng.metrics)
-        if weight > 0:
+        if active:
             total = total + ng.loss
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")

@@ -15,6 +15,18 @@ Flow-GRPO's KL to the reference is a separate term (``compose.compose_objective`
 with the per-sample scale ``samplers.sde_kl_scale``), as in verl-omni where it is registered
 separately. Source: ``kl = mean_D (mean_theta - mean_ref)^2 / (2 std_t^2)`` on the SDE means, which
 in velocity terms is ``sde_kl_scale * mean_D (v_theta - v_ref)^2``.
+
+GRPO-Guard (Wang et al., arXiv:2510.22319; read in X-GenGroup/Flow-Factory
+``trainers/rl/grpo.py`` ``GRPOGuardTrainer._guard_ratio``) replaces the ratio with one normalised per
+timestep. With ``s`` the step std ``std_t sqrt(-dt)`` and ``mu`` / ``mu_old`` the SDE means of the
+current and the sampling policy at the stored state::
+
+    log ratio_guard = s * (log p - log p_old) + mean_D (mu - mu_old)^2 / (2 s)
+
+The first factor undoes the ``1 / s^2`` scale of the log-density difference, which makes late steps
+(small ``s``) dominate the gradient (the 1/dt reweighting); the second removes the mean shift that
+leaves the plain ratio left of 1, so the clip acts symmetrically. Pass ``mean``, ``old_mean`` and
+``step_std`` to get it (``loss.guard: true`` in the service).
 """
 
 from __future__ import annotations
@@ -28,7 +40,9 @@ from normguard_core.types import LossOutput
 __all__ = ["flow_grpo_loss"]
 
 
-@register_loss("flow_grpo", required=("log_prob", "old_log_prob", "advantages"))
+@register_loss(
+    "flow_grpo", required=("log_prob", "old_log_prob", "advantages"), optional=("mean", "old_mean", "step_std")
+)
 def flow_grpo_loss(
     *,
     log_prob: Tensor,
@@ -36,6 +50,9 @@ def flow_grpo_loss(
     advantages: Tensor,
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
+    mean: Tensor | None = None,
+    old_mean: Tensor | None = None,
+    step_std: Tensor | None = None,
 ) -> LossOutput:
     """PPO-clipped policy-gradient loss on SDE-step log-probs.
 
@@ -45,6 +62,9 @@ def flow_grpo_loss(
         advantages: ``(B,)`` group-normalised advantages.
         clip_range: ratio clip eps > 0 (Flow-GRPO's SD3 config uses 1e-4).
         adv_clip_max: advantage clip.
+        mean: ``(B, *D)`` current-policy SDE mean of the step (GRPO-Guard only, carries grad).
+        old_mean: ``(B, *D)`` the sampling policy's SDE mean at the same state (GRPO-Guard).
+        step_std: ``(B,)`` the step std ``std_t sqrt(-dt)`` (GRPO-Guard).
 
     Returns:
         LossOutput with metrics ``loss/ratio_mean``, ``loss/clip_frac`` (the same names as AWM's
@@ -54,6 +74,13 @@ def flow_grpo_loss(
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob.detach()
+    guard = mean is not None
+    if guard:
+        if old_mean is None or step_std is None:
+            raise ValueError("GRPO-Guard needs mean, old_mean and step_std together")
+        s = step_std.float()
+        mse = (mean.float() - old_mean.detach().float()).pow(2).flatten(1).mean(dim=1)  # (B,)
+        log_ratio = s * log_ratio + mse / (2.0 * s)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(-adv * ratio, -adv * clipped).mean()

@@ -35,7 +35,7 @@ def normguard_penalty(
     *,
     v_theta: Tensor,
     v_ref: Tensor,
-    weight: float = 1.0,
+    weight: float | Tensor = 1.0,
     margin: float = 0.0,
     power: int = 2,
     scale: str = "relative",
@@ -48,7 +48,9 @@ def normguard_penalty(
         v_theta: ``(B, *D)`` policy velocity, or ``(T, B, *D)`` with ``has_step_dim``.
         v_ref: same shape; the frozen reference velocity at the same (x, sigma, c). It is
             detached here, so callers may pass it with or without ``no_grad``.
-        weight: lambda >= 0. ``0`` still returns the metrics, and a zero loss.
+        weight: lambda >= 0. ``0`` still returns the metrics, and a zero loss. A ``(B,)`` tensor
+            gives each sample its own multiplier (``mode: constraint``: the multiplier of the
+            sample's sigma bin); ``penalty`` then stays the unweighted mean.
         margin: relative slack >= 0: the hinge starts at ``(1 + margin) * ||v_ref||``.
         power: 1 (L1 hinge) or 2 (squared hinge).
         scale: ``"relative"`` (excess measured in units of ``||v_ref||``) or ``"absolute"``.
@@ -63,7 +65,7 @@ def normguard_penalty(
     """
     if v_theta.shape != v_ref.shape:
         raise ValueError(f"v_theta {tuple(v_theta.shape)} and v_ref {tuple(v_ref.shape)} differ")
-    if weight < 0 or margin < 0:
+    if bool((torch.as_tensor(weight) < 0).any()) or margin < 0:
         raise ValueError(f"weight and margin must be >= 0, got weight={weight}, margin={margin}")
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power}")
@@ -87,6 +89,14 @@ def normguard_penalty(
     else:
         penalty = per_sample.mean()
 
+    if isinstance(weight, Tensor):
+        if has_step_dim or weight.shape != per_sample.shape:
+            raise ValueError(
+                f"a per-sample weight must have shape {tuple(per_sample.shape)}, got {tuple(weight.shape)}"
+            )
+        weighted = (weight.detach().to(per_sample) * per_sample).mean()
+    else:
+        weighted = weight * penalty
     with torch.no_grad():
         ratio = (n_theta / (n_ref + _EPS)).flatten()
         metrics = {
@@ -96,4 +106,4 @@ def normguard_penalty(
             "normguard/ratio_p95": torch.quantile(ratio, 0.95),
             "normguard/ratio_max": ratio.max(),
         }
-    return LossOutput(loss=weight * penalty, metrics=metrics)
+    return LossOutput(loss=weighted, metrics=metrics)

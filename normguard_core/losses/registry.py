@@ -41,6 +41,11 @@ class LossBatch:
         v_ema: ``(B, *D)`` velocity of a lagged EMA copy of the policy (AWM's EMA-KL; no grad).
         kl_scale: ``(B,)`` per-sample weight of the KL term (a method's sigma-dependent KL form,
             e.g. Flow-GRPO's ``1 / (2 std_t^2)`` in velocity terms); ``None`` means 1.
+        mean: ``(B, *D)`` current-policy SDE mean of the taken step (GRPO-Guard; carries grad).
+        old_mean: ``(B, *D)`` the sampling policy's SDE mean at the same state (GRPO-Guard).
+        step_std: ``(B,)`` the SDE step std ``std_t sqrt(-dt)`` (GRPO-Guard).
+        normguard_weight: ``(B,)`` per-point NormGuard multipliers (``mode: constraint``: one per
+            sigma bin); ``None`` uses the scalar weight of ``NormGuardParams``.
     """
 
     v_theta: Tensor | None = None
@@ -57,6 +62,10 @@ class LossBatch:
     losers: Tensor | None = None
     v_ema: Tensor | None = None
     kl_scale: Tensor | None = None
+    mean: Tensor | None = None
+    old_mean: Tensor | None = None
+    step_std: Tensor | None = None
+    normguard_weight: Tensor | None = None
 
     def present(self) -> list[str]:
         """Names of the fields that are set."""

@@ -1,6 +1,11 @@
 """Scorers of the embedded default, trained by the project on sklearn digits.
 
-* ``digits_classifier`` - the reward proxy: P(prompted digit) from a small CNN.
+* ``digits_classifier`` - P(prompted digit) from a small CNN (saturated on the base model: 0.97-0.99).
+* ``digits_ink`` - the default reward proxy: ``P_classifier(prompted digit) * min(1, ink / ink_target)``
+  with ink the mean pixel intensity. Real digits carry ink 0.31 +- 0.03 and the default target is
+  0.6, so the base model scores about 0.5: there is room to improve, and an obvious way to game it
+  (bolder, blotted strokes that the CNN still accepts), in the spirit of DDPO's compressibility
+  rewards (Black et al. 2023). Nothing about ink enters the judges below.
 * ``digits_judge`` - an independent judge never used for training: an MLP classifier (another
   architecture, other seed), P(prompted digit).
 * ``digits_realism`` - forensic realism: a CNN detector of real digits vs. base-model samples,
@@ -26,7 +31,7 @@ from torch import Tensor, nn
 from services.models.digits import digits_dataset, parse_digit_prompt, split_indices
 from services.rewards.base import register_scorer, validate_images
 
-__all__ = ["DigitScorer", "frechet_distance", "train_digit_scorers"]
+__all__ = ["DigitScorer", "InkScorer", "frechet_distance", "train_digit_scorers"]
 
 
 class _CNN(nn.Module):
@@ -95,6 +100,20 @@ class DigitScorer:
         if (labels > 9).any():
             raise ValueError(f"{self.name}: every prompt must name a digit 0-9 to be scored")
         return probs.gather(1, labels[:, None]).squeeze(1).float()
+
+
+class InkScorer(DigitScorer):
+    """``P(prompted digit) * min(1, ink / ink_target)``: a proxy with room to rise and to be hacked."""
+
+    def __init__(self, name: str, net: nn.Module, *, resolution: int, ink_target: float, device="cpu") -> None:
+        super().__init__(name, net, kind="class", resolution=resolution, device=device)
+        if not 0 < ink_target <= 1:
+            raise ValueError(f"{name}: ink_target must be in (0, 1], got {ink_target}")
+        self.ink_target = ink_target
+
+    def differentiable_score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        ink = images.to(self.device).float().mean(dim=(1, 2, 3))  # (B,) mean intensity in [0, 1]
+        return super().differentiable_score(images, prompts) * (ink / self.ink_target).clamp(max=1.0)
 
 
 def _fit(net: nn.Module, x: Tensor, y: Tensor, *, epochs: int, seed: int, augment: bool) -> nn.Module:
@@ -185,6 +204,12 @@ def _load(path: str | None, which: str, device: str | torch.device) -> tuple[nn.
 def _classifier(path: str | None = None, device: str | torch.device = "cpu") -> DigitScorer:
     net, res = _load(path, "classifier", device)
     return DigitScorer("digits_classifier", net, kind="class", resolution=res, device=device)
+
+
+@register_scorer("digits_ink")
+def _ink(path: str | None = None, device: str | torch.device = "cpu", ink_target: float = 0.6) -> InkScorer:
+    net, res = _load(path, "classifier", device)
+    return InkScorer("digits_ink", net, resolution=res, ink_target=ink_target, device=device)
 
 
 @register_scorer("digits_judge")
