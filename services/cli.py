@@ -1,4 +1,4 @@
-"""``normguard`` command line: prepare, train, submit, sweep, serve, scorers.
+"""``normguard`` command line: prepare, train, submit, sweep, compare, analyze, serve, scorers.
 
 Every command takes a YAML config (or none: the embedded default) plus ``key.path=value``
 overrides, validated by the pydantic tree before anything starts.
@@ -132,6 +132,17 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from services.comparison import compare_sweep
+    from services.report import format_table
+
+    result = compare_sweep(args.sweep_dir, args.out, steps=args.steps)
+    cols = ["method", "arm", "reward_level", "frechet", "frechet_ci95", "kid", "diversity", "recall", "digits_judge"]
+    print(format_table(result["matched"], cols))
+    print(f"\nwrote matched.csv, paired.csv, final.csv and plots to {result['out']}")
+    return 0
+
+
 def cmd_scorers(args) -> int:
     from services.rewards import available_scorers
 
@@ -166,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config")
     sp.add_argument("--table-only", action="store_true", help="only rebuild the table and plots")
     sp.set_defaults(fn=cmd_sweep)
+    sp = sub.add_parser("compare", help="a sweep with arms and seeds: matched-reward table, paired tests, plots")
+    sp.add_argument("sweep_dir", help="the sweep's directory (runs/sweeps/<name>)")
+    sp.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/comparison)")
+    sp.add_argument("--steps", type=int, default=None, help="sampling steps of the evaluation (default: full)")
+    sp.set_defaults(fn=cmd_compare)
     sp = sub.add_parser("analyze", help="adjoint sensitivity of reward to per-step velocity magnitude (digits runs)")
     sp.add_argument("run_dir")
     sp.add_argument("--steps", type=int, default=10)
@@ -195,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     # `normguard train key=value` (no YAML): the first positional is an override, not a file
-    has_config = args.command not in ("serve", "sweep", "analyze")
+    has_config = args.command not in ("serve", "sweep", "analyze", "compare")
     if (
         has_config
         and getattr(args, "config", None)

@@ -195,14 +195,14 @@ def _feature_metrics(fake: torch.Tensor, real: torch.Tensor, groups: torch.Tenso
     from normguard_core.sample_quality import kernel_inception_distance, precision_recall, within_group_spread
     from services.rewards.digits import frechet_distance
 
-    precision, recall = precision_recall(fake, real)
-    return {
-        eval_key("frechet", n): frechet_distance(fake, real),
-        eval_key("kid", n): kernel_inception_distance(fake, real),
-        eval_key("precision", n): precision,
-        eval_key("recall", n): recall,
-        eval_key("diversity", n): within_group_spread(fake, groups),
-    }
+    out = {eval_key("frechet", n): frechet_distance(fake, real)}
+    if min(len(fake), len(real)) >= 2:
+        out[eval_key("kid", n)] = kernel_inception_distance(fake, real)
+    if min(len(fake), len(real)) > 3:  # k = 3 neighbours
+        out[eval_key("precision", n)], out[eval_key("recall", n)] = precision_recall(fake, real)
+    if len(groups) > len(torch.unique(groups)):  # some prompt has >= 2 samples
+        out[eval_key("diversity", n)] = within_group_spread(fake, groups)
+    return out
 
 
 def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None) -> RunSummary:
@@ -291,7 +291,8 @@ def _final_eval(coord: Coordinator, cfg, eval_names: list[str], writer, summary:
     coord._transition(RunState.EVALUATING)
     summary.after, ratios, images = evaluate(coord, cfg, eval_names)
     summary.after["train/steps_done"] = float(coord.step_idx)
-    summary.after["train/final_reward"] = window_mean(rewards, cfg.train.stop_window)
+    # the rewards up to the step the weights are from (after a rollback, not those of the steps undone)
+    summary.after["train/final_reward"] = window_mean(rewards[: coord.step_idx], cfg.train.stop_window)
     renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
     summary.after.update(_renorm_keys(renorm))
     writer.write(coord.step_idx, summary.after)

@@ -1,0 +1,305 @@
+"""``normguard compare SWEEP_DIR``: the comparison a reviewer asks for, from a sweep with arms and seeds.
+
+Reads every trial's evaluation points along training (``metrics.jsonl``: before training, every
+``train.eval_every`` steps, after) and writes, for each method:
+
+* ``reward_vs_quality.png`` - the reward proxy on x; FD, KID, within-prompt diversity, recall and the
+  independent judge on y; one curve per arm through its evaluation points (mean over seeds, band =
+  min..max over seeds). Early stopping is the ``none`` arm's curve read at a lower reward, the
+  inference-time renormalisation its ``eval_renorm`` points.
+* ``matched.csv`` - every arm at one reward level per method (the highest level that every arm's
+  every seed reaches): quality linearly interpolated between the two evaluation points around the
+  level, mean and 95 % t-interval over seeds. ``early_stop`` is the unregularised run stopped at
+  the level; ``renorm`` its renormalised evaluation at the level of the renormalised proxy.
+* ``paired.csv`` - NormGuard (constraint and penalty) minus each alternative at the matched
+  level, paired by seed (same seeds, same evaluation noise): mean difference, 95 % t-interval,
+  and how many seeds favour NormGuard.
+* ``final.csv`` - every arm after its last step (no matching): reward, quality, and the minimum and
+  maximum over sampling steps of the per-step norm ratio.
+* ``ratio_per_step.png`` - the per-step norm ratio after training (full-step sampler), per arm,
+  with the bound ``1 + margin``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["compare_sweep", "interpolate_at", "mean_ci"]
+
+QUALITY = ("frechet", "kid", "diversity", "recall", "precision", "digits_judge", "digits_classifier")
+LOWER_IS_BETTER = {"frechet", "kid"}
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
+    """Mean, half-width of the two-sided t-interval, and n (half-width NaN for n < 2)."""
+    from scipy import stats
+
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    n = len(vals)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    mean = sum(vals) / n
+    if n < 2:
+        return mean, float("nan"), n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n
+
+
+def interpolate_at(xs: list[float], ys: list[float], level: float) -> float | None:
+    """``y`` where the polyline through ``(xs, ys)`` (in step order) first reaches ``x = level``."""
+    for i in range(len(xs)):
+        if xs[i] >= level:
+            if i == 0:
+                return ys[0]
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (level - x0) / (x1 - x0) if x1 != x0 else y1
+    return None
+
+
+def _load(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One record per finished trial: params, evaluation points (step order), ratio curve, config."""
+    runs = []
+    for trial in sorted((sweep_dir / "trials").glob("*/trial.json")):
+        data = json.loads(trial.read_text())
+        rows = [json.loads(line) for line in (trial.parent / "metrics.jsonl").read_text().splitlines() if line]
+        points: dict[int, dict[str, float]] = defaultdict(dict)
+        for r in rows:
+            if any(k.startswith("eval/") for k in r):
+                points[r["step"]].update(r)
+        cfg = json.loads((trial.parent / "config.json").read_text())
+        runs.append(
+            {
+                "params": data["params"],
+                "points": [points[s] for s in sorted(points)],
+                "ratio": data["ratio_per_step"].get("policy", []),
+                "margin": cfg["normguard"]["margin"],
+                "reward": cfg["reward"]["scorers"][0]["name"],
+                "full_steps": cfg["eval"]["full_steps"],
+            }
+        )
+    return runs
+
+
+def _curves(run: dict, steps: int, *, renorm: bool = False) -> dict[str, list[float]]:
+    """Metric -> values at the run's evaluation points (``eval_renorm`` ones with ``renorm``; the before
+    point is the base model's, the same with and without renormalisation)."""
+    prefix = "eval_renorm/" if renorm else "eval/"
+    out: dict[str, list[float]] = defaultdict(list)
+    keys = ["reward", *QUALITY]
+    for i, p in enumerate(run["points"]):
+        src = p if not renorm or i == 0 else {k.replace("eval_renorm/", "eval/"): v for k, v in p.items()}
+        if renorm and i > 0 and not any(k.startswith(prefix) for k in p):
+            continue
+        for k in keys:
+            name = run["reward"] if k == "reward" else k
+            v = src.get(f"eval/{name}_{steps}steps")
+            if v is not None:
+                out[k].append(float(v))
+    return out
+
+
+def _arms(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        by[(r["params"].get("loss.name", "?"), r["params"].get("arm", "?"))].append(r)
+    return by
+
+
+def _series(by, method: str, steps: int) -> dict[str, list[tuple[int, dict[str, list[float]]]]]:
+    """arm -> [(seed, curves)], with the derived early_stop (none arm) and renorm (none arm renormalised)."""
+    out: dict[str, list] = {}
+    for (m, arm), runs in sorted(by.items()):
+        if m != method:
+            continue
+        out[arm] = [(r["params"].get("train.seed", 0), _curves(r, steps)) for r in runs]
+        if arm == "none":
+            out["early_stop"] = out["none"]
+            renormed = [(r["params"].get("train.seed", 0), _curves(r, steps, renorm=True)) for r in runs]
+            if all(len(c.get("reward", [])) > 1 for _, c in renormed):
+                out["renorm"] = renormed
+    return out
+
+
+def _matched_level(series: dict) -> float:
+    """The highest reward every seed of every arm reaches at some evaluation point."""
+    return min(max(c["reward"]) for runs in series.values() for _, c in runs)
+
+
+def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, steps: int | None = None) -> dict:
+    """Write the comparison's CSVs and plots (see the module docstring); returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    out = Path(out_dir) if out_dir else sweep_dir / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = _load(sweep_dir)
+    if not runs:
+        raise FileNotFoundError(f"no finished trials under {sweep_dir / 'trials'}")
+    steps = steps or runs[0]["full_steps"]
+    by = _arms(runs)
+    methods = sorted({m for m, _ in by})
+    matched, paired, final = [], [], []
+    for method in methods:
+        rows, per_arm = _matched_rows(_series(by, method, steps), method)
+        matched += rows
+        paired += _paired_rows(per_arm, method)
+        final += _final_rows(by, method, steps)
+    for name, rows in (("matched.csv", matched), ("paired.csv", paired), ("final.csv", final)):
+        _write_csv(out / name, rows)
+    _plot_frontiers(by, methods, steps, out / "reward_vs_quality.png")
+    _plot_ratios(by, methods, out / "ratio_per_step.png")
+    return {"matched": matched, "paired": paired, "final": final, "out": out}
+
+
+def _matched_rows(series: dict, method: str) -> tuple[list[dict], dict[str, dict[str, dict[int, float]]]]:
+    """Every arm's quality at the method's matched reward level: rows (mean, CI) and the per-seed values."""
+    level = _matched_level(series)
+    rows, per_arm = [], {}
+    for arm, seeds in series.items():
+        per_arm[arm] = {k: {} for k in QUALITY}
+        for seed, c in seeds:
+            for k in QUALITY:
+                y = interpolate_at(c["reward"], c[k], level) if c.get(k) else None
+                if y is not None:
+                    per_arm[arm][k][seed] = y
+        row: dict[str, Any] = {"method": method, "arm": arm, "reward_level": round(level, 4)}
+        for k in QUALITY:
+            m, h, n = mean_ci(list(per_arm[arm][k].values()))
+            row[k], row[f"{k}_ci95"], row["seeds"] = m, h, n
+        rows.append(row)
+    return rows, per_arm
+
+
+def _paired_rows(per_arm: dict, method: str) -> list[dict]:
+    """NormGuard (constraint, penalty) minus each other arm, per seed, at the matched level."""
+    rows = []
+    for ng in ("constraint", "penalty"):
+        for other in per_arm if ng in per_arm else ():
+            if other == ng or (ng == "penalty" and other == "constraint"):  # that pair is listed once
+                continue
+            for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
+                common = sorted(set(per_arm[ng][k]) & set(per_arm[other][k]))
+                diffs = [per_arm[ng][k][s] - per_arm[other][k][s] for s in common]
+                m, h, n = mean_ci(diffs)
+                better = sum((d < 0) if k in LOWER_IS_BETTER else (d > 0) for d in diffs)
+                rows.append(
+                    {
+                        "method": method,
+                        "normguard": ng,
+                        "vs": other,
+                        "metric": k,
+                        "diff_mean": m,
+                        "diff_ci95": h,
+                        "seeds": n,
+                        "seeds_favouring_normguard": better,
+                    }
+                )
+    return rows
+
+
+def _final_rows(by, method: str, steps: int) -> list[dict]:
+    """Every arm after its last step: reward, quality, and the extremes of the per-step norm ratio."""
+    rows = []
+    for (m, arm), rs in sorted(by.items()):
+        if m != method:
+            continue
+        row: dict[str, Any] = {"method": method, "arm": arm}
+        last = [_curves(r, steps) for r in rs]
+        for k in ("reward", *QUALITY):
+            mm, h, n = mean_ci([c[k][-1] for c in last if c.get(k)])
+            row[k], row[f"{k}_ci95"], row["seeds"] = mm, h, n
+        lo = mean_ci([min(r["ratio"]) for r in rs if r["ratio"]])
+        hi = mean_ci([max(r["ratio"]) for r in rs if r["ratio"]])
+        row["ratio_min_step"], row["ratio_min_step_ci95"] = lo[0], lo[1]
+        row["ratio_max_step"], row["ratio_max_step_ci95"] = hi[0], hi[1]
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+_COLORS = {
+    "none": "tab:red",
+    "penalty": "tab:orange",
+    "constraint": "tab:green",
+    "kl": "tab:blue",
+    "grpo_guard": "tab:purple",
+    "renorm": "tab:gray",
+}
+
+
+def _plot_frontiers(by, methods: list[str], steps: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ys = ("frechet", "kid", "diversity", "recall", "digits_judge")
+    fig, axes = plt.subplots(len(methods), len(ys), figsize=(4 * len(ys), 3.3 * len(methods)), squeeze=False)
+    for row, method in zip(axes, methods):
+        series = _series(by, method, steps)
+        series.pop("early_stop", None)  # = the none curve, read at a lower reward
+        for ax, k in zip(row, ys):
+            for arm, seeds in series.items():
+                curves = [c for _, c in seeds if c.get(k) and len(c[k]) == len(c["reward"])]
+                if not curves:
+                    continue
+                n = min(len(c["reward"]) for c in curves)
+                x = [sum(c["reward"][i] for c in curves) / len(curves) for i in range(n)]
+                y = [sum(c[k][i] for c in curves) / len(curves) for i in range(n)]
+                lo = [min(c[k][i] for c in curves) for i in range(n)]
+                hi = [max(c[k][i] for c in curves) for i in range(n)]
+                color = _COLORS.get(arm)
+                ax.plot(x, y, marker="o", ms=3, label=arm, color=color, ls="--" if arm == "renorm" else "-")
+                ax.fill_between(x, lo, hi, alpha=0.15, color=color)
+            ax.set_title(f"{method}: {k} ({steps} steps)", fontsize=9)
+            ax.set_xlabel("proxy reward (eval)", fontsize=8)
+        row[0].legend(fontsize=7)
+    fig.suptitle("reward vs quality along training: mean over seeds, band = min..max", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_ratios(by, methods: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        margin = 0.0
+        for (m, arm), rs in sorted(by.items()):
+            curves = [r["ratio"] for r in rs if r["ratio"]]
+            if m != method or not curves:
+                continue
+            margin = rs[0]["margin"] if arm == "constraint" else margin
+            n = min(len(c) for c in curves)
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            color = _COLORS.get(arm)
+            ax.plot(range(n), mean, label=arm, color=color)
+            ax.fill_between(
+                range(n),
+                [min(c[i] for c in curves) for i in range(n)],
+                [max(c[i] for c in curves) for i in range(n)],
+                alpha=0.15,
+                color=color,
+            )
+        ax.axhline(1.0 + margin, color="k", lw=0.8, ls=":", label="bound 1 + margin")
+        ax.set_title(f"{method}: ||v|| / ||v_ref|| per sampling step", fontsize=9)
+        ax.set_xlabel("sampling step (sigma 1 -> 0)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""``normguard compare``: matched-reward interpolation, t-intervals, pairing by seed, on a synthetic sweep."""
+
+import csv
+import json
+
+import pytest
+
+from services.comparison import compare_sweep, interpolate_at, mean_ci
+
+
+def test_interpolation_reads_the_polyline_where_it_first_reaches_the_level():
+    assert interpolate_at([0.5, 0.6, 0.8], [10.0, 20.0, 40.0], 0.7) == pytest.approx(30.0)
+    assert interpolate_at([0.5, 0.6], [10.0, 20.0], 0.5) == 10.0
+    assert interpolate_at([0.5, 0.6], [10.0, 20.0], 0.9) is None
+
+
+def test_mean_ci_is_the_t_interval():
+    m, h, n = mean_ci([1.0, 2.0, 3.0])
+    assert (m, n) == (2.0, 3) and h == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-5)
+    assert mean_ci([5.0])[0] == 5.0 and mean_ci([])[2] == 0
+
+
+def _trial(root, method, arm, seed, rewards, fds, ratio):
+    d = root / "trials" / f"{arm}-{method}-{seed}"
+    d.mkdir(parents=True)
+    rows = []
+    for step, (r, fd) in enumerate(zip(rewards, fds)):
+        row = {"step": step * 3, "eval/digits_ink_20steps": r, "eval/frechet_20steps": fd, "eval/kid_20steps": fd / 10}
+        if arm == "none" and step > 0:
+            row.update({"eval_renorm/digits_ink_20steps": r - 0.01, "eval_renorm/frechet_20steps": fd - 1.0})
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    params = {"loss.name": method, "arm": arm, "train.seed": seed}
+    (d / "trial.json").write_text(json.dumps({"params": params, "ratio_per_step": {"policy": ratio}}))
+    cfg = {"normguard": {"margin": 0.0}, "reward": {"scorers": [{"name": "digits_ink"}]}, "eval": {"full_steps": 20}}
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_compare_matches_reward_pairs_seeds_and_writes_plots(tmp_path):
+    for seed in range(3):
+        # the unregularised arm climbs to 0.8 with FD rising fast; the constraint arm to 0.7 with FD rising slowly
+        _trial(tmp_path, "awm", "none", seed, [0.5, 0.6, 0.7, 0.8], [10, 20 + seed, 30 + seed, 50], [1.1, 1.05])
+        _trial(tmp_path, "awm", "constraint", seed, [0.5, 0.6, 0.7], [10, 12, 14 + seed], [1.0, 0.99])
+    out = compare_sweep(tmp_path, tmp_path / "cmp")
+    matched = {r["arm"]: r for r in out["matched"]}
+    assert set(matched) == {"none", "constraint", "early_stop", "renorm"}
+    # the level every arm's every seed reaches: none 0.8, renormalised 0.79, constraint 0.7
+    assert matched["none"]["reward_level"] == 0.7
+    assert matched["none"]["frechet"] == pytest.approx(31.0) and matched["constraint"]["frechet"] == pytest.approx(15.0)
+    assert matched["renorm"]["frechet"] == pytest.approx(31.9)  # (29 + s) + (20 - s) * 0.01 / 0.1, mean over s
+    pair = next(p for p in out["paired"] if p["vs"] == "none" and p["metric"] == "frechet")
+    assert pair["seeds"] == 3 and pair["seeds_favouring_normguard"] == 3 and pair["diff_mean"] < 0
+    final = {r["arm"]: r for r in out["final"]}
+    assert final["none"]["ratio_max_step"] == pytest.approx(1.1) and final["constraint"]["reward"] == pytest.approx(0.7)
+    with (tmp_path / "cmp" / "paired.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(out["paired"])
+    assert (tmp_path / "cmp" / "reward_vs_quality.png").stat().st_size > 0
+    assert (tmp_path / "cmp" / "ratio_per_step.png").stat().st_size > 0
