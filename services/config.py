@@ -284,6 +284,12 @@ class TrainConfig(_Section):
         "fallback", description="a corrupt latest checkpoint: resume from the newest intact one, or stop"
     )
     guards: tuple[GuardSpec, ...] = Field((), description="bounds watched during training (reward hacking)")
+    max_failures: int = Field(
+        3,
+        ge=0,
+        description="lost learner workers survived per run: each restarts the learner group from the newest "
+        "intact checkpoint and redoes the steps since (0 = a lost worker ends the run)",
+    )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
 

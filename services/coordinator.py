@@ -284,9 +284,20 @@ class Coordinator:
             if got != self.version:
                 raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
 
+    def count_learner_restarts(self, total: int) -> None:
+        """This coordinator was rebuilt after ``total`` learner restarts in this run: its first step reports the
+        latest one (``faults/learner_restarts`` 1), the totals all of them."""
+        self.stats.learner_restarts = total
+        self._fault_base["learner_restarts"] = max(total - 1, 0)
+
     def _perf(self, t: dict[str, float], num_samples: int) -> dict[str, float]:
         """Timings, and the fault counters: ``faults/*`` this step, ``faults_total/*`` since the run began."""
-        totals = {"retries": self.stats.retries, "restarts": self.stats.restarts, "failures": self.stats.failures}
+        totals = {
+            "retries": self.stats.retries,
+            "restarts": self.stats.restarts,
+            "failures": self.stats.failures,
+            "learner_restarts": self.stats.learner_restarts,
+        }
         step = {k: v - self._fault_base.get(k, 0) for k, v in totals.items()}
         self._fault_base = totals
         return {

@@ -21,10 +21,18 @@ from typing import Any
 from services.learner import Learner
 from services.types import TrainBatch
 
-__all__ = ["LearnerGroup", "LocalLearner"]
+__all__ = ["LearnerGroup", "LearnerLost", "LocalLearner"]
 
 log = logging.getLogger(__name__)
 QUEUE_POLL_S = 1.0
+
+
+class LearnerLost(RuntimeError):
+    """The Ray Train worker group died (a worker process lost: preempted, OOM-killed, node gone).
+
+    Distinct from an exception inside the learner's code (reported by the rank, a ``RuntimeError``),
+    which would fail again on a retry: a lost worker is recovered by ``run_training`` restarting the
+    learner group from the newest intact checkpoint (``train.max_failures``)."""
 
 
 class LocalLearner:
@@ -143,7 +151,7 @@ class LearnerGroup:
         deadline = time.monotonic() + self.timeout_s
         while len(results) < self.world_size:
             if self._error is not None:
-                raise RuntimeError(f"the Ray Train learner failed: {self._error}") from self._error
+                raise LearnerLost(f"the Ray Train learner failed: {self._error}") from self._error
             if time.monotonic() > deadline:
                 raise TimeoutError(f"learner did not answer {kind!r} within {self.timeout_s} s")
             try:

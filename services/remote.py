@@ -26,11 +26,13 @@ class CallStats:
         retries: calls redone after an error or timeout.
         failures: calls given up after every retry (the step then fails).
         restarts: errors that found the actor dead or restarting (Ray restarts it).
+        learner_restarts: learner groups restarted from a checkpoint after a lost worker.
     """
 
     retries: int = 0
     failures: int = 0
     restarts: int = 0
+    learner_restarts: int = 0
     by_name: dict[str, int] = field(default_factory=dict)
 
 

@@ -206,7 +206,31 @@ def _feature_metrics(fake: torch.Tensor, real: torch.Tensor, groups: torch.Tenso
 
 
 def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None) -> RunSummary:
-    """Train one configuration end to end; resumable by rerunning with the same run name."""
+    """Train one configuration end to end; resumable by rerunning with the same run name.
+
+    A lost learner worker (:class:`~services.learner_group.LearnerLost`) is survived up to
+    ``train.max_failures`` times: everything is rebuilt from the newest intact checkpoint, exactly as a
+    rerun would resume, and the steps since are redone (``metrics.jsonl`` keeps each step once; the
+    restart is counted as ``faults/learner_restarts``)."""
+    from services.learner_group import LearnerLost
+
+    restarts = 0
+    while True:
+        try:
+            return _train_once(cfg, local=local, progress=progress, on_step=on_step, restarts=restarts)
+        except LearnerLost as err:
+            restarts += 1
+            if restarts > cfg.train.max_failures:
+                raise
+            log.warning(
+                "learner lost (%s); restart %d of train.max_failures=%d from the newest intact checkpoint",
+                err,
+                restarts,
+                cfg.train.max_failures,
+            )
+
+
+def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> RunSummary:
     from tqdm import tqdm
 
     # verified once (checksums read every byte of the checkpoint), then used by both checks below
@@ -216,9 +240,10 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     (run_dir := cfg.run_dir).mkdir(parents=True, exist_ok=True)
     coord, extra, eval_specs = build_coordinator(cfg, local=local, checkpoint=ckpt)
     eval_names = list(eval_specs)
+    coord.count_learner_restarts(restarts)
     writer = _open_writer(cfg)
-    writer.truncate_after(coord.step_idx)
     summary = RunSummary(run_dir=run_dir, before=extra.get("before", {}))
+    writer.truncate_after(coord.step_idx if summary.before else -1)  # no checkpoint yet: the before-eval reruns
     try:
         if not summary.before:
             coord._transition(RunState.EVALUATING)

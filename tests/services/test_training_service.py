@@ -156,3 +156,61 @@ def test_early_stopping_control_stops_at_the_reward_level(digits_assets, tmp_pat
     over = tiny_overrides(tmp_path, "full", **{"train.steps": 3, "train.stop_at_reward": 2.0})
     full = run_training(load_config(None, over), local=True, progress=False)
     assert full.after["train/steps_done"] == 3
+
+
+def _cmdline(proc) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # the process ended while we looked
+        return ""
+
+
+def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted_one(
+    ray_local, digits_assets, tmp_path
+):
+    """SIGKILL one Ray Train worker process after step 3 (as an OOM kill or a preemption would): the run
+    restarts the learner group from the step-2 checkpoint, redoes step 3, and ends with every step once in
+    metrics.jsonl and the same metrics as the uninterrupted run; the restart is counted in its step."""
+    import os
+    import signal
+    from pathlib import Path
+
+    inner = {
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "resources.num_learners": 2,
+        "resources.learner_cpus": 0.5,
+        "rollout.num_samplers": 1,
+    }
+    straight = run_training(load_config(None, tiny_overrides(tmp_path, "straight", **inner)), progress=False)
+    killed = []
+
+    def kill_after_step_3(step, _metrics):
+        if step == 3 and not killed:
+            # Ray titles each actor process "ray::<Class>.<method>"; the Train workers are RayTrainWorker
+            pids = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit() and _cmdline(p).startswith("ray::RayTrainWorker")
+            ]
+            os.kill(max(pids), signal.SIGKILL)
+            killed.append(max(pids))
+
+    over = tiny_overrides(tmp_path, "lost", **inner)
+    recovered = run_training(load_config(None, over), progress=False, on_step=kill_after_step_3)
+    assert killed
+    rows = [r for r in recovered.history if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["faults/learner_restarts"] for r in rows] == [0, 0, 1, 0]
+    assert rows[-1]["faults_total/learner_restarts"] == 1
+    keys = ("reward/mean", "loss/total", "normguard/ratio_mean", "learner/updates")
+    base = [r for r in straight.history if "reward/mean" in r]
+    assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in base]
+    assert recovered.after == straight.after
+    with pytest.raises(Exception, match="learner"):  # max_failures=0: a lost worker ends the run, clearly
+        killed.clear()
+        run_training(
+            load_config(None, [*tiny_overrides(tmp_path, "fatal", **inner), "train.max_failures=0"]),
+            progress=False,
+            on_step=kill_after_step_3,
+        )
