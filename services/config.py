@@ -175,11 +175,14 @@ class NormGuardConfig(_Section):
     margin: float = Field(
         0.0, ge=0.0, description="relative slack over ||v_ref|| (the constraint's bound is 1 + margin)"
     )
-    power: Literal[1, 2] = Field(2, description="penalty mode: L1 or squared hinge (constraint mode uses L1)")
+    power: Literal[1, 2] = Field(2, description="L1 or squared hinge (the force of both modes)")
     scale: Literal["relative", "absolute"] = "relative"
     bins: int = Field(10, ge=1, le=1000, description="sigma bins (constraint multipliers and the ratio_bin metrics)")
-    lambda_init: float = Field(0.1, gt=0, description="constraint mode: every bin's starting multiplier")
-    dual_rate: float = Field(1.0, ge=0, description="constraint mode: log-lambda step per RL step at a full violation")
+    lambda_init: float = Field(0.5, gt=0, description="constraint mode: every bin's starting multiplier")
+    dual_rate: float = Field(0.5, ge=0, description="constraint mode: log-lambda step per RL step at a full violation")
+    dual_kd: float = Field(
+        2.0, ge=0, description="constraint mode: weight of the ratio's trend (derivative term against wind-up)"
+    )
     tolerance: float = Field(0.02, gt=0, description="constraint mode: the ratio violation that counts as full")
     lambda_min: float = Field(
         1e-3, gt=0, description="constraint mode: multiplier floor (a satisfied bin decays to it)"

@@ -80,6 +80,7 @@ class Learner:
         self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
         # NormGuard as a constraint: one log-multiplier per sigma bin (normguard_core.constraint)
         self.log_lam = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)
+        self.prev_ratio = torch.full((ng.bins,), float("nan"), dtype=torch.float64)  # the derivative term's memory
         self._bins: dict[str, Tensor] = {}
         self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
         ro = cfg.rollout
@@ -296,7 +297,10 @@ class Learner:
                 tolerance=ng.tolerance,
                 lam_min=ng.lambda_min,
                 lam_max=ng.lambda_max,
+                previous=self.prev_ratio,
+                kd=ng.dual_kd,
             )
+            self.prev_ratio = torch.where(counts > 0, ratio, self.prev_ratio)
             lam = self.log_lam.exp()
             out["normguard/lambda"] = float(lam.mean())
             out["normguard/lambda_max_bin"] = float(lam.max())
@@ -399,6 +403,7 @@ class Learner:
                 "step": self.step_count,
                 "version": self.version,
                 "log_lambda": self.log_lam,
+                "prev_ratio": self.prev_ratio,
                 "extra": extra or {},
             },
             tmp / "learner.pt",
@@ -422,5 +427,5 @@ class Learner:
         random.setstate(state["rng"]["python"])
         self.step_count, self.version = state["step"], state["version"]
         if "log_lambda" in state:
-            self.log_lam = state["log_lambda"].double()
+            self.log_lam, self.prev_ratio = state["log_lambda"].double(), state["prev_ratio"].double()
         return state["extra"]
