@@ -36,6 +36,21 @@ def test_dual_ascent_raises_violated_bins_lowers_satisfied_ones_and_leaves_empty
             many, ratio, counts, bound=1.0, rate=0.5, tolerance=0.02, lam_min=1e-3, lam_max=100.0
         )
     assert many[0] == pytest.approx(math.log(100.0)) and many[2] == pytest.approx(math.log(1e-3))
+    # the derivative term: a violated bin whose ratio is falling fast already lowers its multiplier
+    falling = update_log_multipliers(
+        log_lam,
+        torch.tensor([1.01, 1.01, 1.01, 1.01]),
+        counts,
+        bound=1.0,
+        rate=0.5,
+        tolerance=0.02,
+        lam_min=1e-3,
+        lam_max=100.0,
+        previous=torch.tensor([1.05, 1.01, float("nan"), 1.0]),
+        kd=2.0,
+    )
+    # bin 0: 0.5 + 2 * (-2) -> clipped to -1; bin 1: no trend (+0.5 * rate); bin 2: no previous; bin 3: no points
+    assert falling.tolist() == pytest.approx([-0.5, 0.25, 0.25, 0.0], abs=1e-6)
 
 
 def test_per_sample_weights_weight_each_samples_hinge():

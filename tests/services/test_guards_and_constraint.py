@@ -75,20 +75,24 @@ def test_constraint_mode_moves_each_bins_multiplier_by_its_measured_violation(di
             "normguard.lambda_init": 0.5,
             "normguard.dual_rate": 0.7,
             "normguard.tolerance": 0.01,
+            "normguard.dual_kd": 0.5,
             "normguard.margin": 0.0,
         },
     )
     rows = _train_rows(run_training(load_config(None, over), local=True, progress=False))
-    lam = 0.5
+    last_ratio: dict[int, float] = {}
     for r in rows:  # the logged multiplier is the one after this step's ascent on this step's ratio
         for b in range(4):
-            prev = lam if r["step"] == 1 else rows[r["step"] - 2][f"normguard/lambda_bin{b}"]
+            prev = 0.5 if r["step"] == 1 else rows[r["step"] - 2][f"normguard/lambda_bin{b}"]
             if f"normguard/ratio_bin{b}" not in r:
                 assert r[f"normguard/lambda_bin{b}"] == pytest.approx(prev)
                 continue
-            err = max(-1.0, min(1.0, (r[f"normguard/ratio_bin{b}"] - 1.0) / 0.01))
+            ratio = r[f"normguard/ratio_bin{b}"]
+            trend = (ratio - last_ratio[b]) / 0.01 if b in last_ratio else 0.0
+            err = max(-1.0, min(1.0, (ratio - 1.0) / 0.01 + 0.5 * trend))
             expected = min(100.0, max(1e-3, prev * math.exp(0.7 * err)))
             assert r[f"normguard/lambda_bin{b}"] == pytest.approx(expected, rel=1e-6)
+            last_ratio[b] = ratio
     assert rows[-1]["normguard/lambda"] != pytest.approx(0.5)
 
 
