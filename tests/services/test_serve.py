@@ -220,3 +220,74 @@ def test_web_page_under_auth_in_headless_chromium(server, tmp_path):
     dom = _page_dom(base + "&token=s3cret", tmp_path / "b")
     assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
     assert "error" not in dom.split('id="status"')[1][:200]
+
+
+def _fuzz_strategies(schema: dict):
+    """Hypothesis strategies for POST /v1/generate bodies, from the published OpenAPI schema: every
+    property gets values of its own type at and far beyond its bounds (extreme integers, NaN / Inf,
+    huge strings), values of other types, and deeply nested junk; plus unknown keys and non-object
+    bodies. Valid values are kept cheap (few steps, the model's size) so the test stays bounded."""
+    from hypothesis import strategies as st
+
+    req = schema["components"]["schemas"]["GenerateRequest"]
+    junk = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=20,
+    )
+    huge_int = st.integers(min_value=-(2**80), max_value=2**80)
+
+    def for_property(name: str, prop: dict):
+        kinds = {p.get("type") for p in prop.get("anyOf", [prop])}
+        own = []
+        if "integer" in kinds:
+            cheap = st.integers(min_value=0, max_value=4) if name in ("num_steps", "seed") else st.just(16)
+            own += [huge_int, cheap, st.sampled_from([-1, 0, 2**63 - 1, 2**63, 2**64, 10**30])]
+        if "number" in kinds:
+            own += [st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1.0, 1e6, 1e6 + 1, -0.0])]
+        if "string" in kinds:
+            own += [st.text(max_size=30), st.just("z" * 3000), st.sampled_from(["json", "png", "base", "nope"])]
+        if "array" in kinds:
+            own += [st.lists(st.text(max_size=10), max_size=6)]
+        if "boolean" in kinds:
+            own += [st.booleans()]
+        return st.one_of(*own, junk)
+
+    props = {n: for_property(n, p) for n, p in req["properties"].items()}
+    objects = st.fixed_dictionaries({}, optional=props).flatmap(
+        lambda d: st.dictionaries(st.text(max_size=8), junk, max_size=2).map(lambda extra: {**extra, **d})
+    )
+    deep = st.integers(min_value=100, max_value=100_000).map(lambda n: "[" * n + "]" * n)
+    raw = st.one_of(objects.map(json.dumps), junk.map(json.dumps), deep, st.binary(max_size=64))
+    return raw
+
+
+def test_fuzzed_requests_never_give_5xx_nor_fail_their_neighbours(server):
+    """Hypothesis fuzz of the generate endpoint from its OpenAPI schema: each example is a burst of three
+    fuzzed bodies and three good requests sent together (so @serve.batch merges them): no 5xx ever, and
+    every good request gets its 200."""
+    from hypothesis import HealthCheck, given, settings
+
+    schema = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT_S).json()
+    bodies = _fuzz_strategies(schema)
+    good = [{"prompt": f"a handwritten digit {d}", "seed": d, "num_steps": 2} for d in range(3)]
+    seen = {"examples": 0}
+
+    def send(body):
+        content = body if isinstance(body, bytes | str) else json.dumps(body)
+        return httpx.post(
+            f"{server}/v1/generate", content=content, headers={"content-type": "application/json"}, timeout=TIMEOUT_S
+        )
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(bodies, bodies, bodies)
+    def burst(a, b, c):
+        seen["examples"] += 1
+        with ThreadPoolExecutor(6) as pool:
+            responses = list(pool.map(send, [a, good[0], b, good[1], c, good[2]]))
+        for sent, r in zip([a, good[0], b, good[1], c, good[2]], responses):
+            assert r.status_code < 500, (str(sent)[:200], r.status_code, r.text[:300])
+        assert [r.status_code for r in responses[1::2]] == [200, 200, 200], [r.text[:200] for r in responses[1::2]]
+
+    burst()
+    assert seen["examples"] == 25
