@@ -68,6 +68,41 @@ def test_normguard_train_cli(digits_assets, tmp_path):
     assert (run / "metrics.jsonl").read_text() == lines and "after+renorm" in again.stdout
 
 
+def test_a_killed_driver_resumes_and_ends_identical_to_the_uninterrupted_run(digits_assets, tmp_path):
+    """SIGKILL the training process (no chance to clean up) once its step-2 checkpoint is complete, then
+    rerun the same command: it resumes from that checkpoint, every step is in metrics.jsonl once, and
+    the metrics and the final evaluation equal those of a run that was never interrupted."""
+    import json
+
+    from services.config import load_config
+    from services.train import run_training
+
+    inner = {"train.steps": 4, "train.checkpoint_every": 2}
+    straight = run_training(
+        load_config(None, tiny_overrides(tmp_path, "straight", **inner)), local=True, progress=False
+    )
+    over = tiny_overrides(tmp_path, "killed", **inner)
+    cmd = [str(BIN / "normguard"), "train", "--local", *over]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    manifest = tmp_path / "killed" / "checkpoints" / "step_000002" / "manifest.json"
+    deadline = time.monotonic() + 300
+    while not manifest.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert manifest.is_file() and not (tmp_path / "killed" / "summary.json").is_file()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    keys = ("reward/mean", "loss/total", "normguard/ratio_mean")
+    base = [r for r in straight.history if "reward/mean" in r]
+    assert [{k: r[k] for k in keys} for r in train] == [{k: r[k] for k in keys} for r in base]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["after"] == straight.after
+
+
 def test_unknown_override_fails_fast_with_the_field_name(tmp_path):
     out = subprocess.run(
         [str(BIN / "normguard"), "train", "normguard.wieght=1"],

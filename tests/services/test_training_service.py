@@ -85,6 +85,31 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
         coord.learner.stop()
 
 
+def test_killed_sampler_and_scorer_leave_the_metrics_of_the_uninterrupted_run(ray_local, digits_assets, tmp_path):
+    """Kill a sampler before step 2 and the scorer before step 3: the redone work gives exactly the
+    per-step metrics of a run where nothing was killed (no sample lost, none counted twice)."""
+    keys = ("reward/mean", "reward/std", "loss/total", "normguard/ratio_mean", "rollout/norm_ratio_mean")
+
+    def three_steps(name, kill):
+        coord, _, _ = build_coordinator(load_config(None, tiny_overrides(tmp_path, name, **{"train.steps": 3})))
+        try:
+            rows = []
+            for step in range(3):
+                kill(coord, step)
+                rows.append({k: coord.step().metrics[k] for k in keys})
+            return rows
+        finally:
+            coord.learner.stop()
+
+    def chaos(coord, step):
+        if step == 1:
+            ray_local.kill(coord.samplers[0], no_restart=False)
+        if step == 2:
+            ray_local.kill(coord.scorers[0], no_restart=False)
+
+    assert three_steps("chaos", chaos) == three_steps("calm", lambda coord, step: None)
+
+
 def test_resume_reproduces_the_uninterrupted_run(digits_assets, tmp_path):
     """In-process (same code path as the actors): 4 steps straight vs 2 + resume + 2, with NFT's
     lagging old policy (the sampling policy) and two optimiser steps per RL step."""
