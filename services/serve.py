@@ -113,6 +113,27 @@ class GeneratorCore:
             i += len(it["prompts"])
         return out
 
+    @staticmethod
+    def run_isolated(gen, items: list[dict]) -> list[dict]:
+        """:meth:`run` on the whole batch; if it fails, each request alone, so a bad one fails by itself
+        (``{"error": ...}``) and its neighbours still get their images."""
+        t0 = time.perf_counter()
+        try:
+            images = GeneratorCore.run(gen, items)
+        except Exception:  # noqa: BLE001 - isolate: redo one by one
+            return [GeneratorCore._alone(gen, it) for it in items]
+        ms = (time.perf_counter() - t0) * 1000
+        return [{"images": im, "batch_requests": len(items), "compute_ms": ms} for im in images]
+
+    @staticmethod
+    def _alone(gen, item: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            (images,) = GeneratorCore.run(gen, [item])
+        except Exception as err:  # noqa: BLE001 - reported to this request only
+            return {"error": f"{type(err).__name__}: {_clip(str(err))}"}
+        return {"images": images, "batch_requests": 1, "compute_ms": (time.perf_counter() - t0) * 1000}
+
 
 @serve.deployment(name="Generator")
 class GeneratorDeployment:
@@ -134,26 +155,9 @@ class GeneratorDeployment:
         results: list[dict] = [None] * len(items)  # type: ignore[list-item]
         for key, idx in groups.items():
             gen = await self.get_model(key[0])
-            t0 = time.perf_counter()
-            try:
-                images = GeneratorCore.run(gen, [items[i] for i in idx])
-            except Exception:  # noqa: BLE001 - isolate: redo one by one so a bad request fails alone
-                for i in idx:
-                    results[i] = self._alone(gen, items[i])
-                continue
-            ms = (time.perf_counter() - t0) * 1000
-            for j, i in enumerate(idx):
-                results[i] = {"images": images[j], "batch_requests": len(idx), "compute_ms": ms}
+            for i, res in zip(idx, GeneratorCore.run_isolated(gen, [items[i] for i in idx])):
+                results[i] = res
         return results
-
-    @staticmethod
-    def _alone(gen, item: dict) -> dict:
-        t0 = time.perf_counter()
-        try:
-            (images,) = GeneratorCore.run(gen, [item])
-        except Exception as err:  # noqa: BLE001 - reported to this request only
-            return {"error": f"{type(err).__name__}: {_clip(str(err))}"}
-        return {"images": images, "batch_requests": 1, "compute_ms": (time.perf_counter() - t0) * 1000}
 
     async def __call__(self, item: dict) -> dict:
         return await self.generate_batch(item)

@@ -291,3 +291,37 @@ def test_fuzzed_requests_never_give_5xx_nor_fail_their_neighbours(server):
 
     burst()
     assert seen["examples"] == 25
+
+
+def test_a_failing_batch_is_redone_request_by_request(digits_assets, monkeypatch):
+    """In-process: when the merged batch raises (one poisoned request), each request is redone alone;
+    only the poisoned one carries an error, and the others' images equal those of a clean batch."""
+    from services.serve import GeneratorCore
+
+    core = GeneratorCore(ServeConfig(model=ModelConfig(kind="digits", pretrain_steps=5)), str(digits_assets.model_path))
+    gen = core.load("base")
+    items = [
+        {
+            "prompts": [f"a handwritten digit {d}"],
+            "seed": d,
+            "num_steps": 2,
+            "guidance_scale": 1.0,
+            "shift": 1.0,
+            "renormalize": False,
+        }
+        for d in range(4)
+    ]
+    clean = GeneratorCore.run_isolated(gen, items)
+    assert all(r["batch_requests"] == 4 for r in clean)
+    real_run = GeneratorCore.run
+
+    def poisoned(gen, batch):
+        if any(it["seed"] == 2 for it in batch):
+            raise RuntimeError("poisoned request")
+        return real_run(gen, batch)
+
+    monkeypatch.setattr(GeneratorCore, "run", staticmethod(poisoned))
+    out = GeneratorCore.run_isolated(gen, items)
+    assert out[2] == {"error": "RuntimeError: poisoned request"}
+    for i in (0, 1, 3):
+        assert out[i]["batch_requests"] == 1 and out[i]["images"] == clean[i]["images"]
