@@ -66,6 +66,8 @@ def cmd_train(args) -> int:
     print("\n" + summary_table(summaries))
     for name, s in summaries.items():
         print(f"{name}: run directory {s.run_dir}")
+        for g in s.guards:  # what the proxy could not see (train.guards)
+            print(f"  guard fired at step {g['step']}: {g['metric']} = {g['value']:.4g} {g['bound']} -> {g['action']}")
     return 0
 
 
