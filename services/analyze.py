@@ -51,7 +51,10 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     assets = prepare_embedded(
         resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
     )
-    scorer = build_scorer("digits_classifier", path=str(assets.scorer_path))
+    spec = cfg.reward.scorers[0]  # the run's reward proxy (digits_ink by default), differentiable
+    if not spec.name.startswith("digits_") or spec.impl:
+        raise ValueError(f"analyze needs a differentiable embedded digits proxy; the run's reward is {spec.name!r}")
+    scorer = build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options)
     prompts = [digit_prompt(i % 10) for i in range(samples)]
     sigmas = sigma_grid(steps, shift=cfg.rollout.shift)
     rows, out = [], {}
