@@ -9,8 +9,9 @@ Reads every trial's evaluation points along training (``metrics.jsonl``: before 
   inference-time renormalisation its ``eval_renorm`` points.
 * ``matched.csv`` - every arm at one reward level per method (the highest level that every arm's
   every seed reaches): quality linearly interpolated between the two evaluation points around the
-  level, mean and 95 % t-interval over seeds. ``early_stop`` is the unregularised run stopped at
-  the level; ``renorm`` its renormalised evaluation at the level of the renormalised proxy.
+  level, mean and 95 % t-interval over seeds. Read there, the unregularised run (``none = early
+  stop``) is early stopping at that reward; ``renorm`` is its renormalised evaluation at the level
+  of the renormalised proxy.
 * ``paired.csv`` - NormGuard (constraint and penalty) minus each alternative at the matched
   level, paired by seed (same seeds, same evaluation noise): mean difference, 95 % t-interval,
   and how many seeds favour NormGuard.
@@ -29,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_sweep", "interpolate_at", "mean_ci"]
+__all__ = ["compare_sweep", "interpolate_at", "markdown_tables", "mean_ci"]
 
 QUALITY = ("frechet", "kid", "diversity", "recall", "precision", "digits_judge", "digits_classifier")
 LOWER_IS_BETTER = {"frechet", "kid"}
@@ -118,7 +119,6 @@ def _series(by, method: str, steps: int) -> dict[str, list[tuple[int, dict[str, 
             continue
         out[arm] = [(r["params"].get("train.seed", 0), _curves(r, steps)) for r in runs]
         if arm == "none":
-            out["early_stop"] = out["none"]
             renormed = [(r["params"].get("train.seed", 0), _curves(r, steps, renorm=True)) for r in runs]
             if all(len(c.get("reward", [])) > 1 for _, c in renormed):
                 out["renorm"] = renormed
@@ -149,6 +149,7 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
         final += _final_rows(by, method, steps)
     for name, rows in (("matched.csv", matched), ("paired.csv", paired), ("final.csv", final)):
         _write_csv(out / name, rows)
+    (out / "tables.md").write_text(markdown_tables(matched, paired, final))
     _plot_frontiers(by, methods, steps, out / "reward_vs_quality.png")
     _plot_ratios(by, methods, out / "ratio_per_step.png")
     return {"matched": matched, "paired": paired, "final": final, "out": out}
@@ -165,7 +166,9 @@ def _matched_rows(series: dict, method: str) -> tuple[list[dict], dict[str, dict
                 y = interpolate_at(c["reward"], c[k], level) if c.get(k) else None
                 if y is not None:
                     per_arm[arm][k][seed] = y
-        row: dict[str, Any] = {"method": method, "arm": arm, "reward_level": round(level, 4)}
+        # read at the matched level, the unregularised run IS early stopping at that reward
+        label = "none = early stop" if arm == "none" else arm
+        row: dict[str, Any] = {"method": method, "arm": label, "reward_level": round(level, 4)}
         for k in QUALITY:
             m, h, n = mean_ci(list(per_arm[arm][k].values()))
             row[k], row[f"{k}_ci95"], row["seeds"] = m, h, n
@@ -219,6 +222,54 @@ def _final_rows(by, method: str, steps: int) -> list[dict]:
     return rows
 
 
+def _pm(row: dict, key: str, digits: int = 3) -> str:
+    m, h = row.get(key), row.get(f"{key}_ci95")
+    if m is None or not math.isfinite(m):
+        return "-"
+    return f"{m:.{digits}g} ± {h:.2g}" if h is not None and math.isfinite(h) else f"{m:.{digits}g}"
+
+
+def markdown_tables(matched: list[dict], paired: list[dict], final: list[dict]) -> str:
+    """The three tables as markdown (mean ± 95 % t half-width over seeds), for docs/results.md."""
+    lines = ["### At matched reward (quality interpolated at the level every seed of every arm reaches)", ""]
+    lines += ["| method | arm | reward level | FD | KID | diversity | recall | precision | judge | seeds |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for r in matched:
+        lines.append(
+            f"| {r['method']} | {r['arm']} | {r['reward_level']:.3f} | {_pm(r, 'frechet')} | {_pm(r, 'kid')} | "
+            f"{_pm(r, 'diversity')} | {_pm(r, 'recall', 2)} | {_pm(r, 'precision', 2)} | "
+            f"{_pm(r, 'digits_judge')} | {r['seeds']} |"
+        )
+    lines += ["", "### Paired by seed: NormGuard minus the alternative at matched reward", ""]
+    lines += [
+        "| method | NormGuard | vs | ΔFD | ΔKID | Δdiversity | Δrecall | Δjudge | seeds favouring NormGuard (FD) |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for p in paired:
+        groups[(p["method"], p["normguard"], p["vs"])][p["metric"]] = p
+    for (method, ng, vs), by_metric in groups.items():
+        cells = []
+        for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
+            p = by_metric.get(k)
+            cells.append(_pm({"d": p["diff_mean"], "d_ci95": p["diff_ci95"]}, "d") if p else "-")
+        fd = by_metric.get("frechet", {})
+        lines.append(
+            f"| {method} | {ng} | {vs} | {' | '.join(cells)} | "
+            f"{fd.get('seeds_favouring_normguard', '-')} / {fd.get('seeds', '-')} |"
+        )
+    lines += ["", "### After the last step (no matching)", ""]
+    lines += ["| method | arm | reward | FD | KID | diversity | recall | judge | ratio min step | ratio max step |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for r in final:
+        lines.append(
+            f"| {r['method']} | {r['arm']} | {_pm(r, 'reward')} | {_pm(r, 'frechet')} | {_pm(r, 'kid')} | "
+            f"{_pm(r, 'diversity')} | {_pm(r, 'recall', 2)} | {_pm(r, 'digits_judge')} | "
+            f"{_pm(r, 'ratio_min_step')} | {_pm(r, 'ratio_max_step')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
@@ -248,7 +299,6 @@ def _plot_frontiers(by, methods: list[str], steps: int, path: Path) -> None:
     fig, axes = plt.subplots(len(methods), len(ys), figsize=(4 * len(ys), 3.3 * len(methods)), squeeze=False)
     for row, method in zip(axes, methods):
         series = _series(by, method, steps)
-        series.pop("early_stop", None)  # = the none curve, read at a lower reward
         for ax, k in zip(row, ys):
             for arm, seeds in series.items():
                 curves = [c for _, c in seeds if c.get(k) and len(c[k]) == len(c["reward"])]
