@@ -71,7 +71,7 @@ def scorers(tmp_path_factory, digits_assets):
         "realism_detector": build_scorer("realism_detector", path=str(_save_tiny_vit(root / "vit"))),
         "http_judge": HTTPJudge("http_judge", "http://judge.test/v1", transport=_openai_mock(0.8)),
     }
-    for name in ("digits_classifier", "digits_judge", "digits_realism"):
+    for name in ("digits_classifier", "digits_ink", "digits_judge", "digits_realism"):
         out[name] = build_scorer(name, path=str(digits_assets.scorer_path))
     return out
 
@@ -90,6 +90,7 @@ def test_every_registered_scorer_is_covered(scorers):
         "realism_detector",
         "http_judge",
         "digits_classifier",
+        "digits_ink",
         "digits_judge",
         "digits_realism",
     ],
