@@ -35,6 +35,14 @@ class LearnerLost(RuntimeError):
     learner group from the newest intact checkpoint (``train.max_failures``)."""
 
 
+# What gloo / NCCL / torch.distributed say on a surviving rank when a peer process dies mid-collective
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "NCCL communicator")
+
+
+def _peer_lost(message: str) -> bool:
+    return any(s in message for s in _PEER_LOST)
+
+
 class LocalLearner:
     """One in-process Learner behind the LearnerGroup interface."""
 
@@ -159,6 +167,8 @@ class LearnerGroup:
             except Exception:  # queue.Empty from the queue actor
                 continue
             if msg[0] == "error":
+                if _peer_lost(msg[2]):  # a surviving rank's collective failed because another worker died
+                    raise LearnerLost(f"learner rank {msg[1]} lost its peers: {msg[2]}")
                 raise RuntimeError(f"learner rank {msg[1]} failed: {msg[2]}")
             if msg[0] != kind:
                 raise RuntimeError(f"learner protocol error: expected {kind!r}, got {msg[0]!r}")
