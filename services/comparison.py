@@ -15,6 +15,10 @@ Reads every trial's evaluation points along training (``metrics.jsonl``: before 
 * ``paired.csv`` - NormGuard (constraint and penalty) minus each alternative at the matched
   level, paired by seed (same seeds, same evaluation noise): mean difference, 95 % t-interval,
   and how many seeds favour NormGuard.
+* ``matched_high.csv`` / ``paired_high.csv`` - the same at the higher level that every arm but the
+  strong regularisers (``kl``) reaches: a strong KL caps the common level where the hack has barely
+  started, and NormGuard against no regulariser matters most where it is under way.
+* ``tables.md`` - all of it as markdown tables.
 * ``final.csv`` - every arm after its last step (no matching): reward, quality, and the minimum and
   maximum over sampling steps of the per-step norm ratio.
 * ``ratio_per_step.png`` - the per-step norm ratio after training (full-step sampler), per arm,
@@ -34,6 +38,7 @@ __all__ = ["compare_sweep", "interpolate_at", "markdown_tables", "mean_ci"]
 
 QUALITY = ("frechet", "kid", "diversity", "recall", "precision", "digits_judge", "digits_classifier")
 LOWER_IS_BETTER = {"frechet", "kid"}
+HIGH_LEVEL_EXCLUDES = ("kl",)  # arms left out of the second, higher matched level
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -141,18 +146,31 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
     steps = steps or runs[0]["full_steps"]
     by = _arms(runs)
     methods = sorted({m for m, _ in by})
-    matched, paired, final = [], [], []
+    matched, paired, final, high, high_paired = [], [], [], [], []
     for method in methods:
-        rows, per_arm = _matched_rows(_series(by, method, steps), method)
+        series = _series(by, method, steps)
+        rows, per_arm = _matched_rows(series, method)
         matched += rows
         paired += _paired_rows(per_arm, method)
         final += _final_rows(by, method, steps)
-    for name, rows in (("matched.csv", matched), ("paired.csv", paired), ("final.csv", final)):
+        # a strong regulariser caps the common level low; NormGuard vs the rest also where the hack is under way
+        strong = {a: v for a, v in series.items() if a not in HIGH_LEVEL_EXCLUDES}
+        if len(strong) < len(series):
+            rows, per_arm = _matched_rows(strong, method)
+            high += rows
+            high_paired += _paired_rows(per_arm, method)
+    for name, rows in (
+        ("matched.csv", matched),
+        ("paired.csv", paired),
+        ("final.csv", final),
+        ("matched_high.csv", high),
+        ("paired_high.csv", high_paired),
+    ):
         _write_csv(out / name, rows)
-    (out / "tables.md").write_text(markdown_tables(matched, paired, final))
+    (out / "tables.md").write_text(markdown_tables(matched, paired, final, high=high, high_paired=high_paired))
     _plot_frontiers(by, methods, steps, out / "reward_vs_quality.png")
     _plot_ratios(by, methods, out / "ratio_per_step.png")
-    return {"matched": matched, "paired": paired, "final": final, "out": out}
+    return {"matched": matched, "paired": paired, "final": final, "high": high, "high_paired": high_paired, "out": out}
 
 
 def _matched_rows(series: dict, method: str) -> tuple[list[dict], dict[str, dict[str, dict[int, float]]]]:
@@ -229,9 +247,8 @@ def _pm(row: dict, key: str, digits: int = 3) -> str:
     return f"{m:.{digits}g} ± {h:.2g}" if h is not None and math.isfinite(h) else f"{m:.{digits}g}"
 
 
-def markdown_tables(matched: list[dict], paired: list[dict], final: list[dict]) -> str:
-    """The three tables as markdown (mean ± 95 % t half-width over seeds), for docs/results.md."""
-    lines = ["### At matched reward (quality interpolated at the level every seed of every arm reaches)", ""]
+def _matched_md(title: str, matched: list[dict], paired: list[dict]) -> list[str]:
+    lines = [f"### {title}", ""]
     lines += ["| method | arm | reward level | FD | KID | diversity | recall | precision | judge | seeds |"]
     lines += ["|---|---|---|---|---|---|---|---|---|---|"]
     for r in matched:
@@ -240,7 +257,7 @@ def markdown_tables(matched: list[dict], paired: list[dict], final: list[dict]) 
             f"{_pm(r, 'diversity')} | {_pm(r, 'recall', 2)} | {_pm(r, 'precision', 2)} | "
             f"{_pm(r, 'digits_judge')} | {r['seeds']} |"
         )
-    lines += ["", "### Paired by seed: NormGuard minus the alternative at matched reward", ""]
+    lines += ["", "Paired by seed, NormGuard minus the alternative at that level:", ""]
     lines += [
         "| method | NormGuard | vs | ΔFD | ΔKID | Δdiversity | Δrecall | Δjudge | seeds favouring NormGuard (FD) |"
     ]
@@ -258,7 +275,23 @@ def markdown_tables(matched: list[dict], paired: list[dict], final: list[dict]) 
             f"| {method} | {ng} | {vs} | {' | '.join(cells)} | "
             f"{fd.get('seeds_favouring_normguard', '-')} / {fd.get('seeds', '-')} |"
         )
-    lines += ["", "### After the last step (no matching)", ""]
+    return lines + [""]
+
+
+def markdown_tables(
+    matched: list[dict],
+    paired: list[dict],
+    final: list[dict],
+    *,
+    high: list[dict] | None = None,
+    high_paired: list[dict] | None = None,
+) -> str:
+    """The tables as markdown (mean ± 95 % t half-width over seeds), for docs/results.md."""
+    lines = _matched_md("At matched reward: the level every seed of every arm reaches", matched, paired)
+    if high:
+        excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
+        lines += _matched_md(f"At a higher matched reward: every arm but {excluded}", high, high_paired or [])
+    lines += ["### After the last step (no matching)", ""]
     lines += ["| method | arm | reward | FD | KID | diversity | recall | judge | ratio min step | ratio max step |"]
     lines += ["|---|---|---|---|---|---|---|---|---|---|"]
     for r in final:
