@@ -44,7 +44,7 @@ class GuardMonitor:
     specs: Sequence
     before: Mapping[str, float] = field(default_factory=dict)
     fired: list[Firing] = field(default_factory=list)
-    last_ok_eval_step: int | None = 0  # the base model (step 0) was inside the bounds unless an eval said no
+    last_ok_eval_step: int = 0  # the base model (step 0) was inside the bounds unless an eval said no
 
     def _crossed(self, spec, value: float) -> str | None:
         if spec.max is not None and value > spec.max:
@@ -72,12 +72,9 @@ class GuardMonitor:
             log.warning("guard fired at step %d: %s = %.4g %s -> %s", step, spec.metric, value, bound, spec.action)
             if action is None or _RANK[spec.action] > _RANK[action]:
                 action = spec.action
-        if evaluation and action is None and not self._fired_stop_before(step):
+        if evaluation and action is None:  # (a stop or rollback ends training: no evaluation is checked after one)
             self.last_ok_eval_step = step
         return action
-
-    def _fired_stop_before(self, step: int) -> bool:
-        return any(f.step <= step and f.action != "warn" for f in self.fired)
 
     @property
     def action(self) -> str | None:
@@ -89,8 +86,6 @@ class GuardMonitor:
         """The newest intact checkpoint at or before the last evaluation inside every bound."""
         from services.checkpoints import verify_checkpoint
 
-        if self.last_ok_eval_step is None:
-            return None
         root = Path(run_dir) / "checkpoints"
         for cand in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
             if verify_checkpoint(cand) is not None:
