@@ -83,6 +83,7 @@ def update_log_multipliers(
     lam_max: float,
     previous: Tensor | None = None,
     kd: float = 0.0,
+    side: str = "upper",
 ) -> Tensor:
     """One dual-ascent step on the per-bin multipliers (see the module docstring).
 
@@ -97,6 +98,8 @@ def update_log_multipliers(
         previous: ``(B,)`` the ratio measured at the previous RL step (NaN where unmeasured); with
             ``kd > 0`` its change is the derivative term.
         kd: weight of the derivative term (in RL steps of lead).
+        side: ``"upper"`` (``r_b <= bound``, NormGuard's constraint) or ``"lower"`` (``r_b >= bound``,
+            the optional floor of a two-sided band: the errors change sign).
 
     Returns:
         ``(B,)`` the new ``log lambda``.
@@ -105,9 +108,12 @@ def update_log_multipliers(
         raise ValueError(f"need 0 < lam_min <= lam_max, got {lam_min}, {lam_max}")
     if tolerance <= 0 or rate < 0:
         raise ValueError(f"need tolerance > 0 and rate >= 0, got {tolerance}, {rate}")
-    err = (ratio.double() - bound) / tolerance
+    if side not in ("upper", "lower"):
+        raise ValueError(f"side must be 'upper' or 'lower', got {side!r}")
+    sign = 1.0 if side == "upper" else -1.0
+    err = sign * (ratio.double() - bound) / tolerance
     if previous is not None and kd > 0:
-        trend = (ratio.double() - previous.double()) / tolerance
+        trend = sign * (ratio.double() - previous.double()) / tolerance
         err = err + kd * torch.where(torch.isfinite(trend), trend, torch.zeros_like(trend))
     err = torch.where(counts > 0, err.clamp(-1.0, 1.0), torch.zeros_like(err))
     return (log_lam.double() + rate * err).clamp(math.log(lam_min), math.log(lam_max))

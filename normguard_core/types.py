@@ -23,10 +23,14 @@ class LossOutput:
         loss: ``()`` differentiable scalar.
         metrics: name -> ``()`` detached tensor; names are namespaced (``loss/...``,
             ``normguard/...``). Services log them, the core never does (P19).
+        terms: name -> ``()`` differentiable scalar: named parts already included in ``loss``
+            that a caller may back-propagate on their own (``"normguard"``: the weighted
+            NormGuard term, for an optimiser that keeps it out of Adam's momentum).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``normguard`` command line: prepare, train, submit, sweep, compare, analyze, serve, scorers.
+"""``normguard`` command line: prepare, train, plan, submit, sweep, compare, analyze, serve, scorers.
 
 Every command takes a YAML config (or none: the embedded default) plus ``key.path=value``
 overrides, validated by the pydantic tree before anything starts.
@@ -145,6 +145,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from services.plan import format_plan, nodes_from_file, nodes_from_manifest, nodes_from_ray, plan_run, run_demand
+
+    cfg = _load(args)
+    if args.manifest:
+        import yaml
+
+        docs = [
+            d for d in yaml.safe_load_all(open(args.manifest)) if d and d.get("apiVersion", "").startswith("ray.io/")
+        ]
+        if len(docs) != 1:
+            print(f"{args.manifest}: expected one RayJob / RayCluster / RayService, found {len(docs)}", file=sys.stderr)
+            return 2
+        nodes, where = nodes_from_manifest(docs[0]), args.manifest
+    elif args.cluster:
+        nodes, where = nodes_from_file(args.cluster), args.cluster
+    else:
+        from services.train import ensure_ray
+
+        ensure_ray()
+        nodes, where = nodes_from_ray(), "the connected Ray cluster"
+    plan = plan_run(run_demand(cfg), nodes)
+    print(f"plan for {cfg.train.run_name} on {where}\n")
+    print(format_plan(plan))
+    return 0 if plan.ok else 1
+
+
 def cmd_scorers(args) -> int:
     from services.rewards import available_scorers
 
@@ -197,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--num-cpus", type=int, default=None)
     sp.set_defaults(fn=cmd_serve)
+    sp = with_config("plan", "the run's actors, their CPU / GPU / memory, and whether a cluster can hold them")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--manifest", default=None, help="a KubeRay RayJob / RayCluster YAML (its nodes at maxReplicas)")
+    where.add_argument("--cluster", default=None, help="a YAML cluster description: nodes: [{name, cpus, gpus, ...}]")
+    sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("scorers", help="list registered reward scorers")
     sp.set_defaults(fn=cmd_scorers)
     return p

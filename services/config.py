@@ -188,6 +188,28 @@ class NormGuardConfig(_Section):
         1e-3, gt=0, description="constraint mode: multiplier floor (a satisfied bin decays to it)"
     )
     lambda_max: float = Field(100.0, gt=0, description="constraint mode: multiplier ceiling")
+    floor: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="constraint mode: also hold every bin's mean ratio at or above this (a second multiplier "
+        "per bin); None = one-sided, NormGuard's hinge only",
+    )
+    probe_uncovered: bool = Field(
+        True,
+        description="constraint mode: apply the force at one extra point per sample in the sigma bins no training "
+        "point reached at the last RL step (AWM's and Flow-DPO's sigmas leave the grid's ends empty)",
+    )
+    momentum: bool | None = Field(
+        None,
+        description="whether Adam's momentum carries NormGuard's force (None: the mode's default, penalty yes, "
+        "constraint no: the force then acts in its own optimiser step only, normguard_core.optim.SplitAdamW)",
+    )
+
+    @property
+    def split_force(self) -> bool:
+        """The learner back-propagates the force on its own and keeps it out of Adam's first moment."""
+        return self.active and not (self.momentum if self.momentum is not None else self.mode == "penalty")
 
     @property
     def active(self) -> bool:
@@ -198,6 +220,8 @@ class NormGuardConfig(_Section):
     def _check(self) -> NormGuardConfig:
         if self.mode == "constraint" and not self.lambda_min <= self.lambda_init <= self.lambda_max:
             raise ValueError("normguard: need lambda_min <= lambda_init <= lambda_max")
+        if self.floor is not None and (self.mode != "constraint" or self.floor >= 1 + self.margin):
+            raise ValueError("normguard.floor: only with mode=constraint, and below the bound 1 + margin")
         return self
 
 
@@ -227,6 +251,11 @@ class LearnerConfig(_Section):
 
 
 class ResourcesConfig(_Section):
+    check_cluster: Literal["error", "warn", "off"] = Field(
+        "error",
+        description="before the actors start, place them on the cluster's nodes (services.plan): 'error' stops a "
+        "run the cluster can never hold; 'warn' starts anyway (an autoscaling cluster that will add nodes)",
+    )
     num_learners: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     learner_cpus: float = Field(1.0, gt=0)
     learner_gpus: float = Field(0.0, ge=0)

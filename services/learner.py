@@ -46,7 +46,9 @@ from normguard_core.constraint import bin_means, sigma_bins, update_log_multipli
 from normguard_core.conventions import interpolate, sample_sigmas, sigma_grid
 from normguard_core.lagged import lag_decay, update_lagged
 from normguard_core.losses import LossBatch, NormGuardParams, compose_objective
+from normguard_core.losses.normguard import normguard_penalty
 from normguard_core.metrics import velocity_norm
+from normguard_core.optim import SplitAdamW
 from normguard_core.samplers import cfg_combine, sde_step
 from services.methods import get_method
 from services.models import build_generator
@@ -64,7 +66,11 @@ class Learner:
         self.method = get_method(cfg.loss.name)
         self.gen = build_generator(cfg.model, path=model_path, device=device)
         self.params = self.gen.trainable_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        # AdamW; with a split force (constraint mode) NormGuard's gradient stays out of the momentum
+        self.split_force = cfg.normguard.split_force
+        opt_cls = SplitAdamW if self.split_force else torch.optim.AdamW
+        self.opt = opt_cls(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self._force = [torch.zeros_like(p) for p in self.params] if self.split_force else None
         self.old = [p.detach().clone() for p in self.params]  # the sampling ("old") policy
         self.ema_schedule = self.method.ema_schedule(cfg.loss)
         self.ema = [p.detach().clone() for p in self.params] if self.ema_schedule else None
@@ -72,7 +78,9 @@ class Learner:
         self.step_count = 0  # optimiser steps (the sources' global_step: drives the lag schedules)
         self.version = 0  # policy versions shipped to the samplers (one per RL step with an update)
         ng, lc, loss = cfg.normguard, cfg.learner, cfg.loss
-        self.normguard = NormGuardParams(weight=ng.weight, margin=ng.margin, power=ng.power, scale=ng.scale)
+        self.normguard = NormGuardParams(
+            weight=ng.weight, margin=ng.margin, power=ng.power, scale=ng.scale, floor=ng.floor
+        )
         self.loss_kwargs = self.method.loss_kwargs(loss)
         self.updates_per_step = lc.updates_per_step or self.method.updates_per_step
         self.timesteps = lc.timesteps_per_sample or self.method.timesteps_per_sample(cfg)
@@ -80,8 +88,10 @@ class Learner:
         self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
         # NormGuard as a constraint: one log-multiplier per sigma bin (normguard_core.constraint)
         self.log_lam = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)
+        self.log_mu = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)  # the floor side
         self.prev_ratio = torch.full((ng.bins,), float("nan"), dtype=torch.float64)  # the derivative term's memory
         self._bins: dict[str, Tensor] = {}
+        self._uncovered: Tensor | None = None  # sigma bins no training point reached at the last RL step
         self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
         ro = cfg.rollout
         self._guidance = ro.guidance_scale if getattr(loss, "train_cfg", False) else 1.0
@@ -201,7 +211,10 @@ class Learner:
         self.gen.transformer.train()
 
     # ---- the objective of one micro-batch -------------------------------------------------
-    def _micro_loss(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null) -> tuple[Tensor, dict]:
+    def _micro_loss(
+        self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null
+    ) -> tuple[Tensor, dict[str, Tensor], dict]:
+        """``(loss, its named terms, metrics)`` of one micro-batch (``compose_objective``'s terms)."""
         dev, loss_cfg, data = self.gen.device, self.cfg.loss, self.method.data
         x, sigma, idx = self._inputs(batch, pts, rows)
         c, nc = cond.index(idx.to(dev)), null.index(idx.to(dev)) if null else None
@@ -259,40 +272,90 @@ class Learner:
             old = pts["v_old"][rows].to(dev)
             gap = velocity_norm(v_theta.detach()[: len(rows)] - old) / velocity_norm(old).clamp_min(1e-12)
             metrics["learner/old_policy_gap"] = gap.mean()
-        return out.loss, metrics
+        return out.loss, out.terms, metrics
 
     # ---- NormGuard's per-sigma-bin ratios and multipliers -----------------------------------
-    def _track_bins(self, v_theta: Tensor, v_ref: Tensor, sigma: Tensor, fields: dict) -> None:
+    def _track_bins(
+        self, v_theta: Tensor, v_ref: Tensor, sigma: Tensor, fields: dict, *, training: bool = True
+    ) -> None:
         """Accumulate the step's per-bin norm ratios; in constraint mode give each point its bin's lambda."""
         ng = self.cfg.normguard
         bins = sigma_bins(sigma.cpu(), ng.bins)
         ratio = velocity_norm(v_theta.detach().float()) / velocity_norm(v_ref.detach().float()).clamp_min(1e-12)
         sums, counts = bin_means(ratio, bins, ng.bins)
-        self._bins["sum"] = self._bins.get("sum", torch.zeros(ng.bins, dtype=torch.float64)) + sums
-        self._bins["count"] = self._bins.get("count", torch.zeros(ng.bins, dtype=torch.float64)) + counts
+        zeros = torch.zeros(ng.bins, dtype=torch.float64)
+        self._bins["sum"] = self._bins.get("sum", zeros) + sums
+        self._bins["count"] = self._bins.get("count", zeros) + counts
+        self._bins["train"] = self._bins.get("train", zeros) + (counts if training else zeros)
         if ng.mode == "constraint":
             fields["normguard_weight"] = self.log_lam.exp().float()[bins].to(v_theta.device)
+            if ng.floor is not None:
+                fields["floor_weight"] = self.log_mu.exp().float()[bins].to(v_theta.device)
+
+    def _probe(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null, global_rows: int, epoch: int):
+        """Constraint mode: NormGuard's force at one extra point per sample of the mini-batch, in the sigma
+        bins that no training point reached at the last RL step (``normguard.probe_uncovered``).
+
+        AWM's stratified training sigmas stop short of both ends of the grid and Flow-DPO's rarely
+        reach them, so without probes the bound is never enforced at the first and last sampling
+        steps. A probe is the sample's clean latent noised to a sigma drawn uniformly inside an
+        uncovered bin (fresh noise, seeded like the training points); it carries only the force and
+        the ratio statistics of its bin, never the base loss.
+        """
+        ng, dev = self.cfg.normguard, self.gen.device
+        if ng.mode != "constraint" or not ng.probe_uncovered or self._uncovered is None or not self._uncovered.any():
+            return
+        units = pts["sample"][rows].unique()
+        if len(units) == 0:
+            return
+        g = torch.Generator().manual_seed(
+            hash((self.cfg.train.seed, batch.step, batch.rank, epoch, int(rows[0]), 7)) % 2**63
+        )
+        open_bins = self._uncovered.nonzero().flatten()
+        b = open_bins[torch.randint(len(open_bins), (len(units),), generator=g)]
+        u = torch.rand(len(units), generator=g, dtype=torch.float64)
+        sigma = (1.0 - (b.double() + u) / ng.bins).float().clamp(1e-3, 1.0)
+        noise = torch.randn((len(units), *batch.latents.shape[1:]), generator=g)
+        x = interpolate(batch.latents[units], noise, sigma).to(dev)
+        c, nc = cond.index(units.to(dev)), null.index(units.to(dev)) if null else None
+        v_theta = self._velocity(x, sigma.to(dev), c, nc)
+        with torch.no_grad():
+            v_ref = self._velocity(x, sigma.to(dev), c, nc, reference=True)
+        fields: dict = {}
+        self._track_bins(v_theta, v_ref, sigma, fields, training=False)
+        out = normguard_penalty(
+            v_theta=v_theta,
+            v_ref=v_ref,
+            weight=fields["normguard_weight"],
+            margin=ng.margin,
+            power=ng.power,
+            scale=ng.scale,
+        )
+        force = out.loss * (len(units) * self.timesteps / global_rows)  # the mini-batch mean over its units
+        if float(force.detach()) <= 0:
+            return
+        if self.split_force:
+            self._backward_force(force)
+        else:
+            force.backward()
 
     def _advance_multipliers(self) -> dict[str, float]:
         """After the RL step: all-reduce the per-bin ratios; in constraint mode, one dual-ascent step."""
         ng = self.cfg.normguard
         if "sum" not in self._bins:
-            self._bins = {k: torch.zeros(ng.bins, dtype=torch.float64) for k in ("sum", "count")}
-        stats = torch.stack([self._bins["sum"], self._bins["count"]])
+            self._bins = {k: torch.zeros(ng.bins, dtype=torch.float64) for k in ("sum", "count", "train")}
+        stats = torch.stack([self._bins["sum"], self._bins["count"], self._bins["train"]])
         self._bins = {}
         if self.distributed:
             dist.all_reduce(stats)
-        sums, counts = stats
+        sums, counts, trained = stats
         if counts.sum() == 0:
             return {}
+        self._uncovered = trained == 0
         ratio = sums / counts.clamp_min(1)
         out = {f"normguard/ratio_bin{b}": float(ratio[b]) for b in range(ng.bins) if counts[b] > 0}
         if ng.mode == "constraint":
-            self.log_lam = update_log_multipliers(
-                self.log_lam,
-                ratio,
-                counts,
-                bound=1.0 + ng.margin,
+            dual = dict(
                 rate=ng.dual_rate,
                 tolerance=ng.tolerance,
                 lam_min=ng.lambda_min,
@@ -300,6 +363,12 @@ class Learner:
                 previous=self.prev_ratio,
                 kd=ng.dual_kd,
             )
+            self.log_lam = update_log_multipliers(self.log_lam, ratio, counts, bound=1.0 + ng.margin, **dual)
+            if ng.floor is not None:
+                self.log_mu = update_log_multipliers(self.log_mu, ratio, counts, bound=ng.floor, side="lower", **dual)
+                mu = self.log_mu.exp()
+                out["normguard/floor_mu"] = float(mu.mean())
+                out.update({f"normguard/floor_mu_bin{b}": float(mu[b]) for b in range(ng.bins)})
             self.prev_ratio = torch.where(counts > 0, ratio, self.prev_ratio)
             lam = self.log_lam.exp()
             out["normguard/lambda"] = float(lam.mean())
@@ -326,14 +395,20 @@ class Learner:
             for rows, global_rows in self._minibatches(batch, epoch):
                 if global_rows == 0:  # empty on every rank (e.g. fewer pairs than mini-batches)
                     continue
-                self.opt.zero_grad(set_to_none=False)
+                self._zero_grad()
                 for i in range(0, len(rows), micro):
                     part = rows[i : i + micro]
-                    loss, metrics = self._micro_loss(batch, pts, part, cond, null)
-                    (loss * len(part) / global_rows).backward()  # summed over ranks: the mini-batch mean
+                    loss, terms, metrics = self._micro_loss(batch, pts, part, cond, null)
+                    scale = len(part) / global_rows  # summed over ranks: the mini-batch mean
+                    if self.split_force and "normguard" in terms:
+                        if float(terms["normguard"].detach()) > 0:  # an inactive hinge has no gradient: skip its pass
+                            self._backward_force(terms["normguard"] * scale)
+                        loss = terms["rest"]
+                    (loss * scale).backward()
                     for key, v in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(v) * len(part)
                     count += len(part)
+                self._probe(batch, pts, rows, cond, null, global_rows, epoch)
                 norm = self._apply()
                 if norm is None:
                     skipped += 1
@@ -351,23 +426,53 @@ class Learner:
             self.version += 1
         return metrics
 
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        if self._force is not None:
+            for f in self._force:
+                f.zero_()
+
+    def _backward_force(self, force: Tensor) -> None:
+        """Back-propagate the NormGuard term alone into ``self._force`` (``.grad`` is left as it was)."""
+        grads = torch.autograd.grad(force, self.params, retain_graph=True, allow_unused=True)
+        for acc, g in zip(self._force, grads):
+            if g is not None:
+                acc.add_(g)
+
     def _apply(self) -> float | None:
-        """All-reduce, clip and step; ``None`` (and no step) when any worker saw a non-finite value."""
+        """All-reduce, clip and step; ``None`` (and no step) when any worker saw a non-finite value.
+
+        With a split force its gradient rides in the same all-reduce, is clipped on its own to
+        ``grad_clip`` and reaches the optimiser as ``force`` (``SplitAdamW``); the base gradient is
+        clipped as the sources clip it.
+        """
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.flatten() for g in grads])
+        parts = grads + (self._force or [])
+        flat = torch.cat([g.flatten() for g in parts])
         finite = torch.tensor([float(torch.isfinite(flat).all())])
         if self.distributed:
             dist.all_reduce(flat)  # the per-shard gradients were pre-scaled by 1 / global points
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() < 1:
-            self.opt.zero_grad(set_to_none=False)
+            self._zero_grad()
             return None
         offset = 0
         for p, g in zip(self.params, grads):
             p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
             offset += g.numel()
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.grad_clip))
-        self.opt.step()
+        if self._force is None:
+            self.opt.step()
+        else:
+            force = []
+            for f in self._force:
+                force.append(flat[offset : offset + f.numel()].view_as(f).clone())
+                offset += f.numel()
+            force_norm = float(torch.linalg.vector_norm(torch.stack([f.norm() for f in force])))
+            if force_norm > self.cfg.learner.grad_clip:
+                for f in force:
+                    f.mul_(self.cfg.learner.grad_clip / force_norm)
+            self.opt.step(force=force)
         self.step_count += 1
         return norm
 
@@ -403,6 +508,8 @@ class Learner:
                 "step": self.step_count,
                 "version": self.version,
                 "log_lambda": self.log_lam,
+                "log_mu": self.log_mu,
+                "uncovered": self._uncovered,
                 "prev_ratio": self.prev_ratio,
                 "extra": extra or {},
             },
@@ -428,4 +535,6 @@ class Learner:
         self.step_count, self.version = state["step"], state["version"]
         if "log_lambda" in state:
             self.log_lam, self.prev_ratio = state["log_lambda"].double(), state["prev_ratio"].double()
+            if "log_mu" in state:
+                self.log_mu, self._uncovered = state["log_mu"].double(), state.get("uncovered")
         return state["extra"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -48,6 +49,11 @@ class ServeConfig(BaseModel):
 
 
 def load_serve_config(path: str | Path | None = None, **overrides) -> ServeConfig:
+    """The YAML at ``path`` plus ``overrides``; ``NORMGUARD_SERVE_TOKEN`` (e.g. from a Kubernetes
+    Secret in the pod's environment) sets ``auth_token`` when neither gives one, so the token need
+    not be written into a config file."""
     data = yaml.safe_load(Path(path).read_text()) if path else {}
     data.update(overrides)
+    if not data.get("auth_token") and os.environ.get("NORMGUARD_SERVE_TOKEN"):
+        data["auth_token"] = os.environ["NORMGUARD_SERVE_TOKEN"]
     return ServeConfig.model_validate(data)

@@ -94,6 +94,23 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
 
 
+def _check_cluster(cfg) -> None:
+    """Fail before any actor starts when the cluster can never hold the run (``resources.check_cluster``)."""
+    if cfg.resources.check_cluster == "off":
+        return
+    from services.plan import check_plan, nodes_from_ray, plan_run, run_demand
+
+    plan = plan_run(run_demand(cfg), nodes_from_ray())
+    if plan.ok:
+        return
+    try:
+        check_plan(plan, where="the Ray cluster")
+    except Exception as err:
+        if cfg.resources.check_cluster == "error":
+            raise
+        log.warning("%s", err)
+
+
 def build_coordinator(
     cfg, *, local: bool = False, checkpoint: Path | None | str = "latest"
 ) -> tuple[Coordinator, dict, dict]:
@@ -118,6 +135,7 @@ def build_coordinator(
         import ray
 
         ensure_ray()
+        _check_cluster(cfg)
         # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
         opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
         sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)

@@ -13,11 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from normguard_core.losses.normguard import normguard_penalty
 from normguard_core.losses.registry import LossBatch, get_loss
+from normguard_core.metrics import velocity_norm
 from normguard_core.types import LossOutput
 
-__all__ = ["NormGuardParams", "compose_objective"]
+__all__ = ["NormGuardParams", "compose_objective", "floor_penalty"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,20 @@ class NormGuardParams:
     margin: float = 0.0
     power: int = 2
     scale: str = "relative"
+    floor: float | None = None  # constraint mode's optional lower side: a hinge on ratio < floor
+
+
+def floor_penalty(*, v_theta: Tensor, v_ref: Tensor, weight: Tensor, floor: float, power: int = 2) -> LossOutput:
+    """The mirror of NormGuard's hinge below ``floor``: ``mean_b w_b relu(floor - n_theta_b / n_ref_b)^p``.
+
+    Only the constraint's optional two-sided band uses it (``normguard.floor``): it pushes a bin
+    whose mean ratio has fallen under the floor back up, with its own multiplier per bin.
+    """
+    n_theta = velocity_norm(v_theta.float())
+    n_ref = velocity_norm(v_ref.detach().float())
+    short = torch.relu(floor - n_theta / (n_ref + 1e-12))
+    loss = (weight.detach().to(short) * short.pow(power)).mean()
+    return LossOutput(loss=loss, metrics={"normguard/floor_active_frac": (short > 0).float().mean()})
 
 
 def compose_objective(
@@ -51,13 +69,15 @@ def compose_objective(
             sigma-dependent (Flow-GRPO, AWM ``ELBO``) supplies its per-sample scale.
 
     Returns:
-        LossOutput with ``loss/total``, ``loss/base``, the base loss's metrics, the NormGuard
+        LossOutput with the total as ``loss``; when NormGuard is active, ``terms["normguard"]``
+        (its weighted term) and ``terms["rest"]`` (base + KL; ``loss`` is their sum); metrics ``loss/total``, ``loss/base``, the base loss's metrics, the NormGuard
         metrics when ``v_ref`` is present, and ``loss/kl`` when ``kl_weight > 0``.
     """
     base = get_loss(loss_name)(batch, **dict(loss_kwargs or {}))
     total = base.loss
     metrics = dict(base.metrics)
     metrics["loss/base"] = base.loss.detach()
+    terms: dict[str, Tensor] = {}
     has_ref = batch.v_theta is not None and batch.v_ref is not None
     per_point = batch.normguard_weight
     active = normguard is not None and (normguard.weight > 0 or per_point is not None)
@@ -77,7 +97,17 @@ def compose_objective(
         )
         metrics.update(ng.metrics)
         if active:
-            total = total + ng.loss
+            terms["normguard"] = ng.loss
+            if normguard.floor is not None and batch.floor_weight is not None:
+                fl = floor_penalty(
+                    v_theta=batch.v_theta,
+                    v_ref=batch.v_ref,
+                    weight=batch.floor_weight,
+                    floor=normguard.floor,
+                    power=normguard.power,
+                )
+                metrics.update(fl.metrics)
+                terms["normguard"] = terms["normguard"] + fl.loss
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     if kl_weight > 0:
@@ -90,5 +120,8 @@ def compose_objective(
         kl = per_sample.mean()
         total = total + kl_weight * kl
         metrics["loss/kl"] = kl.detach()
+    if "normguard" in terms:
+        terms["rest"] = total
+        total = total + terms["normguard"]
     metrics["loss/total"] = total.detach()
-    return LossOutput(loss=total, metrics=metrics)
+    return LossOutput(loss=total, metrics=metrics, terms=terms)

@@ -46,6 +46,8 @@ class LossBatch:
         step_std: ``(B,)`` the SDE step std ``std_t sqrt(-dt)`` (GRPO-Guard).
         normguard_weight: ``(B,)`` per-point NormGuard multipliers (``mode: constraint``: one per
             sigma bin); ``None`` uses the scalar weight of ``NormGuardParams``.
+        floor_weight: ``(B,)`` per-point multipliers of the constraint's lower side
+            (``NormGuardParams.floor``), or ``None``.
     """
 
     v_theta: Tensor | None = None
@@ -66,6 +68,7 @@ class LossBatch:
     old_mean: Tensor | None = None
     step_std: Tensor | None = None
     normguard_weight: Tensor | None = None
+    floor_weight: Tensor | None = None
 
     def present(self) -> list[str]:
         """Names of the fields that are set."""

@@ -149,3 +149,61 @@ def test_sweep_arms_expand_per_method_and_skip_arms_of_other_methods(tmp_path):
         SweepConfig.model_validate(
             {**sweep.model_dump(), "axes": [{"key": "arm", "grid": ["none", "typo"]}], "arms": {"none": {}}}
         )
+
+
+def test_constraint_probes_reach_the_bins_no_training_point_reaches(digits_assets, tmp_path):
+    """AWM's stratified sigmas leave the grid's ends empty: from step 2 on, probe points carry the
+    force there, so those bins get a measured ratio and a multiplier that moves; without probes
+    they never do."""
+    common = {
+        "loss.name": "awm",
+        "train.steps": 3,
+        "rollout.num_steps": 10,
+        "normguard.mode": "constraint",
+        "normguard.bins": 10,
+        "normguard.tolerance": 0.005,
+    }
+    rows = _train_rows(
+        run_training(load_config(None, tiny_overrides(tmp_path, "probe", **common)), local=True, progress=False)
+    )
+    first = {b for b in range(10) if f"normguard/ratio_bin{b}" in rows[0]}
+    empty = set(range(10)) - first
+    assert empty, "AWM's training sigmas were expected to leave some bins empty"
+    for r in rows[1:]:
+        assert {f"normguard/ratio_bin{b}" for b in empty} <= r.keys()
+    assert any(rows[-1][f"normguard/lambda_bin{b}"] != pytest.approx(0.5) for b in empty)
+    off = _train_rows(
+        run_training(
+            load_config(None, tiny_overrides(tmp_path, "noprobe", **common, **{"normguard.probe_uncovered": False})),
+            local=True,
+            progress=False,
+        )
+    )
+    assert all(f"normguard/ratio_bin{b}" not in r for r in off for b in empty)
+    assert all(off[-1][f"normguard/lambda_bin{b}"] == pytest.approx(0.5) for b in empty)
+
+
+def test_the_floor_has_its_own_multiplier_per_bin_moved_by_the_lower_side_rule(digits_assets, tmp_path):
+    over = tiny_overrides(
+        tmp_path,
+        "floor",
+        **{
+            "train.steps": 2,
+            "normguard.mode": "constraint",
+            "normguard.bins": 4,
+            "normguard.floor": 0.99,
+            "normguard.tolerance": 0.01,
+            "normguard.dual_rate": 0.5,
+            "normguard.dual_kd": 0.0,
+        },
+    )
+    rows = _train_rows(run_training(load_config(None, over), local=True, progress=False))
+    for r in rows:
+        for b in range(4):
+            prev = 0.5 if r["step"] == 1 else rows[r["step"] - 2][f"normguard/floor_mu_bin{b}"]
+            if f"normguard/ratio_bin{b}" not in r:
+                continue
+            err = max(-1.0, min(1.0, (0.99 - r[f"normguard/ratio_bin{b}"]) / 0.01))
+            assert r[f"normguard/floor_mu_bin{b}"] == pytest.approx(min(100.0, max(1e-3, prev * math.exp(0.5 * err))))
+    with pytest.raises(ValueError, match="floor"):
+        load_config(None, ["normguard.floor=0.98"])  # only with mode=constraint
