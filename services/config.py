@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config"]
 
@@ -257,6 +257,12 @@ class ResourcesConfig(_Section):
         "run the cluster can never hold; 'warn' starts anyway (an autoscaling cluster that will add nodes)",
     )
     num_learners: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+
+    @field_validator("check_cluster", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
     learner_cpus: float = Field(1.0, gt=0)
     learner_gpus: float = Field(0.0, ge=0)
     sampler_cpus: float = Field(0.25, ge=0)

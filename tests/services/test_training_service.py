@@ -239,3 +239,19 @@ def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted
             progress=False,
             on_step=kill_after_step_3,
         )
+
+
+def test_a_run_the_cluster_can_never_hold_fails_before_any_actor_starts(ray_local, digits_assets, tmp_path):
+    """The local cluster has 2 CPUs; 3 learner CPUs can never be placed: a clear error, not a hang."""
+    from services.plan import ClusterTooSmall
+
+    cfg = load_config(None, tiny_overrides(tmp_path, "too-big", **{"resources.learner_cpus": 3}))
+    with pytest.raises(ClusterTooSmall, match=r"learner #0 \(3 CPU, 0 GPU\)"):
+        build_coordinator(cfg)
+    warn = load_config(
+        None,
+        tiny_overrides(tmp_path, "too-big-warn", **{"resources.learner_cpus": 3, "resources.check_cluster": "off"}),
+    )
+    from services.plan import nodes_from_ray, plan_run, run_demand
+
+    assert not plan_run(run_demand(warn), nodes_from_ray()).ok  # the check is off, not wrong
