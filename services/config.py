@@ -189,11 +189,11 @@ class NormGuardConfig(_Section):
     )
     lambda_max: float = Field(100.0, gt=0, description="constraint mode: multiplier ceiling")
     floor: float | None = Field(
-        None,
+        0.98,
         gt=0,
         lt=1,
         description="constraint mode: also hold every bin's mean ratio at or above this (a second multiplier "
-        "per bin); None = one-sided, NormGuard's hinge only",
+        "per bin; the force spills over between bins through the shared weights); null = one-sided",
     )
     probe_uncovered: bool = Field(
         True,
@@ -220,8 +220,10 @@ class NormGuardConfig(_Section):
     def _check(self) -> NormGuardConfig:
         if self.mode == "constraint" and not self.lambda_min <= self.lambda_init <= self.lambda_max:
             raise ValueError("normguard: need lambda_min <= lambda_init <= lambda_max")
-        if self.floor is not None and (self.mode != "constraint" or self.floor >= 1 + self.margin):
-            raise ValueError("normguard.floor: only with mode=constraint, and below the bound 1 + margin")
+        if self.mode == "constraint" and self.floor is not None and self.floor >= 1 + self.margin:
+            raise ValueError("normguard.floor must lie below the bound 1 + margin")
+        if self.mode != "constraint" and "floor" in self.model_fields_set and self.floor is not None:
+            raise ValueError("normguard.floor is a constraint-mode setting (normguard.mode=constraint)")
         return self
 
 

@@ -79,7 +79,11 @@ class Learner:
         self.version = 0  # policy versions shipped to the samplers (one per RL step with an update)
         ng, lc, loss = cfg.normguard, cfg.learner, cfg.loss
         self.normguard = NormGuardParams(
-            weight=ng.weight, margin=ng.margin, power=ng.power, scale=ng.scale, floor=ng.floor
+            weight=ng.weight,
+            margin=ng.margin,
+            power=ng.power,
+            scale=ng.scale,
+            floor=ng.floor if ng.mode == "constraint" else None,
         )
         self.loss_kwargs = self.method.loss_kwargs(loss)
         self.updates_per_step = lc.updates_per_step or self.method.updates_per_step
@@ -289,7 +293,7 @@ class Learner:
         self._bins["train"] = self._bins.get("train", zeros) + (counts if training else zeros)
         if ng.mode == "constraint":
             fields["normguard_weight"] = self.log_lam.exp().float()[bins].to(v_theta.device)
-            if ng.floor is not None:
+            if ng.floor is not None:  # constraint mode only
                 fields["floor_weight"] = self.log_mu.exp().float()[bins].to(v_theta.device)
 
     def _probe(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null, global_rows: int, epoch: int):
