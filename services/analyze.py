@@ -37,12 +37,12 @@ def _rows(name: str, res, sigmas: torch.Tensor) -> list[dict]:
 
 def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, seed: int = 0) -> list[dict]:
     """Adjoint sensitivities of the base and trained models of a digits run; writes adjoint.json/png."""
+    from services.checkpoints import load_weights
     from services.config import ExperimentConfig
     from services.models import build_generator
     from services.models.digits import digit_prompt
     from services.prepare import prepare_embedded
     from services.rewards import build_scorer
-    from services.serve import _checkpoint_weights
 
     run_dir = Path(run_dir)
     cfg = ExperimentConfig.model_validate_json((run_dir / "config.json").read_text())
@@ -61,7 +61,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     for name in ("base", "trained"):
         gen = build_generator(cfg.model, path=str(assets.model_path))
         if name == "trained":
-            gen.load_trainable_state_dict(_checkpoint_weights(str(run_dir)))
+            gen.load_trainable_state_dict(load_weights(run_dir))
         for p in gen.transformer.parameters():
             p.requires_grad_(False)
         cond = gen.encode_prompts(prompts)

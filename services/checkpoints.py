@@ -3,7 +3,7 @@
 A checkpoint directory (``checkpoints/step_N``) is complete only once ``manifest.json`` lists every
 file in it with its size and SHA-256; it is written after the learner state and the coordinator
 state, and ``checkpoints/latest`` is switched to the directory only after that. On resume the
-checkpoint ``latest`` names is verified; a partial or corrupt one (a truncated ``learner.pt``, a lost
+checkpoint ``latest`` names is verified; a partial or corrupt one (a truncated ``weights.safetensors``, a lost
 file) is reported by path and the run falls back to the newest intact checkpoint, or stops with the
 same message when ``train.on_corrupt_checkpoint: stop``.
 """
@@ -15,10 +15,20 @@ import json
 import logging
 from pathlib import Path
 
-__all__ = ["CheckpointError", "MANIFEST", "latest_intact", "verify_checkpoint", "write_manifest"]
+__all__ = [
+    "CheckpointError",
+    "MANIFEST",
+    "WEIGHTS",
+    "latest_intact",
+    "load_weights",
+    "resolve_checkpoint",
+    "verify_checkpoint",
+    "write_manifest",
+]
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"  # the trainable weights: the only file serving and export read
 
 
 class CheckpointError(RuntimeError):
@@ -85,3 +95,46 @@ def latest_intact(run_dir: Path, *, on_corrupt: str = "fallback") -> Path | None
             log.warning("%s; resuming from the newest intact one, %s", message, cand)
             return cand
     raise CheckpointError(message + "; no intact checkpoint to fall back to")
+
+
+def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
+    """A checkpoint directory from a run directory (its newest intact checkpoint, or ``step``) or
+    from a checkpoint directory itself. The one place that turns what a user names into a checkpoint."""
+    p = Path(path)
+    root = p / "checkpoints"
+    if step is not None:
+        cand = root / f"step_{step:06d}"
+        if not cand.is_dir():
+            steps = sorted(int(c.name.split("_")[1]) for c in root.glob("step_*")) if root.is_dir() else []
+            raise CheckpointError(f"{path} has no checkpoint at step {step} (it has {steps or 'none'})")
+        problem = verify_checkpoint(cand)
+        if problem:
+            raise CheckpointError(f"checkpoint {cand} is corrupt or partial: {problem}")
+        return cand
+    if (root / "latest").is_file():
+        return latest_intact(p)
+    if (p / WEIGHTS).is_file() or (p / "learner.pt").is_file():
+        return p
+    raise CheckpointError(f"no checkpoint at {path} (expected a run directory or a checkpoint with {WEIGHTS})")
+
+
+def load_weights(path: str | Path, step: int | None = None) -> dict:
+    """The trainable weights of a checkpoint (``weights.safetensors``); never unpickles anything.
+
+    A directory with only a pickle (``learner.pt``, this project's format before 0.2, or a file from
+    elsewhere) is refused: unpickling runs whatever code the file names.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = resolve_checkpoint(path, step)
+    weights = ckpt / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{ckpt} holds no {WEIGHTS}; a pickled checkpoint (learner.pt) is refused, since loading it could run "
+            "arbitrary code. Re-export it from a trusted environment, or retrain with this version."
+        )
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights} is not a valid safetensors file: {err}") from None

@@ -1,4 +1,4 @@
-"""``normguard`` command line: prepare, train, plan, submit, sweep, compare, analyze, serve, scorers.
+"""``normguard`` command line: prepare, train, plan, submit, sweep, compare, analyze, serve, export, scorers.
 
 Every command takes a YAML config (or none: the embedded default) plus ``key.path=value``
 overrides, validated by the pydantic tree before anything starts.
@@ -100,7 +100,9 @@ def cmd_serve(args) -> int:
         if target is not None and (target / "config.json").is_file():  # a run dir knows its model
             import json
 
-            model = json.loads((target / "config.json").read_text())["model"]
+            run_cfg = json.loads((target / "config.json").read_text())
+            model = run_cfg["model"]
+            over.setdefault("shift", run_cfg.get("rollout", {}).get("shift", 1.0))  # the grid it was trained on
         cfg = load_serve_config(None, checkpoints=checkpoints, model=model, **over)
     model_path = resolve_for_serving(cfg)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -172,6 +174,16 @@ def cmd_plan(args) -> int:
     return 0 if plan.ok else 1
 
 
+def cmd_export(args) -> int:
+    from services.export import export_run
+
+    out = export_run(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
+    print(f"exported {args.run_dir} to {out}:")
+    for p in sorted(out.iterdir()):
+        print(f"  {p.name}{'/' if p.is_dir() else ''}")
+    return 0
+
+
 def cmd_scorers(args) -> int:
     from services.rewards import available_scorers
 
@@ -229,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--manifest", default=None, help="a KubeRay RayJob / RayCluster YAML (its nodes at maxReplicas)")
     where.add_argument("--cluster", default=None, help="a YAML cluster description: nodes: [{name, cpus, gpus, ...}]")
     sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser(
+        "export", help="a run as diffusers LoRA safetensors or a transformer/ folder, with a model card"
+    )
+    sp.add_argument("run_dir", help="the run directory (train.output_dir / train.run_name)")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--step", type=int, default=None, help="the checkpoint of this RL step (default: the newest)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    sp.set_defaults(fn=cmd_export)
     sp = sub.add_parser("scorers", help="list registered reward scorers")
     sp.set_defaults(fn=cmd_scorers)
     return p
@@ -258,10 +278,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.checkpoints import CheckpointError
     from services.config import ConfigError
+    from services.plan import ClusterTooSmall
 
     try:
         return args.fn(args)
-    except (ValidationError, ConfigError, CheckpointError, FileNotFoundError, KeyError) as err:  # a message
+    except (
+        ValidationError,
+        ConfigError,
+        CheckpointError,
+        ClusterTooSmall,
+        FileNotFoundError,
+        FileExistsError,
+        KeyError,
+    ) as err:  # a message
         print(f"normguard {args.command}: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. an unwritable or impossible train.output_dir

@@ -192,8 +192,9 @@ class NormGuardConfig(_Section):
         0.98,
         gt=0,
         lt=1,
-        description="constraint mode: also hold every bin's mean ratio at or above this (a second multiplier "
-        "per bin; the force spills over between bins through the shared weights); null = one-sided",
+        description="constraint mode (ignored by the penalty): also hold every bin's mean ratio at or above this "
+        "(a second multiplier per bin; the force spills over between bins through the shared weights); null = "
+        "one-sided",
     )
     probe_uncovered: bool = Field(
         True,
@@ -222,8 +223,6 @@ class NormGuardConfig(_Section):
             raise ValueError("normguard: need lambda_min <= lambda_init <= lambda_max")
         if self.mode == "constraint" and self.floor is not None and self.floor >= 1 + self.margin:
             raise ValueError("normguard.floor must lie below the bound 1 + margin")
-        if self.mode != "constraint" and "floor" in self.model_fields_set and self.floor is not None:
-            raise ValueError("normguard.floor is a constraint-mode setting (normguard.mode=constraint)")
         return self
 
 

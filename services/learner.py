@@ -29,6 +29,7 @@ ranks. A non-finite loss or gradient on any worker skips that optimiser step on 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -50,6 +51,7 @@ from normguard_core.losses.normguard import normguard_penalty
 from normguard_core.metrics import velocity_norm
 from normguard_core.optim import SplitAdamW
 from normguard_core.samplers import cfg_combine, sde_step
+from services.checkpoints import WEIGHTS, load_weights
 from services.methods import get_method
 from services.models import build_generator
 from services.types import TrainBatch
@@ -498,47 +500,66 @@ class Learner:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write weights, optimiser, lagged copies, RNG states, step and version atomically to ``path``."""
+        """Write the learner's state atomically to ``path``, with no pickle a reader has to trust.
+
+        * ``weights.safetensors``: the trainable weights (all that serving and export read);
+        * ``learner_state.safetensors``: the old / EMA copies, torch's RNG state and the constraint's
+          multipliers;
+        * ``optimizer.pt``: the optimiser's state dict, tensors and numbers only (read back with
+          ``weights_only=True``);
+        * ``learner.json``: step, version, numpy's and Python's RNG states and ``extra``.
+        """
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-        torch.save(
-            {
-                "weights": self.gen.trainable_state_dict(),
-                "optimizer": self.opt.state_dict(),
-                "old": [t.detach().cpu() for t in self.old],
-                "ema": None if self.ema is None else [t.detach().cpu() for t in self.ema],
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                "step": self.step_count,
-                "version": self.version,
-                "log_lambda": self.log_lam,
-                "log_mu": self.log_mu,
-                "uncovered": self._uncovered,
-                "prev_ratio": self.prev_ratio,
-                "extra": extra or {},
-            },
-            tmp / "learner.pt",
+        save_file(self.gen.trainable_state_dict(), tmp / WEIGHTS)
+        state = {f"old.{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.old)}
+        state.update({f"ema.{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.ema or [])})
+        state.update(
+            {"rng.torch": torch.get_rng_state(), "log_lambda": self.log_lam, "log_mu": self.log_mu}
+            | {"prev_ratio": self.prev_ratio}
+            | ({"uncovered": self._uncovered} if self._uncovered is not None else {})
         )
+        save_file(state, tmp / "learner_state.safetensors")
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        py_version, py_state, py_gauss = random.getstate()
+        meta = {
+            "step": self.step_count,
+            "version": self.version,
+            "rng": {
+                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+                "python": [py_version, list(py_state), py_gauss],
+            },
+            "extra": extra or {},
+        }
+        (tmp / "learner.json").write_text(json.dumps(meta))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
         return path
 
     def load(self, path: str | Path) -> dict:
-        """Restore from :meth:`save`; returns its ``extra``."""
-        state = torch.load(Path(path) / "learner.pt", map_location="cpu", weights_only=False)
-        self.gen.load_trainable_state_dict(state["weights"])
-        self.opt.load_state_dict(state["optimizer"])
+        """Restore from :meth:`save` (nothing is unpickled); returns its ``extra``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        self.gen.load_trainable_state_dict(load_weights(path))
+        state = load_file(path / "learner_state.safetensors")
+        self.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         dev = self.params[0].device if self.params else "cpu"
-        self.old = [t.to(dev) for t in state["old"]]
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema = [t.to(dev) for t in state["ema"]]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self.step_count, self.version = state["step"], state["version"]
-        if "log_lambda" in state:
-            self.log_lam, self.prev_ratio = state["log_lambda"].double(), state["prev_ratio"].double()
-            if "log_mu" in state:
-                self.log_mu, self._uncovered = state["log_mu"].double(), state.get("uncovered")
-        return state["extra"]
+        self.old = [state[f"old.{i}"].to(dev) for i in range(len(self.old))]
+        if self.ema is not None and "ema.0" in state:
+            self.ema = [state[f"ema.{i}"].to(dev) for i in range(len(self.ema))]
+        meta = json.loads((path / "learner.json").read_text())
+        torch.set_rng_state(state["rng.torch"])
+        kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        py_version, py_state, py_gauss = meta["rng"]["python"]
+        random.setstate((py_version, tuple(py_state), py_gauss))
+        self.step_count, self.version = meta["step"], meta["version"]
+        self.log_lam, self.log_mu = state["log_lambda"].double(), state["log_mu"].double()
+        self.prev_ratio, self._uncovered = state["prev_ratio"].double(), state.get("uncovered")
+        return meta["extra"]

@@ -26,6 +26,7 @@ from ray import serve
 
 from normguard_core.conventions import sigma_grid
 from normguard_core.samplers import renormalize_velocity, sample_trajectory
+from services.checkpoints import load_weights
 from services.serve_config import ServeConfig, load_serve_config
 
 __all__ = ["GenerateRequest", "build_app", "app_from_env"]
@@ -58,18 +59,6 @@ def _png_b64(image: torch.Tensor) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _checkpoint_weights(path: str) -> dict[str, torch.Tensor]:
-    """Trainable weights from a learner checkpoint dir, or a run dir's latest checkpoint."""
-    from services.checkpoints import latest_intact
-
-    p = Path(path)
-    if (p / "checkpoints" / "latest").is_file():
-        p = latest_intact(p)  # the newest intact checkpoint of a run directory
-    if not (p / "learner.pt").is_file():
-        raise FileNotFoundError(f"no learner checkpoint at {path} (expected learner.pt or checkpoints/latest)")
-    return torch.load(p / "learner.pt", map_location="cpu", weights_only=False)["weights"]
-
-
 class GeneratorCore:
     """Plain class behind the Generator deployment (tested in-process)."""
 
@@ -84,7 +73,7 @@ class GeneratorCore:
             raise KeyError(checkpoint_id)
         gen = self.build()
         if checkpoint_id != BASE_ID:
-            gen.load_trainable_state_dict(_checkpoint_weights(self.cfg.checkpoints[checkpoint_id]))
+            gen.load_trainable_state_dict(load_weights(self.cfg.checkpoints[checkpoint_id]))
         return gen
 
     @staticmethod

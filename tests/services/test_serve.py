@@ -325,3 +325,44 @@ def test_a_failing_batch_is_redone_request_by_request(digits_assets, monkeypatch
     assert out[2] == {"error": "RuntimeError: poisoned request"}
     for i in (0, 1, 3):
         assert out[i]["batch_requests"] == 1 and out[i]["images"] == clean[i]["images"]
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a hostile checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_malicious_pickle_is_refused_unread(digits_assets, tmp_path):
+    """The server reads only weights.safetensors: a pickle named learner.pt, or a pickle disguised as
+    the safetensors file, is refused with a clear error and nothing in it runs."""
+    import pickle
+
+    from services.checkpoints import CheckpointError
+    from services.serve import GeneratorCore
+
+    marker = tmp_path / "pwned"
+    evil_pt, disguised = tmp_path / "evil-pt", tmp_path / "evil-st"
+    evil_pt.mkdir()
+    disguised.mkdir()
+    (evil_pt / "learner.pt").write_bytes(pickle.dumps({"weights": _Payload(marker)}))
+    (disguised / "weights.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    pickle.loads((evil_pt / "learner.pt").read_bytes())  # the payload is live: unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    cfg = ServeConfig(
+        model=ModelConfig(kind="digits", pretrain_steps=5), checkpoints={"a": str(evil_pt), "b": str(disguised)}
+    )
+    core = GeneratorCore(cfg, str(digits_assets.model_path))
+    with pytest.raises(CheckpointError, match="pickled checkpoint .* is refused"):
+        core.load("a")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        core.load("b")
+    assert not marker.exists()
+    assert core.load("base") is not None  # the service itself is unharmed

@@ -156,9 +156,9 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(digits_
     run_training(load_config(None, over), local=True, progress=False)
     ckpts = tmp_path / "broken" / "checkpoints"
     assert verify_checkpoint(ckpts / "step_000002") is None and verify_checkpoint(ckpts / "step_000004") is None
-    pt = ckpts / "step_000004" / "learner.pt"
+    pt = ckpts / "step_000004" / "weights.safetensors"
     pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # a write cut off half-way
-    with pytest.raises(CheckpointError, match="step_000004.*learner.pt has"):
+    with pytest.raises(CheckpointError, match="step_000004.*weights.safetensors has"):
         run_training(load_config(None, [*over, "train.on_corrupt_checkpoint=stop"]), local=True, progress=False)
     with caplog.at_level("WARNING"):
         resumed = run_training(load_config(None, over), local=True, progress=False)
