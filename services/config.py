@@ -367,11 +367,24 @@ class EvalConfig(_Section):
     )
 
 
+class DataConfig(_Section):
+    """Prompt files (``services.prompts``); without them the inline ``prompts`` list is used."""
+
+    train_prompts: str | None = Field(
+        None, description="training prompts: a .txt (one per line), .jsonl (a 'prompt' key + metadata) or .csv file"
+    )
+    eval_prompts: str | None = Field(
+        None, description="held-out evaluation prompts (same formats); default: the training prompts"
+    )
+    shuffle: bool = Field(True, description="a fresh permutation of the training file per epoch (seeded by train.seed)")
+
+
 class ExperimentConfig(_Section):
     """The whole experiment. Derived values are properties, never stored twice."""
 
     model: ModelConfig = ModelConfig()
     prompts: tuple[str, ...] = Field(tuple(f"a handwritten digit {d}" for d in range(10)), min_length=1)
+    data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     loss: LossConfig = NFTLoss()

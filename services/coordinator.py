@@ -67,8 +67,12 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
 class Coordinator:
     """Drives samplers, scorers and the learner through RL steps. Build with ``services.train``."""
 
-    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0) -> None:
+    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0, prompt_set=None) -> None:
+        from services.prompts import prompt_sets
+
         self.cfg = cfg
+        self.prompt_set = prompt_set if prompt_set is not None else prompt_sets(cfg)[0]
+        self._step_metadata: list | None = None
         self.samplers, self.scorers, self.learner = samplers, scorers, learner
         self.method = get_method(cfg.loss.name)
         self.step_idx = start_step
@@ -109,15 +113,19 @@ class Coordinator:
 
     # ---- 1. prompts -----------------------------------------------------------------------
     def _next_prompts(self) -> tuple[list[str], list[int], list[int]]:
-        """Deterministic prompt cursor: step s uses prompt groups ``s * P .. s * P + P - 1`` (mod)."""
-        ro, pool = self.cfg.rollout, self.cfg.prompts
-        prompts, groups, seeds = [], [], []
+        """Deterministic prompt cursor: step s uses prompt groups ``s * P .. s * P + P - 1``, group ``g``
+        the prompt ``order(epoch)[g mod N]`` of the prompt set (``services.prompts``)."""
+        ro = self.cfg.rollout
+        prompts, groups, seeds, meta = [], [], [], []
         for j in range(ro.prompts_per_step):
             g = self.step_idx * ro.prompts_per_step + j
+            prompt, row = self.prompt_set.row(g)
             for i in range(ro.group_size):
-                prompts.append(pool[g % len(pool)])
+                prompts.append(prompt)
+                meta.append(row)
                 groups.append(g)
                 seeds.append(_sample_seed(self.cfg.train.seed, self.step_idx, j * ro.group_size + i))
+        self._step_metadata = meta if self.prompt_set.metadata is not None else None
         return prompts, groups, seeds
 
     # ---- 2. rollout -----------------------------------------------------------------------
@@ -189,7 +197,11 @@ class Coordinator:
         bounds, n = [*starts, len(rollout.group_ids)], len(self.scorers)
         cuts = [bounds[i * (len(bounds) - 1) // n] for i in range(n)] + [len(rollout.group_ids)]
         chunks = [slice(cuts[i], cuts[i + 1]) for i in range(n)]
-        payloads = [(rollout.images[c], rollout.prompts[c], rollout.group_ids[c]) for c in chunks]
+        meta = self._step_metadata
+        payloads = [
+            (rollout.images[c], rollout.prompts[c], rollout.group_ids[c], *([meta[c]] if meta is not None else []))
+            for c in chunks
+        ]
         parts = self._parallel(
             "score_batch", self.scorers, payloads, name="reward", timeout_s=self.cfg.reward.timeout_s
         )
@@ -320,6 +332,7 @@ class Coordinator:
             "step": self.step_idx,
             "version": self.version,
             "prompt_cursor": self.step_idx * self.cfg.rollout.prompts_per_step,
+            "prompt_fingerprint": self.prompt_set.fingerprint,
             "nonfinite_in_row": self.nonfinite_in_row,
             **(extra or {}),
         }

@@ -18,6 +18,15 @@ from services.rewards import build_scorer, is_groupwise
 __all__ = ["ScorerWorker"]
 
 
+def _takes_metadata(scorer) -> bool:
+    import inspect
+
+    try:
+        return "metadata" in inspect.signature(scorer.score).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ScorerWorker:
     """Holds a set of named scorers (``{name: (path, options[, impl])}``) and scores batches."""
 
@@ -34,21 +43,24 @@ class ScorerWorker:
         prompts: Sequence[str],
         names: Sequence[str] | None = None,
         group_ids: Tensor | None = None,
+        metadata: Sequence[dict | None] | None = None,
     ) -> dict[str, Tensor]:
         """``{name: (B,) scores}`` for the requested scorers (all by default).
 
         ``group_ids`` ``(B,)`` is passed to the group-wise scorers; without it the whole batch is
-        one group for them.
+        one group for them. ``metadata`` (one row per image, from a .jsonl / .csv prompt file) is passed
+        to the scorers whose ``score`` takes a ``metadata`` argument (rule-based rewards).
         """
         t0 = time.perf_counter()
         groups = group_ids if group_ids is not None else torch.zeros(len(prompts), dtype=torch.long)
         out = {}
         for n in names or self.scorers:
             scorer = self.scorers[n]
+            kw = {"metadata": list(metadata)} if metadata is not None and _takes_metadata(scorer) else {}
             if is_groupwise(scorer):
-                out[n] = scorer.score(images, list(prompts), groups)
+                out[n] = scorer.score(images, list(prompts), groups, **kw)
             else:
-                out[n] = scorer.score(images, list(prompts))
+                out[n] = scorer.score(images, list(prompts), **kw)
         for n, s in out.items():
             if s.shape != (len(prompts),) or not torch.isfinite(s).all():
                 raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
@@ -56,9 +68,11 @@ class ScorerWorker:
         return out
 
     def score_batch(self, payload: tuple) -> dict[str, Tensor]:
-        """:meth:`score` on an ``(images, prompts[, group_ids])`` tuple (one argument, for fan-out)."""
+        """:meth:`score` on an ``(images, prompts[, group_ids[, metadata]])`` tuple (one argument, for fan-out)."""
         images, prompts, *rest = payload
-        return self.score(images, prompts, group_ids=rest[0] if rest else None)
+        return self.score(
+            images, prompts, group_ids=rest[0] if rest else None, metadata=rest[1] if len(rest) > 1 else None
+        )
 
     def features(self, name: str, images: Tensor) -> Tensor:
         """Feature vectors of a scorer that has them (Frechet distance)."""

@@ -160,7 +160,26 @@ def build_coordinator(
             timeout_s=cfg.train.learner_timeout_s,
         )
     extra = learner.extra if resume else {}
-    coord = Coordinator(cfg, samplers=samplers, scorers=scorers, learner=learner, start_step=extra.get("step", 0))
+    from services.prompts import prompt_sets
+
+    train_prompts = prompt_sets(cfg)[0]
+    stored = extra.get("prompt_fingerprint")
+    if stored is not None and stored != train_prompts.fingerprint:
+        from services.checkpoints import CheckpointError
+
+        raise CheckpointError(
+            f"the training prompts changed since checkpoint {resume} (fingerprint {stored}, now "
+            f"{train_prompts.fingerprint}): a resume would not see the prompts the run was training on. "
+            "Restore the prompt file, or start a new run (train.run_name)."
+        )
+    coord = Coordinator(
+        cfg,
+        samplers=samplers,
+        scorers=scorers,
+        learner=learner,
+        start_step=extra.get("step", 0),
+        prompt_set=train_prompts,
+    )
     coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
     if resume:
         log.info("resuming %s from %s (step %d, policy v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
@@ -170,10 +189,15 @@ def build_coordinator(
 
 def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: bool = False) -> tuple[dict, dict, dict]:
     """Fixed-noise evaluation on sampler 0, scored by the scorer pool; Frechet distance for digits."""
+    from services.prompts import prompt_sets
     from services.remote import call
 
     ev = cfg.eval
-    prompts = [p for p in cfg.prompts[: ev.num_prompts] for _ in range(ev.samples_per_prompt)]
+    eval_set = prompt_sets(cfg)[1]  # data.eval_prompts, or the training prompts in file order
+    chosen = range(min(ev.num_prompts, len(eval_set)))
+    prompts = [eval_set.prompts[i] for i in chosen for _ in range(ev.samples_per_prompt)]
+    meta = [eval_set.metadata[i] for i in chosen for _ in range(ev.samples_per_prompt)] if eval_set.metadata else None
+    groups = torch.arange(len(chosen)).repeat_interleave(ev.samples_per_prompt)  # one group per prompt
     metrics, ratios, images = {}, {}, {}
     timeout = cfg.train.rollout_timeout_s
     for n in sorted({ev.few_steps, ev.full_steps}):
@@ -188,9 +212,14 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
             renormalize=renormalize,
             timeout_s=timeout,
         )
-        groups = torch.arange(ev.num_prompts).repeat_interleave(ev.samples_per_prompt)  # one group per prompt
         scores = call(
-            coord.scorers[0], "score", out["images"], prompts, group_ids=groups, timeout_s=cfg.reward.timeout_s
+            coord.scorers[0],
+            "score",
+            out["images"],
+            prompts,
+            group_ids=groups,
+            metadata=meta,
+            timeout_s=cfg.reward.timeout_s,
         )
         for name in list(coord.train_scorers) + eval_names:
             metrics[eval_key(name, n)] = float(scores[name].mean())

@@ -40,3 +40,20 @@ class InkRankInGroup:
 class NotAScorer:
     def __init__(self, path: str | None = None, device: str = "cpu") -> None:
         pass
+
+
+class TargetDigitScorer:
+    """Rule-based, reads the prompt file's metadata: 1 for rows whose ``target`` equals the prompt's digit.
+
+    Stands in for GenEval-style rewards whose rules come from the jsonl rows (objects to count).
+    It records the metadata it was given, so a test can check what arrived."""
+
+    seen: list = []
+
+    def __init__(self, path: str | None = None, device: str = "cpu") -> None:
+        self.name = "target_digit"
+
+    def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict | None] | None = None) -> Tensor:
+        TargetDigitScorer.seen.append(list(metadata) if metadata is not None else None)
+        rows = metadata or [None] * len(prompts)
+        return torch.tensor([float(r is not None and str(r.get("target")) == p[-1]) for p, r in zip(prompts, rows)])

@@ -71,6 +71,21 @@ def test_the_rayservice_can_grow_to_its_serve_replicas():
     assert group_gpus >= gpus_at_max
 
 
+def test_gpu_configs_train_from_prompt_files_and_fit_the_cluster_description():
+    from services.plan import nodes_from_file
+    from services.prompts import load_prompt_file
+
+    nodes = nodes_from_file(ROOT / "deploy" / "clusters" / "two_8gpu_nodes.yaml")
+    for p in GPU_CONFIGS:
+        cfg = load_config(p, [])
+        assert cfg.data.train_prompts and cfg.data.eval_prompts, f"{p.name} trains on an inline list"
+        train = load_prompt_file(image_path(cfg.data.train_prompts))
+        held_out = load_prompt_file(image_path(cfg.data.eval_prompts))
+        assert len(train) >= cfg.rollout.prompts_per_step and not set(train.prompts) & set(held_out.prompts)
+        plan = plan_run(run_demand(cfg), nodes)
+        assert plan.ok and not plan.warnings, (p.name, plan.unplaced, plan.warnings)
+
+
 def test_a_cluster_too_small_is_reported_not_waited_for():
     """The check itself: the old RayJob (16 GPUs) against the old SD3.5 config (18 GPUs)."""
     job = one("RayJob")
@@ -90,7 +105,7 @@ def test_every_ray_resource_has_token_auth():
 
 # ---- 3. paths and offline flags --------------------------------------------------------------
 def _abs_paths(cfg) -> set[str]:
-    paths = {str(cfg.train.output_dir)}
+    paths = {str(cfg.train.output_dir), *(p for p in (cfg.data.train_prompts, cfg.data.eval_prompts) if p)}
     if cfg.model.path:
         paths.add(cfg.model.path)
     for s in (*cfg.reward.scorers, *cfg.reward.eval_scorers):
@@ -100,7 +115,9 @@ def _abs_paths(cfg) -> set[str]:
 
 
 def _mounted(path: str, template: dict) -> bool:
-    return path.startswith("/app/") or any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts(template))
+    if path.startswith("/app/"):  # baked into the image by the Dockerfile's COPY of deploy/
+        return image_path(path).exists()
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts(template))
 
 
 def test_every_path_a_config_reads_is_mounted_where_it_is_read():

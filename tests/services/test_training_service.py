@@ -255,3 +255,58 @@ def test_a_run_the_cluster_can_never_hold_fails_before_any_actor_starts(ray_loca
     from services.plan import nodes_from_ray, plan_run, run_demand
 
     assert not plan_run(run_demand(warn), nodes_from_ray()).ok  # the check is off, not wrong
+
+
+def test_a_prompt_file_with_metadata_trains_evaluates_on_its_own_set_and_resumes_on_the_same_prompts(
+    digits_assets, tmp_path
+):
+    """Training prompts from a .jsonl file (metadata reaches the rule-based scorer), evaluation prompts
+    from a separate .txt, the per-epoch order kept across a resume, and a changed file refused."""
+    import user_rewards
+
+    from services.checkpoints import CheckpointError
+    from services.prompts import load_prompt_file
+
+    rows = [{"prompt": f"a handwritten digit {d}", "target": d if d % 2 else -1} for d in range(10)]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("a handwritten digit 4\na handwritten digit 9\n")
+    scorer = "[{name: target_digit, impl: 'user_rewards:TargetDigitScorer'}]"
+    extra = {
+        "data.train_prompts": str(train_file),
+        "data.eval_prompts": str(eval_file),
+        "reward.scorers": scorer,
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "rollout.prompts_per_step": 3,
+        "rollout.group_size": 2,
+    }
+    user_rewards.TargetDigitScorer.seen.clear()
+    straight = run_training(
+        load_config(None, tiny_overrides(tmp_path, "straight", **extra)), local=True, progress=False
+    )
+    pset = load_prompt_file(train_file, shuffle=True, seed=0)
+    seen_prompts = [pset.row(g)[0] for g in range(12)]  # 4 steps x 3 groups: crosses into epoch 2
+    assert sorted(seen_prompts[:10]) == sorted(r["prompt"] for r in rows)  # every prompt once in epoch 1
+    train_calls = [m for m in user_rewards.TargetDigitScorer.seen if m is not None and len(m) == 6]
+    assert train_calls and all(set(r) == {"target"} for m in train_calls for r in m)  # metadata arrived
+    expected = [float(r["target"] >= 0) for g in range(3) for r in [pset.row(g)[1]] for _ in range(2)]
+    first = next(r for r in straight.history if "reward/mean" in r)
+    assert first["reward/target_digit"] == pytest.approx(sum(expected) / 6)
+    assert any(m is None for m in user_rewards.TargetDigitScorer.seen)  # the .txt eval set carries no metadata
+
+    over = tiny_overrides(tmp_path, "cut", **{**extra, "train.steps": 2})
+    run_training(load_config(None, over), local=True, progress=False)
+    resumed = run_training(load_config(None, tiny_overrides(tmp_path, "cut", **extra)), local=True, progress=False)
+    keys = ("reward/mean", "loss/total")
+    assert [{k: r[k] for k in keys} for r in resumed.history if "reward/mean" in r] == [
+        {k: r[k] for k in keys} for r in straight.history if "reward/mean" in r
+    ]
+    train_file.write_text("\n".join(json.dumps(r) for r in rows[:5]) + "\n")  # the file changes under the run
+    with pytest.raises(CheckpointError, match="training prompts changed"):
+        run_training(
+            load_config(None, tiny_overrides(tmp_path, "cut", **{**extra, "train.steps": 6})),
+            local=True,
+            progress=False,
+        )
