@@ -109,8 +109,8 @@ def _abs_paths(cfg) -> set[str]:
     if cfg.model.path:
         paths.add(cfg.model.path)
     for s in (*cfg.reward.scorers, *cfg.reward.eval_scorers):
-        if s.path:
-            paths.add(s.path)
+        paths |= {s.path} if s.path else set()
+        paths |= {v for v in s.options.values() if isinstance(v, str)}  # processor_path, base
     return {p for p in paths if p.startswith("/")}
 
 
@@ -145,7 +145,9 @@ def test_the_models_the_configs_read_are_staged_on_the_volume():
     staged = {f"{root}/{d}" for d in re.findall(r"^fetch \S+ (\S+)", script, re.M)}
     for p in GPU_CONFIGS:
         cfg = load_config(p, [])
-        reads = {cfg.model.path} | {s.path for s in (*cfg.reward.scorers, *cfg.reward.eval_scorers) if s.path}
+        scorers = (*cfg.reward.scorers, *cfg.reward.eval_scorers)
+        reads = {cfg.model.path} | {s.path for s in scorers if s.path}
+        reads |= {v for s in scorers for v in s.options.values() if isinstance(v, str) and v.startswith("/")}
         missing = {r for r in reads if r.startswith(root)} - staged
         assert not missing, f"{p.name} reads {missing}, which k8s/stage-models.yaml does not stage"
         assert all(r.startswith(root) for r in reads), f"{p.name} reads from outside the staged models: {reads}"

@@ -203,3 +203,79 @@ def test_combine_scores():
     assert torch.equal(out, torch.tensor([0.0, 1.0]))
     with pytest.raises(KeyError, match="c"):
         combine_scores({"a": torch.ones(2)}, {"c": 1.0})
+
+
+def _hf_to_open_clip(sd: dict, n_text: int, n_vision: int) -> dict:
+    """transformers' CLIPModel keys written back in open_clip's layout (the layout HPSv2 is published in)."""
+    out = {}
+    for src, dst, n in (
+        ("text_model.encoder", "transformer", n_text),
+        ("vision_model.encoder", "visual.transformer", n_vision),
+    ):
+        for i in range(n):
+            a, b = f"{src}.layers.{i}", f"{dst}.resblocks.{i}"
+            att = f"{a}.self_attn"
+            out[f"{b}.attn.in_proj_weight"] = torch.cat([sd[f"{att}.{x}_proj.weight"] for x in "qkv"])
+            out[f"{b}.attn.in_proj_bias"] = torch.cat([sd[f"{att}.{x}_proj.bias"] for x in "qkv"])
+            for o, h in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):  # fmt: skip
+                out[f"{b}.{o}.weight"], out[f"{b}.{o}.bias"] = sd[f"{a}.{h}.weight"], sd[f"{a}.{h}.bias"]
+    out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+    out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+    out["ln_final.weight"], out["ln_final.bias"] = (
+        sd["text_model.final_layer_norm.weight"],
+        sd["text_model.final_layer_norm.bias"],
+    )
+    out["text_projection"] = sd["text_projection.weight"].T.contiguous()
+    out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = (
+        sd["vision_model.pre_layrnorm.weight"],
+        sd["vision_model.pre_layrnorm.bias"],
+    )
+    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = (
+        sd["vision_model.post_layernorm.weight"],
+        sd["vision_model.post_layernorm.bias"],
+    )
+    out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()
+    out["logit_scale"] = sd["logit_scale"]
+    return {f"module.{k}": v for k, v in out.items()}  # HPSv2's files were saved from DDP
+
+
+def test_hpsv2_loads_its_published_open_clip_state_dict(tmp_path):
+    """HPSv2 / v2.1 ship as open_clip state dicts ({"state_dict": ...}); converted into a CLIPModel with the
+    base architecture's config, the scores equal those of the same weights loaded as a CLIPModel."""
+    from transformers import CLIPModel
+
+    clip = tiny_models.save_tiny_clip(tmp_path / "clip")
+    model = CLIPModel.from_pretrained(clip)
+    cfg = model.config
+    sd = _hf_to_open_clip(model.state_dict(), cfg.text_config.num_hidden_layers, cfg.vision_config.num_hidden_layers)
+    with torch.no_grad():  # a "fine-tuned" CLIP: the preference head differs from the base weights
+        sd["module.visual.proj"] += 0.1 * torch.randn_like(sd["module.visual.proj"])
+    (tmp_path / "hps").mkdir()
+    torch.save({"state_dict": sd}, tmp_path / "hps" / "HPS_v2.1_compressed.pt")
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a cat", "a red bicycle", "a bowl of ramen"]
+    from_open_clip = build_scorer("hpsv2", path=str(tmp_path / "hps"), options={"base": str(clip)})
+    assert from_open_clip.model.visual_projection.weight.sum() != model.visual_projection.weight.sum()
+    reference = build_scorer("hpsv2", path=str(clip))
+    reference.model.visual_projection.weight.data = sd["module.visual.proj"].T.contiguous()
+    torch.testing.assert_close(from_open_clip.score(images, prompts), reference.score(images, prompts))
+    with pytest.raises(ValueError, match="open_clip state dict; pass options: {base:"):
+        build_scorer("hpsv2", path=str(tmp_path / "hps" / "HPS_v2.1_compressed.pt"))
+
+
+def test_pickscore_takes_its_processor_from_a_separate_path(tmp_path):
+    """PickScore_v1 ships a CLIPModel without a processor (it lives in CLIP-ViT-H-14's repository)."""
+    from transformers import CLIPModel
+
+    clip = tiny_models.save_tiny_clip(tmp_path / "clip")
+    CLIPModel.from_pretrained(clip).save_pretrained(tmp_path / "pickscore")  # weights and config only
+    with pytest.raises(Exception, match="pickscore processor|preprocessor|tokenizer"):
+        build_scorer("pickscore", path=str(tmp_path / "pickscore"))
+    split = build_scorer("pickscore", path=str(tmp_path / "pickscore"), options={"processor_path": str(clip)})
+    whole = build_scorer("pickscore", path=str(clip))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(split.score(images, ["a cat", "a dog"]), whole.score(images, ["a cat", "a dog"]))
