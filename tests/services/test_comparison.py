@@ -57,3 +57,8 @@ def test_compare_matches_reward_pairs_seeds_and_writes_plots(tmp_path):
         assert len(list(csv.DictReader(f))) == len(out["paired"])
     assert (tmp_path / "cmp" / "reward_vs_quality.png").stat().st_size > 0
     assert (tmp_path / "cmp" / "ratio_per_step.png").stat().st_size > 0
+    # the bound: none [1.1, 1.05] -> floor min(none, 1) = [1, 1]; constraint [1.0, 0.99]: deficit [0, 0.01]
+    (bound,) = out["bound"]
+    assert bound["arm"] == "constraint" and bound["max_step"] == pytest.approx(1.0)
+    assert bound["worst_deficit"] == pytest.approx(0.01) and bound["mean_deficit"] == pytest.approx(0.005)
+    assert "How each arm holds the bound" in (tmp_path / "cmp" / "tables.md").read_text()
