@@ -221,8 +221,6 @@ class NormGuardConfig(_Section):
     def _check(self) -> NormGuardConfig:
         if self.mode == "constraint" and not self.lambda_min <= self.lambda_init <= self.lambda_max:
             raise ValueError("normguard: need lambda_min <= lambda_init <= lambda_max")
-        if self.mode == "constraint" and self.floor is not None and self.floor >= 1 + self.margin:
-            raise ValueError("normguard.floor must lie below the bound 1 + margin")
         return self
 
 

@@ -102,9 +102,9 @@ def _micro_losses(learner: Learner) -> list[tuple[int, float]]:
     orig = learner._micro_loss
 
     def wrapped(batch, pts, rows, cond, null):
-        loss, metrics = orig(batch, pts, rows, cond, null)
+        loss, terms, metrics = orig(batch, pts, rows, cond, null)
         calls.append((len(rows), float(loss.detach())))
-        return loss, metrics
+        return loss, terms, metrics
 
     learner._micro_loss = wrapped
     return calls
@@ -305,9 +305,9 @@ def test_grpo_clip_engages_after_the_first_minibatch(digits_assets):
     orig = learner._micro_loss
 
     def wrapped(*args):
-        loss, metrics = orig(*args)
+        loss, terms, metrics = orig(*args)
         per_call.append({k: float(v) for k, v in metrics.items()})
-        return loss, metrics
+        return loss, terms, metrics
 
     learner._micro_loss = wrapped
     batch = _batch(cfg, digits_assets, 0)
