@@ -22,6 +22,7 @@ import torch
 from services.checkpoints import write_manifest
 from services.methods import get_method
 from services.remote import CallStats, actor_gone, call, call_with_retries
+from services.rewards.base import combine_scores
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
 __all__ = ["Coordinator", "RunState", "StepReport"]
@@ -211,7 +212,7 @@ class Coordinator:
             raise RuntimeError(
                 f"required scorers {sorted(missing)} returned nothing: refusing to train on made-up rewards"
             )
-        reward = torch.stack([w * scores[k] for k, w in self.train_scorers.items()]).sum(dim=0)
+        reward = combine_scores(scores, self.train_scorers)
         metrics = {"reward/mean": float(reward.mean()), "reward/std": float(reward.std())}
         metrics.update({f"reward/{k}": float(v.mean()) for k, v in scores.items()})
         metrics["perf/reward_busy_s"] = float(sum(float(p["_seconds"]) for p in parts))

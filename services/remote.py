@@ -73,7 +73,7 @@ def call_with_retries(
     ``on_actor_restart`` (e.g. to push the current weights) before the retry, and the same
     request is redone, so no sample is lost or counted twice.
     """
-    from services.rollout import StaleSamplerError
+    from services.types import StaleSamplerError  # a message type, not the actor module
 
     for attempt in range(retries + 1):
         try:

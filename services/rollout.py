@@ -14,13 +14,9 @@ from normguard_core.conventions import sigma_grid
 from normguard_core.metrics import velocity_norm
 from normguard_core.samplers import euler_step, sde_step
 from services.models import build_generator
-from services.types import RolloutBatch, RolloutRequest
+from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
 
-__all__ = ["RolloutSampler", "StaleSamplerError"]
-
-
-class StaleSamplerError(RuntimeError):
-    """The sampler holds an older policy than the request needs (e.g. it was restarted)."""
+__all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
 
 
 def _per_sample_noise(seeds: list[int], shape: tuple[int, ...], *, offset: int) -> Tensor:

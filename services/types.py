@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["RolloutBatch", "RolloutRequest", "TrainBatch"]
+__all__ = ["RolloutBatch", "RolloutRequest", "StaleSamplerError", "TrainBatch"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,7 @@ class TrainBatch:
     def units(self) -> int:
         """Training units in this shard (pairs for pair methods, else samples)."""
         return self.num_pairs or self.latents.shape[0]
+
+
+class StaleSamplerError(RuntimeError):
+    """The sampler holds an older policy than the request needs (e.g. it was restarted)."""

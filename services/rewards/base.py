@@ -68,14 +68,29 @@ def validate_images(images: Tensor, prompts: Sequence[str], *, scorer: str) -> N
 
 
 ScorerFactory = Callable[..., RewardScorer]
-_SCORERS: dict[str, ScorerFactory] = {}
+_SCORERS: dict[str, ScorerFactory] = {}  # user registrations (register_scorer)
+# The built-in scorers, by import path: the scorer modules import this one (for the protocol and
+# validate_images), never the other way round, so there is no import circle; a scorer's heavy
+# dependencies load only when it is built.
+BUILTIN_SCORERS: dict[str, str] = {
+    "clip_group_rank": "services.rewards.clip:_clip_group_rank",
+    "digits_classifier": "services.rewards.digits:_classifier",
+    "digits_ink": "services.rewards.digits:_ink",
+    "digits_judge": "services.rewards.digits:_judge",
+    "digits_realism": "services.rewards.digits:_realism",
+    "hpsv2": "services.rewards.clip:_hpsv2",
+    "http_judge": "services.rewards.judges:_http_judge",
+    "pickscore": "services.rewards.clip:_pickscore",
+    "realism_detector": "services.rewards.realism:_realism",
+    "vlm_judge": "services.rewards.judges:_vlm_judge",
+}
 
 
 def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
     """Register a factory ``(path=None, device='cpu', **options) -> RewardScorer``."""
 
     def deco(factory: ScorerFactory) -> ScorerFactory:
-        if name in _SCORERS:
+        if name in _SCORERS or name in BUILTIN_SCORERS:
             raise ValueError(f"scorer {name!r} is already registered")
         _SCORERS[name] = factory
         return factory
@@ -84,9 +99,8 @@ def register_scorer(name: str) -> Callable[[ScorerFactory], ScorerFactory]:
 
 
 def available_scorers() -> list[str]:
-    """Sorted registered scorer names."""
-    _import_builtin()
-    return sorted(_SCORERS)
+    """Sorted scorer names: the built-in ones and the user-registered ones."""
+    return sorted({*BUILTIN_SCORERS, *_SCORERS})
 
 
 def build_scorer(
@@ -112,7 +126,8 @@ def build_scorer(
             ) from err
         _check_protocol(name, impl, scorer)
         return scorer
-    _import_builtin()
+    if name in BUILTIN_SCORERS:
+        return _import_impl(name, BUILTIN_SCORERS[name])(path=path, device=device, **dict(options or {}))
     if name not in _SCORERS:
         raise KeyError(f"unknown scorer {name!r}; known scorers: {available_scorers()} (or give impl: 'module:Class')")
     return _SCORERS[name](path=path, device=device, **dict(options or {}))
@@ -162,7 +177,3 @@ def combine_scores(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -
     if missing:
         raise KeyError(f"no scores for {missing}; have {sorted(scores)}")
     return torch.stack([weights[k] * scores[k].float() for k in weights]).sum(dim=0)
-
-
-def _import_builtin() -> None:
-    from services.rewards import clip, digits, judges, realism  # noqa: F401  (registers)

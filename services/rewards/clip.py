@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from services.rewards.base import register_scorer, validate_images
+from services.rewards.base import validate_images
 
 __all__ = ["CLIPPreferenceScorer", "load_pretrained_checked"]
 
@@ -174,12 +174,10 @@ def load_open_clip_state(path: Path, base: str):
     return model
 
 
-@register_scorer("pickscore")
 def _pickscore(path: str | None = None, device: str | torch.device = "cpu", **options) -> CLIPPreferenceScorer:
     return CLIPPreferenceScorer("pickscore", path, device=device, use_logit_scale=True, **options)
 
 
-@register_scorer("hpsv2")
 def _hpsv2(path: str | None = None, device: str | torch.device = "cpu", **options) -> CLIPPreferenceScorer:
     return CLIPPreferenceScorer("hpsv2", path, device=device, use_logit_scale=False, **options)
 
@@ -213,6 +211,5 @@ class GroupRankScorer:
         return out
 
 
-@register_scorer("clip_group_rank")
 def _clip_group_rank(path: str | None = None, device: str | torch.device = "cpu", **options) -> GroupRankScorer:
     return GroupRankScorer(CLIPPreferenceScorer("clip_group_rank", path, device=device, **options))

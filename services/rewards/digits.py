@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.models.digits import digits_dataset, parse_digit_prompt, split_indices
-from services.rewards.base import register_scorer, validate_images
+from services.rewards.base import validate_images
 
 __all__ = ["DigitScorer", "InkScorer", "frechet_distance", "train_digit_scorers"]
 
@@ -200,25 +200,21 @@ def _load(path: str | None, which: str, device: str | torch.device) -> tuple[nn.
     return net, res
 
 
-@register_scorer("digits_classifier")
 def _classifier(path: str | None = None, device: str | torch.device = "cpu") -> DigitScorer:
     net, res = _load(path, "classifier", device)
     return DigitScorer("digits_classifier", net, kind="class", resolution=res, device=device)
 
 
-@register_scorer("digits_ink")
 def _ink(path: str | None = None, device: str | torch.device = "cpu", ink_target: float = 0.6) -> InkScorer:
     net, res = _load(path, "classifier", device)
     return InkScorer("digits_ink", net, resolution=res, ink_target=ink_target, device=device)
 
 
-@register_scorer("digits_judge")
 def _judge(path: str | None = None, device: str | torch.device = "cpu") -> DigitScorer:
     net, res = _load(path, "judge", device)
     return DigitScorer("digits_judge", net, kind="class", resolution=res, device=device)
 
 
-@register_scorer("digits_realism")
 def _realism(path: str | None = None, device: str | torch.device = "cpu") -> DigitScorer:
     net, res = _load(path, "realism", device)
     return DigitScorer("digits_realism", net, kind="realism", resolution=res, device=device)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.rewards.base import register_scorer, validate_images
+from services.rewards.base import validate_images
 from services.rewards.clip import load_pretrained_checked
 
 __all__ = ["HTTPJudge", "LocalVLMJudge", "probs_to_score"]
@@ -199,11 +199,9 @@ class HTTPJudge:
         return torch.tensor([self._one(img, p) for img, p in zip(images, prompts)], dtype=torch.float32)
 
 
-@register_scorer("vlm_judge")
 def _vlm_judge(path: str | None = None, device: str | torch.device = "cpu", **options) -> LocalVLMJudge:
     return LocalVLMJudge("vlm_judge", path, device=device, **options)
 
 
-@register_scorer("http_judge")
 def _http_judge(path: str | None = None, device: str | torch.device = "cpu", **options) -> HTTPJudge:
     return HTTPJudge("http_judge", path, device=device, **options)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.rewards.base import register_scorer, validate_images
+from services.rewards.base import validate_images
 from services.rewards.clip import load_pretrained_checked
 
 __all__ = ["RealismDetector"]
@@ -56,6 +56,5 @@ class RealismDetector:
         return torch.cat(out)
 
 
-@register_scorer("realism_detector")
 def _realism(path: str | None = None, device: str | torch.device = "cpu", **options) -> RealismDetector:
     return RealismDetector("realism_detector", path, device=device, **options)
