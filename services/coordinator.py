@@ -91,6 +91,27 @@ class Coordinator:
             raise RuntimeError(f"illegal run-state transition {self.state.value} -> {new.value}")
         self.state = new
 
+    # ---- the run loop's view of the lifecycle (every change of state goes through _transition) ---
+    def begin_evaluation(self) -> None:
+        """An evaluation starts (before training, along it, or after it)."""
+        self._transition(RunState.EVALUATING)
+
+    def end_evaluation(self) -> None:
+        """Training resumes after an evaluation."""
+        self._transition(RunState.RUNNING)
+
+    def finish(self) -> None:
+        """The run ended normally."""
+        self._transition(RunState.FINISHED)
+
+    def fail(self) -> None:
+        """The run ended with an error (from any state: an error can happen anywhere)."""
+        self.state = RunState.ERRORED
+
+    def sync_samplers(self) -> None:
+        """Push the learner's current weights to every sampler (after a build, a resume or a rollback)."""
+        self._sync()
+
     # ---- the recipe -----------------------------------------------------------------------
     def step(self) -> StepReport:
         """One RL step; returns its metrics."""

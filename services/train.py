@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from services.checkpoints import latest_intact
-from services.coordinator import Coordinator, RunState
+from services.coordinator import Coordinator
 from services.guards import GuardMonitor
 from services.report import (
     MetricsWriter,
@@ -183,7 +183,7 @@ def build_coordinator(
     coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
     if resume:
         log.info("resuming %s from %s (step %d, policy v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
-    coord._sync()  # samplers start from the learner's weights (the checkpoint's after a resume)
+    coord.sync_samplers()  # samplers start from the learner's weights (the checkpoint's after a resume)
     return coord, extra, eval_specs
 
 
@@ -293,7 +293,7 @@ def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> 
     writer.truncate_after(coord.step_idx if summary.before else -1)  # no checkpoint yet: the before-eval reruns
     try:
         if not summary.before:
-            coord._transition(RunState.EVALUATING)
+            coord.begin_evaluation()
             summary.before, ratios, images = evaluate(coord, cfg, eval_names)
             summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
             _save_grids(run_dir, images, "before", cfg, writer, coord.step_idx)
@@ -324,9 +324,9 @@ def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> 
         bar.close()
         coord = _rollback(coord, cfg, guards, local=local)
         _final_eval(coord, cfg, eval_names, writer, summary, rewards)
-        coord._transition(RunState.FINISHED)
+        coord.finish()
     except BaseException:
-        coord.state = RunState.ERRORED
+        coord.fail()
         raise
     finally:
         coord.learner.stop()
@@ -346,21 +346,21 @@ def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> 
 def _evaluate_along(coord: Coordinator, cfg, eval_names: list[str], writer, guards: GuardMonitor) -> bool:
     """An evaluation during training (with the renormalised baseline when ``eval.renorm_along``); returns
     whether a guard on its metrics ends the run."""
-    coord._transition(RunState.EVALUATING)
+    coord.begin_evaluation()
     metrics, _, images = evaluate(coord, cfg, eval_names)
     if cfg.eval.renorm_along:  # the inference-time baseline at every evaluation point
         renorm, _, _ = evaluate(coord, cfg, eval_names, renormalize=True)
         metrics.update(_renorm_keys(renorm))
     writer.write(coord.step_idx, metrics)
     _log_grids(writer, images, "eval", cfg, coord.step_idx)
-    coord._transition(RunState.RUNNING)
+    coord.end_evaluation()
     return guards.check(coord.step_idx, metrics, evaluation=True) in ("stop", "rollback")
 
 
 def _final_eval(coord: Coordinator, cfg, eval_names: list[str], writer, summary: RunSummary, rewards: list) -> None:
     """The after-training evaluation, and the paper's inference-time baseline on the same weights
     (v rescaled to ||v_ref||)."""
-    coord._transition(RunState.EVALUATING)
+    coord.begin_evaluation()
     summary.after, ratios, images = evaluate(coord, cfg, eval_names)
     summary.after["train/steps_done"] = float(coord.step_idx)
     # the rewards up to the step the weights are from (after a rollback, not those of the steps undone)

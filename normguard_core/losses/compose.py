@@ -26,9 +26,10 @@ __all__ = ["NormGuardParams", "compose_objective", "floor_penalty"]
 
 @dataclass(frozen=True)
 class NormGuardParams:
-    """Hyperparameters of :func:`normguard_penalty` (same names, same meaning)."""
+    """Hyperparameters of :func:`normguard_penalty` (same names, same meaning). ``weight`` has no
+    default here: the one default is the config's (``normguard.weight``, 0 = off)."""
 
-    weight: float = 1.0
+    weight: float
     margin: float = 0.0
     power: int = 2
     scale: str = "relative"

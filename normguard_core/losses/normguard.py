@@ -35,7 +35,7 @@ def normguard_penalty(
     *,
     v_theta: Tensor,
     v_ref: Tensor,
-    weight: float | Tensor = 1.0,
+    weight: float | Tensor,
     margin: float = 0.0,
     power: int = 2,
     scale: str = "relative",

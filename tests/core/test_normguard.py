@@ -64,8 +64,8 @@ def test_reference_receives_no_gradient(gen):
 def test_step_dimension_reduction(gen):
     v_ref = torch.randn(3, 5, 7, generator=gen)  # (T, B, D)
     v_theta = 1.2 * v_ref
-    mean = normguard_penalty(v_theta=v_theta, v_ref=v_ref, has_step_dim=True, step_reduction="mean")
-    total = normguard_penalty(v_theta=v_theta, v_ref=v_ref, has_step_dim=True, step_reduction="sum")
+    mean = normguard_penalty(v_theta=v_theta, v_ref=v_ref, weight=1.0, has_step_dim=True, step_reduction="mean")
+    total = normguard_penalty(v_theta=v_theta, v_ref=v_ref, weight=1.0, has_step_dim=True, step_reduction="sum")
     # every sample inflated by exactly 20 %, relative squared hinge: 0.04 per (t, b)
     assert mean.loss.item() == pytest.approx(0.04, rel=1e-5)
     assert total.loss.item() == pytest.approx(0.12, rel=1e-5)
@@ -100,9 +100,9 @@ def test_lambda_zero_leaves_base_loss_bit_identical(gen):
 )
 def test_bad_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError):
-        normguard_penalty(v_theta=torch.ones(2, 3), v_ref=torch.ones(2, 3), **kwargs)
+        normguard_penalty(v_theta=torch.ones(2, 3), v_ref=torch.ones(2, 3), **{"weight": 1.0, **kwargs})
 
 
 def test_shape_mismatch_names_shapes():
     with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
-        normguard_penalty(v_theta=torch.ones(2, 3), v_ref=torch.ones(2, 4))
+        normguard_penalty(v_theta=torch.ones(2, 3), v_ref=torch.ones(2, 4), weight=1.0)
