@@ -68,11 +68,13 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
 class Coordinator:
     """Drives samplers, scorers and the learner through RL steps. Build with ``services.train``."""
 
-    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0, prompt_set=None) -> None:
+    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0, prompts=None) -> None:
+        """``prompts``: the ``(train, eval)`` prompt sets (``services.prompts.prompt_sets(cfg)`` when None),
+        loaded once for the run."""
         from services.prompts import prompt_sets
 
         self.cfg = cfg
-        self.prompt_set = prompt_set if prompt_set is not None else prompt_sets(cfg)[0]
+        self.prompt_set, self.eval_prompt_set = prompts if prompts is not None else prompt_sets(cfg)
         self._step_metadata: list | None = None
         self.samplers, self.scorers, self.learner = samplers, scorers, learner
         self.method = get_method(cfg.loss.name)

@@ -20,6 +20,7 @@ a changed file is refused.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -58,14 +59,18 @@ class PromptSet:
         """The prompt of group ``cursor``: ``order(cursor // N)[cursor mod N]``."""
         n = len(self.prompts)
         epoch, pos = divmod(cursor, n)
-        if not self.shuffle:
-            return pos
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
-        return int(torch.randperm(n, generator=g)[pos])
+        return int(_epoch_order(n, self.seed, epoch)[pos]) if self.shuffle else pos
 
     def row(self, cursor: int) -> tuple[str, dict | None]:
         i = self.index(cursor)
         return self.prompts[i], (self.metadata[i] if self.metadata is not None else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of epoch ``epoch`` (one per epoch, cached: every group of a step reads it)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    return torch.randperm(n, generator=g)
 
 
 def load_prompt_file(path: str | Path, *, shuffle: bool = False, seed: int = 0) -> PromptSet:

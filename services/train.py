@@ -162,7 +162,7 @@ def build_coordinator(
     extra = learner.extra if resume else {}
     from services.prompts import prompt_sets
 
-    train_prompts = prompt_sets(cfg)[0]
+    train_prompts, eval_prompts = prompt_sets(cfg)
     stored = extra.get("prompt_fingerprint")
     if stored is not None and stored != train_prompts.fingerprint:
         from services.checkpoints import CheckpointError
@@ -178,7 +178,7 @@ def build_coordinator(
         scorers=scorers,
         learner=learner,
         start_step=extra.get("step", 0),
-        prompt_set=train_prompts,
+        prompts=(train_prompts, eval_prompts),
     )
     coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
     if resume:
@@ -189,11 +189,10 @@ def build_coordinator(
 
 def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: bool = False) -> tuple[dict, dict, dict]:
     """Fixed-noise evaluation on sampler 0, scored by the scorer pool; Frechet distance for digits."""
-    from services.prompts import prompt_sets
     from services.remote import call
 
     ev = cfg.eval
-    eval_set = prompt_sets(cfg)[1]  # data.eval_prompts, or the training prompts in file order
+    eval_set = coord.eval_prompt_set  # data.eval_prompts, or the training prompts in file order
     chosen = range(min(ev.num_prompts, len(eval_set)))
     prompts = [eval_set.prompts[i] for i in chosen for _ in range(ev.samples_per_prompt)]
     meta = [eval_set.metadata[i] for i in chosen for _ in range(ev.samples_per_prompt)] if eval_set.metadata else None
