@@ -13,15 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from normguard_core.losses.normguard import normguard_penalty
 from normguard_core.losses.registry import LossBatch, get_loss
-from normguard_core.metrics import velocity_norm
 from normguard_core.types import LossOutput
 
-__all__ = ["NormGuardParams", "compose_objective", "floor_penalty"]
+__all__ = ["NormGuardParams", "compose_objective"]
 
 
 @dataclass(frozen=True)
@@ -34,19 +32,6 @@ class NormGuardParams:
     power: int = 2
     scale: str = "relative"
     floor: float | None = None  # constraint mode's optional lower side: a hinge on ratio < floor
-
-
-def floor_penalty(*, v_theta: Tensor, v_ref: Tensor, weight: Tensor, floor: float, power: int = 2) -> LossOutput:
-    """The mirror of NormGuard's hinge below ``floor``: ``mean_b w_b relu(floor - n_theta_b / n_ref_b)^p``.
-
-    Only the constraint's optional two-sided band uses it (``normguard.floor``): it pushes a bin
-    whose mean ratio has fallen under the floor back up, with its own multiplier per bin.
-    """
-    n_theta = velocity_norm(v_theta.float())
-    n_ref = velocity_norm(v_ref.detach().float())
-    short = torch.relu(floor - n_theta / (n_ref + 1e-12))
-    loss = (weight.detach().to(short) * short.pow(power)).mean()
-    return LossOutput(loss=loss, metrics={"normguard/floor_active_frac": (short > 0).float().mean()})
 
 
 def compose_objective(
@@ -95,20 +80,12 @@ def compose_objective(
             margin=normguard.margin if normguard is not None else 0.0,
             power=normguard.power if normguard is not None else 2,
             scale=normguard.scale if normguard is not None else "relative",
+            floor=normguard.floor if active else None,
+            floor_weight=batch.floor_weight,
         )
         metrics.update(ng.metrics)
         if active:
             terms["normguard"] = ng.loss
-            if normguard.floor is not None and batch.floor_weight is not None:
-                fl = floor_penalty(
-                    v_theta=batch.v_theta,
-                    v_ref=batch.v_ref,
-                    weight=batch.floor_weight,
-                    floor=normguard.floor,
-                    power=normguard.power,
-                )
-                metrics.update(fl.metrics)
-                terms["normguard"] = terms["normguard"] + fl.loss
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     if kl_weight > 0:

@@ -41,6 +41,8 @@ def normguard_penalty(
     scale: str = "relative",
     has_step_dim: bool = False,
     step_reduction: str = "mean",
+    floor: float | None = None,
+    floor_weight: Tensor | None = None,
 ) -> LossOutput:
     """Hinge penalty on velocity-norm inflation over the reference, with its metrics.
 
@@ -57,11 +59,15 @@ def normguard_penalty(
         has_step_dim: the leading dim of the inputs indexes sampling steps.
         step_reduction: with ``has_step_dim``: ``"mean"`` or ``"sum"`` over steps (the batch is
             always averaged).
+        floor, floor_weight: the constraint mode's optional lower side (``normguard.floor``): the
+            mirrored hinge ``mean_b floor_weight_b relu(floor - n_theta_b / n_ref_b)^power`` is added,
+            pushing a bin whose mean ratio fell under the floor back up with its own ``(B,)``
+            multipliers. Only without ``has_step_dim``.
 
     Returns:
-        LossOutput with ``loss = weight * penalty`` and metrics ``normguard/penalty`` (before
-        the weight), ``normguard/active_frac``, ``normguard/ratio_mean``, ``normguard/ratio_p95``,
-        ``normguard/ratio_max``.
+        LossOutput with ``loss = weight * penalty`` (+ the floor term) and metrics
+        ``normguard/penalty`` (before the weight), ``normguard/active_frac``, ``normguard/ratio_mean``,
+        ``normguard/ratio_p95``, ``normguard/ratio_max`` (and ``normguard/floor_active_frac``).
     """
     if v_theta.shape != v_ref.shape:
         raise ValueError(f"v_theta {tuple(v_theta.shape)} and v_ref {tuple(v_ref.shape)} differ")
@@ -106,4 +112,10 @@ def normguard_penalty(
             "normguard/ratio_p95": torch.quantile(ratio, 0.95),
             "normguard/ratio_max": ratio.max(),
         }
+    if floor is not None and floor_weight is not None:
+        if has_step_dim:
+            raise ValueError("the floor term takes per-sample inputs (has_step_dim=False)")
+        short = torch.relu(floor - n_theta / (n_ref + _EPS))
+        weighted = weighted + (floor_weight.detach().to(short) * short.pow(power)).mean()
+        metrics["normguard/floor_active_frac"] = (short > 0).float().mean().detach()
     return LossOutput(loss=weighted, metrics=metrics)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from normguard_core.constraint import update_log_multipliers
-from normguard_core.losses.compose import floor_penalty
+from normguard_core.losses.normguard import normguard_penalty
 from normguard_core.optim import SplitAdamW
 
 pytestmark = pytest.mark.unit
@@ -86,7 +86,7 @@ def test_the_lower_side_raises_a_multiplier_below_the_floor_and_lowers_it_above(
 def test_the_floor_hinge_pushes_only_short_norms_up():
     v_ref = torch.ones(4, 8)
     v = torch.cat([torch.full((2, 8), 0.5), torch.full((2, 8), 1.5)]).requires_grad_()
-    out = floor_penalty(v_theta=v, v_ref=v_ref, weight=torch.ones(4), floor=0.9)
+    out = normguard_penalty(v_theta=v, v_ref=v_ref, weight=0.0, floor=0.9, floor_weight=torch.ones(4))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(2 * 0.4**2 / 4, rel=1e-5)
     assert (v.grad[:2] < 0).all() and (v.grad[2:] == 0).all()  # descent raises the short norms, leaves the rest
