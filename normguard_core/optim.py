@@ -42,9 +42,7 @@ class SplitAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
-        force_in_second_moment: bool = True,
     ) -> None:
-        self.force_in_second_moment = force_in_second_moment
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -82,7 +80,7 @@ class SplitAdamW(torch.optim.Optimizer):
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - b1)
-                moved = g if (f is None or not self.force_in_second_moment) else g + f
+                moved = g if f is None else g + f
                 v.mul_(b2).addcmul_(moved, moved, value=1 - b2)
                 bc1, bc2 = 1 - b1**t, 1 - b2**t
                 denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)

@@ -87,7 +87,7 @@ def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, o
     return ["transformer/"]
 
 
-def _card(cfg: ExperimentConfig, model_path: str, ckpt: Path, run_dir: Path, files: list[str]) -> str:
+def _card(cfg: ExperimentConfig, ckpt: Path, run_dir: Path, files: list[str]) -> str:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     after = summary.get("after", {})
     coord = json.loads((ckpt / "coordinator.json").read_text()) if (ckpt / "coordinator.json").is_file() else {}
@@ -172,5 +172,5 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, ove
         files = _export_lora(cfg, weights, out)
     else:
         files = _export_transformer(cfg, model_path, weights, out)
-    (out / "README.md").write_text(_card(cfg, model_path, ckpt, run_dir, files))
+    (out / "README.md").write_text(_card(cfg, ckpt, run_dir, files))
     return out

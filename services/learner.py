@@ -517,11 +517,10 @@ class Learner:
         save_file(self.gen.trainable_state_dict(), tmp / WEIGHTS)
         state = {f"old.{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.old)}
         state.update({f"ema.{i}": t.detach().cpu().contiguous() for i, t in enumerate(self.ema or [])})
-        state.update(
-            {"rng.torch": torch.get_rng_state(), "log_lambda": self.log_lam, "log_mu": self.log_mu}
-            | {"prev_ratio": self.prev_ratio}
-            | ({"uncovered": self._uncovered} if self._uncovered is not None else {})
-        )
+        state["rng.torch"] = torch.get_rng_state()
+        state["log_lambda"], state["log_mu"], state["prev_ratio"] = self.log_lam, self.log_mu, self.prev_ratio
+        if self._uncovered is not None:
+            state["uncovered"] = self._uncovered
         save_file(state, tmp / "learner_state.safetensors")
         torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
         kind, keys, pos, has_gauss, gauss = np.random.get_state()

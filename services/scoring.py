@@ -36,6 +36,7 @@ class ScorerWorker:
         for name, spec in specs.items():
             path, opts, impl = (*spec, None)[:3]
             self.scorers[name] = build_scorer(name, path=path, device=device, options=opts, impl=impl)
+        self._takes_metadata = {name: _takes_metadata(sc) for name, sc in self.scorers.items()}  # once, not per call
 
     def score(
         self,
@@ -56,7 +57,7 @@ class ScorerWorker:
         out = {}
         for n in names or self.scorers:
             scorer = self.scorers[n]
-            kw = {"metadata": list(metadata)} if metadata is not None and _takes_metadata(scorer) else {}
+            kw = {"metadata": list(metadata)} if metadata is not None and self._takes_metadata[n] else {}
             if is_groupwise(scorer):
                 out[n] = scorer.score(images, list(prompts), groups, **kw)
             else:

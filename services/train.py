@@ -98,14 +98,11 @@ def _check_cluster(cfg) -> None:
     """Fail before any actor starts when the cluster can never hold the run (``resources.check_cluster``)."""
     if cfg.resources.check_cluster == "off":
         return
-    from services.plan import check_plan, nodes_from_ray, plan_run, run_demand
+    from services.plan import ClusterTooSmall, check_plan, nodes_from_ray, plan_run, run_demand
 
-    plan = plan_run(run_demand(cfg), nodes_from_ray())
-    if plan.ok:
-        return
     try:
-        check_plan(plan, where="the Ray cluster")
-    except Exception as err:
+        check_plan(plan_run(run_demand(cfg), nodes_from_ray()), where="the Ray cluster")
+    except ClusterTooSmall as err:
         if cfg.resources.check_cluster == "error":
             raise
         log.warning("%s", err)
