@@ -1,11 +1,20 @@
-"""Bounded load test of a running `normguard serve` on loopback: throughput and p50/p99 latency,
-as ratios to calling the same pipeline in-process (same prompts, steps, batch of one).
+"""Serve throughput and latency over HTTP on loopback, against the in-process call, in one run.
 
-    normguard serve RUN_DIR --port 8000 &
-    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --requests 64 --concurrency 8
+Starts the Serve app of the embedded base model on 127.0.0.1 (or targets ``--url``), then for each
+``--steps`` setting: a sequential in-process baseline (``GeneratorCore.run``, batch of one, the
+replica's torch threads), and HTTP load at each ``--concurrency`` (``--requests`` requests).
+For each it prints:
+- throughput, p50 and p99 latency, errors, the mean merged batch;
+- where the milliseconds of a request go: client latency = HTTP proxy and transport + time in the
+  replica; time in the replica = batch queue + model compute (the replica reports both).
+
+    RAY_AUTH_MODE=disabled python benchmarks/serve_load.py [--concurrency 1 8 32] [--steps 4 20]
 """
 
+from __future__ import annotations
+
 import argparse
+import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,63 +28,134 @@ def _pct(xs, q):
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=4)
-    args = ap.parse_args()
-    host = urlparse(args.url).hostname
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise SystemExit("serve_load only targets loopback addresses")
-    args.requests = min(args.requests, 1000)  # bounded
-    payload = {"prompt": "a handwritten digit 3", "num_steps": args.steps}
+def _median(replies: list[dict], key: str) -> float:
+    vals = [r[key] for r in replies if key in r]  # a server of another version may not report it
+    return statistics.median(vals) if vals else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local(args):
+    """A local Ray + Serve app of the embedded base model; returns its URL and config."""
+    import ray
+    from ray import serve
+
+    from services.config import ModelConfig
+    from services.serve import build_app, resolve_for_serving
+    from services.serve_config import ServeConfig
+
+    cfg = ServeConfig(
+        model=ModelConfig(),
+        replica_cpus=args.replica_cpus,
+        max_batch_size=args.max_batch,
+        batch_wait_timeout_s=args.batch_wait,
+        num_replicas=args.replicas,
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, resolve_for_serving(cfg)), name="normguard", route_prefix="/")
+    return f"http://127.0.0.1:{port}", cfg
+
+
+def in_process(cfg, steps: int, n: int) -> list[float]:
+    """Sequential ``GeneratorCore.run`` calls, batch of one, with the replica's threads."""
+    import torch
+
+    from services.serve import GeneratorCore, resolve_for_serving
+
+    torch.set_num_threads(max(1, int(cfg.replica_cpus)))
+    core = GeneratorCore(cfg, resolve_for_serving(cfg))
+    gen = core.load("base")
+    item = {"prompts": ["a handwritten digit 3"], "num_steps": steps, "guidance_scale": 1.0, "shift": 1.0}
+    item["renormalize"] = False
+    core.run(gen, [{**item, "seed": 0}])
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        core.run(gen, [{**item, "seed": i}])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def load(url: str, steps: int, requests: int, concurrency: int) -> dict:
+    payload = {"prompt": "a handwritten digit 3", "num_steps": steps}
+    client = httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency + 2))
 
     def one(i):
         t0 = time.perf_counter()
-        r = httpx.post(f"{args.url}/v1/generate", json={**payload, "seed": i}, timeout=60)
-        r.raise_for_status()
-        return time.perf_counter() - t0
+        r = client.post(f"{url}/v1/generate", json={**payload, "seed": i})
+        dt = time.perf_counter() - t0
+        if r.status_code != 200:
+            return dt, None
+        return dt, r.json()
 
-    one(0)
+    for i in range(min(concurrency, 4)):  # warm connections and the replica
+        one(i)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as pool:
-        lat = list(pool.map(one, range(args.requests)))
+    with ThreadPoolExecutor(concurrency) as pool:
+        res = list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
-
-    from services.config import ModelConfig
-    from services.prepare import prepare_embedded
-    from services.serve import GeneratorCore
-    from services.serve_config import ServeConfig
-
-    core = GeneratorCore(ServeConfig(model=ModelConfig()), str(prepare_embedded().model_path))
-    gen = core.load("base")
-    item = {
-        "prompts": [payload["prompt"]],
-        "num_steps": args.steps,
-        "guidance_scale": 1.0,
-        "shift": 1.0,
-        "renormalize": False,
+    client.close()
+    ok = [b for _, b in res if b is not None]
+    lat = [dt for dt, _ in res]
+    return {
+        "rps": requests / wall,
+        "p50": statistics.median(lat),
+        "p99": _pct(lat, 0.99),
+        "errors": requests - len(ok),
+        "batch": statistics.mean(b["batch_requests"] for b in ok) if ok else float("nan"),
+        **{k: _median(ok, k) for k in ("server_ms", "queue_ms", "compute_ms")},
     }
-    core.run(gen, [{**item, "seed": 0}])
-    local = []
-    for i in range(min(args.requests, 64)):
-        t1 = time.perf_counter()
-        core.run(gen, [{**item, "seed": i}])
-        local.append(time.perf_counter() - t1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default=None, help="a running `normguard serve` (default: start one here)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--steps", type=int, nargs="+", default=[4, 20])
+    ap.add_argument("--replica-cpus", type=float, default=1.0)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--batch-wait", type=float, default=0.0)
+    ap.add_argument("--replicas", type=int, default=1)
+    args = ap.parse_args()
+    args.requests = min(args.requests, 1000)  # bounded
+    if args.url:
+        if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise SystemExit("serve_load only targets loopback addresses")
+        from services.config import ModelConfig
+        from services.serve_config import ServeConfig
+
+        url, cfg = args.url, ServeConfig(model=ModelConfig(), replica_cpus=args.replica_cpus)
+    else:
+        url, cfg = start_local(args)
     print(
-        f"HTTP:       {args.requests / wall:7.1f} req/s   p50 {1000 * statistics.median(lat):7.1f} ms   "
-        f"p99 {1000 * _pct(lat, 0.99):7.1f} ms   (concurrency {args.concurrency})"
+        f"replicas {args.replicas} x {args.replica_cpus} CPU, max_batch {args.max_batch}, batch wait "
+        f"{args.batch_wait * 1000:.0f} ms, {args.requests} requests per row"
     )
-    print(
-        f"in-process: {1 / statistics.mean(local):7.1f} req/s   p50 {1000 * statistics.median(local):7.1f} ms   "
-        f"p99 {1000 * _pct(local, 0.99):7.1f} ms   (sequential, batch 1)"
-    )
-    print(
-        f"ratios HTTP / in-process: throughput {args.requests / wall * statistics.mean(local):.2f}x, "
-        f"p50 latency {statistics.median(lat) / statistics.median(local):.2f}x"
-    )
+    hdr = "steps  mode          conc   req/s  x in-proc  p50 ms  p99 ms  err  batch  server ms  queue ms  compute ms"
+    print(hdr)
+    for steps in args.steps:
+        base = in_process(cfg, steps, min(args.requests, 64))
+        rate = 1 / statistics.mean(base)
+        p50 = statistics.median(base) * 1000
+        print(f"{steps:>5}  in-process       1  {rate:>6.1f}      1.00  {p50:>6.1f}  {_pct(base, 0.99) * 1000:>6.1f}")
+        c1 = None
+        for c in args.concurrency:
+            r = load(url, steps, args.requests, c)
+            c1 = r["p50"] * 1000 if c == 1 else c1
+            print(
+                f"{steps:>5}  HTTP          {c:>4}  {r['rps']:>6.1f}  {r['rps'] / rate:>8.2f}  {r['p50'] * 1000:>6.1f}  "
+                f"{r['p99'] * 1000:>6.1f}  {r['errors']:>3}  {r['batch']:>5.1f}  {r['server_ms']:>9.1f}  "
+                f"{r['queue_ms']:>8.1f}  {r['compute_ms']:>10.1f}"
+            )
+        if c1 is not None:
+            print(f"       p50 at concurrency 1 - in-process p50 = {c1 - p50:.1f} ms")
 
 
 if __name__ == "__main__":

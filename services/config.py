@@ -53,7 +53,12 @@ class RolloutConfig(_Section):
     shift: float = Field(1.0, gt=0, description="timestep shift of the sampling grid")
     guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale for rollouts")
     sde_noise_level: float = Field(0.0, ge=0.0, description="0 = ODE rollouts; > 0 Flow-SDE (needed by flow_grpo)")
-    max_staleness: int = Field(0, ge=0, description="policy versions a rollout may lag the learner")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        description="policy versions a rollout may lag the learner at its update (train.pipeline: async makes "
+        "samples 1 version behind; a sampler holding an older policy is re-synced)",
+    )
 
 
 class ScorerSpec(_Section):
@@ -329,6 +334,12 @@ class TrainConfig(_Section):
     )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
+    pipeline: Literal["sync", "async"] = Field(
+        "sync",
+        description="async: the next step's rollout and rewards are made while the learner updates (samples one "
+        "policy version behind; needs rollout.max_staleness >= 1, with 0 it is the sync loop); drains at every "
+        "evaluation and checkpoint",
+    )
 
 
 class LoggingConfig(_Section):

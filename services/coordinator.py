@@ -6,6 +6,16 @@
 
 It runs in the driver. The actors are thin wrappers of plain classes; with ``local=True`` the
 same recipe runs on the plain objects in one process (the benchmark's baseline).
+
+``train.pipeline: async`` overlaps the two halves of the recipe: before step k's update the next
+step's rollout is submitted to the samplers (``services.experience``), so sampling and scoring of
+step k + 1 run while the learner trains on step k, and the weight sync after the update queues
+behind that rollout on each sampler. Step k + 1 then trains on samples one policy version behind
+(bounded by ``rollout.max_staleness``, which must be >= 1 for any overlap); each method's own
+off-policy correction applies: Flow-GRPO's and AWM-clip's PPO ratio against the stored sampling
+log-probs / the sampling policy, DiffusionNFT's old policy = the policy that sampled (the learner
+keeps the last versions of its old copy, ``Learner.old_policy``). With ``max_staleness: 0`` the async
+loop is the sync loop. The pipeline drains before every evaluation, checkpoint and the last step.
 """
 
 from __future__ import annotations
@@ -20,15 +30,14 @@ from pathlib import Path
 import torch
 
 from services.checkpoints import write_manifest
+from services.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
 from services.methods import get_method
-from services.remote import CallStats, actor_gone, call, call_with_retries
-from services.rewards.base import combine_scores
-from services.types import RolloutBatch, RolloutRequest, TrainBatch
+from services.remote import CallStats, call_with_retries, is_actor
+from services.types import TrainBatch
 
 __all__ = ["Coordinator", "RunState", "StepReport"]
 
 log = logging.getLogger(__name__)
-SYNC_TIMEOUT_S = 120.0
 
 
 class RunState(enum.Enum):
@@ -61,10 +70,6 @@ class StepReport:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + index) % (2**31 - 1)
-
-
 class Coordinator:
     """Drives samplers, scorers and the learner through RL steps. Build with ``services.train``."""
 
@@ -75,7 +80,6 @@ class Coordinator:
 
         self.cfg = cfg
         self.prompt_set, self.eval_prompt_set = prompts if prompts is not None else prompt_sets(cfg)
-        self._step_metadata: list | None = None
         self.samplers, self.scorers, self.learner = samplers, scorers, learner
         self.method = get_method(cfg.loss.name)
         self.step_idx = start_step
@@ -86,7 +90,15 @@ class Coordinator:
         self.state = RunState.INITIALIZING
         self.weights_ref = learner.weights()
         self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}
-        self.required = {s.name for s in cfg.reward.scorers if s.required}
+        self.source = ExperienceSource(
+            ExperienceSpec.from_config(cfg),
+            samplers=samplers,
+            scorers=scorers,
+            prompt_set=self.prompt_set,
+            stats=self.stats,
+        )
+        self._pending = None  # a Future of the next step's Experience (pipelined mode)
+        self._acks: list = []  # (sampler, ref) of weight syncs queued behind a rollout in flight
 
     def _transition(self, new: RunState) -> None:
         if new not in _ALLOWED[self.state] and new != self.state:
@@ -104,10 +116,14 @@ class Coordinator:
 
     def finish(self) -> None:
         """The run ended normally."""
+        self.drain()
+        self.source.close()
         self._transition(RunState.FINISHED)
 
     def fail(self) -> None:
         """The run ended with an error (from any state: an error can happen anywhere)."""
+        self._pending = None
+        self.source.close(wait=False)
         self.state = RunState.ERRORED
 
     def sync_samplers(self) -> None:
@@ -119,131 +135,77 @@ class Coordinator:
         """One RL step; returns its metrics."""
         self._transition(RunState.RUNNING)
         t = {"start": time.perf_counter()}
-        prompts, groups, seeds = self._next_prompts()  # 1. prompts
-        rollout = self._rollout(prompts, groups, seeds)  # 2. sample on rollout actors
-        t["rollout"] = time.perf_counter()
-        rewards, reward_metrics = self._score(rollout)  # 3. score (pool, timeouts)
-        t["reward"] = time.perf_counter()
-        shards, batch_metrics = self._build_shards(rollout, rewards)  # 4. advantages / pairs
+        exp = self._experience()  # 1-3. prompts, rollout, rewards (made during the last update when pipelined)
+        t["experience"] = time.perf_counter()
+        shards, batch_metrics = self._build_shards(exp)  # 4. advantages / pairs
+        self._prefetch()  # pipelined: the next step's rollout runs on the samplers during this update
         learn_metrics = self._update(shards)  # 5. base loss + NormGuard
         t["learner"] = time.perf_counter()
-        self._sync()  # 6. versioned weight sync
+        self._sync()  # 6. versioned weight sync (queued behind that rollout when there is one)
         t["sync"] = time.perf_counter()
         self.step_idx += 1
-        metrics = {**reward_metrics, **batch_metrics, **learn_metrics, **self._perf(t, len(prompts))}
-        metrics["rollout/norm_ratio_mean"] = float(rollout.norm_ratio.mean())
-        metrics["rollout/version_lag"] = float(self.version - 1 - rollout.versions.min()) if learn_metrics else 0.0
+        metrics = {**exp.metrics, **batch_metrics, **learn_metrics, **self._perf(t, len(exp.rollout.seeds))}
+        metrics["rollout/norm_ratio_mean"] = float(exp.rollout.norm_ratio.mean())
+        lag = self.version - 1 - int(exp.rollout.versions.min())
+        metrics["rollout/version_lag"] = float(lag) if learn_metrics.get("learner/updates") else 0.0
         return StepReport(step=self.step_idx, version=self.version, metrics=metrics)  # 7. caller logs
 
-    # ---- 1. prompts -----------------------------------------------------------------------
-    def _next_prompts(self) -> tuple[list[str], list[int], list[int]]:
-        """Deterministic prompt cursor: step s uses prompt groups ``s * P .. s * P + P - 1``, group ``g``
-        the prompt ``order(epoch)[g mod N]`` of the prompt set (``services.prompts``)."""
-        ro = self.cfg.rollout
-        prompts, groups, seeds, meta = [], [], [], []
-        for j in range(ro.prompts_per_step):
-            g = self.step_idx * ro.prompts_per_step + j
-            prompt, row = self.prompt_set.row(g)
-            for i in range(ro.group_size):
-                prompts.append(prompt)
-                meta.append(row)
-                groups.append(g)
-                seeds.append(_sample_seed(self.cfg.train.seed, self.step_idx, j * ro.group_size + i))
-        self._step_metadata = meta if self.prompt_set.metadata is not None else None
-        return prompts, groups, seeds
+    # ---- 1-3. experience: now, or made ahead during the previous update -------------------------
+    def _experience(self) -> Experience:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            policy = PolicyRef(self.weights_ref, self.version)
+            return self.source.produce(self.step_idx, policy, min_version=self._min_version(self.step_idx))
+        exp = pending.result(timeout=self.cfg.train.rollout_timeout_s + self.cfg.reward.timeout_s)
+        self._confirm_sync()  # the sync queued behind that rollout has landed (or is redone now)
+        return exp
 
-    # ---- 2. rollout -----------------------------------------------------------------------
-    def _rollout(self, prompts: list[str], groups: list[int], seeds: list[int]) -> RolloutBatch:
-        ro = self.cfg.rollout
-        n = len(self.samplers)
-        chunks = [slice(i * len(prompts) // n, (i + 1) * len(prompts) // n) for i in range(n)]
-        reqs = [
-            RolloutRequest(
-                prompts=prompts[c],
-                group_ids=groups[c],
-                seeds=seeds[c],
-                num_steps=ro.num_steps,
-                guidance_scale=ro.guidance_scale,
-                shift=ro.shift,
-                sde_noise_level=ro.sde_noise_level,
-                min_version=max(0, self.version - ro.max_staleness),
-            )
-            for c in chunks
-        ]
-        parts = self._parallel(
-            "generate", self.samplers, reqs, name="rollout", timeout_s=self.cfg.train.rollout_timeout_s
-        )
-        batch = _concat_rollouts(parts)
-        if batch.seeds != seeds:  # no sample lost or counted twice, also after restarts
-            raise RuntimeError("rollout bookkeeping error: returned samples do not match the request")
-        return batch
+    def _min_version(self, step: int) -> int:
+        """The oldest policy that may sample ``step``: the learner trains on it at version
+        ``version + (step - step_idx)``, and ``rollout.max_staleness`` bounds the lag."""
+        return max(0, self.version + (step - self.step_idx) - self.cfg.rollout.max_staleness)
 
-    def _parallel(self, method: str, actors: list, payloads: list, *, name: str, timeout_s: float) -> list:
-        """Fan out one payload per actor; a failed one is retried on its own (after re-sync)."""
-        from services.remote import is_actor
+    def _prefetch(self) -> None:
+        """Pipelined mode: submit the next step's rollout before this step's update.
 
-        if actors and is_actor(actors[0]):
-            import ray
+        The samplers hold this step's policy, so the next step trains on samples one version
+        behind (``rollout/version_lag`` 1), the lag ``rollout.max_staleness`` must allow. Nothing is
+        made ahead across a drain point (an evaluation, a checkpoint, the last step): a checkpoint
+        is taken with no rollout in flight, so a resumed run samples exactly what the uninterrupted
+        one did.
+        """
+        if self.cfg.train.pipeline != "async" or self.cfg.rollout.max_staleness < 1:
+            return
+        nxt = self.step_idx + 1
+        if self.drains_after(nxt):
+            return
+        policy = PolicyRef(self.weights_ref, self.version)
+        self._pending = self.source.submit(nxt, policy, min_version=self._min_version(nxt))
 
-            refs = [getattr(a, method).remote(p) for a, p in zip(actors, payloads)]
-            out = []
-            for a, p, ref in zip(actors, payloads, refs):
-                try:
-                    out.append(ray.get(ref, timeout=timeout_s))
-                except Exception as err:  # noqa: BLE001 - redone with the retry policy
-                    log.warning("%s: %s failed (%s); redoing its share", name, method, type(err).__name__)
-                    self.stats.retries += 1  # the redo below is a retry; the policy counts its own after it
-                    self.stats.restarts += int(actor_gone(err))
-                    out.append(self._retry(a, method, p, name=name, timeout_s=timeout_s))
-            return out
-        return [self._retry(a, method, p, name=name, timeout_s=timeout_s) for a, p in zip(actors, payloads)]
-
-    def _retry(self, actor, method: str, payload, *, name: str, timeout_s: float):
-        def resync() -> None:  # retried by the hook until the restarted actor answers (bounded)
-            call(actor, "set_weights", self.weights_ref, self.version, timeout_s=SYNC_TIMEOUT_S)
-
-        hook = resync if method == "generate" else None
-        return call_with_retries(
-            actor,
-            method,
-            payload,
-            timeout_s=timeout_s,
-            retries=self.cfg.reward.retries,
-            stats=self.stats,
-            name=name,
-            on_actor_restart=hook,
+    def drains_after(self, step: int) -> bool:
+        """Whether the run loop stops the pipeline once ``step`` steps are done (an evaluation, a
+        checkpoint or the last step follows)."""
+        tr = self.cfg.train
+        return (
+            step >= tr.steps
+            or bool(tr.eval_every and step % tr.eval_every == 0)
+            or bool(tr.checkpoint_every and step % tr.checkpoint_every == 0)
         )
 
-    # ---- 3. rewards -----------------------------------------------------------------------
-    def _score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        # whole prompt groups per scorer actor: a group-wise scorer must see every sample of a group
-        starts = [0] + [i for i in range(1, len(rollout.group_ids)) if rollout.group_ids[i] != rollout.group_ids[i - 1]]
-        bounds, n = [*starts, len(rollout.group_ids)], len(self.scorers)
-        cuts = [bounds[i * (len(bounds) - 1) // n] for i in range(n)] + [len(rollout.group_ids)]
-        chunks = [slice(cuts[i], cuts[i + 1]) for i in range(n)]
-        meta = self._step_metadata
-        payloads = [
-            (rollout.images[c], rollout.prompts[c], rollout.group_ids[c], *([meta[c]] if meta is not None else []))
-            for c in chunks
-        ]
-        parts = self._parallel(
-            "score_batch", self.scorers, payloads, name="reward", timeout_s=self.cfg.reward.timeout_s
-        )
-        scores = {k: torch.cat([p[k] for p in parts]) for k in self.train_scorers}
-        missing = self.required - set(scores)
-        if missing:
-            raise RuntimeError(
-                f"required scorers {sorted(missing)} returned nothing: refusing to train on made-up rewards"
-            )
-        reward = combine_scores(scores, self.train_scorers)
-        metrics = {"reward/mean": float(reward.mean()), "reward/std": float(reward.std())}
-        metrics.update({f"reward/{k}": float(v.mean()) for k, v in scores.items()})
-        metrics["perf/reward_busy_s"] = float(sum(float(p["_seconds"]) for p in parts))
-        return reward, metrics
+    def drain(self) -> None:
+        """Wait for (and drop) experience made ahead that will not be trained on (the run ended early)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result(timeout=self.cfg.train.rollout_timeout_s + self.cfg.reward.timeout_s)
+            except Exception as err:  # noqa: BLE001 - nothing will train on it
+                log.warning("dropped experience made ahead failed: %s", err)
+            self._confirm_sync()
 
     # ---- 4. advantages / pairs ------------------------------------------------------------
-    def _build_shards(self, rollout: RolloutBatch, reward: torch.Tensor) -> tuple[list[TrainBatch], dict[str, float]]:
+    def _build_shards(self, exp: Experience) -> tuple[list[TrainBatch], dict[str, float]]:
         """The method's targets (``services.methods``), split over the learner ranks by training unit."""
+        rollout, reward = exp.rollout, exp.rewards
         world = self.learner.world_size
         targets = self.method.targets(reward, rollout.group_ids, self.cfg)
         adv, prob = targets.advantages.float(), targets.reward_prob
@@ -262,6 +224,7 @@ class Coordinator:
                 states=rollout.states[:, idx] if sde else None,
                 log_probs=rollout.log_probs[:, idx] if sde else None,
                 sigmas=rollout.sigmas if sde else None,
+                versions=rollout.versions[idx],
             )
 
         if targets.winners is not None:  # pair methods: a unit is a (winner, loser) pair
@@ -299,26 +262,49 @@ class Coordinator:
 
     # ---- 6. sync --------------------------------------------------------------------------
     def _sync(self) -> None:
-        from services.remote import is_actor
+        """Every sampler gets the learner's policy: one object-store copy, fetched by all samplers at
+        once. With a rollout in flight the calls queue behind it and are confirmed when its
+        experience is taken; otherwise at once (:meth:`_confirm_sync`)."""
+        if not (self.samplers and is_actor(self.samplers[0])):
+            for s in self.samplers:
+                self._set_weights(s)
+            return
+        import ray
 
-        if self.samplers and is_actor(self.samplers[0]):
-            import ray
+        ref = self.weights_ref if isinstance(self.weights_ref, ray.ObjectRef) else ray.put(self.weights_ref)
+        self.weights_ref = ref
+        self._acks = [(s, s.set_weights.remote(ref, self.version)) for s in self.samplers]
+        if self._pending is None:
+            self._confirm_sync()
 
-            ref = self.weights_ref if isinstance(self.weights_ref, ray.ObjectRef) else ray.put(self.weights_ref)
-            self.weights_ref = ref
-        for s in self.samplers:
-            got = call_with_retries(
-                s,
-                "set_weights",
-                self.weights_ref,
-                self.version,
-                timeout_s=SYNC_TIMEOUT_S,
-                retries=self.cfg.reward.retries,
-                stats=self.stats,
-                name="sync",
-            )
-            if got != self.version:
-                raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
+    def _set_weights(self, sampler) -> None:
+        got = call_with_retries(
+            sampler,
+            "set_weights",
+            self.weights_ref,
+            self.version,
+            timeout_s=SYNC_TIMEOUT_S,
+            retries=self.cfg.reward.retries,
+            stats=self.stats,
+            name="sync",
+        )
+        if got != self.version:
+            raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
+
+    def _confirm_sync(self) -> None:
+        """The submitted syncs answered with the current version; a sampler whose sync failed (e.g. it
+        died while sampling) is synced again now, with the retry policy."""
+        import ray
+
+        acks, self._acks = self._acks, []
+        for sampler, ack in acks:
+            try:
+                if ray.get(ack, timeout=SYNC_TIMEOUT_S) == self.version:
+                    continue
+            except Exception as err:  # noqa: BLE001 - redone below
+                log.warning("sync: a queued set_weights failed (%s); syncing again", type(err).__name__)
+                self.stats.add(retries=1)
+            self._set_weights(sampler)
 
     def count_learner_restarts(self, total: int) -> None:
         """This coordinator was rebuilt after ``total`` learner restarts in this run: its first step reports the
@@ -327,7 +313,10 @@ class Coordinator:
         self._fault_base["learner_restarts"] = max(total - 1, 0)
 
     def _perf(self, t: dict[str, float], num_samples: int) -> dict[str, float]:
-        """Timings, and the fault counters: ``faults/*`` this step, ``faults_total/*`` since the run began."""
+        """Timings, and the fault counters: ``faults/*`` this step, ``faults_total/*`` since the run began.
+
+        ``perf/rollout_s`` / ``perf/reward_s`` come with the experience (measured where it was made, in
+        the background when pipelined); ``perf/wait_experience_s`` is what this step waited for it."""
         totals = {
             "retries": self.stats.retries,
             "restarts": self.stats.restarts,
@@ -337,9 +326,8 @@ class Coordinator:
         step = {k: v - self._fault_base.get(k, 0) for k, v in totals.items()}
         self._fault_base = totals
         return {
-            "perf/rollout_s": t["rollout"] - t["start"],
-            "perf/reward_s": t["reward"] - t["rollout"],
-            "perf/learner_s": t["learner"] - t["reward"],
+            "perf/wait_experience_s": t["experience"] - t["start"],  # = rollout + reward when not pipelined
+            "perf/learner_s": t["learner"] - t["experience"],
             "perf/sync_s": t["sync"] - t["learner"],
             "perf/samples_per_s": num_samples / max(t["sync"] - t["start"], 1e-9),
             **{f"faults/{k}": float(v) for k, v in step.items()},
@@ -369,22 +357,3 @@ class Coordinator:
         tmp.replace(latest)
         self._transition(prev if prev != RunState.INITIALIZING else RunState.RUNNING)
         return path
-
-
-def _concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
-    def cat(name: str, dim: int = 0):
-        vals = [getattr(p, name) for p in parts]
-        return None if vals[0] is None else torch.cat(vals, dim=dim)
-
-    return RolloutBatch(
-        latents=cat("latents"),
-        images=cat("images"),
-        prompts=[x for p in parts for x in p.prompts],
-        group_ids=cat("group_ids"),
-        seeds=[s for p in parts for s in p.seeds],
-        versions=cat("versions"),
-        norm_ratio=cat("norm_ratio", 1),
-        sigmas=parts[0].sigmas,
-        states=cat("states", 1),
-        log_probs=cat("log_probs", 1),
-    )

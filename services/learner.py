@@ -74,6 +74,9 @@ class Learner:
         self.opt = opt_cls(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
         self._force = [torch.zeros_like(p) for p in self.params] if self.split_force else None
         self.old = [p.detach().clone() for p in self.params]  # the sampling ("old") policy
+        # the pipelined loop trains on samples one version behind: keep the old copy of that version too
+        self._keep_versions = 2 if cfg.train.pipeline == "async" and cfg.rollout.max_staleness > 0 else 1
+        self._old_versions: dict[int, list[Tensor]] = {}
         self.ema_schedule = self.method.ema_schedule(cfg.loss)
         self.ema = [p.detach().clone() for p in self.params] if self.ema_schedule else None
         self.distributed = distributed and dist.is_available() and dist.is_initialized()
@@ -99,6 +102,7 @@ class Learner:
         self._bins: dict[str, Tensor] = {}
         self._uncovered: Tensor | None = None  # sigma bins no training point reached at the last RL step
         self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
+        self._remember_old()
         ro = cfg.rollout
         self._guidance = ro.guidance_scale if getattr(loss, "train_cfg", False) else 1.0
 
@@ -194,26 +198,57 @@ class Learner:
         x0 = batch.latents[idx]
         return interpolate(x0, noise, sigma).to(dev), sigma.to(dev), idx
 
+    # ---- the old (sampling) policy of every version still in flight ---------------------------
+    def _remember_old(self) -> None:
+        """Record the old copy as the policy of ``self.version`` (what :meth:`policy_weights` ships)."""
+        if self._keep_versions > 1:
+            self._old_versions[self.version] = [t.clone() for t in self.old]
+            for v in [v for v in self._old_versions if v <= self.version - self._keep_versions]:
+                del self._old_versions[v]
+
+    def old_policy(self, version: int) -> list[Tensor]:
+        """The old copy as shipped at ``version``: the policy that sampled a row tagged ``version``."""
+        if version == self.version:
+            return self.old
+        if version not in self._old_versions:
+            raise RuntimeError(
+                f"a sample of policy v{version} reached the learner at v{self.version}; it keeps "
+                f"{sorted(self._old_versions) or [self.version]} (train.pipeline async runs one version behind)"
+            )
+        return self._old_versions[version]
+
     @torch.no_grad()
     def _lagged_velocities(self, batch: TrainBatch, pts: dict[str, Tensor], cond, null) -> None:
-        """``v_old`` (and ``v_ema``) at every point of the epoch, with the copy's weights swapped in."""
-        copies = {"v_old": self.old} if self._needs_old else {}
+        """``v_old`` (and ``v_ema``) at every point of the epoch, with the copy's weights swapped in.
+
+        ``v_old`` of a row is the old copy of the version that sampled it (``batch.versions``): the
+        sampling policy, as NFT's old policy and AWM-clip's PPO ratio need it, also when the
+        pipelined loop trains on samples one version behind."""
+        n = len(pts["unit"])
+        row_version = batch.versions[pts["sample"]] if batch.versions is not None else torch.full((n,), self.version)
+        copies = [("v_old", int(v), self.old_policy(int(v))) for v in row_version.unique()] if self._needs_old else []
         if self.ema is not None:
-            copies["v_ema"] = self.ema
+            copies.append(("v_ema", None, self.ema))
         if not copies:
             return
         self.gen.transformer.eval()
-        micro, n = self.cfg.learner.micro_batch, len(pts["unit"])
-        for key, weights in copies.items():
+        micro = self.cfg.learner.micro_batch
+        for key, version, weights in copies:
+            rows_of = torch.arange(n) if version is None else (row_version == version).nonzero().flatten()
+            if key not in pts:
+                pts[key] = None
             with self._weights(weights):
-                parts = []
-                for i in range(0, n, micro):
-                    rows = torch.arange(i, min(i + micro, n))
+                for i in range(0, len(rows_of), micro):
+                    rows = rows_of[i : i + micro]
                     m = len(rows)  # pair methods: only the winners (their lagged velocity is a metric only)
                     x, sigma, idx = (t[:m] for t in self._inputs(batch, pts, rows))
                     c, nc = cond.index(idx.to(self.gen.device)), null.index(idx.to(self.gen.device)) if null else None
-                    parts.append(self._velocity(x, sigma, c, nc).cpu())
-                pts[key] = torch.cat(parts) if parts else torch.zeros(0)
+                    v = self._velocity(x, sigma, c, nc).cpu()
+                    if pts[key] is None:
+                        pts[key] = torch.zeros((n, *v.shape[1:]), dtype=v.dtype)
+                    pts[key][rows] = v
+            if pts[key] is None:
+                pts[key] = torch.zeros(0)
         self.gen.transformer.train()
 
     # ---- the objective of one micro-batch -------------------------------------------------
@@ -430,6 +465,7 @@ class Learner:
         if applied:
             metrics.update(self._advance_lagged())
             self.version += 1
+            self._remember_old()
         return metrics
 
     def _zero_grad(self) -> None:
@@ -559,6 +595,8 @@ class Learner:
         py_version, py_state, py_gauss = meta["rng"]["python"]
         random.setstate((py_version, tuple(py_state), py_gauss))
         self.step_count, self.version = meta["step"], meta["version"]
+        self._old_versions = {}  # checkpoints are taken with no rollout in flight: only this version samples
+        self._remember_old()
         self.log_lam, self.log_mu = state["log_lambda"].double(), state["log_mu"].double()
         self.prev_ratio, self._uncovered = state["prev_ratio"].double(), state.get("uncovered")
         return meta["extra"]

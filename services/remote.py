@@ -1,13 +1,16 @@
 """Remote-call policy shared by the coordinator: timeouts, retries with backoff, counting.
 
-``Executor`` makes actors and in-process objects interchangeable (P12): the same coordinator
+:func:`call` makes actors and in-process objects interchangeable (P12): the same coordinator
 runs on Ray actors, or on plain objects in one process (the benchmark's baseline and fast
-tests). Every remote wait is bounded by a timeout in seconds.
+tests). Every remote wait is bounded by a timeout in seconds. Errors are classified by type:
+Ray re-raises an actor's exception as a subclass of its class, so ``isinstance`` sees a
+``StaleSamplerError`` raised inside a sampler.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,16 +37,35 @@ class CallStats:
     restarts: int = 0
     learner_restarts: int = 0
     by_name: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, retries: int = 0, failures: int = 0, restarts: int = 0, name: str | None = None) -> None:
+        """Count faults (the pipelined loop's producer thread counts beside the main thread)."""
+        with self._lock:
+            self.retries += retries
+            self.failures += failures
+            self.restarts += restarts
+            if name is not None:
+                self.by_name[name] = self.by_name.get(name, 0) + failures
 
 
 def actor_gone(err: BaseException) -> bool:
-    """The error says the actor died or is restarting (Ray's actor errors)."""
-    return type(err).__name__ in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+    """The error says the actor died or is restarting (``RayActorError`` and its subclasses
+    ``ActorDiedError`` / ``ActorUnavailableError``)."""
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # no Ray: plain objects do not die
+        return False
+    return isinstance(err, RayActorError)
 
 
 def is_actor(obj: Any) -> bool:
     """True for a Ray actor handle."""
-    return type(obj).__name__ == "ActorHandle"
+    try:
+        from ray.actor import ActorHandle
+    except ImportError:
+        return False
+    return isinstance(obj, ActorHandle)
 
 
 def call(obj: Any, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
@@ -80,13 +102,12 @@ def call_with_retries(
             return call(obj, method, *args, timeout_s=timeout_s, **kwargs)
         except Exception as err:  # noqa: BLE001 - classified below, re-raised when out of retries
             kind = type(err).__name__
-            stale = isinstance(err, StaleSamplerError) or "StaleSamplerError" in str(err)
+            stale = isinstance(err, StaleSamplerError)
             gone = actor_gone(err)
             if attempt == retries:
-                stats.failures += 1
-                stats.by_name[name] = stats.by_name.get(name, 0) + 1
+                stats.add(failures=1, name=name)
                 raise RuntimeError(f"{name}.{method} failed after {attempt + 1} tries: {kind}: {err}") from err
-            stats.retries += 1
+            stats.add(retries=1)
             log.warning(
                 "%s.%s failed (%s); retry %d/%d%s",
                 name,
@@ -98,7 +119,7 @@ def call_with_retries(
                 exc_info=False,
             )
             time.sleep(backoff_s * 2**attempt)
-            stats.restarts += int(gone)
+            stats.add(restarts=int(gone))
             if (stale or gone) and on_actor_restart is not None:
                 _retry_hook(on_actor_restart, timeout_s)
     raise AssertionError("unreachable")

@@ -1,7 +1,8 @@
 """RewardScorer workers: plain classes that hold scorers; the coordinator wraps them as actors.
 
-A worker builds its scorers once, then scores batches; every call returns per-scorer ``(B,)``
-scores and the wall time. Timeouts, retries with backoff and failure counting live in the
+A worker builds its scorers once, then scores batches: :meth:`ScorerWorker.score_batch` takes a
+:class:`~services.types.ScoreRequest` and returns a :class:`~services.types.ScoreResult` (per-scorer
+``(B,)`` scores and the wall time). Timeouts, retries with backoff and failure counting live in the
 coordinator's ``call_with_retries`` (one policy for every remote call).
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from services.rewards import build_scorer, is_groupwise
+from services.types import ScoreRequest, ScoreResult
 
 __all__ = ["ScorerWorker"]
 
@@ -52,7 +54,6 @@ class ScorerWorker:
         one group for them. ``metadata`` (one row per image, from a .jsonl / .csv prompt file) is passed
         to the scorers whose ``score`` takes a ``metadata`` argument (rule-based rewards).
         """
-        t0 = time.perf_counter()
         groups = group_ids if group_ids is not None else torch.zeros(len(prompts), dtype=torch.long)
         out = {}
         for n in names or self.scorers:
@@ -65,15 +66,13 @@ class ScorerWorker:
         for n, s in out.items():
             if s.shape != (len(prompts),) or not torch.isfinite(s).all():
                 raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
-        out["_seconds"] = torch.tensor(time.perf_counter() - t0)
         return out
 
-    def score_batch(self, payload: tuple) -> dict[str, Tensor]:
-        """:meth:`score` on an ``(images, prompts[, group_ids[, metadata]])`` tuple (one argument, for fan-out)."""
-        images, prompts, *rest = payload
-        return self.score(
-            images, prompts, group_ids=rest[0] if rest else None, metadata=rest[1] if len(rest) > 1 else None
-        )
+    def score_batch(self, req: ScoreRequest) -> ScoreResult:
+        """:meth:`score` of one request (one argument, for the coordinator's fan-out), with its wall time."""
+        t0 = time.perf_counter()
+        scores = self.score(req.images, req.prompts, group_ids=req.group_ids, metadata=req.metadata)
+        return ScoreResult(scores=scores, seconds=time.perf_counter() - t0)
 
     def features(self, name: str, images: Tensor) -> Tensor:
         """Feature vectors of a scorer that has them (Frechet distance)."""

@@ -27,8 +27,13 @@ class ServeConfig(BaseModel):
     default_guidance: float = Field(1.0, ge=1.0)
     max_guidance: float = Field(15.0, ge=1.0)
     shift: float = Field(1.0, gt=0)
-    max_batch_size: int = Field(16, ge=1, description="@serve.batch: requests merged per forward")
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_batch_size: int = Field(16, ge=1, description="requests merged into one sampler batch")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="how long a batch waits to fill after its first request. Requests queue while a batch "
+        "computes, so under load batches fill anyway; a wait only delays requests at low load",
+    )
     num_replicas: int = Field(1, ge=1)
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)

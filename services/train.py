@@ -313,6 +313,8 @@ def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> 
             bar.update(1)
             halt = guards.check(report.step, m) in ("stop", "rollback")
             done = coord.step_idx >= cfg.train.steps or _reached(rewards, cfg.train) or halt
+            if done:
+                coord.drain()  # the run ended before a drain point: experience made ahead is dropped
             if cfg.train.eval_every and coord.step_idx % cfg.train.eval_every == 0 and not done:
                 done = _evaluate_along(coord, cfg, eval_names, writer, guards)
             if (cfg.train.checkpoint_every and coord.step_idx % cfg.train.checkpoint_every == 0) or done:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["RolloutBatch", "RolloutRequest", "StaleSamplerError", "TrainBatch"]
+__all__ = ["RolloutBatch", "RolloutRequest", "ScoreRequest", "ScoreResult", "StaleSamplerError", "TrainBatch"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,36 @@ class RolloutBatch:
 
 
 @dataclass(frozen=True)
+class ScoreRequest:
+    """Work for one scorer worker: whole prompt groups of a rollout.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` in [0, 1].
+        prompts: B prompts.
+        group_ids: ``(B,)`` prompt-group ids (group-wise scorers normalise within a group).
+        metadata: B prompt-file rows (rule-based rewards), or ``None``.
+    """
+
+    images: Tensor
+    prompts: Sequence[str]
+    group_ids: Tensor | None = None
+    metadata: Sequence[dict | None] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A scorer worker's reply.
+
+    Attributes:
+        scores: ``{scorer name: (B,) scores}``.
+        seconds: wall time the worker spent scoring.
+    """
+
+    scores: dict[str, Tensor]
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TrainBatch:
     """One learner worker's shard of an RL step.
 
@@ -82,6 +113,8 @@ class TrainBatch:
         states: ``(T + 1, N, *D)`` SDE trajectory (GRPO).
         log_probs: ``(T, N)`` rollout log-probs (GRPO).
         sigmas: ``(T + 1,)`` grid (GRPO).
+        versions: ``(N,)`` the policy version that sampled each row (the pipelined loop trains on
+            samples one version behind; the learner reads each row's ``v_old`` from that version).
     """
 
     latents: Tensor
@@ -95,6 +128,7 @@ class TrainBatch:
     states: Tensor | None = None
     log_probs: Tensor | None = None
     sigmas: Tensor | None = None
+    versions: Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     @property

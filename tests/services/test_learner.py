@@ -157,3 +157,32 @@ def test_an_empty_shard_still_takes_every_step(digits_assets, loss):
     learner = Learner(cfg, str(digits_assets.model_path))
     metrics = learner.update(empty)
     assert metrics["learner/updates"] == 2.0 and learner.step_count == 2
+
+
+def test_a_sample_one_version_behind_reads_the_old_policy_that_made_it(digits_assets):
+    """The pipelined loop trains on samples of the previous policy version: DiffusionNFT's v_old (and
+    AWM-clip's) is the velocity of the old copy *as shipped at that version*, kept by the learner."""
+    from dataclasses import replace
+
+    cfg = _cfg("diffusion_nft", 0.0, "train.pipeline=async", "rollout.max_staleness=1")
+    path = str(digits_assets.model_path)
+    learner, fresh = Learner(cfg, path), Learner(cfg, path)  # same init: fresh holds policy v0
+    batch = _batch(cfg, digits_assets)
+    learner.update(batch)
+    assert learner.version == 1
+
+    def v_old(lr: Learner, versions: int):
+        b = replace(batch, step=1, versions=torch.full((batch.latents.shape[0],), versions))
+        pts = lr._points(b, 0)
+        lr._lagged_velocities(b, pts, lr.gen.encode_prompts(b.prompts), None)
+        return pts["v_old"]
+
+    behind = v_old(learner, 0)
+    assert torch.equal(behind, v_old(fresh, 0))  # exactly the policy that sampled
+    assert not torch.allclose(behind, v_old(learner, 1))  # not the current old copy
+    with pytest.raises(RuntimeError, match="reached the learner"):
+        v_old(learner, 3)
+    sync = Learner(_cfg("diffusion_nft", 0.0), path)  # the sync loop keeps one version only
+    sync.update(batch)
+    with pytest.raises(RuntimeError, match="one version behind"):
+        v_old(sync, 0)

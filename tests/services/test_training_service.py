@@ -46,13 +46,17 @@ def test_samplers_generate_with_synced_weights(ray_local, digits_assets, tmp_pat
     try:
         import ray
 
-        prompts, groups, seeds = coord._next_prompts()
-        before = coord._rollout(prompts, groups, seeds)
+        from services.experience import PolicyRef
+
+        def rollout_of_step_0():
+            return coord.source.produce(0, PolicyRef(coord.weights_ref, coord.version), min_version=0).rollout
+
+        before = rollout_of_step_0()
         coord.step()
         sums = ray.get([s.weights_checksum.remote() for s in coord.samplers], timeout=60)
         learner_sum = float(sum(t.double().sum() for t in ray.get(coord.weights_ref).values()))
         assert all(s == pytest.approx(learner_sum, rel=1e-12) for s in sums)
-        after = coord._rollout(prompts, groups, seeds)  # same seeds: only the weights differ
+        after = rollout_of_step_0()  # same prompts and seeds: only the weights differ
         assert (after.versions == 1).all() and (before.versions == 0).all()
         assert not torch.allclose(after.latents, before.latents)
     finally:
@@ -65,7 +69,7 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
     try:
         coord.step()
         ray_local.kill(coord.samplers[1], no_restart=False)
-        prompts, groups, seeds = coord._next_prompts()
+        prompts, _, seeds, _ = coord.source.prompts(coord.step_idx)
         report = coord.step()
         m = report.metrics
         assert m["faults/restarts"] >= 1 and m["faults/retries"] >= 1 and m["faults/failures"] == 0, coord.stats
