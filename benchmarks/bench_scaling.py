@@ -224,12 +224,12 @@ def main() -> None:
             speedup = r["samples_per_s"] / sync_rate
             print(f"{n:>3} {mode:>6} {r['samples_per_s']:>10.1f} {r['step_s']:>7.3f} {eff:>10.3f} {speedup:>7.2f}x")
     for mode, n in breaks.items():
-        print(f"   {mode}: efficiency {'stays >= 0.9 up to N=' + str(max(args.actors)) if n is None else f'< 0.9 from N={n}'}")
+        print(
+            f"   {mode}: efficiency {'stays >= 0.9 up to N=' + str(max(args.actors)) if n is None else f'< 0.9 from N={n}'}"
+        )
 
     print("\n2. weight sync vs synced size and samplers (N samplers and scorers)")
-    print(
-        f"{'MB':>6} {'N':>3} {'mode':>6} {'driver sync s':>13} {'set_weights s':>13} {'step s':>7} {'sync/step':>9}"
-    )
+    print(f"{'MB':>6} {'N':>3} {'mode':>6} {'driver sync s':>13} {'set_weights s':>13} {'step s':>7} {'sync/step':>9}")
     for size in args.sizes:
         for n in args.sync_samplers:
             need = size * n / 1024

@@ -51,7 +51,9 @@ def test_async_with_staleness_0_is_the_sync_loop_and_with_1_trains_one_version_b
 def test_async_resume_reproduces_the_uninterrupted_run(digits_assets, tmp_path):
     inner = {"train.checkpoint_every": 3, "learner.updates_per_step": 2, **ASYNC}
     straight = run_training(
-        load_config(None, tiny_overrides(tmp_path, "straight", **{"train.steps": 6, **inner})), local=True, progress=False
+        load_config(None, tiny_overrides(tmp_path, "straight", **{"train.steps": 6, **inner})),
+        local=True,
+        progress=False,
     )
     for steps in (3, 6):
         cut = load_config(None, tiny_overrides(tmp_path, "cut", **{"train.steps": steps, **inner}))
