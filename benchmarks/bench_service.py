@@ -46,21 +46,29 @@ def main():
         local=True,
         progress=False,
     )
-    ray_default = run_training(load_config(None, common + ["train.run_name=ray"]), progress=False)
-    # the learner runs while the samplers wait: let it use both cores (samplers keep 1 thread each)
     lt = f"resources.learner_threads={args.cores}"
-    ray_tuned = run_training(load_config(None, common + ["train.run_name=ray_lt", lt]), progress=False)
     pipelined = ["train.pipeline=async", "rollout.max_staleness=1"]
-    ray_async = run_training(load_config(None, common + ["train.run_name=ray_async", *pipelined]), progress=False)
-    a, sync = _rate(local), _rate(ray_default)
-    print(f"samples/s  single-process ({args.cores} threads)          {a:.1f}")
-    for name, run in (
-        ("Ray service, sync (defaults)", ray_default),
-        (f"Ray service, sync, learner_threads={args.cores}", ray_tuned),
-        ("Ray service, async (same actors)", ray_async),
-    ):
+    one = ["rollout.num_samplers=1"]
+    arms = {  # name: overrides; "async" rows use the actors of the "sync" row above them
+        "sync (defaults: 2 samplers)": [],
+        "async (defaults: 2 samplers)": pipelined,
+        f"sync, learner_threads={args.cores}": [lt],
+        f"async, learner_threads={args.cores}": [lt, *pipelined],
+        "sync, 1 sampler": one,
+        "async, 1 sampler": [*one, *pipelined],
+    }
+    runs = {}
+    for i, (name, over) in enumerate(arms.items()):
+        runs[name] = run_training(load_config(None, [*common, f"train.run_name=ray{i}", *over]), progress=False)
+    a = _rate(local)
+    print(f"samples/s  {'single-process loop (' + str(args.cores) + ' threads)':<40}{a:.1f}")
+    sync = None
+    for name, run in runs.items():
         b = _rate(run)
-        print(f"samples/s  {name:<37}{b:.1f}   x loop {b / a:.3f}   x sync {b / sync:.3f}   ({_phases(run)})")
+        sync = b if name.startswith("sync") else sync
+        print(
+            f"samples/s  Ray service, {name:<27}{b:.1f}   x loop {b / a:.3f}   x sync {b / sync:.3f}   ({_phases(run)})"
+        )
 
 
 def _phases(summary) -> str:

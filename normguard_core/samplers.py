@@ -10,7 +10,12 @@
 * :func:`cfg_rescale` - CFG-rescale (Lin et al., "Common Diffusion Noise Schedules and Sample
   Steps are Flawed", arXiv:2305.08891, sec. 3.4), the baseline's cousin.
 * :func:`sample_trajectory` - integrates a velocity function over a sigma grid and records the
-  per-step velocities, norms and (SDE) log-probs.
+  per-step velocities, norms and (SDE) log-probs: the one sampling loop of the project (rollouts,
+  evaluation, serving and the adjoint analysis all call it).
+* :func:`per_sample_noise` - noise drawn per sample from its own seed, so a sample does not depend
+  on its batch neighbours (a redone rollout share, a merged serving batch).
+* :class:`RatioProbe` - a velocity hook that records ``||v|| / ||v_ref||`` per step and optionally
+  applies the renormalisation baseline.
 
 Everything is computed in float32 inside the steps (bf16 overflows in the SDE mean, as noted in
 Flow-GRPO's code) and returned in float32.
@@ -29,11 +34,13 @@ from normguard_core.metrics import velocity_norm
 from normguard_core.types import StepResult, Trajectory
 
 __all__ = [
+    "RatioProbe",
     "VelocityFn",
     "VelocityTransform",
     "cfg_combine",
     "cfg_rescale",
     "euler_step",
+    "per_sample_noise",
     "renormalize_velocity",
     "sample_trajectory",
     "sde_kl_scale",
@@ -205,6 +212,7 @@ def sample_trajectory(
     sde_noise_level: float = 0.0,
     sde_step_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    sde_noise: Callable[[int], Tensor] | None = None,
     transform: VelocityTransform | None = None,
     record_states: bool = False,
     record_velocities: bool = False,
@@ -221,6 +229,8 @@ def sample_trajectory(
         sde_noise_level: > 0 samples with :func:`sde_step` (and records log-probs).
         sde_step_mask: ``(T,)`` bool, which steps are SDE (others ODE); all when ``None``.
         generator: RNG for the SDE noise.
+        sde_noise: ``k -> (B, *D)`` the SDE noise of step ``k`` (e.g. :func:`per_sample_noise`), instead
+            of drawing it from ``generator``.
         transform: velocity hook (renormalisation baseline, adjoint scales).
         record_states: keep ``(T + 1, B, *D)`` states.
         record_velocities: keep ``(T, B, *D)`` velocities.
@@ -243,7 +253,10 @@ def sample_trajectory(
         if record_velocities:
             velocities.append(v)
         if use_sde and (sde_step_mask is None or bool(sde_step_mask[k])):
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            if sde_noise is not None:
+                eps = sde_noise(k).to(device=x.device, dtype=torch.float32)
+            else:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
             step = sde_step(x, v, sigma, sigma_next, noise_level=sde_noise_level, noise=eps)
             noises.append(eps)
             log_probs.append(step.log_prob)
@@ -264,3 +277,32 @@ def sample_trajectory(
         log_probs=torch.stack(log_probs) if use_sde else None,
         noises=torch.stack(noises) if use_sde else None,
     )
+
+
+def per_sample_noise(seeds: list[int], shape: tuple[int, ...], *, offset: int = 0) -> Tensor:
+    """``(B, *shape)`` standard normal noise, sample ``b`` from its own generator seeded ``seeds[b] + offset``."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
+
+
+class RatioProbe:
+    """A :data:`VelocityTransform` that records the per-step norm ratio ``||v|| / ||v_ref||`` at the
+    policy's own states and, with ``renormalize``, rescales ``v`` to ``||v_ref||`` (the paper's
+    inference-time baseline: the ratio recorded is the one before rescaling).
+
+    Args:
+        reference: ``(x, sigma) -> v_ref``, conditioned like the policy.
+        renormalize: apply :func:`renormalize_velocity`.
+    """
+
+    def __init__(self, reference: VelocityFn, *, renormalize: bool = False) -> None:
+        self.reference, self.renormalize = reference, renormalize
+        self.ratios: list[Tensor] = []
+
+    def __call__(self, k: int, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+        v_ref = self.reference(x, sigma).float()
+        self.ratios.append(velocity_norm(v.detach()) / velocity_norm(v_ref.detach()).clamp_min(1e-12))
+        return renormalize_velocity(v, v_ref) if self.renormalize else v
+
+    def ratio(self) -> Tensor:
+        """``(T, B)`` the ratios recorded, one row per step."""
+        return torch.stack(self.ratios)

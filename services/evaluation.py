@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import sigma_grid
-from normguard_core.metrics import velocity_norm
-from normguard_core.samplers import renormalize_velocity, sample_trajectory
 from services.models.base import FlowGenerator
+from services.models.sampling import sample
 from services.report import eval_key
 
-__all__ = ["EvalResult", "evaluate_generator", "generate"]
+__all__ = ["EvalResult", "evaluate_generator"]
 
 
 @dataclass
@@ -31,40 +29,6 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
     ratio_per_step: dict[int, list[float]] = field(default_factory=dict)
     images: dict[int, Tensor] = field(default_factory=dict)
-
-
-def generate(
-    gen: FlowGenerator,
-    prompts: Sequence[str],
-    *,
-    num_steps: int,
-    guidance_scale: float = 1.0,
-    shift: float = 1.0,
-    seed: int = 0,
-    renormalize: bool = False,
-    measure_ratio: bool = True,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """ODE samples for ``prompts`` with fixed noise from ``seed``.
-
-    Returns:
-        ``(latents (B, *D), images (B, 3, H, W), ratio (T, B) or None)``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), *gen.latent_shape, generator=g).to(gen.device)
-    policy, ref = gen.velocity_fns(prompts, guidance_scale)
-    ratios: list[Tensor] = []
-
-    def hook(k: int, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
-        if not (measure_ratio or renormalize):
-            return v
-        v_ref = ref(x, sigma)
-        ratios.append(velocity_norm(v) / velocity_norm(v_ref).clamp_min(1e-12))
-        return renormalize_velocity(v, v_ref) if renormalize else v
-
-    with torch.no_grad():
-        traj = sample_trajectory(policy, noise, sigma_grid(num_steps, shift=shift).to(gen.device), transform=hook)
-        images = gen.decode(traj.x0)
-    return traj.x0, images, torch.stack(ratios) if ratios else None
 
 
 def evaluate_generator(
@@ -99,15 +63,17 @@ def evaluate_generator(
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     result = EvalResult()
     for n in steps:
-        _, images, ratio = generate(
+        noise = torch.randn(len(all_prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        out = sample(
             gen,
             all_prompts,
+            noise=noise,
             num_steps=n,
             guidance_scale=guidance_scale,
             shift=shift,
-            seed=seed,
             renormalize=renormalize,
         )
+        images, ratio = out.images, out.ratio
         result.images[n] = images
         for name, scorer in scorers.items():
             result.metrics[eval_key(name, n)] = float(scorer.score(images, all_prompts).mean())

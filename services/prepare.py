@@ -50,7 +50,7 @@ def prepare_embedded(
     log: Callable[[str], None] = print,
 ) -> EmbeddedAssets:
     """Pretrain / load the digits generator and train / load its scorers (both cached)."""
-    from services.evaluation import generate
+    from services.models.sampling import sample
     from services.rewards.digits import train_digit_scorers
 
     model_path = load_or_pretrain_digits(
@@ -64,8 +64,9 @@ def prepare_embedded(
         fakes = []
         for i, steps in enumerate((4, 20)):  # the detector sees both few- and full-step samples
             half = prompts[i::2]
-            latents, _, _ = generate(gen, half, num_steps=steps, seed=seed + 100 + i, measure_ratio=False)
-            fakes.append(latents.clamp(-1, 1))
+            g = torch.Generator().manual_seed(seed + 100 + i)
+            noise = torch.randn(len(half), *gen.latent_shape, generator=g)
+            fakes.append(sample(gen, half, noise=noise, num_steps=steps, measure_ratio=False).latents.clamp(-1, 1))
         fake = torch.cat(fakes)[torch.randperm(num_fake, generator=torch.Generator().manual_seed(seed))]
         train_digit_scorers(scorer_path, fake_images=fake, resolution=resolution, seed=seed, log=log)
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)

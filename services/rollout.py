@@ -2,7 +2,8 @@
 
 It holds a generator synced to a policy version, generates groups of samples with per-sample
 seeds, records the velocity-norm ratio against the reference along every rollout, and keeps
-the SDE trajectory when the loss needs log-probs (Flow-GRPO).
+the SDE trajectory when the loss needs log-probs (Flow-GRPO). Sampling is the one loop of
+``services.models.sampling``.
 """
 
 from __future__ import annotations
@@ -10,18 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import sigma_grid
-from normguard_core.metrics import velocity_norm
-from normguard_core.samplers import euler_step, sde_step
+from normguard_core.samplers import per_sample_noise
 from services.models import build_generator
+from services.models.sampling import sample
 from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
 
 __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
-
-
-def _per_sample_noise(seeds: list[int], shape: tuple[int, ...], *, offset: int) -> Tensor:
-    """``(B, *shape)`` normal noise, sample b drawn from its own generator seeded ``seeds[b] + offset``."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
 
 
 class RolloutSampler:
@@ -46,42 +41,34 @@ class RolloutSampler:
         """Sum of the trainable weights (lets tests check that a sync really landed)."""
         return float(sum(t.double().sum() for t in self.gen.trainable_state_dict().values()))
 
-    @torch.no_grad()
     def generate(self, req: RolloutRequest) -> RolloutBatch:
-        """Sample ``req``; every sample is tagged with the version held now."""
+        """Sample ``req``; every sample is tagged with the version held now. Sample ``b``'s noise (and
+        SDE noise) comes from its own seed, so a redone request reproduces it exactly."""
         if self.version < req.min_version:
             raise StaleSamplerError(f"sampler holds policy v{self.version}, request needs >= v{req.min_version}")
-        gen = self.gen
-        b = len(req.prompts)
-        policy, reference = gen.velocity_fns(req.prompts, req.guidance_scale)
-        sigmas = sigma_grid(req.num_steps, shift=req.shift)
-        x = _per_sample_noise(req.seeds, gen.latent_shape, offset=0).to(gen.device)
-        use_sde = req.sde_noise_level > 0
-        states, log_probs, ratios = [x], [], []
-        for k in range(req.num_steps):
-            s, s_next = sigmas[k].expand(b), sigmas[k + 1].expand(b)
-            v = policy(x, s)
-            ratios.append(velocity_norm(v) / velocity_norm(reference(x, s)).clamp_min(1e-12))
-            if use_sde:
-                eps = _per_sample_noise(req.seeds, gen.latent_shape, offset=1000 * (k + 1)).to(gen.device)
-                step = sde_step(x, v, s, s_next, noise_level=req.sde_noise_level, noise=eps)
-                log_probs.append(step.log_prob)
-            else:
-                step = euler_step(x, v, s, s_next)
-            x = step.x_next
-            if use_sde:
-                states.append(x)
+        shape, b = self.gen.latent_shape, len(req.prompts)
+        out = sample(
+            self.gen,
+            req.prompts,
+            noise=per_sample_noise(req.seeds, shape),
+            num_steps=req.num_steps,
+            guidance_scale=req.guidance_scale,
+            shift=req.shift,
+            sde_noise_level=req.sde_noise_level,
+            sde_noise=lambda k: per_sample_noise(req.seeds, shape, offset=1000 * (k + 1)),
+            record_states=req.sde_noise_level > 0,
+        )
         return RolloutBatch(
-            latents=x.cpu(),
-            images=gen.decode(x).cpu(),
+            latents=out.latents.cpu(),
+            images=out.images.cpu(),
             prompts=list(req.prompts),
             group_ids=torch.tensor(req.group_ids, dtype=torch.long),
             seeds=list(req.seeds),
             versions=torch.full((b,), self.version, dtype=torch.long),
-            norm_ratio=torch.stack(ratios).cpu(),
-            sigmas=sigmas,
-            states=torch.stack(states).cpu() if use_sde else None,
-            log_probs=torch.stack(log_probs).cpu() if use_sde else None,
+            norm_ratio=out.ratio.cpu(),
+            sigmas=out.sigmas.cpu(),
+            states=out.states.cpu() if out.states is not None else None,
+            log_probs=out.log_probs.cpu() if out.log_probs is not None else None,
         )
 
     def eval_samples(
@@ -94,16 +81,16 @@ class RolloutSampler:
         seed: int = 0,
         renormalize: bool = False,
     ) -> dict[str, Tensor]:
-        """Fixed-noise ODE samples with the per-step norm ratio ``(T, B)`` against the reference."""
-        from services.evaluation import generate
-
-        latents, images, ratio = generate(
+        """Fixed-noise ODE samples (one generator seeded ``seed`` for the batch, the same for every model
+        compared) with the per-step norm ratio ``(T, B)`` against the reference."""
+        noise = torch.randn(len(prompts), *self.gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        out = sample(
             self.gen,
             prompts,
+            noise=noise,
             num_steps=num_steps,
             guidance_scale=guidance_scale,
             shift=shift,
-            seed=seed,
             renormalize=renormalize,
         )
-        return {"latents": latents.cpu(), "images": images.cpu(), "ratio": ratio.cpu()}
+        return {"latents": out.latents.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}

@@ -36,9 +36,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from normguard_core.conventions import sigma_grid
-from normguard_core.samplers import renormalize_velocity, sample_trajectory
 from services.checkpoints import load_weights
+from services.models.sampling import sample
 from services.serve_config import ServeConfig, load_serve_config
 
 __all__ = ["GenerateRequest", "build_app", "app_from_env"]
@@ -89,9 +88,9 @@ class GeneratorCore:
         return gen
 
     @staticmethod
-    @torch.no_grad()
     def run(gen, items: list[dict]) -> list[list[str]]:
-        """One sampler batch for requests sharing (steps, guidance, renormalize)."""
+        """One sampler batch for requests sharing (steps, guidance, renormalize); each request's noise
+        comes from its own seed, so its images do not depend on its batch neighbours."""
         first = items[0]
         prompts = [p for it in items for p in it["prompts"]]
         noise = torch.cat(
@@ -99,20 +98,23 @@ class GeneratorCore:
                 torch.randn(len(it["prompts"]), *gen.latent_shape, generator=torch.Generator().manual_seed(it["seed"]))
                 for it in items
             ]
-        ).to(gen.device)
-        policy, ref = gen.velocity_fns(prompts, first["guidance_scale"])
-        hook = None
-        if first["renormalize"]:
-            hook = lambda k, x, s, v: renormalize_velocity(v, ref(x, s))  # noqa: E731
-        traj = sample_trajectory(
-            policy, noise, sigma_grid(first["num_steps"], shift=first["shift"]).to(gen.device), transform=hook
         )
-        images = [_png_b64(im) for im in gen.decode(traj.x0)]
-        out, i = [], 0
+        out = sample(
+            gen,
+            prompts,
+            noise=noise,
+            num_steps=first["num_steps"],
+            guidance_scale=first["guidance_scale"],
+            shift=first["shift"],
+            measure_ratio=False,
+            renormalize=first["renormalize"],
+        )
+        images = [_png_b64(im) for im in out.images]
+        grouped, i = [], 0
         for it in items:
-            out.append(images[i : i + len(it["prompts"])])
+            grouped.append(images[i : i + len(it["prompts"])])
             i += len(it["prompts"])
-        return out
+        return grouped
 
     @staticmethod
     def run_isolated(gen, items: list[dict]) -> list[dict]:
