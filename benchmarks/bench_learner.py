@@ -16,9 +16,9 @@ import time
 import torch
 
 from services.config import load_config
-from services.learner import Learner
 from services.prepare import prepare_embedded
-from services.rollout import RolloutSampler
+from services.training.learner import Learner
+from services.training.rollout import RolloutSampler
 from services.types import RolloutRequest, TrainBatch
 
 
@@ -33,7 +33,7 @@ def _batch(cfg, model_path, n):
 
 
 def _time(cfg, model_path, batch, repeats):
-    learner = Learner(cfg, model_path)
+    learner = Learner.from_config(cfg, model_path)
     learner.update(batch)  # warm-up
     times = []
     for _ in range(repeats):

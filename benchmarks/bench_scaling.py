@@ -1,6 +1,6 @@
 """How the orchestration scales past this machine: simulated actors whose work is a timed wait.
 
-The real :class:`services.coordinator.Coordinator` drives Ray actors that stand in for GPU workers:
+The real :class:`services.training.coordinator.Coordinator` drives Ray actors that stand in for GPU workers:
 a sampler that "generates" ``--gen-ms`` per sample, a scorer that "scores" ``--score-ms`` per
 sample, and a learner actor that "trains" ``--learn-ms`` per step and then ``ray.put``s weights
 of the synced size, as rank 0 of the learner group does. Their work is ``time.sleep`` (standing in
@@ -34,7 +34,7 @@ import ray
 import torch
 
 from services.config import load_config
-from services.coordinator import Coordinator
+from services.training.coordinator import Coordinator
 from services.types import RolloutBatch, ScoreResult
 
 SAMPLES_PER_SAMPLER = 8

@@ -11,7 +11,7 @@ import statistics
 import tempfile
 
 from services.config import load_config
-from services.train import run_training
+from services.training.run import run_training
 
 
 def _rate(summary) -> float:

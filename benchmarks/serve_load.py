@@ -18,6 +18,7 @@ import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from urllib.parse import urlparse
 
 import httpx
@@ -45,8 +46,8 @@ def start_local(args):
     from ray import serve
 
     from services.config import ModelConfig
-    from services.serve import build_app, resolve_for_serving
-    from services.serve_config import ServeConfig
+    from services.serving.app import build_app, resolve_for_serving
+    from services.serving.config import ServeConfig
 
     cfg = ServeConfig(
         model=ModelConfig(),
@@ -66,18 +67,18 @@ def in_process(cfg, steps: int, n: int) -> list[float]:
     """Sequential ``GeneratorCore.run`` calls, batch of one, with the replica's threads."""
     import torch
 
-    from services.serve import GeneratorCore, resolve_for_serving
+    from services.serving.app import GeneratorCore, resolve_for_serving
+    from services.serving.generator import GenerationItem
 
     torch.set_num_threads(max(1, int(cfg.replica_cpus)))
     core = GeneratorCore(cfg, resolve_for_serving(cfg))
     gen = core.load("base")
-    item = {"prompts": ["a handwritten digit 3"], "num_steps": steps, "guidance_scale": 1.0, "shift": 1.0}
-    item["renormalize"] = False
-    core.run(gen, [{**item, "seed": 0}])
+    item = GenerationItem(prompts=("a handwritten digit 3",), num_steps=steps, guidance_scale=1.0, seed=0)
+    core.run(gen, [item])
     out = []
     for i in range(n):
         t0 = time.perf_counter()
-        core.run(gen, [{**item, "seed": i}])
+        core.run(gen, [replace(item, seed=i)])
         out.append(time.perf_counter() - t0)
     return out
 
@@ -129,7 +130,7 @@ def main() -> None:
         if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("serve_load only targets loopback addresses")
         from services.config import ModelConfig
-        from services.serve_config import ServeConfig
+        from services.serving.config import ServeConfig
 
         url, cfg = args.url, ServeConfig(model=ModelConfig(), replica_cpus=args.replica_cpus)
     else:

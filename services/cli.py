@@ -30,49 +30,25 @@ def _load(args):
 
 
 def cmd_prepare(args) -> int:
-    from services.prepare import prepare_embedded, preview
+    from services.prepare import prepare_and_preview
 
     cfg = _load(args)
     if cfg.model.kind != "digits":
         print(f"`prepare` builds the embedded digits default; model.kind is {cfg.model.kind!r}", file=sys.stderr)
         return 2
-    assets = prepare_embedded(
-        resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
-    )
-    out = args.out or str(cfg.run_dir.parent / "preview")
-    print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
-    print("\nguidance 1.0 (the RL setting):")
-    preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=1.0)
-    print("\nguidance 3.0:")
-    preview(assets, os.path.join(out, "cfg3"), steps=(cfg.eval.full_steps,), guidance_scale=3.0)
+    prepare_and_preview(cfg, args.out)
     return 0
 
 
 def cmd_train(args) -> int:
-    from services.train import run_training, summary_table
+    from services.training.run import train_and_report
 
-    cfg = _load(args)
-    summaries = {cfg.train.run_name: run_training(cfg, local=args.local)}
-    if cfg.train.compare_baseline:
-        base = cfg.model_copy(
-            update={
-                "normguard": cfg.normguard.model_copy(update={"weight": 0.0, "mode": "penalty"}),
-                "train": cfg.train.model_copy(
-                    update={"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False}
-                ),
-            }
-        )
-        summaries[base.train.run_name] = run_training(base, local=args.local)
-    print("\n" + summary_table(summaries))
-    for name, s in summaries.items():
-        print(f"{name}: run directory {s.run_dir}")
-        for g in s.guards:  # what the proxy could not see (train.guards)
-            print(f"  guard fired at step {g['step']}: {g['metric']} = {g['value']:.4g} {g['bound']} -> {g['action']}")
+    print("\n" + train_and_report(_load(args), local=args.local))
     return 0
 
 
 def cmd_submit(args) -> int:
-    from services.submit import submit
+    from services.cluster.submit import submit
 
     return submit(
         args.config, args.overrides, address=args.address, wait=args.wait, token=args.token, install=args.install
@@ -81,45 +57,15 @@ def cmd_submit(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve a run dir / checkpoint (as checkpoint 'trained') or a serve YAML, on 127.0.0.1."""
-    import time
-    from pathlib import Path
+    from services.serving.app import serve_forever
 
-    import ray
-    from ray import serve
-
-    from services.serve import build_app, resolve_for_serving
-    from services.serve_config import load_serve_config
-
-    target = Path(args.target) if args.target else None
-    over = {"port": args.port, "host": args.host}
-    if target is not None and target.suffix in (".yaml", ".yml"):
-        cfg = load_serve_config(target, **over)
-    else:
-        checkpoints = {"trained": str(target)} if target is not None else {}
-        model = {}
-        if target is not None and (target / "config.json").is_file():  # a run dir knows its model
-            import json
-
-            run_cfg = json.loads((target / "config.json").read_text())
-            model = run_cfg["model"]
-            over.setdefault("shift", run_cfg.get("rollout", {}).get("shift", 1.0))  # the grid it was trained on
-        cfg = load_serve_config(None, checkpoints=checkpoints, model=model, **over)
-    model_path = resolve_for_serving(cfg)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, model_path), name="normguard", route_prefix="/")
-    print(f"serving {['base', *cfg.checkpoints]} on http://{cfg.host}:{cfg.port}  (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    serve_forever(args.target, host=args.host, port=args.port, num_cpus=args.num_cpus)
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from services.sweep_config import load_sweep
-    from services.tune import run_sweep, write_results
+    from services.sweeps.config import load_sweep
+    from services.sweeps.tune import run_sweep, write_results
 
     sweep = load_sweep(args.config, args.overrides)
     if args.table_only:
@@ -137,45 +83,26 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from services.comparison import compare_sweep
-    from services.report import format_table
+    from services.sweeps.comparison import compare_and_report
 
-    result = compare_sweep(args.sweep_dir, args.out, steps=args.steps)
-    cols = ["method", "arm", "reward_level", "frechet", "frechet_ci95", "kid", "diversity", "recall", "digits_judge"]
-    print(format_table(result["matched"], cols))
-    print(f"\nwrote matched.csv, paired.csv, final.csv and plots to {result['out']}")
+    print(compare_and_report(args.sweep_dir, args.out, steps=args.steps))
     return 0
 
 
 def cmd_plan(args) -> int:
-    from services.plan import format_plan, nodes_from_file, nodes_from_manifest, nodes_from_ray, plan_run, run_demand
+    from services.cluster.plan import plan_for
 
-    cfg = _load(args)
-    if args.manifest:
-        import yaml
-
-        docs = [
-            d for d in yaml.safe_load_all(open(args.manifest)) if d and d.get("apiVersion", "").startswith("ray.io/")
-        ]
-        if len(docs) != 1:
-            print(f"{args.manifest}: expected one RayJob / RayCluster / RayService, found {len(docs)}", file=sys.stderr)
-            return 2
-        nodes, where = nodes_from_manifest(docs[0]), args.manifest
-    elif args.cluster:
-        nodes, where = nodes_from_file(args.cluster), args.cluster
-    else:
-        from services.train import ensure_ray
-
-        ensure_ray()
-        nodes, where = nodes_from_ray(), "the connected Ray cluster"
-    plan = plan_run(run_demand(cfg), nodes)
-    print(f"plan for {cfg.train.run_name} on {where}\n")
-    print(format_plan(plan))
-    return 0 if plan.ok else 1
+    try:
+        text, ok = plan_for(_load(args), manifest=args.manifest, cluster=args.cluster)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(text)
+    return 0 if ok else 1
 
 
 def cmd_export(args) -> int:
-    from services.export import export_run
+    from services.serving.export import export_run
 
     out = export_run(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
     print(f"exported {args.run_dir} to {out}:")
@@ -194,25 +121,46 @@ def cmd_scorers(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="normguard", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _sweep_commands(sub)
+    _serving_commands(sub)
+    sub.add_parser("scorers", help="list registered reward scorers").set_defaults(fn=cmd_scorers)
+    return p
 
-    def with_config(name: str, help_: str):
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits default)")
-        sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
-        return sp
 
-    sp = with_config("prepare", "pretrain and cache the embedded generator and scorers; write preview grids")
+def _with_config(sub, name: str, help_: str):
+    sp = sub.add_parser(name, help=help_)
+    sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits default)")
+    sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    return sp
+
+
+def _training_commands(sub) -> None:
+    sp = _with_config(sub, "prepare", "pretrain and cache the embedded generator and scorers; write preview grids")
     sp.add_argument("--out", default=None, help="directory for the preview PNGs")
     sp.set_defaults(fn=cmd_prepare)
-    sp = with_config("train", "run RL post-training (local Ray, or RAY_ADDRESS)")
+    sp = _with_config(sub, "train", "run RL post-training (local Ray, or RAY_ADDRESS)")
     sp.add_argument("--local", action="store_true", help="run in one process without Ray (debugging, baseline)")
     sp.set_defaults(fn=cmd_train)
-    sp = with_config("submit", "submit `normguard train` to a Ray cluster with the Jobs SDK")
+    sp = _with_config(sub, "submit", "submit `normguard train` to a Ray cluster with the Jobs SDK")
     sp.add_argument("--address", default=None, help="dashboard URL (default: RAY_ADDRESS or http://127.0.0.1:8265)")
     sp.add_argument("--no-wait", dest="wait", action="store_false", help="return after submission")
     sp.add_argument("--token", default=None, help="cluster auth token (default: NORMGUARD_RAY_TOKEN / Ray's own)")
     sp.add_argument("--install", action="store_true", help="pip install the uploaded project on the cluster")
     sp.set_defaults(fn=cmd_submit)
+    sp = _with_config(sub, "plan", "the run's actors, their CPU / GPU / memory, and whether a cluster can hold them")
+    where = sp.add_mutually_exclusive_group()
+    where.add_argument("--manifest", default=None, help="a KubeRay RayJob / RayCluster YAML (its nodes at maxReplicas)")
+    where.add_argument("--cluster", default=None, help="a YAML cluster description: nodes: [{name, cpus, gpus, ...}]")
+    sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser("analyze", help="adjoint sensitivity of reward to per-step velocity magnitude (digits runs)")
+    sp.add_argument("run_dir")
+    sp.add_argument("--steps", type=int, default=10)
+    sp.add_argument("--samples", type=int, default=40)
+    sp.set_defaults(fn=cmd_analyze)
+
+
+def _sweep_commands(sub) -> None:
     sp = sub.add_parser("sweep", help="run / resume an ablation sweep on Ray Tune; print its table")
     sp.add_argument("config", help="sweep YAML (deploy/sweeps/*.yaml)")
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config")
@@ -223,11 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="output directory (default: SWEEP_DIR/comparison)")
     sp.add_argument("--steps", type=int, default=None, help="sampling steps of the evaluation (default: full)")
     sp.set_defaults(fn=cmd_compare)
-    sp = sub.add_parser("analyze", help="adjoint sensitivity of reward to per-step velocity magnitude (digits runs)")
-    sp.add_argument("run_dir")
-    sp.add_argument("--steps", type=int, default=10)
-    sp.add_argument("--samples", type=int, default=40)
-    sp.set_defaults(fn=cmd_analyze)
+
+
+def _serving_commands(sub) -> None:
     sp = sub.add_parser("serve", help="serve a trained run / checkpoint or a serve YAML over HTTP (Ray Serve)")
     sp.add_argument(
         "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"
@@ -236,11 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--num-cpus", type=int, default=None)
     sp.set_defaults(fn=cmd_serve)
-    sp = with_config("plan", "the run's actors, their CPU / GPU / memory, and whether a cluster can hold them")
-    where = sp.add_mutually_exclusive_group()
-    where.add_argument("--manifest", default=None, help="a KubeRay RayJob / RayCluster YAML (its nodes at maxReplicas)")
-    where.add_argument("--cluster", default=None, help="a YAML cluster description: nodes: [{name, cpus, gpus, ...}]")
-    sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser(
         "export", help="a run as diffusers LoRA safetensors or a transformer/ folder, with a model card"
     )
@@ -249,9 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--step", type=int, default=None, help="the checkpoint of this RL step (default: the newest)")
     sp.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     sp.set_defaults(fn=cmd_export)
-    sp = sub.add_parser("scorers", help="list registered reward scorers")
-    sp.set_defaults(fn=cmd_scorers)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from services.checkpoints import CheckpointError
+    from services.cluster.plan import ClusterTooSmall
     from services.config import ConfigError
-    from services.plan import ClusterTooSmall
 
     try:
         return args.fn(args)

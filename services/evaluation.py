@@ -1,25 +1,29 @@
-"""Evaluation of a generator: rewards, independent judges, realism, Frechet distance and the
-per-step velocity-norm ratio against the frozen reference, at few and full sampling steps.
+"""Evaluation of a generator, the one path for every caller: rewards, independent judges, the
+per-step velocity-norm ratio against the frozen reference, and set-level quality in a judge's
+features (Frechet distance, KID, precision / recall, within-prompt diversity), at each step count.
 
-The norm ratio is measured along the policy's own ODE trajectory: at every state the
-reference velocity is evaluated at the same (x, sigma, c). With ``renormalize=True`` the
-policy's velocity is rescaled to the reference norm before each step (the paper's
-inference-time baseline), so its effect on quality can be measured side by side.
+Where the samples and scores come from is injected: the training run evaluates on its first
+sampler and scorer actors (``services.training.run``), ``normguard prepare`` on in-process objects
+(:func:`in_process`). Samples use fixed noise (one seed for the batch, the same for every model
+compared). The norm ratio is measured along the policy's own ODE trajectory; with
+``renormalize=True`` the policy's velocity is rescaled to the reference norm before each step
+(the paper's inference-time baseline), so its effect on quality can be measured side by side.
+Metric names are ``eval/{name}_{steps}steps`` (``report.eval_key``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from services.models.base import FlowGenerator
-from services.models.sampling import sample
 from services.report import eval_key
 
-__all__ = ["EvalResult", "evaluate_generator"]
+__all__ = ["EvalPlan", "EvalResult", "Evaluator", "evaluate", "in_process"]
+
+EVAL_SEED = 4321
 
 
 @dataclass
@@ -31,59 +35,103 @@ class EvalResult:
     images: dict[int, Tensor] = field(default_factory=dict)
 
 
-def evaluate_generator(
-    gen: FlowGenerator,
-    *,
-    prompts: Sequence[str],
-    samples_per_prompt: int,
-    steps: Sequence[int],
-    scorers: Mapping[str, object],
-    guidance_scale: float = 1.0,
-    shift: float = 1.0,
-    seed: int = 1234,
-    renormalize: bool = False,
-    fd_scorer: object | None = None,
-    fd_real_images: Tensor | None = None,
-) -> EvalResult:
-    """Score fixed-noise samples at each step count; metric names are ``eval/{name}_{steps}steps`` (``report.eval_key``).
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to evaluate: ``samples_per_prompt`` samples of each prompt at each step count.
 
-    Args:
-        gen: the generator (its LoRA / weights are the policy; the reference is built in).
-        prompts: evaluation prompts.
+    Attributes:
+        prompts: the evaluation prompts (one group each).
         samples_per_prompt: samples per prompt.
         steps: step counts, e.g. ``(4, 20)``.
-        scorers: name -> scorer with ``score(images, prompts)``.
+        scorers: the scorers whose mean is reported.
         guidance_scale: CFG scale.
         shift: grid shift.
-        seed: noise seed (the same for every model compared).
-        renormalize: apply the inference-time renormalisation baseline.
-        fd_scorer: a scorer with ``features(images)`` for the Frechet distance.
-        fd_real_images: ``(N, 3, H, W)`` real images for the Frechet distance.
+        metadata: one prompt-file row per prompt (rule-based rewards), or ``None``.
+        seed: the noise seed.
     """
-    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-    result = EvalResult()
-    for n in steps:
-        noise = torch.randn(len(all_prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
-        out = sample(
-            gen,
-            all_prompts,
-            noise=noise,
-            num_steps=n,
-            guidance_scale=guidance_scale,
-            shift=shift,
-            renormalize=renormalize,
-        )
-        images, ratio = out.images, out.ratio
-        result.images[n] = images
-        for name, scorer in scorers.items():
-            result.metrics[eval_key(name, n)] = float(scorer.score(images, all_prompts).mean())
-        if ratio is not None:
-            result.ratio_per_step[n] = ratio.mean(dim=1).tolist()
-            result.metrics[eval_key("norm_ratio", n)] = float(ratio.mean())
-        if fd_scorer is not None and fd_real_images is not None:
-            from services.rewards.digits import frechet_distance
 
-            with torch.no_grad():
-                fd = frechet_distance(fd_scorer.features(images), fd_scorer.features(fd_real_images))
-            result.metrics[eval_key("frechet", n)] = fd
+    prompts: tuple[str, ...]
+    samples_per_prompt: int
+    steps: tuple[int, ...]
+    scorers: tuple[str, ...]
+    guidance_scale: float = 1.0
+    shift: float = 1.0
+    metadata: tuple[dict, ...] | None = None
+    seed: int = EVAL_SEED
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """Where samples, scores and features come from.
+
+    Attributes:
+        sample: ``(prompts, num_steps, guidance_scale, shift, seed, renormalize) -> {"images", "ratio"}``
+            with ``ratio`` ``(T, B)``.
+        score: ``(images, prompts, group_ids, metadata) -> {name: (B,) scores}``.
+        features: ``images -> (B, F)`` a judge's features for the set-level metrics, or ``None``.
+        real_images: ``(N, 3, H, W)`` real images the set-level metrics compare against, or ``None``.
+    """
+
+    sample: Callable[..., dict]
+    score: Callable[..., Mapping[str, Tensor]]
+    features: Callable[[Tensor], Tensor] | None = None
+    real_images: Tensor | None = None
+
+
+def evaluate(plan: EvalPlan, ev: Evaluator, *, renormalize: bool = False) -> EvalResult:
+    """Score fixed-noise samples at each step count of ``plan``."""
+    per = plan.samples_per_prompt
+    prompts = [p for p in plan.prompts for _ in range(per)]
+    meta = [m for m in plan.metadata for _ in range(per)] if plan.metadata else None
+    groups = torch.arange(len(plan.prompts)).repeat_interleave(per)  # one group per prompt
+    real = ev.features(ev.real_images) if ev.features is not None and ev.real_images is not None else None
+    result = EvalResult()
+    for n in sorted(set(plan.steps)):
+        out = ev.sample(prompts, n, plan.guidance_scale, plan.shift, plan.seed, renormalize)
+        scores = ev.score(out["images"], prompts, groups, meta)
+        result.images[n] = out["images"]
+        for name in plan.scorers:
+            result.metrics[eval_key(name, n)] = float(scores[name].mean())
+        result.ratio_per_step[n] = out["ratio"].mean(dim=1).tolist()
+        result.metrics[eval_key("norm_ratio", n)] = float(out["ratio"].mean())
+        if real is not None:
+            result.metrics.update(feature_metrics(ev.features(out["images"]), real, groups, n))
     return result
+
+
+def feature_metrics(fake: Tensor, real: Tensor, groups: Tensor, n: int) -> dict[str, float]:
+    """Set-level quality and diversity in a judge's features: FD, KID, precision / recall, spread."""
+    from normguard_core.sample_quality import kernel_inception_distance, precision_recall, within_group_spread
+    from services.rewards.digits import frechet_distance
+
+    out = {eval_key("frechet", n): frechet_distance(fake, real)}
+    if min(len(fake), len(real)) >= 2:
+        out[eval_key("kid", n)] = kernel_inception_distance(fake, real)
+    if min(len(fake), len(real)) > 3:  # k = 3 neighbours
+        out[eval_key("precision", n)], out[eval_key("recall", n)] = precision_recall(fake, real)
+    if len(groups) > len(torch.unique(groups)):  # some prompt has >= 2 samples
+        out[eval_key("diversity", n)] = within_group_spread(fake, groups)
+    return out
+
+
+def in_process(gen, scorers: Mapping[str, object], *, judge: str | None = None, real_images=None) -> Evaluator:
+    """An :class:`Evaluator` on a generator and scorer objects in this process (``judge``: the scorer
+    whose ``features`` the set-level metrics use)."""
+    from services.models.sampling import sample
+
+    def sample_fn(prompts: Sequence[str], n: int, guidance: float, shift: float, seed: int, renorm: bool) -> dict:
+        noise = torch.randn(len(prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        out = sample(gen, prompts, noise=noise, num_steps=n, guidance_scale=guidance, shift=shift, renormalize=renorm)
+        return {"images": out.images, "ratio": out.ratio}
+
+    def score_fn(images: Tensor, prompts: Sequence[str], groups: Tensor, meta) -> dict[str, Tensor]:
+        return {name: s.score(images, list(prompts)) for name, s in scorers.items()}
+
+    features = None
+    if judge is not None:
+
+        def features(images: Tensor) -> Tensor:
+            with torch.no_grad():
+                return scorers[judge].features(images)
+
+    return Evaluator(sample=sample_fn, score=score_fn, features=features, real_images=real_images)

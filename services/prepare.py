@@ -89,22 +89,20 @@ def preview(
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Write ``digits_{n}steps.png`` grids (one row per digit) and print their scores."""
-    from services.evaluation import evaluate_generator
+    from services.evaluation import EvalPlan, evaluate, in_process
     from services.report import format_table, save_image_grid, split_eval_key
 
     gen = load_digits_generator(assets.model_path)
     scorers = embedded_scorers(assets)
-    prompts = [digit_prompt(d) for d in range(10)]
-    res = evaluate_generator(
-        gen,
-        prompts=prompts,
+    plan = EvalPlan(
+        prompts=tuple(digit_prompt(d) for d in range(10)),
         samples_per_prompt=8,
         steps=steps,
-        scorers=scorers,
+        scorers=tuple(scorers),
         guidance_scale=guidance_scale,
-        fd_scorer=scorers["digits_judge"],
-        fd_real_images=real_test_images(gen.resolution),
+        seed=1234,
     )
+    res = evaluate(plan, in_process(gen, scorers, judge="digits_judge", real_images=real_test_images(gen.resolution)))
     out_dir = Path(out_dir)
     for n, images in res.images.items():
         path = save_image_grid(images, out_dir / f"digits_{n}steps.png", nrow=8, row_labels=[str(d) for d in range(10)])
@@ -122,3 +120,39 @@ def preview(
     ]
     log(format_table(rows))
     return res.metrics
+
+
+def prepare_and_preview(cfg, out: str | None = None) -> EmbeddedAssets:
+    """``normguard prepare``: build (or load) the embedded generator and scorers of ``cfg.model``, and
+    write preview grids at guidance 1 (the RL setting) and 3 to ``out`` (default: beside the runs)."""
+    m = cfg.model
+    assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir)
+    out = out or str(cfg.run_dir.parent / "preview")
+    print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
+    print("\nguidance 1.0 (the RL setting):")
+    preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=1.0)
+    print("\nguidance 3.0:")
+    preview(assets, Path(out) / "cfg3", steps=(cfg.eval.full_steps,), guidance_scale=3.0)
+    return assets
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a generator loads from, and (the embedded default) its scorers' directory."""
+
+    path: str
+    scorer_dir: str | None = None
+
+
+def resolve_model(model_cfg, *, log: Callable[[str], None] = print) -> ResolvedModel:
+    """The one model-path resolver (training, serving, export): SD3 / FLUX load from ``model.path``; the
+    embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
+    unless ``model.path`` names a prepared directory."""
+    if model_cfg.kind != "digits":
+        return ResolvedModel(model_cfg.path)
+    if model_cfg.path:
+        scorers = Path(model_cfg.path) / "scorers"
+        return ResolvedModel(model_cfg.path, str(scorers) if (scorers / "meta.json").is_file() else None)
+    m = model_cfg
+    assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+    return ResolvedModel(str(assets.model_path), str(assets.scorer_path))

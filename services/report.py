@@ -92,7 +92,7 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
-        self.trackers = trackers  # services.trackers.Trackers: TensorBoard / W&B / MLflow
+        self.trackers = trackers  # services.training.trackers.Trackers: TensorBoard / W&B / MLflow
 
     def truncate_after(self, step: int) -> None:
         """Drop records beyond ``step`` (a resumed run rewrites them)."""

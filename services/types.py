@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["RolloutBatch", "RolloutRequest", "ScoreRequest", "ScoreResult", "StaleSamplerError", "TrainBatch"]
+__all__ = [
+    "RolloutBatch",
+    "RolloutRequest",
+    "ScoreRequest",
+    "ScoreResult",
+    "ScorerBuild",
+    "StaleSamplerError",
+    "TrainBatch",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,21 @@ class RolloutBatch:
     sigmas: Tensor
     states: Tensor | None = None
     log_probs: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ScorerBuild:
+    """How a scorer worker builds one scorer (resolved once by the driver from ``reward.scorers``).
+
+    Attributes:
+        path: its checkpoint directory (the embedded default's: the prepared scorers), or ``None``.
+        options: scorer-specific keyword arguments.
+        impl: ``module:Class`` of a user scorer, or ``None`` for a registered one.
+    """
+
+    path: str | None = None
+    options: dict = field(default_factory=dict)
+    impl: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,33 +6,17 @@ import torch
 
 from services.models.base import Condition, FlowGenerator
 
-__all__ = ["Condition", "FlowGenerator", "build_generator", "resolve_model_path"]
+__all__ = ["Condition", "FlowGenerator", "build_generator"]
 
 KNOWN_KINDS = ("digits", "sd3", "flux")
-
-
-def resolve_model_path(model_cfg, *, seed: int = 0) -> str:
-    """The directory / hub id the generator loads from (digits: the cached pretrained model)."""
-    if model_cfg.kind == "digits":
-        if model_cfg.path:
-            return model_cfg.path
-        from services.models.digits import load_or_pretrain_digits
-
-        return str(
-            load_or_pretrain_digits(
-                resolution=model_cfg.resolution,
-                steps=model_cfg.pretrain_steps,
-                seed=seed,
-                cache_dir=model_cfg.cache_dir,
-            )
-        )
-    return model_cfg.path
 
 
 def build_generator(model_cfg, *, path: str | None = None, device: str | torch.device = "cpu") -> FlowGenerator:
     """Instantiate the generator of a ``ModelConfig`` (unpacked into explicit arguments, P10)."""
     lora = dict(lora_rank=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_targets=model_cfg.lora_targets)
-    path = path or resolve_model_path(model_cfg)
+    path = path or model_cfg.path
+    if path is None:  # the embedded default is prepared (pretrained and cached) by services.prepare
+        raise ValueError("no model path: pass path=services.prepare.resolve_model(model_cfg).path")
     if model_cfg.kind == "digits":
         from services.models.digits import load_digits_generator
 

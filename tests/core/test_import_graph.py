@@ -55,3 +55,50 @@ def test_services_has_no_import_circle():
 def test_the_cycle_finder_finds_a_planted_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
+
+
+# services/ in layers: a module imports from its own layer or the ones below, never from above
+LAYERS = (
+    # messages, config, the RL methods' plug-ins, checkpoint files, plots
+    ("services.types", "services.config", "services.methods", "services.checkpoints", "services.report"),
+    ("services.models", "services.rewards"),  # generators and scorers
+    # the embedded default's assets, the one evaluation path, the placement plan
+    ("services.prepare", "services.evaluation", "services.cluster"),
+    ("services.training", "services.serving"),  # the two services
+    ("services.sweeps", "services.analyze"),  # built on training
+    ("services.cli", "services"),  # parses and calls one function per command
+)
+
+
+def _layer(module: str) -> int:
+    best = max(
+        ((len(p), i) for i, layer in enumerate(LAYERS) for p in layer if module == p or module.startswith(p + ".")),
+        default=None,
+    )
+    if best is None:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    return best[1]
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    graph = _graph()
+    upward = sorted(
+        f"{u} (layer {_layer(u)}) imports {v} (layer {_layer(v)})"
+        for u, deps in graph.items()
+        for v in deps
+        if _layer(v) > _layer(u)
+    )
+    assert upward == []
+
+
+def test_training_and_serving_do_not_import_each_other():
+    graph = _graph()
+    services = ("services.training", "services.serving")
+
+    def owner(m: str) -> str | None:
+        return next((s for s in services if m == s or m.startswith(s + ".")), None)
+
+    crossing = sorted(
+        f"{u} imports {v}" for u, deps in graph.items() for v in deps if owner(u) and owner(v) and owner(u) != owner(v)
+    )
+    assert crossing == []

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from services.prompts import PromptSet, load_prompt_file
+from services.training.prompts import PromptSet, load_prompt_file
 
 pytestmark = pytest.mark.unit
 

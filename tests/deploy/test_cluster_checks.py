@@ -22,9 +22,9 @@ import pytest
 import yaml
 from manifests import ROOT, all_docs, cluster_spec, entrypoint_config, groups, image_path, mounts, one, pod_templates
 
+from services.cluster.plan import nodes_from_manifest, plan_run, run_demand, serve_demand
 from services.config import load_config
-from services.plan import nodes_from_manifest, plan_run, run_demand, serve_demand
-from services.sweep_config import load_sweep
+from services.sweeps.config import load_sweep
 
 pytestmark = pytest.mark.unit
 
@@ -72,8 +72,8 @@ def test_the_rayservice_can_grow_to_its_serve_replicas():
 
 
 def test_gpu_configs_train_from_prompt_files_and_fit_the_cluster_description():
-    from services.plan import nodes_from_file
-    from services.prompts import load_prompt_file
+    from services.cluster.plan import nodes_from_file
+    from services.training.prompts import load_prompt_file
 
     nodes = nodes_from_file(ROOT / "deploy" / "clusters" / "two_8gpu_nodes.yaml")
     for p in GPU_CONFIGS:

@@ -75,7 +75,7 @@ def test_a_killed_driver_resumes_and_ends_identical_to_the_uninterrupted_run(dig
     import json
 
     from services.config import load_config
-    from services.train import run_training
+    from services.training.run import run_training
 
     inner = {"train.steps": 4, "train.checkpoint_every": 2}
     straight = run_training(

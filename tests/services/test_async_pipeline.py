@@ -6,7 +6,8 @@ import pytest
 from conftest import tiny_overrides
 
 from services.config import load_config
-from services.train import build_coordinator, run_training
+from services.training.build import build_coordinator
+from services.training.run import run_training
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -84,7 +85,7 @@ def test_on_actors_async_overlaps_and_killed_actors_leave_the_uninterrupted_metr
             assert versions == [coord.version] * len(coord.samplers)
             return rows, coord.stats
         finally:
-            coord.learner.stop()
+            coord.shutdown()
 
     def chaos(coord, step):
         if step == 1:  # this step's rollout was submitted before the previous update: in flight now

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from services.comparison import compare_sweep, interpolate_at, mean_ci
+from services.sweeps.comparison import compare_sweep, interpolate_at, mean_ci
 
 
 def test_interpolation_reads_the_polyline_where_it_first_reaches_the_level():

@@ -63,7 +63,7 @@ def test_malformed_override():
     "path", sorted((Path(__file__).parents[2] / "deploy" / "serve").glob("*.yaml")), ids=lambda p: p.name
 )
 def test_every_serve_config_loads(path):
-    from services.serve_config import load_serve_config
+    from services.serving.config import load_serve_config
 
     cfg = load_serve_config(path)
     assert cfg.default_steps <= cfg.max_steps

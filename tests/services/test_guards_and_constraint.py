@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_overrides
 
 from services.config import load_config
-from services.train import run_training
+from services.training.run import run_training
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -114,7 +114,7 @@ def test_the_ink_proxy_is_the_class_probability_times_the_capped_ink(digits_asse
 
 
 def test_sweep_arms_expand_per_method_and_skip_arms_of_other_methods(tmp_path):
-    from services.sweep_config import SweepConfig
+    from services.sweeps.config import SweepConfig
 
     sweep = SweepConfig.model_validate(
         {

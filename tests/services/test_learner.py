@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from services.config import load_config
-from services.learner import Learner
-from services.rollout import RolloutSampler
+from services.training.learner import Learner
+from services.training.rollout import RolloutSampler
 from services.types import RolloutRequest, TrainBatch
 
 pytestmark = pytest.mark.service
@@ -80,7 +80,7 @@ def _batch(cfg, assets) -> TrainBatch:
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_update_changes_weights_and_reports_metrics(digits_assets, loss, weight):
     cfg = _cfg(loss, weight)
-    learner = Learner(cfg, str(digits_assets.model_path))
+    learner = Learner.from_config(cfg, str(digits_assets.model_path))
     before = {k: v.clone() for k, v in learner.policy_weights().items()}
     metrics = learner.update(_batch(cfg, digits_assets))
     assert metrics["learner/skipped_nonfinite"] == 0.0 and learner.version == 1
@@ -92,7 +92,10 @@ def test_update_changes_weights_and_reports_metrics(digits_assets, loss, weight)
 def test_normguard_term_changes_the_update(digits_assets):
     cfg0, cfg1 = _cfg("diffusion_nft", 0.0), _cfg("diffusion_nft", 100.0, "normguard.margin=0", "normguard.power=1")
     batch = _batch(cfg0, digits_assets)
-    a, b = Learner(cfg0, str(digits_assets.model_path)), Learner(cfg1, str(digits_assets.model_path))
+    a, b = (
+        Learner.from_config(cfg0, str(digits_assets.model_path)),
+        Learner.from_config(cfg1, str(digits_assets.model_path)),
+    )
     ma, mb = a.update(batch), b.update(batch)
     if mb["normguard/active_frac"] > 0:
         assert mb["loss/total"] > ma["loss/total"]
@@ -104,7 +107,7 @@ def test_normguard_term_changes_the_update(digits_assets):
 
 def test_nonfinite_loss_skips_the_update(digits_assets):
     cfg = _cfg("awm", 0.0)
-    learner = Learner(cfg, str(digits_assets.model_path))
+    learner = Learner.from_config(cfg, str(digits_assets.model_path))
     batch = _batch(cfg, digits_assets)
     bad = TrainBatch(**{**batch.__dict__, "latents": batch.latents.clone().fill_(float("nan"))})
     before = {k: v.clone() for k, v in learner.policy_weights().items()}
@@ -121,10 +124,10 @@ def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_pat
     """Weights, optimiser, the old policy (NFT) and the EMA-KL copy (AWM) survive a checkpoint exactly."""
     cfg = _cfg(loss, 1.0, *extra)
     batch = _batch(cfg, digits_assets)
-    a = Learner(cfg, str(digits_assets.model_path))
+    a = Learner.from_config(cfg, str(digits_assets.model_path))
     a.update(batch)
     a.save(tmp_path / "ck", {"step": 1})
-    b = Learner(cfg, str(digits_assets.model_path))
+    b = Learner.from_config(cfg, str(digits_assets.model_path))
     assert b.load(tmp_path / "ck") == {"step": 1} and b.version == 1
     second = TrainBatch(**{**batch.__dict__, "step": 1})
     ma, mb = a.update(second), b.update(second)
@@ -132,8 +135,8 @@ def test_checkpoint_round_trip_reproduces_the_next_update(digits_assets, tmp_pat
     wa, wb = a.policy_weights(), b.policy_weights()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert all(torch.equal(x, y) for x, y in zip(a.params, b.params))
-    if a.ema is not None:
-        assert all(torch.equal(x, y) for x, y in zip(a.ema, b.ema))
+    if a.copies.ema is not None:
+        assert all(torch.equal(x, y) for x, y in zip(a.copies.ema, b.copies.ema))
 
 
 @pytest.mark.parametrize("loss", ["flow_dpo", "flow_grpo"])
@@ -154,7 +157,7 @@ def test_an_empty_shard_still_takes_every_step(digits_assets, loss):
             "log_probs": None if full.log_probs is None else full.log_probs[:, :0],
         }
     )
-    learner = Learner(cfg, str(digits_assets.model_path))
+    learner = Learner.from_config(cfg, str(digits_assets.model_path))
     metrics = learner.update(empty)
     assert metrics["learner/updates"] == 2.0 and learner.step_count == 2
 
@@ -166,7 +169,7 @@ def test_a_sample_one_version_behind_reads_the_old_policy_that_made_it(digits_as
 
     cfg = _cfg("diffusion_nft", 0.0, "train.pipeline=async", "rollout.max_staleness=1")
     path = str(digits_assets.model_path)
-    learner, fresh = Learner(cfg, path), Learner(cfg, path)  # same init: fresh holds policy v0
+    learner, fresh = Learner.from_config(cfg, path), Learner.from_config(cfg, path)  # same init: fresh holds policy v0
     batch = _batch(cfg, digits_assets)
     learner.update(batch)
     assert learner.version == 1
@@ -182,7 +185,7 @@ def test_a_sample_one_version_behind_reads_the_old_policy_that_made_it(digits_as
     assert not torch.allclose(behind, v_old(learner, 1))  # not the current old copy
     with pytest.raises(RuntimeError, match="reached the learner"):
         v_old(learner, 3)
-    sync = Learner(_cfg("diffusion_nft", 0.0), path)  # the sync loop keeps one version only
+    sync = Learner.from_config(_cfg("diffusion_nft", 0.0), path)  # the sync loop keeps one version only
     sync.update(batch)
     with pytest.raises(RuntimeError, match="one version behind"):
         v_old(sync, 0)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from services.config import load_config
-from services.learner import Learner
 from services.methods import get_method
-from services.rollout import RolloutSampler
+from services.training.learner import Learner
+from services.training.rollout import RolloutSampler
 from services.types import RolloutRequest, TrainBatch
 
 pytestmark = pytest.mark.service
@@ -145,7 +145,7 @@ def _mean_d(t: torch.Tensor) -> torch.Tensor:
 
 
 def _two_steps(cfg, assets):
-    learner = Learner(cfg, str(assets.model_path))
+    learner = Learner.from_config(cfg, str(assets.model_path))
     theta0 = [p.detach().clone() for p in learner.params]
     learner.update(_batch(cfg, assets, 0))
     batch = _batch(cfg, assets, 1)
@@ -287,7 +287,7 @@ def test_nft_gradient_depends_on_beta_once_the_old_policy_lags(digits_assets):
     grads = {}
     for beta in (0.1, 1.0):
         cfg = _cfg("diffusion_nft", f"loss.beta={beta}", "learner.updates_per_step=2", "loss.kl_weight=0")
-        learner = Learner(cfg, str(digits_assets.model_path))
+        learner = Learner.from_config(cfg, str(digits_assets.model_path))
         rec = _record(learner)
         metrics = learner.update(_batch(cfg, digits_assets, 0))
         assert metrics["learner/updates"] == 2.0 and metrics["learner/old_policy_gap"] > 0
@@ -300,7 +300,7 @@ def test_nft_gradient_depends_on_beta_once_the_old_policy_lags(digits_assets):
 
 def test_grpo_clip_engages_after_the_first_minibatch(digits_assets):
     cfg = _cfg("flow_grpo")  # source clip_range 1e-4
-    learner = Learner(cfg, str(digits_assets.model_path))
+    learner = Learner.from_config(cfg, str(digits_assets.model_path))
     per_call: list[dict] = []
     orig = learner._micro_loss
 

@@ -14,8 +14,8 @@ import torch
 from conftest import skip_unless
 
 from services.config import ModelConfig, load_config
-from services.learner import Learner
-from services.serve_config import ServeConfig
+from services.serving.config import ServeConfig
+from services.training.learner import Learner
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 TIMEOUT_S = 120.0
@@ -31,10 +31,10 @@ def _free_port() -> int:
 def server(ray_local, digits_assets, tmp_path_factory):
     from ray import serve
 
-    from services.serve import build_app
+    from services.serving.app import build_app
 
     ckpt = tmp_path_factory.mktemp("serve") / "step_000001"
-    learner = Learner(load_config(None, ["model.pretrain_steps=5"]), str(digits_assets.model_path))
+    learner = Learner.from_config(load_config(None, ["model.pretrain_steps=5"]), str(digits_assets.model_path))
     with torch.no_grad():  # a "trained" checkpoint whose weights differ from the base model's
         for p in learner.params:
             p.add_(0.05 * torch.randn_like(p))
@@ -296,27 +296,20 @@ def test_fuzzed_requests_never_give_5xx_nor_fail_their_neighbours(server):
 def test_a_failing_batch_is_redone_request_by_request(digits_assets, monkeypatch):
     """In-process: when the merged batch raises (one poisoned request), each request is redone alone;
     only the poisoned one carries an error, and the others' images equal those of a clean batch."""
-    from services.serve import GeneratorCore
+    from services.serving.app import GeneratorCore
+    from services.serving.generator import GenerationItem
 
     core = GeneratorCore(ServeConfig(model=ModelConfig(kind="digits", pretrain_steps=5)), str(digits_assets.model_path))
     gen = core.load("base")
     items = [
-        {
-            "prompts": [f"a handwritten digit {d}"],
-            "seed": d,
-            "num_steps": 2,
-            "guidance_scale": 1.0,
-            "shift": 1.0,
-            "renormalize": False,
-        }
-        for d in range(4)
+        GenerationItem(prompts=(f"a handwritten digit {d}",), seed=d, num_steps=2, guidance_scale=1.0) for d in range(4)
     ]
     clean = GeneratorCore.run_isolated(gen, items)
     assert all(r["batch_requests"] == 4 for r in clean)
     real_run = GeneratorCore.run
 
     def poisoned(gen, batch):
-        if any(it["seed"] == 2 for it in batch):
+        if any(it.seed == 2 for it in batch):
             raise RuntimeError("poisoned request")
         return real_run(gen, batch)
 
@@ -345,7 +338,7 @@ def test_a_checkpoint_with_a_malicious_pickle_is_refused_unread(digits_assets, t
     import pickle
 
     from services.checkpoints import CheckpointError
-    from services.serve import GeneratorCore
+    from services.serving.app import GeneratorCore
 
     marker = tmp_path / "pwned"
     evil_pt, disguised = tmp_path / "evil-pt", tmp_path / "evil-st"

@@ -7,8 +7,8 @@ import math
 import pytest
 from conftest import TINY_PRETRAIN_STEPS
 
-from services.sweep_config import Axis, SweepConfig, load_sweep
-from services.tune import run_sweep
+from services.sweeps.config import Axis, SweepConfig, load_sweep
+from services.sweeps.tune import run_sweep
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_overrides
 
 from services.config import load_config
-from services.train import run_training
+from services.training.run import run_training
 
 pytestmark = pytest.mark.service
 

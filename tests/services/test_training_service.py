@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_overrides
 
 from services.config import load_config
-from services.train import build_coordinator, run_training
+from services.training.build import build_coordinator
+from services.training.run import run_training
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
@@ -46,7 +47,7 @@ def test_samplers_generate_with_synced_weights(ray_local, digits_assets, tmp_pat
     try:
         import ray
 
-        from services.experience import PolicyRef
+        from services.training.experience import PolicyRef
 
         def rollout_of_step_0():
             return coord.source.produce(0, PolicyRef(coord.weights_ref, coord.version), min_version=0).rollout
@@ -60,7 +61,7 @@ def test_samplers_generate_with_synced_weights(ray_local, digits_assets, tmp_pat
         assert (after.versions == 1).all() and (before.versions == 0).all()
         assert not torch.allclose(after.latents, before.latents)
     finally:
-        coord.learner.stop()
+        coord.shutdown()
 
 
 def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_assets, tmp_path):
@@ -86,7 +87,7 @@ def test_killed_sampler_is_restarted_and_its_work_redone(ray_local, digits_asset
         assert quiet["faults/retries"] == quiet["faults/restarts"] == 0
         assert quiet["faults_total/restarts"] == scored["faults_total/restarts"]
     finally:
-        coord.learner.stop()
+        coord.shutdown()
 
 
 def test_killed_sampler_and_scorer_leave_the_metrics_of_the_uninterrupted_run(ray_local, digits_assets, tmp_path):
@@ -103,7 +104,7 @@ def test_killed_sampler_and_scorer_leave_the_metrics_of_the_uninterrupted_run(ra
                 rows.append({k: coord.step().metrics[k] for k in keys})
             return rows
         finally:
-            coord.learner.stop()
+            coord.shutdown()
 
     def chaos(coord, step):
         if step == 1:
@@ -247,7 +248,7 @@ def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted
 
 def test_a_run_the_cluster_can_never_hold_fails_before_any_actor_starts(ray_local, digits_assets, tmp_path):
     """The local cluster has 2 CPUs; 3 learner CPUs can never be placed: a clear error, not a hang."""
-    from services.plan import ClusterTooSmall
+    from services.cluster.plan import ClusterTooSmall
 
     cfg = load_config(None, tiny_overrides(tmp_path, "too-big", **{"resources.learner_cpus": 3}))
     with pytest.raises(ClusterTooSmall, match=r"learner #0 \(3 CPU, 0 GPU\)"):
@@ -256,7 +257,7 @@ def test_a_run_the_cluster_can_never_hold_fails_before_any_actor_starts(ray_loca
         None,
         tiny_overrides(tmp_path, "too-big-warn", **{"resources.learner_cpus": 3, "resources.check_cluster": "off"}),
     )
-    from services.plan import nodes_from_ray, plan_run, run_demand
+    from services.cluster.plan import nodes_from_ray, plan_run, run_demand
 
     assert not plan_run(run_demand(warn), nodes_from_ray()).ok  # the check is off, not wrong
 
@@ -269,7 +270,7 @@ def test_a_prompt_file_with_metadata_trains_evaluates_on_its_own_set_and_resumes
     import user_rewards
 
     from services.checkpoints import CheckpointError
-    from services.prompts import load_prompt_file
+    from services.training.prompts import load_prompt_file
 
     rows = [{"prompt": f"a handwritten digit {d}", "target": d if d % 2 else -1} for d in range(10)]
     train_file = tmp_path / "train.jsonl"

@@ -7,8 +7,9 @@ import torch
 from conftest import tiny_overrides
 
 from services.config import load_config
-from services.scoring import ScorerWorker
-from services.train import build_coordinator
+from services.training.build import build_coordinator
+from services.training.scoring import ScorerWorker
+from services.types import ScorerBuild
 
 pytestmark = pytest.mark.service
 
@@ -23,8 +24,8 @@ def test_training_with_import_path_and_groupwise_rewards(digits_assets, tmp_path
     coord, _, _ = build_coordinator(cfg, local=True)
     # a second scorer worker: 3 groups over 2 workers, and no worker may see part of a group
     specs = {
-        "ink": (None, {"scale": 2.0}, "user_rewards:InkScorer"),
-        "ink_rank": (None, {}, "user_rewards:InkRankInGroup"),
+        "ink": ScorerBuild(options={"scale": 2.0}, impl="user_rewards:InkScorer"),
+        "ink_rank": ScorerBuild(impl="user_rewards:InkRankInGroup"),
     }
     coord.scorers.append(ScorerWorker(specs))
     try:
@@ -36,7 +37,7 @@ def test_training_with_import_path_and_groupwise_rewards(digits_assets, tmp_path
             assert 0 < m["reward/ink"] <= 2.0
             assert m["reward/mean"] == pytest.approx(m["reward/ink"] + 0.5 * m["reward/ink_rank"], rel=1e-5)
     finally:
-        coord.learner.stop()
+        coord.shutdown()
     for worker in coord.scorers:
         for groups in worker.scorers["ink_rank"].calls:
             counts = torch.unique(groups, return_counts=True)[1]

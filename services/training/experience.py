@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.remote import CallStats, actor_gone, call, call_with_retries, is_actor
 from services.rewards.base import combine_scores
+from services.training.remote import CallStats, actor_gone, call, call_with_retries, is_actor
 from services.types import RolloutBatch, RolloutRequest, ScoreRequest, ScoreResult
 
 __all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef"]
@@ -129,7 +129,7 @@ class ExperienceSource:
     # ---- 1. prompts -----------------------------------------------------------------------
     def prompts(self, step: int) -> tuple[list[str], list[int], list[int], list | None]:
         """``(prompts, group ids, seeds, metadata rows)`` of RL step ``step``: group ``g = step * P + j`` is
-        the prompt set's row ``g`` (``services.prompts``), with ``group_size`` seeded samples each."""
+        the prompt set's row ``g`` (``services.training.prompts``), with ``group_size`` seeded samples each."""
         sp = self.spec
         prompts, groups, seeds, meta = [], [], [], []
         for j in range(sp.prompts_per_step):

@@ -1,6 +1,6 @@
 """What a run asks of a Ray cluster, and whether a cluster can hold it (``normguard plan``).
 
-A training run is a fixed set of Ray actors (``services.train.build_coordinator``):
+A training run is a fixed set of Ray actors (``services.training.run.build_coordinator``):
 
 * ``learner``: ``resources.num_learners`` Ray Train workers, each ``learner_cpus`` / ``learner_gpus``;
 * ``sampler``: ``rollout.num_samplers`` actors, each ``sampler_cpus`` / ``sampler_gpus``;
@@ -157,7 +157,7 @@ def _scorer_gb(spec) -> float:
 
 
 def run_demand(cfg) -> list[ActorDemand]:
-    """The actors of one training run (``services.train.build_coordinator``) with their resources."""
+    """The actors of one training run (``services.training.run.build_coordinator``) with their resources."""
     res, model = cfg.resources, cfg.model
     tr, rest, lora = _model_gb(model)
     if model.lora_rank:
@@ -354,3 +354,25 @@ def format_plan(plan: Plan) -> str:
     lines += [f"warning: {w}" for w in plan.warnings]
     lines.append("fits" if plan.ok else "DOES NOT FIT: " + ", ".join(plan.unplaced))
     return "\n".join(lines)
+
+
+def plan_for(cfg, *, manifest: str | None = None, cluster: str | None = None) -> tuple[str, bool]:
+    """``normguard plan``: the run's placement on a KubeRay manifest's nodes, a cluster description, or
+    the connected Ray cluster; returns the printed plan and whether it fits."""
+    if manifest:
+        import yaml
+
+        with open(manifest) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d and d.get("apiVersion", "").startswith("ray.io/")]
+        if len(docs) != 1:
+            raise ValueError(f"{manifest}: expected one RayJob / RayCluster / RayService, found {len(docs)}")
+        nodes, where = nodes_from_manifest(docs[0]), manifest
+    elif cluster:
+        nodes, where = nodes_from_file(cluster), cluster
+    else:
+        from services.cluster.connect import ensure_ray
+
+        ensure_ray()
+        nodes, where = nodes_from_ray(), "the connected Ray cluster"
+    plan = plan_run(run_demand(cfg), nodes)
+    return f"plan for {cfg.train.run_name} on {where}\n\n{format_plan(plan)}", plan.ok

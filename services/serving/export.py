@@ -87,6 +87,22 @@ def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, o
     return ["transformer/"]
 
 
+def _usage(cfg: ExperimentConfig, base: str) -> str:
+    """How to load the export with stock diffusers (the model card's "Use")."""
+    if cfg.model.kind == "sd3" and cfg.model.lora_rank:
+        return f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
+    elif cfg.model.kind == "flux" and cfg.model.lora_rank:
+        return f'pipe = FluxPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
+    elif cfg.model.kind in ("sd3", "flux"):
+        cls = "SD3Transformer2DModel" if cfg.model.kind == "sd3" else "FluxTransformer2DModel"
+        pipe = "StableDiffusion3Pipeline" if cfg.model.kind == "sd3" else "FluxPipeline"
+        return (
+            f'transformer = {cls}.from_pretrained("<this directory>", subfolder="transformer")\n'
+            f'pipe = {pipe}.from_pretrained("{base}", transformer=transformer)'
+        )
+    return "from services.models.digits import load_digits_generator  # the transformer/ folder + conditioner"
+
+
 def _card(cfg: ExperimentConfig, ckpt: Path, run_dir: Path, files: list[str]) -> str:
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     after = summary.get("after", {})
@@ -134,26 +150,13 @@ def _card(cfg: ExperimentConfig, ckpt: Path, run_dir: Path, files: list[str]) ->
             lines += ["", "Velocity-norm ratio to the base model (1.0 = no inflation): "
                       + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in ratio.items()) + "."]  # fmt: skip
         lines.append("")
-    if cfg.model.kind == "sd3" and cfg.model.lora_rank:
-        use = f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
-    elif cfg.model.kind == "flux" and cfg.model.lora_rank:
-        use = f'pipe = FluxPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
-    elif cfg.model.kind in ("sd3", "flux"):
-        cls = "SD3Transformer2DModel" if cfg.model.kind == "sd3" else "FluxTransformer2DModel"
-        pipe = "StableDiffusion3Pipeline" if cfg.model.kind == "sd3" else "FluxPipeline"
-        use = (
-            f'transformer = {cls}.from_pretrained("<this directory>", subfolder="transformer")\n'
-            f'pipe = {pipe}.from_pretrained("{base}", transformer=transformer)'
-        )
-    else:
-        use = "from services.models.digits import load_digits_generator  # the transformer/ folder + conditioner"
-    lines += ["## Use", "", "```python", use, "```", ""]
+    lines += ["## Use", "", "```python", _usage(cfg, base), "```", ""]
     return "\n".join(lines)
 
 
 def export_run(run: str | Path, out: str | Path, *, step: int | None = None, overwrite: bool = False) -> Path:
     """Export run directory ``run`` (its newest intact checkpoint, or ``step``) to ``out``."""
-    from services.models import resolve_model_path
+    from services.prepare import resolve_model
 
     run_dir = Path(run)
     cfg = _run_config(run_dir)
@@ -165,7 +168,7 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, ove
             raise FileExistsError(f"{out} is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_model_path(cfg.model)
+    model_path = resolve_model(cfg.model).path
     if cfg.model.lora_rank and cfg.model.kind == "digits":
         raise ValueError("a LoRA run of the digits model has no LoRA format to export to; train it without lora_rank")
     if cfg.model.lora_rank:

@@ -40,11 +40,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compare_sweep", "interpolate_at", "markdown_tables", "mean_ci"]
+from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables
+
+__all__ = ["compare_and_report", "compare_sweep", "interpolate_at", "mean_ci"]
 
 QUALITY = ("frechet", "kid", "diversity", "recall", "precision", "digits_judge", "digits_classifier")
 LOWER_IS_BETTER = {"frechet", "kid"}
-HIGH_LEVEL_EXCLUDES = ("kl",)  # arms left out of the second, higher matched level
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -191,6 +192,18 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
     }
 
 
+def compare_and_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, steps: int | None = None) -> str:
+    """``normguard compare``: :func:`compare_sweep`, and its matched table as text."""
+    from services.report import format_table
+
+    result = compare_sweep(sweep_dir, out_dir, steps=steps)
+    cols = ["method", "arm", "reward_level", "frechet", "frechet_ci95", "kid", "diversity", "recall", "digits_judge"]
+    return (
+        format_table(result["matched"], cols)
+        + f"\n\nwrote matched.csv, paired.csv, final.csv and plots to {result['out']}"
+    )
+
+
 def _bound_rows(by, method: str) -> list[dict]:
     """Per arm: the largest per-step ratio and the deficit against ``min(none arm, bound)``, paired by seed."""
     none = {r["params"].get("train.seed", 0): r["ratio"] for r in by.get((method, "none"), []) if r["ratio"]}
@@ -284,85 +297,6 @@ def _final_rows(by, method: str, steps: int) -> list[dict]:
         row["ratio_max_step"], row["ratio_max_step_ci95"] = hi[0], hi[1]
         rows.append(row)
     return rows
-
-
-def _pm(row: dict, key: str, digits: int = 3) -> str:
-    m, h = row.get(key), row.get(f"{key}_ci95")
-    if m is None or not math.isfinite(m):
-        return "-"
-    return f"{m:.{digits}g} ± {h:.2g}" if h is not None and math.isfinite(h) else f"{m:.{digits}g}"
-
-
-def _matched_md(title: str, matched: list[dict], paired: list[dict]) -> list[str]:
-    lines = [f"### {title}", ""]
-    lines += ["| method | arm | reward level | FD | KID | diversity | recall | precision | judge | seeds |"]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
-    for r in matched:
-        lines.append(
-            f"| {r['method']} | {r['arm']} | {r['reward_level']:.3f} | {_pm(r, 'frechet')} | {_pm(r, 'kid')} | "
-            f"{_pm(r, 'diversity')} | {_pm(r, 'recall', 2)} | {_pm(r, 'precision', 2)} | "
-            f"{_pm(r, 'digits_judge')} | {r['seeds']} |"
-        )
-    lines += ["", "Paired by seed, NormGuard minus the alternative at that level:", ""]
-    lines += [
-        "| method | NormGuard | vs | ΔFD | ΔKID | Δdiversity | Δrecall | Δjudge | seeds favouring NormGuard (FD) |"
-    ]
-    lines += ["|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for p in paired:
-        groups[(p["method"], p["normguard"], p["vs"])][p["metric"]] = p
-    for (method, ng, vs), by_metric in groups.items():
-        cells = []
-        for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
-            p = by_metric.get(k)
-            cells.append(_pm({"d": p["diff_mean"], "d_ci95": p["diff_ci95"]}, "d") if p else "-")
-        fd = by_metric.get("frechet", {})
-        lines.append(
-            f"| {method} | {ng} | {vs} | {' | '.join(cells)} | "
-            f"{fd.get('seeds_favouring_normguard', '-')} / {fd.get('seeds', '-')} |"
-        )
-    return lines + [""]
-
-
-def markdown_tables(
-    matched: list[dict],
-    paired: list[dict],
-    final: list[dict],
-    *,
-    high: list[dict] | None = None,
-    high_paired: list[dict] | None = None,
-    bound: list[dict] | None = None,
-) -> str:
-    """The tables as markdown (mean ± 95 % t half-width over seeds), for docs/results.md."""
-    lines = _matched_md("At matched reward: the level every seed of every arm reaches", matched, paired)
-    if high:
-        excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
-        lines += _matched_md(f"At a higher matched reward: every arm but {excluded}", high, high_paired or [])
-    lines += ["### After the last step (no matching)", ""]
-    lines += ["| method | arm | reward | FD | KID | diversity | recall | judge | ratio min step | ratio max step |"]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
-    for r in final:
-        lines.append(
-            f"| {r['method']} | {r['arm']} | {_pm(r, 'reward')} | {_pm(r, 'frechet')} | {_pm(r, 'kid')} | "
-            f"{_pm(r, 'diversity')} | {_pm(r, 'recall', 2)} | {_pm(r, 'digits_judge')} | "
-            f"{_pm(r, 'ratio_min_step')} | {_pm(r, 'ratio_max_step')} |"
-        )
-    if bound:
-        lines += ["", "### How each arm holds the bound (per sampling step, after training)", ""]
-        lines += ["| method | arm | largest step ratio: mean [min, max] | worst-step deficit: mean [min, max] | "
-                  "mean deficit over steps | seeds |"]  # fmt: skip
-        lines += ["|---|---|---|---|---|---|"]
-
-        def span(r: dict, k: str) -> str:
-            return f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-"
-
-        for r in bound:
-            mean = f"{r['mean_deficit']:.3f}" if "mean_deficit" in r else "-"
-            lines.append(
-                f"| {r['method']} | {r['arm']} | {span(r, 'max_step')} | {span(r, 'worst_deficit')} | {mean} | "
-                f"{r['seeds']} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

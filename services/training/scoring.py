@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from services.rewards import build_scorer, is_groupwise
-from services.types import ScoreRequest, ScoreResult
+from services.types import ScorerBuild, ScoreRequest, ScoreResult
 
 __all__ = ["ScorerWorker"]
 
@@ -30,14 +30,14 @@ def _takes_metadata(scorer) -> bool:
 
 
 class ScorerWorker:
-    """Holds a set of named scorers (``{name: (path, options[, impl])}``) and scores batches."""
+    """Holds a set of named scorers (``{name: ScorerBuild}``) and scores batches."""
 
-    def __init__(self, specs: dict[str, tuple], *, device: str = "cpu", torch_threads: int = 1):
+    def __init__(self, specs: dict[str, ScorerBuild], *, device: str = "cpu", torch_threads: int = 1):
         torch.set_num_threads(torch_threads)
-        self.scorers = {}
-        for name, spec in specs.items():
-            path, opts, impl = (*spec, None)[:3]
-            self.scorers[name] = build_scorer(name, path=path, device=device, options=opts, impl=impl)
+        self.scorers = {
+            name: build_scorer(name, path=b.path, device=device, options=dict(b.options), impl=b.impl)
+            for name, b in specs.items()
+        }
         self._takes_metadata = {name: _takes_metadata(sc) for name, sc in self.scorers.items()}  # once, not per call
 
     def score(

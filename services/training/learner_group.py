@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from services.learner import Learner
+from services.training.learner import Learner, LearnerSpec
 from services.types import TrainBatch
 
 __all__ = ["LearnerGroup", "LearnerLost", "LocalLearner"]
@@ -39,8 +40,54 @@ class LearnerLost(RuntimeError):
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "NCCL communicator")
 
 
-def _peer_lost(message: str) -> bool:
-    return any(s in message for s in _PEER_LOST)
+def _peer_lost(err: BaseException) -> bool:
+    """A collective failed because another rank's process died (torch's distributed errors; gloo also
+    raises a plain RuntimeError whose message says so)."""
+    import torch.distributed as dist
+
+    return isinstance(err, (dist.DistNetworkError, dist.DistBackendError)) or any(s in str(err) for s in _PEER_LOST)
+
+
+@dataclass(frozen=True)
+class LearnerCommand:
+    """Driver -> one rank's command queue.
+
+    Attributes:
+        kind: ``update`` (train on ``shard``), ``save`` (checkpoint to ``path`` with ``extra``) or ``stop``.
+        shard: a Ray object ref of this rank's :class:`~services.types.TrainBatch`.
+        path: the checkpoint directory.
+        extra: the coordinator's state stored with the checkpoint.
+    """
+
+    kind: Literal["update", "save", "stop"]
+    shard: Any = None
+    path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LearnerReply:
+    """One rank -> the driver's reply queue.
+
+    Attributes:
+        kind: ``ready`` (built, maybe resumed), ``updated``, ``saved`` or ``error``.
+        rank: the replying rank.
+        version: the policy version the rank holds.
+        metrics: the step's float metrics (``updated``).
+        weights: rank 0 only: a Ray object ref of the policy weights for the samplers.
+        extra: the checkpoint's extra state (``ready`` after a resume).
+        error: ``"Type: message"`` of the exception (``error``).
+        peer_lost: the error is a collective that lost another rank's process (``error``).
+    """
+
+    kind: Literal["ready", "updated", "saved", "error"]
+    rank: int
+    version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    weights: Any = None
+    extra: dict = field(default_factory=dict)
+    error: str | None = None
+    peer_lost: bool = False
 
 
 class LocalLearner:
@@ -49,7 +96,7 @@ class LocalLearner:
     world_size = 1
 
     def __init__(self, cfg, model_path: str, *, resume_from: str | None = None) -> None:
-        self.learner = Learner(cfg, model_path)
+        self.learner = Learner.from_config(cfg, model_path)
         self.extra = self.learner.load(resume_from) if resume_from else {}
 
     @property
@@ -80,27 +127,28 @@ def _learner_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     cmd_q, out_q = config["cmd_queues"][rank], config["out_queue"]
     device = "cuda" if torch.cuda.is_available() and config["use_gpu"] else "cpu"
-    learner = Learner(config["cfg"], config["model_path"], device=device, distributed=ctx.get_world_size() > 1)
+    spec: LearnerSpec = config["spec"]
+    learner = Learner(spec, config["model_path"], device=device, distributed=ctx.get_world_size() > 1)
     extra = learner.load(config["resume_from"]) if config["resume_from"] else {}
-    out_q.put(("ready", rank, ray.put(learner.policy_weights()) if rank == 0 else None, learner.version, extra))
+    weights = ray.put(learner.policy_weights()) if rank == 0 else None
+    out_q.put(LearnerReply("ready", rank, version=learner.version, weights=weights, extra=extra))
     while True:
-        cmd, payload = cmd_q.get(block=True)
-        if cmd == "stop":
+        cmd: LearnerCommand = cmd_q.get(block=True)
+        if cmd.kind == "stop":
             return
         try:
-            if cmd == "update":
-                metrics = learner.update(ray.get(payload))
+            if cmd.kind == "update":
+                metrics = learner.update(ray.get(cmd.shard))
                 ref = ray.put(learner.policy_weights()) if rank == 0 else None
-                out_q.put(("updated", rank, metrics, ref, learner.version))
-            elif cmd == "save":
-                path, extra = payload
+                out_q.put(LearnerReply("updated", rank, version=learner.version, metrics=metrics, weights=ref))
+            elif cmd.kind == "save":
                 if rank == 0:
-                    learner.save(path, extra)
-                ckpt = ray.train.Checkpoint.from_directory(path) if rank == 0 else None
+                    learner.save(cmd.path, cmd.extra)
+                ckpt = ray.train.Checkpoint.from_directory(cmd.path) if rank == 0 else None
                 ray.train.report({"step": learner.step_count, "version": learner.version}, checkpoint=ckpt)
-                out_q.put(("saved", rank, path))
+                out_q.put(LearnerReply("saved", rank, version=learner.version))
         except Exception as err:  # report, do not hang the driver
-            out_q.put(("error", rank, f"{type(err).__name__}: {err}"))
+            out_q.put(LearnerReply("error", rank, error=f"{type(err).__name__}: {err}", peer_lost=_peer_lost(err)))
             raise
 
 
@@ -126,7 +174,7 @@ class LearnerGroup:
         self.trainer = TorchTrainer(
             _learner_loop,
             train_loop_config=dict(
-                cfg=cfg,
+                spec=LearnerSpec.from_config(cfg),
                 model_path=model_path,
                 cmd_queues=self.cmd_queues,
                 out_queue=self.out_queue,
@@ -143,9 +191,8 @@ class LearnerGroup:
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ray-train-fit")
         self._thread.start()
         ready = self._collect("ready")
-        self.version = ready[0][3]
-        self.extra = ready[0][4]
-        self._weights = ray.get(ready[0][2])
+        self.version, self.extra = ready[0].version, ready[0].extra
+        self._weights = ray.get(ready[0].weights)
         self._ray = ray
 
     def _fit(self) -> None:
@@ -154,8 +201,11 @@ class LearnerGroup:
         except BaseException as err:  # surfaced by _collect
             self._error = err
 
-    def _collect(self, kind: str) -> list[tuple]:
-        results: dict[int, tuple] = {}
+    def _collect(self, kind: str) -> list[LearnerReply]:
+        """Every rank's reply of ``kind``, in rank order (bounded by ``timeout_s``)."""
+        from ray.util.queue import Empty
+
+        results: dict[int, LearnerReply] = {}
         deadline = time.monotonic() + self.timeout_s
         while len(results) < self.world_size:
             if self._error is not None:
@@ -163,16 +213,16 @@ class LearnerGroup:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"learner did not answer {kind!r} within {self.timeout_s} s")
             try:
-                msg = self.out_queue.get(block=True, timeout=QUEUE_POLL_S)
-            except Exception:  # queue.Empty from the queue actor
+                msg: LearnerReply = self.out_queue.get(block=True, timeout=QUEUE_POLL_S)
+            except Empty:
                 continue
-            if msg[0] == "error":
-                if _peer_lost(msg[2]):  # a surviving rank's collective failed because another worker died
-                    raise LearnerLost(f"learner rank {msg[1]} lost its peers: {msg[2]}")
-                raise RuntimeError(f"learner rank {msg[1]} failed: {msg[2]}")
-            if msg[0] != kind:
-                raise RuntimeError(f"learner protocol error: expected {kind!r}, got {msg[0]!r}")
-            results[msg[1]] = msg
+            if msg.kind == "error":
+                if msg.peer_lost:  # a surviving rank's collective failed because another worker died
+                    raise LearnerLost(f"learner rank {msg.rank} lost its peers: {msg.error}")
+                raise RuntimeError(f"learner rank {msg.rank} failed: {msg.error}")
+            if msg.kind != kind:
+                raise RuntimeError(f"learner protocol error: expected {kind!r}, got {msg.kind!r}")
+            results[msg.rank] = msg
         return [results[r] for r in range(self.world_size)]
 
     def weights(self) -> dict:
@@ -181,21 +231,20 @@ class LearnerGroup:
     def update(self, shards: list[TrainBatch]) -> tuple[dict[str, float], Any]:
         """Send one shard per rank; returns rank-0 metrics (averaged over ranks) and a weights ref."""
         for rank, shard in enumerate(shards):
-            self.cmd_queues[rank].put(("update", self._ray.put(shard)))
+            self.cmd_queues[rank].put(LearnerCommand("update", shard=self._ray.put(shard)))
         results = self._collect("updated")
-        keys = results[0][2].keys()
-        metrics = {k: sum(r[2].get(k, 0.0) for r in results) / len(results) for k in keys}
-        self.version = results[0][4]
-        self._weights = results[0][3]
-        return metrics, results[0][3]
+        keys = results[0].metrics.keys()
+        metrics = {k: sum(r.metrics.get(k, 0.0) for r in results) / len(results) for k in keys}
+        self.version, self._weights = results[0].version, results[0].weights
+        return metrics, results[0].weights
 
     def save(self, path: str, extra: dict) -> str:
         for q in self.cmd_queues:
-            q.put(("save", (path, extra)))
+            q.put(LearnerCommand("save", path=path, extra=extra))
         self._collect("saved")
         return path
 
     def stop(self) -> None:
         for q in self.cmd_queues:
-            q.put(("stop", None))
+            q.put(LearnerCommand("stop"))
         self._thread.join(timeout=self.timeout_s)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from services.report import eval_key, format_table, split_eval_key
-from services.sweep_config import SweepConfig
+from services.sweeps.config import SweepConfig
 
 __all__ = ["run_sweep", "results_table"]
 
@@ -48,8 +48,8 @@ def _trainable(params: dict[str, Any], sweep_json: str) -> None:
     """One trial: a full training run whose steps are reported to Tune."""
     from ray import tune
 
-    from services.sweep_config import SweepConfig
-    from services.train import run_training
+    from services.sweeps.config import SweepConfig
+    from services.training.run import run_training
 
     sweep = SweepConfig.model_validate_json(sweep_json)
     # grid trials get the searched keys; arm grids and early-stopping controls one whole dict under "trial"
@@ -81,7 +81,7 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from services.train import ensure_ray
+    from services.cluster.connect import ensure_ray
 
     ensure_ray()
     # Tune runs each trial in its own working directory: pin the outputs to an absolute path first
@@ -142,7 +142,7 @@ def control_params(sweep: SweepConfig, num_se: float = 2.0) -> list[dict[str, An
 def _reward_level(run_dir: Path, num_se: float) -> float | None:
     """Final windowed training reward minus ``num_se`` standard errors (None without training rows)."""
     from services.report import MetricsWriter
-    from services.train import window_mean
+    from services.training.run import window_mean
 
     cfg = json.loads((run_dir / "config.json").read_text())
     window = cfg["train"]["stop_window"]

@@ -8,7 +8,7 @@ It runs in the driver. The actors are thin wrappers of plain classes; with ``loc
 same recipe runs on the plain objects in one process (the benchmark's baseline).
 
 ``train.pipeline: async`` overlaps the two halves of the recipe: before step k's update the next
-step's rollout is submitted to the samplers (``services.experience``), so sampling and scoring of
+step's rollout is submitted to the samplers (``services.training.experience``), so sampling and scoring of
 step k + 1 run while the learner trains on step k, and the weight sync after the update queues
 behind that rollout on each sampler. Step k + 1 then trains on samples one policy version behind
 (bounded by ``rollout.max_staleness``, which must be >= 1 for any overlap); each method's own
@@ -20,19 +20,21 @@ loop is the sync loop. The pipeline drains before every evaluation, checkpoint a
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Protocol
 
 from services.checkpoints import write_manifest
-from services.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
 from services.methods import get_method
-from services.remote import CallStats, call_with_retries, is_actor
+from services.training.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
+from services.training.remote import CallStats, call_with_retries, is_actor
+from services.training.shards import build_shards
 from services.types import TrainBatch
 
 __all__ = ["Coordinator", "RunState", "StepReport"]
@@ -61,6 +63,22 @@ _ALLOWED = {
 }
 
 
+class RunHooks(Protocol):
+    """What :meth:`Coordinator.run` reports to (``services.training.run``: metrics, progress, guards)."""
+
+    def stopped(self) -> bool:
+        """Before the first step: the run has already reached its end (e.g. its reward target)."""
+
+    def after_step(self, report: StepReport) -> bool:
+        """Log one step; ``True`` ends the run (a reward target, a guard)."""
+
+    def evaluate_along(self) -> bool:
+        """An evaluation during training; ``True`` ends the run (a guard on its metrics)."""
+
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint keeps beside the coordinator's state."""
+
+
 @dataclass
 class StepReport:
     """What one RL step produced (the caller logs it)."""
@@ -71,12 +89,12 @@ class StepReport:
 
 
 class Coordinator:
-    """Drives samplers, scorers and the learner through RL steps. Build with ``services.train``."""
+    """Drives samplers, scorers and the learner through RL steps. Build with ``services.training.run``."""
 
     def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0, prompts=None) -> None:
-        """``prompts``: the ``(train, eval)`` prompt sets (``services.prompts.prompt_sets(cfg)`` when None),
+        """``prompts``: the ``(train, eval)`` prompt sets (``services.training.prompts.prompt_sets(cfg)`` when None),
         loaded once for the run."""
-        from services.prompts import prompt_sets
+        from services.training.prompts import prompt_sets
 
         self.cfg = cfg
         self.prompt_set, self.eval_prompt_set = prompts if prompts is not None else prompt_sets(cfg)
@@ -105,13 +123,30 @@ class Coordinator:
             raise RuntimeError(f"illegal run-state transition {self.state.value} -> {new.value}")
         self.state = new
 
-    # ---- the run loop's view of the lifecycle (every change of state goes through _transition) ---
-    def begin_evaluation(self) -> None:
-        """An evaluation starts (before training, along it, or after it)."""
-        self._transition(RunState.EVALUATING)
+    # ---- the run loop: cadence and every change of state --------------------------------------
+    def run(self, hooks: RunHooks, run_dir: Path) -> None:
+        """Train until ``train.steps`` or until a hook stops the run (a reward target, a guard): an
+        evaluation every ``train.eval_every`` steps, a checkpoint every ``train.checkpoint_every``
+        steps and at the end. Experience made ahead is dropped when the run stops between drain
+        points; evaluations and checkpoints happen with nothing in flight."""
+        tr = self.cfg.train
+        done = self.step_idx >= tr.steps or hooks.stopped()
+        while not done:
+            report = self.step()
+            done = hooks.after_step(report) or self.step_idx >= tr.steps
+            if done:
+                self.drain()
+            elif tr.eval_every and self.step_idx % tr.eval_every == 0:
+                with self.evaluating():
+                    done = hooks.evaluate_along()
+            if (tr.checkpoint_every and self.step_idx % tr.checkpoint_every == 0) or done:
+                self.checkpoint(run_dir, hooks.checkpoint_extra())
 
-    def end_evaluation(self) -> None:
-        """Training resumes after an evaluation."""
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """An evaluation (before training, along it, or after it); training may resume afterwards."""
+        self._transition(RunState.EVALUATING)
+        yield
         self._transition(RunState.RUNNING)
 
     def finish(self) -> None:
@@ -125,6 +160,20 @@ class Coordinator:
         self._pending = None
         self.source.close(wait=False)
         self.state = RunState.ERRORED
+
+    def shutdown(self) -> None:
+        """Release everything this coordinator started: the learner group, and the sampler and scorer
+        actors (killed now, not whenever the garbage collector gets to their handles: a driver that
+        runs several trainings, a sweep or a rollback, needs their CPUs / GPUs back at once)."""
+        self._pending = None
+        self.source.close(wait=False)
+        self.learner.stop()
+        actors = [a for a in (*self.samplers, *self.scorers) if is_actor(a)]
+        if actors:
+            import ray
+
+            for a in actors:
+                ray.kill(a)
 
     def sync_samplers(self) -> None:
         """Push the learner's current weights to every sampler (after a build, a resume or a rollback)."""
@@ -204,43 +253,7 @@ class Coordinator:
 
     # ---- 4. advantages / pairs ------------------------------------------------------------
     def _build_shards(self, exp: Experience) -> tuple[list[TrainBatch], dict[str, float]]:
-        """The method's targets (``services.methods``), split over the learner ranks by training unit."""
-        rollout, reward = exp.rollout, exp.rewards
-        world = self.learner.world_size
-        targets = self.method.targets(reward, rollout.group_ids, self.cfg)
-        adv, prob = targets.advantages.float(), targets.reward_prob
-        sde = rollout.states is not None
-
-        def shard(idx: torch.Tensor, rank: int, units: tuple[int, ...], num_pairs: int = 0) -> TrainBatch:
-            return TrainBatch(
-                latents=rollout.latents[idx],
-                prompts=[rollout.prompts[i] for i in idx],
-                advantages=adv[idx],
-                reward_prob=prob[idx],
-                step=self.step_idx,
-                rank=rank,
-                shard_units=units,
-                num_pairs=num_pairs,
-                states=rollout.states[:, idx] if sde else None,
-                log_probs=rollout.log_probs[:, idx] if sde else None,
-                sigmas=rollout.sigmas if sde else None,
-                versions=rollout.versions[idx],
-            )
-
-        if targets.winners is not None:  # pair methods: a unit is a (winner, loser) pair
-            parts = torch.tensor_split(torch.arange(len(targets.winners)), world)
-            units = tuple(len(p) for p in parts)
-            if not sum(units):
-                return [], targets.metrics
-            return [
-                shard(torch.cat([targets.winners[p], targets.losers[p]]), r, units, num_pairs=len(p))
-                for r, p in enumerate(parts)
-            ], targets.metrics
-        parts = torch.tensor_split(targets.train_idx, world)
-        units = tuple(len(p) for p in parts)
-        if not sum(units):  # e.g. Flow-GRPO with every group's rewards equal
-            return [], targets.metrics
-        return [shard(idx, rank, units) for rank, idx in enumerate(parts)], targets.metrics
+        return build_shards(self.method, exp, step=self.step_idx, world=self.learner.world_size, cfg=self.cfg)
 
     # ---- 5. update ------------------------------------------------------------------------
     def _update(self, shards: list[TrainBatch]) -> dict[str, float]:

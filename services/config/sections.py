@@ -1,31 +1,32 @@
-"""One typed, airtight pydantic v2 config tree (P9), loaded from YAML with dotted overrides.
-
-Hardware layout (``resources``) is separate from algorithm hyperparameters; the per-loss
-sections are a discriminated union on ``loss.name``; every YAML in ``deploy/configs`` is
-loaded in a test. Services unpack these into explicit keyword arguments (P10): the core never
-sees a config object.
-"""
+"""The experiment's sections: model, rollout, reward, advantages, NormGuard, learner, resources,
+train, logging, eval, data (hardware layout in ``resources``, apart from the algorithm)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config"]
+from services.config.base import Section
+
+__all__ = [
+    "AdvantageConfig",
+    "DataConfig",
+    "EvalConfig",
+    "GuardSpec",
+    "LearnerConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "NormGuardConfig",
+    "ResourcesConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "ScorerSpec",
+    "TrainConfig",
+]
 
 
-class ConfigError(ValueError):
-    """A user's config mistake (YAML syntax, malformed override): the CLI prints it, no traceback."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     kind: Literal["digits", "sd3", "flux"] = Field("digits", description="generator family")
     path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
     lora_rank: int | None = Field(
@@ -45,7 +46,7 @@ class ModelConfig(_Section):
         return self
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     num_samplers: int = Field(2, ge=1, description="RolloutSampler actors")
     prompts_per_step: int = Field(10, ge=1, description="prompt groups per RL step")
     group_size: int = Field(8, ge=1, description="samples per prompt")
@@ -61,7 +62,7 @@ class RolloutConfig(_Section):
     )
 
 
-class ScorerSpec(_Section):
+class ScorerSpec(Section):
     name: str = Field(description="registered scorer name (see `normguard scorers`), or a label when impl is set")
     impl: str | None = Field(
         None,
@@ -75,7 +76,7 @@ class ScorerSpec(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="scorer-specific keyword arguments")
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     scorers: tuple[ScorerSpec, ...] = Field((ScorerSpec(name="digits_ink"),), min_length=1)
     eval_scorers: tuple[ScorerSpec, ...] = Field(
         (
@@ -90,86 +91,14 @@ class RewardConfig(_Section):
     retries: int = Field(2, ge=0, description="retries per call, with exponential backoff")
 
 
-TrainSigmas = Literal["sampler_grid", "grid_stratified", "uniform", "logit_normal"]
-
-
-class NFTLoss(_Section):
-    """DiffusionNFT (NVlabs/DiffusionNFT ``train_nft_sd3.py``, ``config/nft.py``); defaults are the source's."""
-
-    name: Literal["diffusion_nft"] = "diffusion_nft"
-    beta: float = Field(1.0, gt=0, description="DiffusionNFT mixing strength (1.0 in the SD3 configs, 0.1 OCR)")
-    adv_clip_max: float = Field(5.0, gt=0, description="advantage clip, maps A to r in [0, 1]")
-    adaptive_weighting: bool = Field(True, description="x0-space self-normalised error (reference code)")
-    loss_scale: Literal["adv_clip_max", "unit"] = Field(
-        "adv_clip_max", description="'adv_clip_max': the source's mean(loss * adv_clip_max); 'unit': no factor"
-    )
-    old_policy_decay: Literal["nft_linear", "nft_delayed", "none"] = Field(
-        "nft_linear",
-        description="the old (sampling) policy's EMA schedule: decay_type 1 (min(0.001 k, 0.5)), 2 (OCR) or "
-        "none (old = theta after every RL step)",
-    )
-    kl_weight: float = Field(1e-4, ge=0, description="velocity KL to the reference (the source's train.beta)")
-    train_sigmas: TrainSigmas = Field("sampler_grid", description="training sigmas: the sampler's grid (source)")
-
-
-class AWMLoss(_Section):
-    """AWM (scxue/advantage_weighted_matching ``train_sd3_awm.py``); defaults are ``config/dgx_awm.py``'s."""
-
-    name: Literal["awm"] = "awm"
-    weighting: Literal["uniform", "sigma", "sigma2", "huber", "ghuber"] = "ghuber"
-    ghuber_power: float = Field(0.25, gt=0, description="p of the ghuber weighting")
-    clip_range: float | None = Field(1.0, gt=0, description="PPO ratio clip; None = plain AWM")
-    adv_clip_max: float = Field(5.0, gt=0)
-    advantage_max: float | None = Field(1.0, gt=0, description="rescale clipped advantages to +-advantage_max")
-    kl_weight: float = Field(1e-4, ge=0, description="KL to the reference (1e-4 PickScore, 1e-3 GenEval)")
-    kl_form: Literal["uniform", "elbo"] = Field("uniform", description="'elbo' divides by 2 std_t^2 (source option)")
-    ema_kl_weight: float = Field(1.0, ge=0, description="EMA-KL weight (the source's ema_beta)")
-    ema_decay: Literal["awm_linear", "none"] = Field("awm_linear", description="EMA-KL copy: min(0.3, 0.001 k)")
-    train_sigmas: TrainSigmas = Field(
-        "grid_stratified", description="training sigmas: stratified indices into the sampler's grid (discrete_wo_init)"
-    )
-
-
-class DPOLoss(_Section):
-    """Flow-DPO (flow_grpo ``train_sd3_dpo.py``, ``config/dpo.py``)."""
-
-    name: Literal["flow_dpo"] = "flow_dpo"
-    beta: float = Field(100.0, gt=0, description="inverse temperature on per-element MSEs (flow_grpo SD3: 100)")
-    min_gap: float = Field(0.0, ge=0, description="reward gap below which a group is a tie")
-    ties: Literal["skip", "flow_grpo"] = Field(
-        "skip", description="a tie: skipped and counted, or paired index 1 over 0 as flow_grpo does"
-    )
-    kl_weight: float = Field(0.0, ge=0, description="velocity KL to the reference (none in the source)")
-    train_sigmas: TrainSigmas = Field("logit_normal", description="logit-normal(0, 1), shifted by rollout.shift")
-
-
-class GRPOLoss(_Section):
-    """Flow-GRPO (flow_grpo ``train_sd3.py``, ``config/grpo.py``)."""
-
-    name: Literal["flow_grpo"] = "flow_grpo"
-    clip_range: float = Field(1e-4, gt=0)
-    adv_clip_max: float = Field(5.0, gt=0)
-    kl_weight: float = Field(0.04, ge=0, description="KL beta (0.04 OCR/GenEval, 0.01 PickScore), sigma-dependent")
-    drop_zero_advantages: bool = Field(True, description="train only on samples with a non-zero advantage")
-    train_cfg: bool = Field(True, description="train on the CFG velocity of rollout.guidance_scale (uncond detached)")
-    guard: bool = Field(
-        False,
-        description="GRPO-Guard (arXiv 2510.22319): the ratio normalised per timestep (x step std, mean-shift "
-        "corrected), as in Flow-Factory's grpo-guard trainer",
-    )
-
-
-LossConfig = Annotated[NFTLoss | AWMLoss | DPOLoss | GRPOLoss, Field(discriminator="name")]
-
-
-class AdvantageConfig(_Section):
+class AdvantageConfig(Section):
     std: Literal["global", "group"] = Field(
         "global", description="normalise by the std of all rewards of the step (sources) or of each prompt group"
     )
     eps: float = Field(1e-4, gt=0, description="added to the std")
 
 
-class NormGuardConfig(_Section):
+class NormGuardConfig(Section):
     """``mode: penalty`` is the fixed-weight hinge; ``mode: constraint`` holds the per-sigma-bin mean ratio
     at or below ``1 + margin`` with one multiplier per bin (``normguard_core.constraint``)."""
 
@@ -229,7 +158,7 @@ class NormGuardConfig(_Section):
         return self
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -254,10 +183,10 @@ class LearnerConfig(_Section):
     )
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     check_cluster: Literal["error", "warn", "off"] = Field(
         "error",
-        description="before the actors start, place them on the cluster's nodes (services.plan): 'error' stops a "
+        description="before the actors start, place them on the cluster's nodes (services.cluster.plan): 'error' stops a "
         "run the cluster can never hold; 'warn' starts anyway (an autoscaling cluster that will add nodes)",
     )
     num_learners: int = Field(1, ge=1, description="Ray Train workers (DDP)")
@@ -282,8 +211,8 @@ class ResourcesConfig(_Section):
     )
 
 
-class GuardSpec(_Section):
-    """A bound on one metric watched during training (``services.guards``): crossing it warns, stops,
+class GuardSpec(Section):
+    """A bound on one metric watched during training (``services.training.guards``): crossing it warns, stops,
     or rolls the run back to its newest checkpoint inside every bound."""
 
     metric: str = Field(
@@ -308,7 +237,7 @@ class GuardSpec(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     run_name: str = Field("digits-nft", pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = Field("runs", description="run directories live here")
     steps: int = Field(30, ge=1, description="RL steps (rollout -> update -> sync)")
@@ -342,8 +271,8 @@ class TrainConfig(_Section):
     )
 
 
-class LoggingConfig(_Section):
-    """Where a run's scalars, image grids, config and summary go besides metrics.jsonl (``services.trackers``)."""
+class LoggingConfig(Section):
+    """Where a run's scalars, image grids, config and summary go besides metrics.jsonl (``services.training.trackers``)."""
 
     backends: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = Field(
         ("tensorboard",), description="any subset of tensorboard, wandb, mlflow"
@@ -365,7 +294,7 @@ class LoggingConfig(_Section):
         return self
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     num_prompts: int = Field(10, ge=1)
     samples_per_prompt: int = Field(10, ge=1)
     few_steps: int = Field(4, ge=1)
@@ -376,8 +305,8 @@ class EvalConfig(_Section):
     )
 
 
-class DataConfig(_Section):
-    """Prompt files (``services.prompts``); without them the inline ``prompts`` list is used."""
+class DataConfig(Section):
+    """Prompt files (``services.training.prompts``); without them the inline ``prompts`` list is used."""
 
     train_prompts: str | None = Field(
         None, description="training prompts: a .txt (one per line), .jsonl (a 'prompt' key + metadata) or .csv file"
@@ -386,95 +315,3 @@ class DataConfig(_Section):
         None, description="held-out evaluation prompts (same formats); default: the training prompts"
     )
     shuffle: bool = Field(True, description="a fresh permutation of the training file per epoch (seeded by train.seed)")
-
-
-class ExperimentConfig(_Section):
-    """The whole experiment. Derived values are properties, never stored twice."""
-
-    model: ModelConfig = ModelConfig()
-    prompts: tuple[str, ...] = Field(tuple(f"a handwritten digit {d}" for d in range(10)), min_length=1)
-    data: DataConfig = DataConfig()
-    rollout: RolloutConfig = RolloutConfig()
-    reward: RewardConfig = RewardConfig()
-    loss: LossConfig = NFTLoss()
-    advantages: AdvantageConfig = AdvantageConfig()
-    normguard: NormGuardConfig = NormGuardConfig()
-    learner: LearnerConfig = LearnerConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
-    logging: LoggingConfig = LoggingConfig()
-
-    @property
-    def samples_per_step(self) -> int:
-        """Rollout samples generated per RL step."""
-        return self.rollout.prompts_per_step * self.rollout.group_size
-
-    @property
-    def run_dir(self) -> Path:
-        """Directory of this run's outputs, absolute: Ray actors (the learner writes checkpoints) do not
-        share the driver's working directory."""
-        return Path(self.train.output_dir).expanduser().resolve() / self.train.run_name
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> ExperimentConfig:
-        from services.methods import get_method  # the method's own cross-checks (no import cycle: it reads attributes)
-
-        get_method(self.loss.name).check(self)
-        if self.learner.sigma_min >= self.learner.sigma_max:
-            raise ValueError("learner.sigma_min must be < learner.sigma_max")
-        if self.samples_per_step % self.rollout.num_samplers:
-            raise ValueError(
-                f"samples per step ({self.samples_per_step}) must divide evenly over rollout.num_samplers "
-                f"({self.rollout.num_samplers})"
-            )
-        return self
-
-
-def _yaml_message(err: yaml.YAMLError) -> str:
-    """``YAML syntax error at line L, column C: problem`` (1-based, as editors count)."""
-    mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    problem = getattr(err, "problem", None) or str(err)
-    return f"YAML syntax error{where}: {problem}"
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
-    for item in overrides:
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.steps=10)")
-        key, value = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        try:
-            node[parts[-1]] = _parse_value(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an ExperimentConfig from YAML (or the embedded default when ``path`` is None)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            hint = "" if path.suffix in (".yaml", ".yml") else " (an override is written key.path=value)"
-            raise FileNotFoundError(f"config file not found: {path}{hint}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: {_yaml_message(err)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    apply_overrides(data, list(overrides or []))
-    return ExperimentConfig.model_validate(data)

@@ -1,0 +1,1 @@
+"""Cluster: the placement plan (actors vs nodes) and Ray job submission."""

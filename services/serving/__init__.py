@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve app (HTTP generation), its config, and export of trained runs."""

@@ -1,0 +1,1 @@
+"""Sweeps: Ray Tune grids over methods, NormGuard weights, rewards and seeds, and their comparison."""

@@ -1,0 +1,92 @@
+"""The comparison's tables as markdown (mean ± 95 % t half-width over seeds), for docs/results.md."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+__all__ = ["markdown_tables"]
+
+HIGH_LEVEL_EXCLUDES = ("kl",)  # arms left out of the second, higher matched level
+
+
+def _pm(row: dict, key: str, digits: int = 3) -> str:
+    m, h = row.get(key), row.get(f"{key}_ci95")
+    if m is None or not math.isfinite(m):
+        return "-"
+    return f"{m:.{digits}g} ± {h:.2g}" if h is not None and math.isfinite(h) else f"{m:.{digits}g}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
+
+
+def _matched_md(title: str, matched: list[dict], paired: list[dict]) -> list[str]:
+    lines = [f"### {title}", ""]
+    header = ["method", "arm", "reward level", "FD", "KID", "diversity", "recall", "precision", "judge", "seeds"]
+    lines += _table(
+        header,
+        (
+            [r["method"], r["arm"], f"{r['reward_level']:.3f}", _pm(r, "frechet"), _pm(r, "kid"), _pm(r, "diversity")]
+            + [_pm(r, "recall", 2), _pm(r, "precision", 2), _pm(r, "digits_judge"), str(r["seeds"])]
+            for r in matched
+        ),
+    )
+    lines += ["", "Paired by seed, NormGuard minus the alternative at that level:", ""]
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for p in paired:
+        groups[(p["method"], p["normguard"], p["vs"])][p["metric"]] = p
+    rows = []
+    for (method, ng, vs), by_metric in groups.items():
+        cells = []
+        for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
+            p = by_metric.get(k)
+            cells.append(_pm({"d": p["diff_mean"], "d_ci95": p["diff_ci95"]}, "d") if p else "-")
+        fd = by_metric.get("frechet", {})
+        rows.append([method, ng, vs, *cells, f"{fd.get('seeds_favouring_normguard', '-')} / {fd.get('seeds', '-')}"])
+    header = ["method", "NormGuard", "vs", "ΔFD", "ΔKID", "Δdiversity", "Δrecall", "Δjudge"]
+    lines += _table([*header, "seeds favouring NormGuard (FD)"], rows)
+    return lines + [""]
+
+
+def _span(r: dict, k: str) -> str:
+    return f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-"
+
+
+def markdown_tables(
+    matched: list[dict],
+    paired: list[dict],
+    final: list[dict],
+    *,
+    high: list[dict] | None = None,
+    high_paired: list[dict] | None = None,
+    bound: list[dict] | None = None,
+) -> str:
+    """The matched-reward tables (and the higher level's), the after-training table and the bound table."""
+    lines = _matched_md("At matched reward: the level every seed of every arm reaches", matched, paired)
+    if high:
+        excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
+        lines += _matched_md(f"At a higher matched reward: every arm but {excluded}", high, high_paired or [])
+    lines += ["### After the last step (no matching)", ""]
+    header = ["method", "arm", "reward", "FD", "KID", "diversity", "recall", "judge", "ratio min step"]
+    lines += _table(
+        [*header, "ratio max step"],
+        (
+            [r["method"], r["arm"], _pm(r, "reward"), _pm(r, "frechet"), _pm(r, "kid"), _pm(r, "diversity")]
+            + [_pm(r, "recall", 2), _pm(r, "digits_judge"), _pm(r, "ratio_min_step"), _pm(r, "ratio_max_step")]
+            for r in final
+        ),
+    )
+    if bound:
+        lines += ["", "### How each arm holds the bound (per sampling step, after training)", ""]
+        header = ["method", "arm", "largest step ratio: mean [min, max]", "worst-step deficit: mean [min, max]"]
+        lines += _table(
+            [*header, "mean deficit over steps", "seeds"],
+            (
+                [r["method"], r["arm"], _span(r, "max_step"), _span(r, "worst_deficit")]
+                + [f"{r['mean_deficit']:.3f}" if "mean_deficit" in r else "-", str(r["seeds"])]
+                for r in bound
+            ),
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,126 @@
+"""Composition root of a training run: the model and scorers resolved, Ray started (or joined), the
+RolloutSampler and RewardScorer actors and the Ray Train learner created (or their plain-object
+twins with ``local``), a checkpoint resumed, and a :class:`Coordinator` over them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from services.checkpoints import latest_intact
+from services.cluster.connect import ensure_ray
+from services.training.coordinator import Coordinator
+from services.types import ScorerBuild
+
+__all__ = ["build_coordinator"]
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(cfg):
+    """Model path and scorer specs (``services.prepare.resolve_model``; the embedded default's scorers
+    come from its prepared directory)."""
+    from services.prepare import resolve_model
+
+    resolved = resolve_model(cfg.model, log=log.info)
+    model_path, scorer_dir = resolved.path, resolved.scorer_dir
+
+    def specs(items) -> dict[str, ScorerBuild]:
+        embedded = lambda s: scorer_dir if s.name.startswith("digits_") and not s.impl else None  # noqa: E731
+        return {s.name: ScorerBuild(path=s.path or embedded(s), options=dict(s.options), impl=s.impl) for s in items}
+
+    return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
+
+
+def _check_cluster(cfg) -> None:
+    """Fail before any actor starts when the cluster can never hold the run (``resources.check_cluster``)."""
+    if cfg.resources.check_cluster == "off":
+        return
+    from services.cluster.plan import ClusterTooSmall, check_plan, nodes_from_ray, plan_run, run_demand
+
+    try:
+        check_plan(plan_run(run_demand(cfg), nodes_from_ray()), where="the Ray cluster")
+    except ClusterTooSmall as err:
+        if cfg.resources.check_cluster == "error":
+            raise
+        log.warning("%s", err)
+
+
+def build_coordinator(
+    cfg, *, local: bool = False, checkpoint: Path | None | str = "latest"
+) -> tuple[Coordinator, dict, dict]:
+    """Actors (or plain objects with ``local``) and a Coordinator; resumes from ``checkpoint`` (the run
+    directory's newest intact one when ``"latest"``, none when ``None``). Returns ``(coordinator, the
+    checkpoint's extra state, the evaluation-only scorer specs)``."""
+    from services.training.prompts import prompt_sets
+
+    model_path, train_specs, eval_specs = _resolve(cfg)
+    ckpt = (
+        latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint) if checkpoint == "latest" else checkpoint
+    )
+    resume = str(ckpt) if ckpt else None
+    samplers, scorers, learner = _workers(cfg, model_path, {**train_specs, **eval_specs}, resume, local=local)
+    extra = learner.extra if resume else {}
+    train_prompts, eval_prompts = prompt_sets(cfg)
+    _check_prompts(extra.get("prompt_fingerprint"), train_prompts.fingerprint, resume)
+    coord = Coordinator(
+        cfg,
+        samplers=samplers,
+        scorers=scorers,
+        learner=learner,
+        start_step=extra.get("step", 0),
+        prompts=(train_prompts, eval_prompts),
+    )
+    coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
+    if resume:
+        log.info("resuming %s from %s (step %d, policy v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
+    coord.sync_samplers()  # samplers start from the learner's weights (the checkpoint's after a resume)
+    return coord, extra, eval_specs
+
+
+def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, local: bool) -> tuple[list, list, object]:
+    """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects."""
+    from services.training.learner_group import LearnerGroup, LocalLearner
+    from services.training.rollout import RolloutSampler
+    from services.training.scoring import ScorerWorker
+
+    res = cfg.resources
+    if local:
+        samplers = [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)]
+        scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads)]
+        return samplers, scorers, LocalLearner(cfg, model_path, resume_from=resume)
+    import ray
+
+    ensure_ray()
+    _check_cluster(cfg)
+    # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
+    opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
+    sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)
+    scorer_cls = ray.remote(ScorerWorker).options(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, **opts)
+    sampler_dev, scorer_dev = ("cuda" if gpus else "cpu" for gpus in (res.sampler_gpus, res.scorer_gpus))
+    samplers = [
+        sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev)
+        for _ in range(cfg.rollout.num_samplers)
+    ]
+    scorers = [
+        scorer_cls.remote(scorer_specs, torch_threads=res.torch_threads, device=scorer_dev)
+        for _ in range(cfg.reward.num_actors)
+    ]
+    storage = str(cfg.run_dir / "ray_train")
+    learner = LearnerGroup(
+        cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
+    )
+    return samplers, scorers, learner
+
+
+def _check_prompts(stored: str | None, now: str, resume: str | None) -> None:
+    """A resume must see the prompts the run was training on (the checkpoint keeps their fingerprint)."""
+    if stored is not None and stored != now:
+        from services.checkpoints import CheckpointError
+
+        raise CheckpointError(
+            f"the training prompts changed since checkpoint {resume} (fingerprint {stored}, now {now}): a resume "
+            "would not see the prompts the run was training on. Restore the prompt file, or start a new run "
+            "(train.run_name)."
+        )
