@@ -28,6 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2, help="threads of the single-process loop")
+    ap.add_argument("--learner-threads", action="store_true", help="also the arms with learner_threads=cores")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="ng-bench-")
     common = [
@@ -49,14 +50,15 @@ def main():
     lt = f"resources.learner_threads={args.cores}"
     pipelined = ["train.pipeline=async", "rollout.max_staleness=1"]
     one = ["rollout.num_samplers=1"]
-    arms = {  # name: overrides; "async" rows use the actors of the "sync" row above them
+    arms = {  # name: overrides; each "async" row uses the actors of the "sync" row above it
         "sync (defaults: 2 samplers)": [],
         "async (defaults: 2 samplers)": pipelined,
-        f"sync, learner_threads={args.cores}": [lt],
-        f"async, learner_threads={args.cores}": [lt, *pipelined],
         "sync, 1 sampler": one,
         "async, 1 sampler": [*one, *pipelined],
     }
+    if args.learner_threads:
+        arms[f"sync, learner_threads={args.cores}"] = [lt]
+        arms[f"async, learner_threads={args.cores}"] = [lt, *pipelined]
     runs = {}
     for i, (name, over) in enumerate(arms.items()):
         runs[name] = run_training(load_config(None, [*common, f"train.run_name=ray{i}", *over]), progress=False)

@@ -45,7 +45,7 @@ def submit(
     from services.config import load_config
 
     load_config(config, overrides)  # fail here, not on the cluster
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # the repository root (services/cluster/submit.py)
     if config and Path(config).resolve().is_relative_to(root):
         config = str(Path(config).resolve().relative_to(root))
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
