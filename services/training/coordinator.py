@@ -116,7 +116,7 @@ class Coordinator:
             stats=self.stats,
         )
         self._pending = None  # a Future of the next step's Experience (pipelined mode)
-        self._acks: list = []  # (sampler, ref) of weight syncs queued behind a rollout in flight
+        self._acks: list = []  # (sampler, ref) of the last weight sync, until confirmed (_confirm_sync)
 
     def _transition(self, new: RunState) -> None:
         if new not in _ALLOWED[self.state] and new != self.state:
