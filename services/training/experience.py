@@ -185,13 +185,9 @@ class ExperienceSource:
             )
             for c in chunks
         ]
-        t0 = time.perf_counter()
-        return (
-            self._fan_out("generate", self.samplers, reqs, name="rollout", timeout_s=sp.rollout_timeout_s),
-            seeds,
-            meta,
-            t0,
-        )
+        t0 = time.perf_counter()  # before the fan-out: on plain objects the rollout is made inside it
+        shares = self._fan_out("generate", self.samplers, reqs, name="rollout", timeout_s=sp.rollout_timeout_s)
+        return shares, seeds, meta, t0
 
     def _finish(
         self, step: int, shares: list[_Share], seeds: list[int], meta: list | None, t0: float, policy: PolicyRef
