@@ -88,7 +88,7 @@ class RewardConfig(Section):
     )
     num_actors: int = Field(1, ge=1, description="RewardScorer actors per pool")
     timeout_s: float = Field(120.0, gt=0, description="per-call timeout")
-    retries: int = Field(2, ge=0, description="retries per call, with exponential backoff")
+    retries: int = Field(2, ge=0, description="retries per scorer call, with exponential backoff")
 
 
 class AdvantageConfig(Section):
@@ -263,6 +263,9 @@ class TrainConfig(Section):
     )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
+    sampler_retries: int = Field(
+        2, ge=0, description="retries per sampler call (a rollout share, a weight sync), with exponential backoff"
+    )
     pipeline: Literal["sync", "async"] = Field(
         "sync",
         description="async: the next step's rollout and rewards are made while the learner updates (samples one "

@@ -297,7 +297,7 @@ class Coordinator:
             self.weights_ref,
             self.version,
             timeout_s=SYNC_TIMEOUT_S,
-            retries=self.cfg.reward.retries,
+            retries=self.cfg.train.sampler_retries,
             stats=self.stats,
             name="sync",
         )

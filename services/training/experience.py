@@ -58,7 +58,8 @@ class ExperienceSpec:
     sde_noise_level: float
     rollout_timeout_s: float
     reward_timeout_s: float
-    retries: int
+    sampler_retries: int
+    reward_retries: int
     train_weights: tuple[tuple[str, float], ...]  # (scorer, weight) of the training reward
     required: frozenset[str]
 
@@ -75,7 +76,8 @@ class ExperienceSpec:
             sde_noise_level=ro.sde_noise_level,
             rollout_timeout_s=cfg.train.rollout_timeout_s,
             reward_timeout_s=rw.timeout_s,
-            retries=rw.retries,
+            sampler_retries=cfg.train.sampler_retries,
+            reward_retries=rw.retries,
             train_weights=tuple((s.name, s.weight) for s in rw.scorers),
             required=frozenset(s.name for s in rw.scorers if s.required),
         )
@@ -275,7 +277,7 @@ class ExperienceSource:
             method,
             share.payload,
             timeout_s=timeout_s,
-            retries=self.spec.retries,
+            retries=self.spec.sampler_retries if method == "generate" else self.spec.reward_retries,
             stats=self.stats,
             name=name,
             on_actor_restart=hook,
