@@ -66,7 +66,9 @@ def prepare_embedded(
             half = prompts[i::2]
             g = torch.Generator().manual_seed(seed + 100 + i)
             noise = torch.randn(len(half), *gen.latent_shape, generator=g)
-            fakes.append(sample(gen, half, noise=noise, num_steps=steps, measure_ratio=False).latents.clamp(-1, 1))
+            fakes.append(
+                sample(gen, half, noise=noise, num_steps=steps, measure_ratio=False).trajectory.x0.clamp(-1, 1)
+            )
         fake = torch.cat(fakes)[torch.randperm(num_fake, generator=torch.Generator().manual_seed(seed))]
         train_digit_scorers(scorer_path, fake_images=fake, resolution=resolution, seed=seed, log=log)
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)

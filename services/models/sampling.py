@@ -18,6 +18,7 @@ from torch import Tensor
 
 from normguard_core.conventions import sigma_grid
 from normguard_core.samplers import RatioProbe, sample_trajectory
+from normguard_core.types import Trajectory
 from services.models.base import FlowGenerator
 
 __all__ = ["Samples", "sample"]
@@ -28,20 +29,15 @@ class Samples:
     """What :func:`sample` returns (on the generator's device).
 
     Attributes:
-        latents: ``(B, *D)`` final samples x0.
-        images: ``(B, 3, H, W)`` decoded, in [0, 1].
-        sigmas: ``(T + 1,)`` the grid used.
+        trajectory: the core's record of the integration (``x0``, the grid, states and SDE log-probs
+            when recorded).
+        images: ``(B, 3, H, W)`` ``trajectory.x0`` decoded, in [0, 1].
         ratio: ``(T, B)`` ``||v_theta|| / ||v_ref||`` per step, or ``None`` when not measured.
-        states: ``(T + 1, B, *D)`` the trajectory, when recorded.
-        log_probs: ``(T, B)`` SDE step log-probs (``sde_noise_level > 0``), else ``None``.
     """
 
-    latents: Tensor
+    trajectory: Trajectory
     images: Tensor
-    sigmas: Tensor
     ratio: Tensor | None = None
-    states: Tensor | None = None
-    log_probs: Tensor | None = None
 
 
 @torch.no_grad()
@@ -76,11 +72,5 @@ def sample(
         transform=probe,
         record_states=record_states,
     )
-    return Samples(
-        latents=traj.x0,
-        images=gen.decode(traj.x0),
-        sigmas=sigmas,
-        ratio=probe.ratio() if probe is not None and measure_ratio else None,
-        states=traj.states,
-        log_probs=traj.log_probs,
-    )
+    ratio = probe.ratio() if probe is not None and measure_ratio else None
+    return Samples(trajectory=traj, images=gen.decode(traj.x0), ratio=ratio)

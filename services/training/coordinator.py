@@ -129,17 +129,17 @@ class Coordinator:
         evaluation every ``train.eval_every`` steps, a checkpoint every ``train.checkpoint_every``
         steps and at the end. Experience made ahead is dropped when the run stops between drain
         points; evaluations and checkpoints happen with nothing in flight."""
-        tr = self.cfg.train
-        done = self.step_idx >= tr.steps or hooks.stopped()
+        steps = self.cfg.train.steps
+        done = self.step_idx >= steps or hooks.stopped()
         while not done:
             report = self.step()
-            done = hooks.after_step(report) or self.step_idx >= tr.steps
+            done = hooks.after_step(report) or self.step_idx >= steps
             if done:
                 self.drain()
-            elif tr.eval_every and self.step_idx % tr.eval_every == 0:
+            elif self._evaluates_after(self.step_idx):
                 with self.evaluating():
                     done = hooks.evaluate_along()
-            if (tr.checkpoint_every and self.step_idx % tr.checkpoint_every == 0) or done:
+            if self._checkpoints_after(self.step_idx) or done:
                 self.checkpoint(run_dir, hooks.checkpoint_extra())
 
     @contextlib.contextmanager
@@ -205,9 +205,14 @@ class Coordinator:
         if pending is None:
             policy = PolicyRef(self.weights_ref, self.version)
             return self.source.produce(self.step_idx, policy, min_version=self._min_version(self.step_idx))
-        exp = pending.result(timeout=self.cfg.train.rollout_timeout_s + self.cfg.reward.timeout_s)
+        exp = pending.result(timeout=self._experience_timeout_s)
         self._confirm_sync()  # the sync queued behind that rollout has landed (or is redone now)
         return exp
+
+    @property
+    def _experience_timeout_s(self) -> float:
+        """The longest a step's experience may take: its rollout, then its scoring."""
+        return self.cfg.train.rollout_timeout_s + self.cfg.reward.timeout_s
 
     def _min_version(self, step: int) -> int:
         """The oldest policy that may sample ``step``: the learner trains on it at version
@@ -234,19 +239,22 @@ class Coordinator:
     def drains_after(self, step: int) -> bool:
         """Whether the run loop stops the pipeline once ``step`` steps are done (an evaluation, a
         checkpoint or the last step follows)."""
-        tr = self.cfg.train
-        return (
-            step >= tr.steps
-            or bool(tr.eval_every and step % tr.eval_every == 0)
-            or bool(tr.checkpoint_every and step % tr.checkpoint_every == 0)
-        )
+        return step >= self.cfg.train.steps or self._evaluates_after(step) or self._checkpoints_after(step)
+
+    def _evaluates_after(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every and step % every == 0)
+
+    def _checkpoints_after(self, step: int) -> bool:
+        every = self.cfg.train.checkpoint_every
+        return bool(every and step % every == 0)
 
     def drain(self) -> None:
         """Wait for (and drop) experience made ahead that will not be trained on (the run ended early)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             try:
-                pending.result(timeout=self.cfg.train.rollout_timeout_s + self.cfg.reward.timeout_s)
+                pending.result(timeout=self._experience_timeout_s)
             except Exception as err:  # noqa: BLE001 - nothing will train on it
                 log.warning("dropped experience made ahead failed: %s", err)
             self._confirm_sync()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from services.rewards.base import combine_scores
-from services.training.remote import CallStats, actor_gone, call, call_with_retries, is_actor
+from services.training.remote import CallStats, actor_gone, call, call_with_retries, is_actor, until_answered
 from services.types import RolloutBatch, RolloutRequest, ScoreRequest, ScoreResult
 
 __all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef"]
@@ -271,7 +271,7 @@ class ExperienceSource:
         return out
 
     def _redo(self, method: str, share: _Share, *, name: str, timeout_s: float, policy: PolicyRef | None = None):
-        hook = (lambda: self._resync(share.actor, policy)) if policy is not None else None
+        hook = (lambda: self._set(share.actor, policy)) if policy is not None else None  # waited for by the policy
         return call_with_retries(
             share.actor,
             method,
@@ -284,16 +284,12 @@ class ExperienceSource:
         )
 
     def _resync(self, sampler, policy: PolicyRef) -> None:
-        """Set one sampler to ``policy`` (bounded wait for a restarting actor)."""
-        deadline = time.monotonic() + SYNC_TIMEOUT_S
-        while True:
-            try:
-                call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
-                return
-            except Exception:  # noqa: BLE001 - the actor may still be restarting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        """Set one sampler to ``policy``, waiting (bounded) for a restarting actor."""
+        until_answered(lambda: self._set(sampler, policy), SYNC_TIMEOUT_S)
+
+    @staticmethod
+    def _set(sampler, policy: PolicyRef) -> None:
+        call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
 
 
 def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:

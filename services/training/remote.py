@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CallStats", "actor_gone", "call_with_retries", "is_actor"]
+__all__ = ["CallStats", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,13 @@ def call_with_retries(
             time.sleep(backoff_s * 2**attempt)
             stats.add(restarts=int(gone))
             if (stale or gone) and on_actor_restart is not None:
-                _retry_hook(on_actor_restart, timeout_s)
+                until_answered(on_actor_restart, timeout_s)
     raise AssertionError("unreachable")
 
 
-def _retry_hook(hook: Callable[[], None], timeout_s: float) -> None:
-    """Run a recovery hook, waiting (bounded) for a restarting actor to accept calls."""
+def until_answered(hook: Callable[[], None], timeout_s: float) -> None:
+    """Run a recovery hook, retrying it (bounded by ``timeout_s``) while a restarting actor does not yet
+    accept calls."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:

@@ -58,17 +58,18 @@ class RolloutSampler:
             sde_noise=lambda k: per_sample_noise(req.seeds, shape, offset=1000 * (k + 1)),
             record_states=req.sde_noise_level > 0,
         )
+        traj = out.trajectory
         return RolloutBatch(
-            latents=out.latents.cpu(),
+            latents=traj.x0.cpu(),
             images=out.images.cpu(),
             prompts=list(req.prompts),
             group_ids=torch.tensor(req.group_ids, dtype=torch.long),
             seeds=list(req.seeds),
             versions=torch.full((b,), self.version, dtype=torch.long),
             norm_ratio=out.ratio.cpu(),
-            sigmas=out.sigmas.cpu(),
-            states=out.states.cpu() if out.states is not None else None,
-            log_probs=out.log_probs.cpu() if out.log_probs is not None else None,
+            sigmas=traj.sigmas.cpu(),
+            states=traj.states.cpu() if traj.states is not None else None,
+            log_probs=traj.log_probs.cpu() if traj.log_probs is not None else None,
         )
 
     def eval_samples(
@@ -93,4 +94,4 @@ class RolloutSampler:
             shift=shift,
             renormalize=renormalize,
         )
-        return {"latents": out.latents.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}
+        return {"latents": out.trajectory.x0.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}

@@ -152,18 +152,17 @@ class _Run:
         self.writer.truncate_after(coord.step_idx if self.summary.before else -1)  # no checkpoint yet: it reruns
         self.rewards = [r["reward/mean"] for r in self.writer.read() if "reward/mean" in r]
         self.bar = tqdm(total=cfg.train.steps, initial=coord.step_idx, disable=not progress, desc=cfg.train.run_name)
-        self.guards = GuardMonitor(cfg.train.guards, before=self.summary.before)
+        self.guards: GuardMonitor | None = None  # watches rises over the before-training metrics: built after them
 
     def evaluate_before(self) -> None:
-        """Before training (a resumed run has it in its checkpoint)."""
-        if self.summary.before:
-            return
+        """Before training (a resumed run has it in its checkpoint); then the guards, which read it."""
         coord, cfg = self.coord, self.cfg
-        with coord.evaluating():
-            self.summary.before, ratios, images = evaluate(coord, cfg, self.eval_names)
-        self.summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
-        _save_grids(cfg.run_dir, images, "before", cfg, self.writer, coord.step_idx)
-        self.writer.write(coord.step_idx, self.summary.before)
+        if not self.summary.before:
+            with coord.evaluating():
+                self.summary.before, ratios, images = evaluate(coord, cfg, self.eval_names)
+            self.summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
+            _save_grids(cfg.run_dir, images, "before", cfg, self.writer, coord.step_idx)
+            self.writer.write(coord.step_idx, self.summary.before)
         self.guards = GuardMonitor(cfg.train.guards, before=self.summary.before)
 
     # ---- Coordinator.run's hooks ----------------------------------------------------------------
