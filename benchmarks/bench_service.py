@@ -2,8 +2,10 @@
 same work (same config, same seeds), measured side by side in one run: the synchronous loop, and
 the pipelined one (``train.pipeline=async``: the next step's rollout and rewards are made while the
 learner updates) with the same actors. Goals: async >= 1.25x the sync service, >= 1.0x the loop.
+``--hybrid`` adds ``resources.placement=hybrid`` (the learner worker samples; no sampler actors, no
+weight sync), with the learner's default threads and with every core, against the default sync arm.
 
-    RAY_AUTH_MODE=disabled python benchmarks/bench_service.py [--steps 8]
+    RAY_AUTH_MODE=disabled python benchmarks/bench_service.py [--steps 8] [--hybrid]
 """
 
 import argparse
@@ -29,6 +31,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2, help="threads of the single-process loop")
     ap.add_argument("--learner-threads", action="store_true", help="also the arms with learner_threads=cores")
+    ap.add_argument("--hybrid", action="store_true", help="also resources.placement=hybrid (learners sample)")
+    ap.add_argument("--only-hybrid", action="store_true", help="the loop, the default sync arm and the hybrid arms")
     args = ap.parse_args()
     out = tempfile.mkdtemp(prefix="ng-bench-")
     common = [
@@ -56,6 +60,11 @@ def main():
         "sync, 1 sampler": one,
         "async, 1 sampler": [*one, *pipelined],
     }
+    if args.only_hybrid:
+        arms = {"sync (defaults: 2 samplers)": []}
+    if args.hybrid or args.only_hybrid:
+        arms["hybrid (the learner samples)"] = ["resources.placement=hybrid"]
+        arms[f"hybrid, learner_threads={args.cores}"] = ["resources.placement=hybrid", lt]
     if args.learner_threads:
         arms[f"sync, learner_threads={args.cores}"] = [lt]
         arms[f"async, learner_threads={args.cores}"] = [lt, *pipelined]
@@ -64,12 +73,13 @@ def main():
         runs[name] = run_training(load_config(None, [*common, f"train.run_name=ray{i}", *over]), progress=False)
     a = _rate(local)
     print(f"samples/s  {'single-process loop (' + str(args.cores) + ' threads)':<40}{a:.1f}")
-    sync = None
+    sync = default_sync = _rate(runs["sync (defaults: 2 samplers)"])
     for name, run in runs.items():
         b = _rate(run)
         sync = b if name.startswith("sync") else sync
+        base = default_sync if name.startswith("hybrid") else sync  # hybrid: against the default sync arm
         print(
-            f"samples/s  Ray service, {name:<27}{b:.1f}   x loop {b / a:.3f}   x sync {b / sync:.3f}   ({_phases(run)})"
+            f"samples/s  Ray service, {name:<32}{b:.1f}   x loop {b / a:.3f}   x sync {b / base:.3f}   ({_phases(run)})"
         )
 
 

@@ -3,7 +3,9 @@
 A training run is a fixed set of Ray actors (``services.training.run.build_coordinator``):
 
 * ``learner``: ``resources.num_learners`` Ray Train workers, each ``learner_cpus`` / ``learner_gpus``;
-* ``sampler``: ``rollout.num_samplers`` actors, each ``sampler_cpus`` / ``sampler_gpus``;
+* ``sampler``: ``rollout.num_samplers`` actors, each ``sampler_cpus`` / ``sampler_gpus``; none with
+  ``resources.placement: hybrid``, where each learner worker samples on its own device with the weights
+  it holds (the sampler row is printed with count 0 and the learners' memory is unchanged);
 * ``scorer``: ``reward.num_actors`` actors, each ``scorer_cpus`` / ``scorer_gpus``, each holding every
   training and evaluation scorer;
 * the driver (the coordinator, on the head or the job's submitter) and the learners' queues, which
@@ -171,11 +173,16 @@ def run_demand(cfg) -> list[ActorDemand]:
         learner_holds = "pipeline, reference transformer, Adam state, old/EMA copies"
     scorers = [*cfg.reward.scorers, *cfg.reward.eval_scorers]
     scorer_gb = sum(_scorer_gb(s) for s in scorers)
+    if res.placement == "hybrid":  # the learners sample with the weights they hold
+        learner_holds += "; samples its rollout share (hybrid)"
+        sampler = ActorDemand("sampler", 0, 0.0, 0.0, 0.0, "none: the learners sample (placement hybrid)")
+    else:
+        sampler = ActorDemand(
+            "sampler", cfg.rollout.num_samplers, res.sampler_cpus, res.sampler_gpus, tr + rest, "pipeline (inference)"
+        )
     return [
         ActorDemand("learner", res.num_learners, res.learner_cpus, res.learner_gpus, learner_gb, learner_holds),
-        ActorDemand(
-            "sampler", cfg.rollout.num_samplers, res.sampler_cpus, res.sampler_gpus, tr + rest, "pipeline (inference)"
-        ),
+        sampler,
         ActorDemand(
             "scorer",
             cfg.reward.num_actors,

@@ -72,10 +72,18 @@ class ExperimentConfig(Section):
         get_method(self.loss.name).check(self)
         if self.learner.sigma_min >= self.learner.sigma_max:
             raise ValueError("learner.sigma_min must be < learner.sigma_max")
-        if self.samples_per_step % self.rollout.num_samplers:
+        hybrid = self.resources.placement == "hybrid"
+        samplers, what = (
+            (self.resources.num_learners, "resources.num_learners (placement hybrid: each learner samples a share)")
+            if hybrid
+            else (self.rollout.num_samplers, "rollout.num_samplers")
+        )
+        if self.samples_per_step % samplers:
+            raise ValueError(f"samples per step ({self.samples_per_step}) must divide evenly over {what} ({samplers})")
+        if hybrid and self.train.pipeline == "async":
             raise ValueError(
-                f"samples per step ({self.samples_per_step}) must divide evenly over rollout.num_samplers "
-                f"({self.rollout.num_samplers})"
+                "resources.placement hybrid samples on the learner workers between their updates, so nothing runs "
+                "beside an update: use train.pipeline sync, or placement separate for the asynchronous pipeline"
             )
         return self
 

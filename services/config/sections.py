@@ -190,6 +190,13 @@ class ResourcesConfig(Section):
         "run the cluster can never hold; 'warn' starts anyway (an autoscaling cluster that will add nodes)",
     )
     num_learners: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    placement: Literal["separate", "hybrid"] = Field(
+        "separate",
+        description="separate: RolloutSampler actors beside the learners, synced with weights after each update; "
+        "hybrid: every learner worker also samples its share of the rollout with the policy it holds, on its own "
+        "device (verl's actor-rollout worker): no sampler actors and no weight sync, the learners' GPUs do both "
+        "(rollout.num_samplers and resources.sampler_* are unused; needs train.pipeline sync)",
+    )
 
     @field_validator("check_cluster", mode="before")
     @classmethod

@@ -80,38 +80,50 @@ def build_coordinator(
 
 
 def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, local: bool) -> tuple[list, list, object]:
-    """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects."""
+    """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects. With
+    ``resources.placement: hybrid`` the samplers are the learner workers (``services.training.colocated``)."""
     from services.training.learner_group import LearnerGroup, LocalLearner
     from services.training.rollout import RolloutSampler
     from services.training.scoring import ScorerWorker
 
     res = cfg.resources
+    hybrid = res.placement == "hybrid"
     if local:
-        samplers = [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)]
         scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads)]
-        return samplers, scorers, LocalLearner(cfg, model_path, resume_from=resume)
+        learner = LocalLearner(cfg, model_path, resume_from=resume)
+        samplers = [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)] if not hybrid else None
+        return samplers or _colocated(cfg, learner), scorers, learner
     import ray
 
     ensure_ray()
     _check_cluster(cfg)
     # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
     opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
-    sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)
     scorer_cls = ray.remote(ScorerWorker).options(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, **opts)
-    sampler_dev, scorer_dev = ("cuda" if gpus else "cpu" for gpus in (res.sampler_gpus, res.scorer_gpus))
-    samplers = [
-        sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev)
-        for _ in range(cfg.rollout.num_samplers)
-    ]
+    scorer_dev = "cuda" if res.scorer_gpus else "cpu"
     scorers = [
         scorer_cls.remote(scorer_specs, torch_threads=res.torch_threads, device=scorer_dev)
         for _ in range(cfg.reward.num_actors)
     ]
+    samplers = []
+    if not hybrid:
+        sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)
+        sampler_dev = "cuda" if res.sampler_gpus else "cpu"
+        samplers = [
+            sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev)
+            for _ in range(cfg.rollout.num_samplers)
+        ]
     storage = str(cfg.run_dir / "ray_train")
     learner = LearnerGroup(
         cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
     )
-    return samplers, scorers, learner
+    return samplers or _colocated(cfg, learner), scorers, learner
+
+
+def _colocated(cfg, learner) -> list:
+    from services.training.colocated import ColocatedRollouts
+
+    return [ColocatedRollouts(learner, timeout_s=cfg.train.rollout_timeout_s)]
 
 
 def _check_prompts(stored: str | None, now: str, resume: str | None) -> None:

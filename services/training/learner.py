@@ -68,7 +68,9 @@ class Learner:
         torch.set_num_threads(spec.threads)
         self.cfg = cfg = spec  # the spec's sections carry the experiment config's names
         self.method = get_method(cfg.loss.name)
-        self.gen = build_generator(cfg.model, path=model_path, device=device)
+        with torch.random.fork_rng():  # LoRA's random init (peft's A) from train.seed, not the process's
+            torch.manual_seed(spec.seed)  # history: same seed, same initial policy, in any process
+            self.gen = build_generator(cfg.model, path=model_path, device=device)
         self.params = self.gen.trainable_parameters()
         # AdamW; with a split force (constraint mode) NormGuard's gradient stays out of the momentum
         self.split_force = cfg.normguard.split_force
@@ -131,6 +133,18 @@ class Learner:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Sample with the policy separate samplers would hold (``resources.placement: hybrid``): the old
+        copy swapped into the model (``PolicyCopies.old_swapped_in``) in eval mode, then all restored."""
+        was_training = self.gen.transformer.training
+        self.gen.transformer.eval()
+        try:
+            with torch.no_grad(), self.copies.old_swapped_in(self.params):
+                yield
+        finally:
+            self.gen.transformer.train(was_training)
 
     def _velocity(self, x: Tensor, sigma: Tensor, cond, null, *, reference: bool = False) -> Tensor:
         """Policy (or reference) velocity; with train-time CFG the unconditional branch is detached."""

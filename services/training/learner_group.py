@@ -7,6 +7,13 @@ object ref of the new policy weights; ``save`` -> an atomic checkpoint, reported
 ``ray.train.report`` with a ``Checkpoint``; ``stop``. The process group is set up by Ray Train
 (gloo on CPU, NCCL on GPU) and used by ``Learner`` to all-reduce gradients.
 
+With ``resources.placement: hybrid`` the workers are the samplers too (``generate`` / ``eval_samples``):
+each samples its share of the rollout with the sampling policy swapped into its own model
+(``Learner.sampling``), on its own device, between updates, so no weights are shipped after an update.
+This is the shape of verl's ``ActorRolloutRefWorker`` (``verl/workers/fsdp_workers.py``), which fuses
+training, rollout and reference into one worker on one GPU; here the rollout engine is the learner's
+own model, so the colocation costs no second copy of the weights.
+
 ``LocalLearner`` is the same interface in-process (single-process baseline, fast tests).
 """
 
@@ -20,20 +27,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.training.learner import Learner, LearnerSpec
-from services.types import TrainBatch
+from services.training.remote import Unrecoverable
+from services.training.rollout import RolloutSampler
+from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
-__all__ = ["LearnerGroup", "LearnerLost", "LocalLearner"]
+__all__ = ["LearnerFailed", "LearnerGroup", "LearnerLost", "LocalLearner"]
 
 log = logging.getLogger(__name__)
 QUEUE_POLL_S = 1.0
 
 
-class LearnerLost(RuntimeError):
+class LearnerLost(Unrecoverable, RuntimeError):
     """The Ray Train worker group died (a worker process lost: preempted, OOM-killed, node gone).
 
     Distinct from an exception inside the learner's code (reported by the rank, a ``RuntimeError``),
     which would fail again on a retry: a lost worker is recovered by ``run_training`` restarting the
     learner group from the newest intact checkpoint (``train.max_failures``)."""
+
+
+class LearnerFailed(Unrecoverable, RuntimeError):
+    """A learner rank raised (the worker group is going down with it), did not answer in time, or broke
+    the command protocol. Retrying the call cannot help: the run fails, or restarts from a checkpoint."""
 
 
 # What gloo / NCCL / torch.distributed say on a surviving rank when a peer process dies mid-collective
@@ -53,14 +67,17 @@ class LearnerCommand:
     """Driver -> one rank's command queue.
 
     Attributes:
-        kind: ``update`` (train on ``shard``), ``save`` (checkpoint to ``path`` with ``extra``) or ``stop``.
+        kind: ``update`` (train on ``shard``), ``save`` (checkpoint to ``path`` with ``extra``), ``stop``, and
+            with ``placement: hybrid`` ``generate`` (sample ``request``) or ``eval_samples``.
         shard: a Ray object ref of this rank's :class:`~services.types.TrainBatch`.
+        request: a :class:`~services.types.RolloutRequest`, or ``(prompts, kwargs)`` of ``eval_samples``.
         path: the checkpoint directory.
         extra: the coordinator's state stored with the checkpoint.
     """
 
-    kind: Literal["update", "save", "stop"]
+    kind: Literal["update", "save", "stop", "generate", "eval_samples"]
     shard: Any = None
+    request: Any = None
     path: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -70,24 +87,37 @@ class LearnerReply:
     """One rank -> the driver's reply queue.
 
     Attributes:
-        kind: ``ready`` (built, maybe resumed), ``updated``, ``saved`` or ``error``.
+        kind: ``ready`` (built, maybe resumed), ``updated``, ``saved``, ``generated`` or ``error``.
         rank: the replying rank.
         version: the policy version the rank holds.
         metrics: the step's float metrics (``updated``).
-        weights: rank 0 only: a Ray object ref of the policy weights for the samplers.
+        weights: rank 0 only: a Ray object ref of the policy weights for the samplers (none when hybrid).
+        result: a Ray object ref of the samples (``generated``).
         extra: the checkpoint's extra state (``ready`` after a resume).
         error: ``"Type: message"`` of the exception (``error``).
         peer_lost: the error is a collective that lost another rank's process (``error``).
     """
 
-    kind: Literal["ready", "updated", "saved", "error"]
+    kind: Literal["ready", "updated", "saved", "generated", "error"]
     rank: int
     version: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     weights: Any = None
+    result: Any = None
     extra: dict = field(default_factory=dict)
     error: str | None = None
     peer_lost: bool = False
+
+
+def sample_with_policy(learner: Learner, sampler: RolloutSampler, kind: str, request: Any) -> Any:
+    """``placement: hybrid``: a rollout share (``generate``) or evaluation samples made on the learner's
+    own model with the sampling policy swapped in, tagged with the learner's version."""
+    sampler.version = learner.version
+    with learner.sampling():
+        if kind == "generate":
+            return sampler.generate(request)
+        prompts, kwargs = request
+        return sampler.eval_samples(prompts, **kwargs)
 
 
 class LocalLearner:
@@ -98,6 +128,7 @@ class LocalLearner:
     def __init__(self, cfg, model_path: str, *, resume_from: str | None = None) -> None:
         self.learner = Learner.from_config(cfg, model_path)
         self.extra = self.learner.load(resume_from) if resume_from else {}
+        self._sampler = RolloutSampler.over(self.learner.gen)
 
     @property
     def version(self) -> int:
@@ -109,6 +140,13 @@ class LocalLearner:
     def update(self, shards: list[TrainBatch]) -> tuple[dict[str, float], Any]:
         (shard,) = shards
         return self.learner.update(shard), self.learner.policy_weights()
+
+    def generate(self, requests: list[RolloutRequest], *, timeout_s: float | None = None) -> list[RolloutBatch]:
+        (req,) = requests
+        return [sample_with_policy(self.learner, self._sampler, "generate", req)]
+
+    def eval_samples(self, prompts: list[str], *, timeout_s: float | None = None, **kwargs) -> dict:
+        return sample_with_policy(self.learner, self._sampler, "eval_samples", (prompts, kwargs))
 
     def save(self, path: str, extra: dict) -> str:
         return str(self.learner.save(path, extra))
@@ -130,26 +168,42 @@ def _learner_loop(config: dict) -> None:
     spec: LearnerSpec = config["spec"]
     learner = Learner(spec, config["model_path"], device=device, distributed=ctx.get_world_size() > 1)
     extra = learner.load(config["resume_from"]) if config["resume_from"] else {}
-    weights = ray.put(learner.policy_weights()) if rank == 0 else None
+    ships = rank == 0 and not config["hybrid"]  # rank 0 ships the policy to separate samplers
+    sampler = RolloutSampler.over(learner.gen) if config["hybrid"] else None
+    weights = ray.put(learner.policy_weights()) if ships else None
     out_q.put(LearnerReply("ready", rank, version=learner.version, weights=weights, extra=extra))
     while True:
         cmd: LearnerCommand = cmd_q.get(block=True)
         if cmd.kind == "stop":
             return
         try:
-            if cmd.kind == "update":
-                metrics = learner.update(ray.get(cmd.shard))
-                ref = ray.put(learner.policy_weights()) if rank == 0 else None
-                out_q.put(LearnerReply("updated", rank, version=learner.version, metrics=metrics, weights=ref))
-            elif cmd.kind == "save":
-                if rank == 0:
-                    learner.save(cmd.path, cmd.extra)
-                ckpt = ray.train.Checkpoint.from_directory(cmd.path) if rank == 0 else None
-                ray.train.report({"step": learner.step_count, "version": learner.version}, checkpoint=ckpt)
-                out_q.put(LearnerReply("saved", rank, version=learner.version))
+            out_q.put(_serve(cmd, learner, sampler, rank=rank, ships=ships))
         except Exception as err:  # report, do not hang the driver
             out_q.put(LearnerReply("error", rank, error=f"{type(err).__name__}: {err}", peer_lost=_peer_lost(err)))
             raise
+
+
+def _serve(cmd: LearnerCommand, learner: Learner, sampler: RolloutSampler | None, *, rank: int, ships: bool):
+    """One command on one rank -> its reply."""
+    import ray
+    import ray.train
+
+    if cmd.kind == "update":
+        metrics = learner.update(ray.get(cmd.shard))
+        ref = ray.put(learner.policy_weights()) if ships else None
+        return LearnerReply("updated", rank, version=learner.version, metrics=metrics, weights=ref)
+    if cmd.kind in ("generate", "eval_samples"):
+        if sampler is None:
+            raise RuntimeError(f"{cmd.kind!r} needs resources.placement hybrid")
+        out = sample_with_policy(learner, sampler, cmd.kind, cmd.request)
+        return LearnerReply("generated", rank, version=learner.version, result=ray.put(out))
+    if cmd.kind == "save":
+        if rank == 0:
+            learner.save(cmd.path, cmd.extra)
+        ckpt = ray.train.Checkpoint.from_directory(cmd.path) if rank == 0 else None
+        ray.train.report({"step": learner.step_count, "version": learner.version}, checkpoint=ckpt)
+        return LearnerReply("saved", rank, version=learner.version)
+    raise RuntimeError(f"learner protocol error: unknown command {cmd.kind!r}")
 
 
 class LearnerGroup:
@@ -165,6 +219,7 @@ class LearnerGroup:
 
         res = cfg.resources
         self.world_size, self.timeout_s = res.num_learners, timeout_s
+        self.hybrid = res.placement == "hybrid"
         opts = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
         self.cmd_queues = [Queue(actor_options=opts) for _ in range(self.world_size)]
         self.out_queue = Queue(actor_options=opts)
@@ -180,6 +235,7 @@ class LearnerGroup:
                 out_queue=self.out_queue,
                 resume_from=resume_from,
                 use_gpu=res.learner_gpus > 0,
+                hybrid=self.hybrid,
             ),
             scaling_config=ScalingConfig(
                 num_workers=self.world_size, use_gpu=res.learner_gpus > 0, resources_per_worker=per_worker
@@ -192,7 +248,7 @@ class LearnerGroup:
         self._thread.start()
         ready = self._collect("ready")
         self.version, self.extra = ready[0].version, ready[0].extra
-        self._weights = ray.get(ready[0].weights)
+        self._weights = ray.get(ready[0].weights) if ready[0].weights is not None else None
         self._ray = ray
 
     def _fit(self) -> None:
@@ -201,17 +257,19 @@ class LearnerGroup:
         except BaseException as err:  # surfaced by _collect
             self._error = err
 
-    def _collect(self, kind: str) -> list[LearnerReply]:
-        """Every rank's reply of ``kind``, in rank order (bounded by ``timeout_s``)."""
+    def _collect(self, kind: str, *, ranks: int | None = None, timeout_s: float | None = None) -> list[LearnerReply]:
+        """The reply of ``kind`` of every rank (or of the first ``ranks``), in rank order (bounded by
+        ``timeout_s``, the learner's timeout by default)."""
         from ray.util.queue import Empty
 
         results: dict[int, LearnerReply] = {}
-        deadline = time.monotonic() + self.timeout_s
-        while len(results) < self.world_size:
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + wait_s
+        while len(results) < (ranks or self.world_size):
             if self._error is not None:
                 raise LearnerLost(f"the Ray Train learner failed: {self._error}") from self._error
             if time.monotonic() > deadline:
-                raise TimeoutError(f"learner did not answer {kind!r} within {self.timeout_s} s")
+                raise LearnerFailed(f"learner did not answer {kind!r} within {wait_s} s")
             try:
                 msg: LearnerReply = self.out_queue.get(block=True, timeout=QUEUE_POLL_S)
             except Empty:
@@ -219,11 +277,11 @@ class LearnerGroup:
             if msg.kind == "error":
                 if msg.peer_lost:  # a surviving rank's collective failed because another worker died
                     raise LearnerLost(f"learner rank {msg.rank} lost its peers: {msg.error}")
-                raise RuntimeError(f"learner rank {msg.rank} failed: {msg.error}")
+                raise LearnerFailed(f"learner rank {msg.rank} failed: {msg.error}")
             if msg.kind != kind:
-                raise RuntimeError(f"learner protocol error: expected {kind!r}, got {msg.kind!r}")
+                raise LearnerFailed(f"learner protocol error: expected {kind!r}, got {msg.kind!r}")
             results[msg.rank] = msg
-        return [results[r] for r in range(self.world_size)]
+        return [results[r] for r in range(ranks or self.world_size)]
 
     def weights(self) -> dict:
         return self._weights
@@ -237,6 +295,19 @@ class LearnerGroup:
         metrics = {k: sum(r.metrics.get(k, 0.0) for r in results) / len(results) for k in keys}
         self.version, self._weights = results[0].version, results[0].weights
         return metrics, results[0].weights
+
+    def generate(self, requests: list[RolloutRequest], *, timeout_s: float) -> list[RolloutBatch]:
+        """``placement: hybrid``: request ``r`` is sampled on rank ``r``, every rank at once."""
+        for rank, req in enumerate(requests):
+            self.cmd_queues[rank].put(LearnerCommand("generate", request=req))
+        replies = self._collect("generated", timeout_s=timeout_s)
+        return self._ray.get([r.result for r in replies], timeout=timeout_s)
+
+    def eval_samples(self, prompts: list[str], *, timeout_s: float, **kwargs) -> dict:
+        """``placement: hybrid``: evaluation samples on rank 0 (the others wait for their next command)."""
+        self.cmd_queues[0].put(LearnerCommand("eval_samples", request=(prompts, kwargs)))
+        (reply,) = self._collect("generated", ranks=1, timeout_s=timeout_s)
+        return self._ray.get(reply.result, timeout=timeout_s)
 
     def save(self, path: str, extra: dict) -> str:
         for q in self.cmd_queues:

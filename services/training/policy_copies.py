@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import Tensor
 
 from normguard_core.lagged import lag_decay, update_lagged
@@ -49,6 +52,21 @@ class PolicyCopies:
                 f"{sorted(self._versions) or [current]} (train.pipeline async runs one version behind)"
             )
         return self._versions[version]
+
+    @contextlib.contextmanager
+    def old_swapped_in(self, params: list[Tensor]) -> Iterator[None]:
+        """``params`` hold the old copy's values inside the block (their storages are exchanged, no copy:
+        a full fine-tune's rollout needs no third transformer in memory); exchanged back after."""
+
+        def swap() -> None:
+            for p, o in zip(params, self.old):
+                p.data, o.data = o.data, p.data
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
 
     def advance(self, params: list[Tensor], step_count: int) -> dict[str, float]:
         """After the RL step: old (and EMA) <- d copy + (1 - d) theta, d from the optimiser-step count."""

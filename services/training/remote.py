@@ -16,9 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CallStats", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
+__all__ = ["CallStats", "Unrecoverable", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
 
 log = logging.getLogger(__name__)
+
+
+class Unrecoverable(Exception):
+    """An error no retry of the same call can mend (the learner group failed or was lost; with
+    ``placement: hybrid`` the samplers are that group): :func:`call_with_retries` raises it at once,
+    for the run's failure policy to decide."""
 
 
 @dataclass
@@ -100,6 +106,9 @@ def call_with_retries(
     for attempt in range(retries + 1):
         try:
             return call(obj, method, *args, timeout_s=timeout_s, **kwargs)
+        except Unrecoverable:
+            stats.add(failures=1, name=name)
+            raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised when out of retries
             kind = type(err).__name__
             stale = isinstance(err, StaleSamplerError)

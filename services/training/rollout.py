@@ -27,6 +27,14 @@ class RolloutSampler:
         self.gen = build_generator(model_cfg, path=model_path, device=device)
         self.version = 0
 
+    @classmethod
+    def over(cls, gen) -> RolloutSampler:
+        """A sampler on an existing generator, built by someone else (``resources.placement: hybrid``: the
+        learner's own, with the sampling policy swapped in around each call by ``Learner.sampling``)."""
+        sampler = cls.__new__(cls)
+        sampler.gen, sampler.version = gen, 0
+        return sampler
+
     def set_weights(self, state: dict[str, Tensor], version: int) -> int:
         """Load trainable weights of policy ``version``; returns the version now held."""
         self.gen.load_trainable_state_dict(state)

@@ -29,6 +29,7 @@ from services.sweeps.config import load_sweep
 pytestmark = pytest.mark.unit
 
 GPU_CONFIGS = sorted(p for p in (ROOT / "deploy" / "configs").glob("*.yaml") if "digits" not in p.name)
+SD35 = ROOT / "deploy" / "configs" / "sd35_medium_nft.yaml"
 
 
 def _serve_config(svc: dict) -> tuple[dict, dict]:
@@ -86,10 +87,29 @@ def test_gpu_configs_train_from_prompt_files_and_fit_the_cluster_description():
         assert plan.ok and not plan.warnings, (p.name, plan.unplaced, plan.warnings)
 
 
+def test_the_hybrid_placement_fits_the_sd35_recipe_on_one_node_where_separate_samplers_do_not():
+    """``resources.placement: hybrid``: the learners sample, so the samplers' GPUs are not asked for."""
+    from services.cluster.plan import nodes_from_file
+
+    one_node = nodes_from_file(ROOT / "deploy" / "clusters" / "one_8gpu_node.yaml")
+    separate, hybrid = (
+        load_config(SD35, []),
+        load_config(ROOT / "deploy" / "configs" / "sd35_medium_nft_hybrid.yaml", []),
+    )
+    assert hybrid.resources.placement == "hybrid" and hybrid.train.pipeline == "sync"
+    assert hybrid.samples_per_step == separate.samples_per_step and hybrid.model == separate.model
+    assert not plan_run(run_demand(separate), one_node).ok
+    plan = plan_run(run_demand(hybrid), one_node)
+    assert plan.ok and not plan.warnings, (plan.unplaced, plan.warnings)
+    demand = {a.role: a for a in run_demand(hybrid)}
+    assert demand["sampler"].count == 0 and plan.totals() == (32, 8)
+    assert demand["learner"].memory_gb == {a.role: a for a in run_demand(separate)}["learner"].memory_gb
+
+
 def test_a_cluster_too_small_is_reported_not_waited_for():
     """The check itself: the old RayJob (16 GPUs) against the old SD3.5 config (18 GPUs)."""
     job = one("RayJob")
-    cfg = load_config(GPU_CONFIGS[-1], ["rollout.num_samplers=8"])
+    cfg = load_config(SD35, ["rollout.num_samplers=8"])
     plan = plan_run(run_demand(cfg), nodes_from_manifest(job))
     assert not plan.ok and all(u.startswith("scorer") for u in plan.unplaced), plan.unplaced
 
@@ -315,13 +335,13 @@ def test_plan_command_reports_a_short_cluster(tmp_path: Path):
     small = tmp_path / "cluster.yaml"
     small.write_text(yaml.safe_dump({"nodes": [{"name": "box", "cpus": 16, "gpus": 8}]}))
     out = subprocess.run(
-        [sys.executable, "-m", "services.cli", "plan", str(GPU_CONFIGS[-1]), "--cluster", str(small)],
+        [sys.executable, "-m", "services.cli", "plan", str(SD35), "--cluster", str(small)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
     assert "DOES NOT FIT" in out.stdout and "sampler #" in out.stdout
     ok = subprocess.run(
-        [sys.executable, "-m", "services.cli", "plan", str(GPU_CONFIGS[-1]), "--manifest", "k8s/rayjob-train.yaml"],
+        [sys.executable, "-m", "services.cli", "plan", str(SD35), "--manifest", "k8s/rayjob-train.yaml"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0 and ok.stdout.rstrip().endswith("fits"), ok.stdout + ok.stderr
