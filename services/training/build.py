@@ -91,8 +91,9 @@ def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, lo
     if local:
         scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads)]
         learner = LocalLearner(cfg, model_path, resume_from=resume)
-        samplers = [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)] if not hybrid else None
-        return samplers or _colocated(cfg, learner), scorers, learner
+        if hybrid:
+            return _colocated(cfg, learner), scorers, learner
+        return [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)], scorers, learner
     import ray
 
     ensure_ray()
@@ -117,10 +118,11 @@ def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, lo
     learner = LearnerGroup(
         cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
     )
-    return samplers or _colocated(cfg, learner), scorers, learner
+    return (_colocated(cfg, learner) if hybrid else samplers), scorers, learner
 
 
 def _colocated(cfg, learner) -> list:
+    """``placement: hybrid``: the one sampler object whose calls run on the learner workers."""
     from services.training.colocated import ColocatedRollouts
 
     return [ColocatedRollouts(learner, timeout_s=cfg.train.rollout_timeout_s)]

@@ -40,7 +40,7 @@ QUEUE_POLL_S = 1.0
 class LearnerLost(Unrecoverable, RuntimeError):
     """The Ray Train worker group died (a worker process lost: preempted, OOM-killed, node gone).
 
-    Distinct from an exception inside the learner's code (reported by the rank, a ``RuntimeError``),
+    Distinct from an exception inside the learner's code (reported by the rank, :class:`LearnerFailed`),
     which would fail again on a retry: a lost worker is recovered by ``run_training`` restarting the
     learner group from the newest intact checkpoint (``train.max_failures``)."""
 
