@@ -91,3 +91,18 @@ def ray_local(digits_assets):
     )
     yield ray
     ray.shutdown()
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker processes (Ray titles each actor process
+    ``ray::<Class>.<method>``; the Train workers are ``RayTrainWorker``)."""
+    from pathlib import Path
+
+    def cmdline(proc: Path) -> str:
+        try:
+            return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended while we looked
+            return ""
+
+    procs = (p for p in Path("/proc").iterdir() if p.name.isdigit())
+    return [int(p.name) for p in procs if cmdline(p).startswith("ray::RayTrainWorker")]

@@ -18,22 +18,10 @@ restarted from a checkpoint by the run's failure policy, samplers included.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from services.training.experience import concat_rollouts
+from services.training.experience import concat_rollouts, split_request
 from services.types import RolloutBatch, RolloutRequest
 
-__all__ = ["ColocatedRollouts", "split_request"]
-
-
-def split_request(req: RolloutRequest, parts: int) -> list[RolloutRequest]:
-    """``parts`` contiguous shares of a request (sample ``i`` keeps its prompt, group and seed)."""
-    n = len(req.prompts)
-    cuts = [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
-    return [
-        replace(req, prompts=list(req.prompts[c]), group_ids=list(req.group_ids[c]), seeds=list(req.seeds[c]))
-        for c in cuts
-    ]
+__all__ = ["ColocatedRollouts"]
 
 
 class ColocatedRollouts:

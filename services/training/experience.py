@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from services.rewards.base import combine_scores
 from services.training.remote import CallStats, actor_gone, call, call_with_retries, is_actor, until_answered
 from services.types import RolloutBatch, RolloutRequest, ScoreRequest, ScoreResult
 
-__all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef"]
+__all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef", "concat_rollouts", "split_request"]
 
 log = logging.getLogger(__name__)
 SYNC_TIMEOUT_S = 120.0
@@ -172,21 +172,17 @@ class ExperienceSource:
     def _submit_rollout(self, step: int, min_version: int) -> tuple[list[_Share], list[int], list | None, float]:
         sp = self.spec
         prompts, groups, seeds, meta = self.prompts(step)
-        n = len(self.samplers)
-        chunks = [slice(i * len(prompts) // n, (i + 1) * len(prompts) // n) for i in range(n)]
-        reqs = [
-            RolloutRequest(
-                prompts=prompts[c],
-                group_ids=groups[c],
-                seeds=seeds[c],
-                num_steps=sp.num_steps,
-                guidance_scale=sp.guidance_scale,
-                shift=sp.shift,
-                sde_noise_level=sp.sde_noise_level,
-                min_version=min_version,
-            )
-            for c in chunks
-        ]
+        whole = RolloutRequest(
+            prompts=prompts,
+            group_ids=groups,
+            seeds=seeds,
+            num_steps=sp.num_steps,
+            guidance_scale=sp.guidance_scale,
+            shift=sp.shift,
+            sde_noise_level=sp.sde_noise_level,
+            min_version=min_version,
+        )
+        reqs = split_request(whole, len(self.samplers))
         t0 = time.perf_counter()  # before the fan-out: on plain objects the rollout is made inside it
         shares = self._fan_out("generate", self.samplers, reqs, name="rollout", timeout_s=sp.rollout_timeout_s)
         return shares, seeds, meta, t0
@@ -290,6 +286,17 @@ class ExperienceSource:
     @staticmethod
     def _set(sampler, policy: PolicyRef) -> None:
         call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
+
+
+def split_request(req: RolloutRequest, parts: int) -> list[RolloutRequest]:
+    """``parts`` contiguous shares of a request, one per sampler (sample ``i`` keeps its prompt, group and
+    seed); :func:`concat_rollouts` joins their batches back in order."""
+    n = len(req.prompts)
+    cuts = [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+    return [
+        replace(req, prompts=list(req.prompts[c]), group_ids=list(req.group_ids[c]), seeds=list(req.seeds[c]))
+        for c in cuts
+    ]
 
 
 def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:

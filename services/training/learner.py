@@ -55,7 +55,7 @@ from services.training.learner_spec import LearnerSpec
 from services.training.learner_state import load_learner, save_learner
 from services.training.optim_step import OptimStep
 from services.training.points import PointPlan
-from services.training.policy_copies import PolicyCopies
+from services.training.policy_copies import PolicyCopies, swapped_in
 from services.types import TrainBatch
 
 __all__ = ["Learner", "LearnerSpec"]
@@ -121,27 +121,13 @@ class Learner:
 
     # ---- velocities -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def _weights(self, tensors: list[Tensor]) -> Iterator[None]:
-        """Evaluate with ``tensors`` as the trainable weights; the trained ones are restored exactly."""
-        saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, t in zip(self.params, tensors):
-                p.copy_(t)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-
-    @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
         """Sample with the policy separate samplers would hold (``resources.placement: hybrid``): the old
-        copy swapped into the model (``PolicyCopies.old_swapped_in``) in eval mode, then all restored."""
+        copy swapped into the model (``swapped_in``) in eval mode, then all restored."""
         was_training = self.gen.transformer.training
         self.gen.transformer.eval()
         try:
-            with torch.no_grad(), self.copies.old_swapped_in(self.params):
+            with swapped_in(self.params, self.copies.old):
                 yield
         finally:
             self.gen.transformer.train(was_training)
@@ -202,7 +188,7 @@ class Learner:
             rows_of = torch.arange(n) if version is None else (row_version == version).nonzero().flatten()
             if key not in pts:
                 pts[key] = None
-            with self._weights(weights):
+            with swapped_in(self.params, weights):
                 for i in range(0, len(rows_of), micro):
                     rows = rows_of[i : i + micro]
                     m = len(rows)  # pair methods: only the winners (their lagged velocity is a metric only)

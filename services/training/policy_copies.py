@@ -18,7 +18,27 @@ from torch import Tensor
 
 from normguard_core.lagged import lag_decay, update_lagged
 
-__all__ = ["PolicyCopies"]
+__all__ = ["PolicyCopies", "swapped_in"]
+
+
+@contextlib.contextmanager
+def swapped_in(params: list[Tensor], tensors: list[Tensor]) -> Iterator[None]:
+    """``params`` hold ``tensors``' values inside the block, the trained values exactly back after.
+
+    The storages are exchanged (``.data``), nothing is copied: a full fine-tune evaluating ``v_old`` or
+    sampling with the old copy needs no third transformer in memory. ``tensors`` (copies of ``params``,
+    same shapes, dtypes and devices) hold the trained values meanwhile; the parameters stay the
+    optimiser's objects."""
+
+    def exchange() -> None:
+        for p, t in zip(params, tensors, strict=True):
+            p.data, t.data = t.data, p.data
+
+    exchange()
+    try:
+        yield
+    finally:
+        exchange()
 
 
 class PolicyCopies:
@@ -52,21 +72,6 @@ class PolicyCopies:
                 f"{sorted(self._versions) or [current]} (train.pipeline async runs one version behind)"
             )
         return self._versions[version]
-
-    @contextlib.contextmanager
-    def old_swapped_in(self, params: list[Tensor]) -> Iterator[None]:
-        """``params`` hold the old copy's values inside the block (their storages are exchanged, no copy:
-        a full fine-tune's rollout needs no third transformer in memory); exchanged back after."""
-
-        def swap() -> None:
-            for p, o in zip(params, self.old):
-                p.data, o.data = o.data, p.data
-
-        swap()
-        try:
-            yield
-        finally:
-            swap()
 
     def advance(self, params: list[Tensor], step_count: int) -> dict[str, float]:
         """After the RL step: old (and EMA) <- d copy + (1 - d) theta, d from the optimiser-step count."""

@@ -2,16 +2,16 @@
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_worker_pids
 from pydantic import ValidationError
 
 from services.config import load_config
 from services.training.build import build_coordinator
-from services.training.colocated import ColocatedRollouts, split_request
+from services.training.colocated import ColocatedRollouts
+from services.training.experience import split_request
 from services.training.learner_group import LearnerFailed
 from services.training.remote import CallStats, call_with_retries
 from services.training.run import run_training
@@ -119,20 +119,6 @@ def test_in_process_hybrid_trains_and_evaluates_exactly_as_separate_samplers(dig
 
 
 # ---- on Ray Train -------------------------------------------------------------------------------
-def _train_worker_pids() -> list[int]:
-    def cmdline(p: Path) -> str:
-        try:
-            return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return ""
-
-    return [
-        int(p.name)
-        for p in Path("/proc").iterdir()
-        if p.name.isdigit() and cmdline(p).startswith("ray::RayTrainWorker")
-    ]
-
-
 @pytest.mark.service
 @pytest.mark.slow
 def test_on_ray_train_the_learners_sample_and_a_lost_one_is_recovered(ray_local, digits_assets, tmp_path):
@@ -158,7 +144,7 @@ def test_on_ray_train_the_learners_sample_and_a_lost_one_is_recovered(ray_local,
 
     def kill_after_step_3(step, _metrics):
         if step == 3 and not killed:
-            pid = max(_train_worker_pids())
+            pid = max(train_worker_pids())
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 

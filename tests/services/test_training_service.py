@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_worker_pids
 
 from services.config import load_config
 from services.training.build import build_coordinator
@@ -188,13 +188,6 @@ def test_early_stopping_control_stops_at_the_reward_level(digits_assets, tmp_pat
     assert full.after["train/steps_done"] == 3
 
 
-def _cmdline(proc) -> str:
-    try:
-        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:  # the process ended while we looked
-        return ""
-
-
 def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted_one(
     ray_local, digits_assets, tmp_path
 ):
@@ -203,7 +196,6 @@ def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted
     metrics.jsonl and the same metrics as the uninterrupted run; the restart is counted in its step."""
     import os
     import signal
-    from pathlib import Path
 
     inner = {
         "train.steps": 4,
@@ -217,12 +209,7 @@ def test_a_lost_learner_worker_is_recovered_and_the_run_equals_the_uninterrupted
 
     def kill_after_step_3(step, _metrics):
         if step == 3 and not killed:
-            # Ray titles each actor process "ray::<Class>.<method>"; the Train workers are RayTrainWorker
-            pids = [
-                int(p.name)
-                for p in Path("/proc").iterdir()
-                if p.name.isdigit() and _cmdline(p).startswith("ray::RayTrainWorker")
-            ]
+            pids = train_worker_pids()
             os.kill(max(pids), signal.SIGKILL)
             killed.append(max(pids))
 
