@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -9,8 +10,38 @@ import yaml
 
 ROOT = Path(__file__).parents[2]
 K8S = ROOT / "k8s"
-CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+CRD_ENV = "NORMGUARD_KUBERAY_CRDS"
+CRD_FILES = ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
+CRD_COMMIT = "feeaf72facab4881ba2b179248bb67315634e229"  # ray-project/kuberay, 2026-08-19 (v1.7.0-rc.0 + 5)
+CACHE_CRD_DIR = ROOT / ".cache" / "kuberay-crds"
+SHARED_CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
 MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def find_crd_dir() -> tuple[Path | None, str]:
+    """Where the KubeRay CRDs are: the folder ``$NORMGUARD_KUBERAY_CRDS`` names when it is set (then
+    only there), else the first of ``.cache/kuberay-crds`` in this checkout (git-ignored) and
+    ``../shared/kuberay-crds`` (CI's copy) that holds all of ``CRD_FILES``. Returns ``(folder, "")``,
+    or ``(None, reason)``: every place looked, what it lacks, and how to provide the files."""
+    env = os.environ.get(CRD_ENV)
+    if env:
+        places = [
+            (Path(env).expanduser().resolve(), f"${CRD_ENV}; unset it to look in {CACHE_CRD_DIR} and {SHARED_CRD_DIR}")
+        ]
+    else:
+        places = [(CACHE_CRD_DIR, "in this checkout, git-ignored"), (SHARED_CRD_DIR, "beside the checkout, as in CI")]
+    looked = []
+    for folder, label in places:
+        missing = [f for f in CRD_FILES if not (folder / f).is_file()]
+        if not missing:
+            return folder, ""
+        lacks = "no such folder" if not folder.is_dir() else "lacks " + ", ".join(missing)
+        looked.append(f"{folder} ({label}): {lacks}")
+    return None, (
+        f"KubeRay CRDs not found. Looked in: {'; '.join(looked)}. Provide {', '.join(CRD_FILES)} from "
+        f"ray-project/kuberay's ray-operator/config/crd/bases/ at commit {CRD_COMMIT}, in {CACHE_CRD_DIR} "
+        f"or in a folder named by ${CRD_ENV} (README.md, 'Run the tests')"
+    )
 
 
 def docs(name: str, root: Path = K8S) -> list[dict]:

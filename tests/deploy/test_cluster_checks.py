@@ -5,14 +5,14 @@ the GPUs a config asks for against the nodes its resource has (the computation o
 plan``), token auth on every Ray resource, every path a config reads mounted in every pod that reads
 it, the offline flags in every actor's environment, deadlines and a short TTL, serving that can
 scale and survive its head, non-root pods on GPU nodes, a GPU image whose CUDA matches its torch
-wheel (read from PyPI's metadata with pip's dry-run report), and a deploy README that names every
+wheel (the CUDA pins of the wheel's metadata, recorded in deploy/torch-wheel.lock.json by
+deploy/refresh_torch_lock.py; the test reads only the lock), and a deploy README that names every
 Secret, volume and image the manifests use. Each check fails on the manifests before this issue.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -241,36 +241,95 @@ def _dockerfile(name: str) -> str:
     return (ROOT / "deploy" / name).read_text()
 
 
-def _torch_wheel_cuda(python: str) -> tuple[int, int] | None:
-    """CUDA (major, minor) that PyPI's linux x86_64 torch==2.13.0 wheel depends on (pip's dry-run report)."""
-    pin = next(line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch=="))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}  # no local wheel dirs or caps
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--isolated", "--dry-run", "--ignore-installed", "--no-deps",
-         "--quiet", "--report", "-", "--only-binary=:all:", "--platform", "manylinux_2_28_x86_64",
-         "--python-version", python, "--index-url", "https://pypi.org/simple", pin],
-        capture_output=True, text=True, env=env, timeout=300, check=True,
-    ).stdout  # fmt: skip
-    (item,) = json.loads(out)["install"]
-    reqs = item["metadata"].get("requires_dist", [])
-    m = next((re.search(r"cuda-toolkit\S*==(\d+)\.(\d+)", r) for r in reqs if r.startswith("cuda-toolkit")), None)
+LOCK = ROOT / "deploy" / "torch-wheel.lock.json"
+
+
+def _pin(text: str) -> str:
+    """The torch version a pip line or constraints file pins (``torch==X``)."""
+    (version,) = set(re.findall(r"\btorch==([\w.+]+)", text))
+    return version
+
+
+def _cuda_of(requirements: list[str]) -> tuple[int, int] | None:
+    """CUDA (major, minor) of a ``cuda-toolkit==M.m.p`` pin, else (major, -1) of ``nvidia-*-cuNN``."""
+    m = next(
+        (re.match(r"cuda-toolkit\S*==(\d+)\.(\d+)", r) for r in requirements if r.startswith("cuda-toolkit")), None
+    )
     if m:
         return int(m.group(1)), int(m.group(2))
-    m = next((re.search(r"nvidia-\w+-cu(\d+)", r) for r in reqs if re.search(r"nvidia-\w+-cu\d+", r)), None)
+    m = next(
+        (re.match(r"nvidia-[\w-]+-cu(\d+)\b", r) for r in requirements if re.match(r"nvidia-[\w-]+-cu\d", r)), None
+    )
     return (int(m.group(1)), -1) if m else None
 
 
+def test_the_torch_lock_is_the_pinned_torch_for_the_gpu_images_python():
+    """deploy/torch-wheel.lock.json (deploy/refresh_torch_lock.py) describes the wheel the image installs:
+    a stale lock (another torch than constraints.txt's or the Dockerfile's) or another Python fails."""
+    lock = json.loads(LOCK.read_text())
+    text = _dockerfile("Dockerfile")
+    pin = _pin((ROOT / "constraints.txt").read_text())
+    assert _pin(text) == pin, f"deploy/Dockerfile installs torch {_pin(text)}, constraints.txt pins {pin}"
+    assert lock["torch"] == pin, f"the lock is for torch {lock['torch']}, the pin is {pin}: refresh it"
+    assert lock["wheel_version"].split("+")[0] == pin and lock["wheel"].startswith(f"torch-{lock['wheel_version']}-")
+    python = re.search(r"python3\.(\d+)", text)
+    assert python and lock["python"] == f"3.{python.group(1)}", f"the image's python3.N against {lock['python']}"
+    tags = lock["wheel"].removesuffix(".whl").split("-")[-3:]
+    assert tags[:2] == [lock["python_tag"]] * 2 and tags[2] == lock["platform"], lock["wheel"]
+    assert lock["platform"].endswith("_x86_64") and re.fullmatch(r"[0-9a-f]{64}", lock["sha256"] or "")
+
+
 def test_gpu_image_cuda_matches_its_torch_wheel():
+    """The base image's CUDA against the CUDA pins in the wheel's metadata, as the lock records them."""
     text = _dockerfile("Dockerfile")
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     tag = re.search(r"(?:cuda:|-cu)(\d+)\.?(\d)?", base)
     assert tag, f"the GPU base image {base} names no CUDA version"
-    python = re.search(r"python3\.(\d+)", text)
-    wheel = _torch_wheel_cuda(f"3.{python.group(1)}" if python else "3.11")
+    lock = json.loads(LOCK.read_text())
+    wheel = _cuda_of(lock["cuda_requirements"])
     assert wheel is not None, "the torch wheel declares no CUDA dependency: a CPU wheel in the GPU image"
+    assert lock["cuda"] == ".".join(str(v) for v in wheel if v >= 0), (lock["cuda"], lock["cuda_requirements"])
     assert int(tag.group(1)) == wheel[0], f"base {base} is CUDA {tag.group(1)}, torch's wheel needs CUDA {wheel[0]}"
     if tag.group(2) is not None and wheel[1] >= 0:
         assert int(tag.group(2)) == wheel[1], f"base {base}: CUDA minor {tag.group(2)}, wheel {wheel}"
+
+
+def test_the_cuda_check_reads_the_pins_it_is_given():
+    """The parser the image check relies on, on the two spellings torch's wheels have used."""
+    assert _cuda_of(['cuda-toolkit[cublas,cudart]==13.0.3; platform_system == "Linux"']) == (13, 0)
+    assert _cuda_of(['nvidia-cudnn-cu12==9.1.0.70; platform_system == "Linux"', "filelock"]) == (12, -1)
+    assert _cuda_of(["filelock", "sympy>=1.13.3"]) is None
+
+
+def _assert_cpu_torch(text: str) -> None:
+    """The CPU image takes torch from the index its build ARG names (set by default; a mirror is one
+    ``--build-arg`` away) and refuses a CUDA build in the same RUN step as the install."""
+    lines = text.splitlines()
+    install = next(i for i, line in enumerate(lines) if "torch==" in line and "pip install" in line)
+    arg = re.search(r"--(?:index-url|extra-index-url)[ =]\"?\$\{?(\w+)\}?\"?", lines[install])
+    assert arg, f"the CPU image's torch install names its index directly or not at all: {lines[install]}"
+    assert re.search(rf"^ARG {arg.group(1)}=\S+", text, re.M), f"ARG {arg.group(1)} has no default"
+    step = lines[install]
+    for line in lines[install + 1 :]:
+        if not step.rstrip().endswith("\\"):
+            break
+        step += "\n" + line
+    assert re.search(r"torch\.version\.cuda is None", step), "the CPU image does not check that torch is a CPU build"
+
+
+def test_the_cpu_torch_check_catches_a_fixed_index_a_missing_default_and_no_cuda_check():
+    text = _dockerfile("Dockerfile.cpu")
+    _assert_cpu_torch(text)
+    arg = re.search(r"^ARG (\w+)=", text, re.M).group(1)
+    planted = {
+        "names its index directly": re.sub(rf'"?\$\{{?{arg}\}}?"?', "some-index", text),
+        "has no default": re.sub(rf"^ARG {arg}=\S+", f"ARG {arg}", text, flags=re.M),
+        "CPU build": text.replace("torch.version.cuda is None", "True"),
+    }
+    for message, bad in planted.items():
+        assert bad != text, message
+        with pytest.raises(AssertionError, match=message):
+            _assert_cpu_torch(bad)
 
 
 def test_images_install_dependencies_before_code_and_run_as_a_user():
@@ -283,7 +342,7 @@ def test_images_install_dependencies_before_code_and_run_as_a_user():
         assert re.search(r"^USER (?!root|0\b)\S+", text, re.M), f"{name} runs as root"
         assert "wget" in text, f"{name}: KubeRay's probes call wget"
         assert "RAY_AUTH_MODE=disabled" not in text, f"{name} bakes Ray's auth off"
-    assert "download.pytorch.org/whl/cpu" in _dockerfile("Dockerfile.cpu")  # the CPU image's torch has no CUDA
+    _assert_cpu_torch(_dockerfile("Dockerfile.cpu"))
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "runs"} <= set(ignored)
 

@@ -1,10 +1,13 @@
 """KubeRay manifests validate offline: CRD schemas and their CEL rules, core pod templates, Serve's schema.
 
-The CRDs are read from ../shared/kuberay-crds/ (the official KubeRay v1 CRDs, not copied into
-the project); pod templates and plain Kubernetes objects are checked against the core schemas that
-``kubernetes-validate`` ships; the RayService's serveConfigV2 against ``ServeDeploySchema``; the
-CRDs' ``x-kubernetes-validations`` rules are evaluated with cel-python, as the API server would on
-create. Each check is shown to catch a planted error of its kind.
+The CRDs (the official KubeRay v1 CRDs, not copied into the project) are read from the folder that
+``$NORMGUARD_KUBERAY_CRDS`` names, else from ``.cache/kuberay-crds/`` (git-ignored) or
+``../shared/kuberay-crds/`` (``manifests.find_crd_dir``); without them the CRD tests skip, naming
+where they looked, and fail under ``NORMGUARD_REQUIRE_ALL=1``. Pod templates and plain Kubernetes
+objects are checked against the core schemas that ``kubernetes-validate`` ships; the RayService's
+serveConfigV2 against ``ServeDeploySchema``; the CRDs' ``x-kubernetes-validations`` rules are
+evaluated with cel-python, as the API server would on create. Each check is shown to catch a planted
+error of its kind.
 """
 
 import copy
@@ -15,7 +18,20 @@ import jsonschema
 import pytest
 import yaml
 from conftest import skip_unless
-from manifests import CRD_DIR, K8S, MANIFESTS, all_docs, docs, one, pod_templates
+from manifests import (
+    CACHE_CRD_DIR,
+    CRD_COMMIT,
+    CRD_ENV,
+    CRD_FILES,
+    K8S,
+    MANIFESTS,
+    SHARED_CRD_DIR,
+    all_docs,
+    docs,
+    find_crd_dir,
+    one,
+    pod_templates,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -24,13 +40,38 @@ K8S_VERSION = "1.33"
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[str, dict]:
-    skip_unless(CRD_DIR.is_dir(), f"KubeRay CRDs not found at {CRD_DIR}")
+    folder, reason = find_crd_dir()
+    skip_unless(folder is not None, reason)
     out = {}
-    for f in CRD_DIR.glob("ray.io_*.yaml"):
-        crd = yaml.safe_load(f.read_text())
+    for name in CRD_FILES:
+        crd = yaml.safe_load((folder / name).read_text())
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         out[crd["spec"]["names"]["kind"]] = v1["schema"]["openAPIV3Schema"]
+    assert set(out) == {"RayCluster", "RayJob", "RayService"}, f"{folder}: {sorted(out)}"
     return out
+
+
+def test_the_crds_are_found_where_the_variable_points_and_a_miss_says_how_to_provide_them(tmp_path, monkeypatch):
+    """``$NORMGUARD_KUBERAY_CRDS`` decides when set; the reason for a miss names the place and the files."""
+    crds = tmp_path / "crds"
+    monkeypatch.setenv(CRD_ENV, str(crds))
+    folder, reason = find_crd_dir()
+    assert folder is None and f"{crds} (${CRD_ENV}" in reason and "no such folder" in reason, reason
+    for text in (*CRD_FILES, CRD_COMMIT, "ray-operator/config/crd/bases", str(CACHE_CRD_DIR), str(SHARED_CRD_DIR)):
+        assert text in reason, (text, reason)
+    crds.mkdir()
+    for name in CRD_FILES[:-1]:
+        (crds / name).write_text("{}")
+    folder, reason = find_crd_dir()
+    assert folder is None and f"lacks {CRD_FILES[-1]}" in reason, reason
+    (crds / CRD_FILES[-1]).write_text("{}")
+    assert find_crd_dir() == (crds.resolve(), "")
+    monkeypatch.delenv(CRD_ENV)
+    folder, reason = find_crd_dir()
+    if folder is None:  # neither default place holds them: the reason names both
+        assert f"{CACHE_CRD_DIR} (" in reason and f"{SHARED_CRD_DIR} (" in reason, reason
+    else:
+        assert folder in (CACHE_CRD_DIR, SHARED_CRD_DIR) and all((folder / f).is_file() for f in CRD_FILES)
 
 
 def validate_crd(doc: dict, schemas: dict[str, dict]) -> None:
