@@ -190,7 +190,7 @@ def main() -> None:
     args = ap.parse_args()
 
     top = max(max(args.actors), max(args.sync_samplers))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     names = [s.name for s in load_config(None, []).reward.scorers]
     opts = {"num_cpus": 0, "max_restarts": 0}
     pool = {

@@ -56,7 +56,7 @@ def start_local(args):
         batch_wait_timeout_s=args.batch_wait,
         num_replicas=args.replicas,
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, resolve_for_serving(cfg)), name="normguard", route_prefix="/")

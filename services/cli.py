@@ -56,7 +56,8 @@ def cmd_submit(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Serve a run dir / checkpoint (as checkpoint 'trained') or a serve YAML, on 127.0.0.1."""
+    """Serve a run dir / checkpoint (as checkpoint 'trained') or a serve YAML; ``--host`` / ``--port``
+    override the YAML's only when given."""
     from services.serving.app import serve_forever
 
     serve_forever(args.target, host=args.host, port=args.port, num_cpus=args.num_cpus)
@@ -178,8 +179,8 @@ def _serving_commands(sub) -> None:
     sp.add_argument(
         "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"
     )
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--host", default=None, help="override the serve YAML's host (default there: 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=None, help="override the serve YAML's port (default there: 8000)")
     sp.add_argument("--num-cpus", type=int, default=None)
     sp.set_defaults(fn=cmd_serve)
     sp = sub.add_parser(

@@ -84,6 +84,7 @@ def ray_local(digits_assets):
     import ray
 
     ray.init(
+        address="local",  # a new cluster, never one found on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -21,4 +21,5 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+        # address="local": start one, never join a cluster found on this machine (``ray start``, another test)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)

@@ -1,20 +1,27 @@
 """Ray Serve: few-step generation over HTTP for trained generators.
 
-One deployment, ``NormGuard``, is both the FastAPI ingress (``POST /v1/generate``, ``GET /v1/models``,
-``GET /healthz``, the web page at ``/`` and the OpenAPI schema) and the model replica, so a request
-makes one hop: HTTP proxy -> replica. (An ingress deployment in front of the model replicas added
-a second actor call with the base64 images in its reply; measured in README "Serving".)
+Two deployments by default (``failover: true``):
 
-* Checkpoints / LoRAs are served from the one deployment with model multiplexing
-  (``@serve.multiplexed``: an LRU of loaded checkpoints per replica). A client that sends the
-  ``serve_multiplexed_model_id`` header gets routed to a replica holding its checkpoint; the
-  body's ``checkpoint`` field is what is generated either way.
+* ``Gateway``: the FastAPI ingress (``POST /v1/generate``, ``GET /v1/models``, ``GET /healthz``, the web
+  page at ``/`` and the OpenAPI schema). It validates and authenticates, fixes each request's seed, and
+  forwards it to the model replicas through a ``DeploymentHandle``, routed by checkpoint
+  (``multiplexed_model_id``). A request whose replica dies is sent once more to a live replica, or
+  answered 503 with ``Retry-After`` when there is none (``services/serving/failover.py``).
+* ``NormGuard``: the model replicas (:class:`Replica`), which batch and sample.
+
+``failover: false`` runs one deployment that is ingress and model in one, so a request makes one hop
+(HTTP proxy -> replica) instead of two; a replica lost mid-request then costs its in-flight requests,
+which Serve's proxy answers with 500. The hop's cost is measured in README "Serving".
+
+* Checkpoints / LoRAs are served from the one model deployment with model multiplexing
+  (``@serve.multiplexed``: an LRU of loaded checkpoints per replica).
 * Concurrent requests for the same checkpoint and settings are merged into one sampler batch. The
   model runs in a worker thread, so the replica's event loop keeps accepting and queueing requests
   while a batch computes; the next batch is what queued meanwhile (:class:`Replica`), and
   ``batch_wait_timeout_s`` (default 0) adds no wait at low load.
-* Every reply carries ``server_ms`` (time in the replica), ``queue_ms`` (waiting for a batch) and
-  ``compute_ms`` (the model), so a client can see where a request's milliseconds went.
+* Every reply carries ``server_ms`` (time in the service), ``queue_ms`` (waiting for a batch in the
+  replica) and ``compute_ms`` (the model), so a client can see where a request's milliseconds went, and
+  ``attempts`` (replicas it took: 2 when its first replica died).
 * The optional ``renormalize`` flag applies the paper's inference-time renormalisation baseline,
   for comparison.
 """
@@ -24,6 +31,7 @@ import base64
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +40,9 @@ from fastapi import HTTPException
 from fastapi.responses import HTMLResponse, Response
 from ray import serve
 
+from services.serving.catalog import model_cards
 from services.serving.config import ServeConfig, load_serve_config
+from services.serving.failover import forward_with_failover
 from services.serving.generator import BASE_ID, GenerationItem, GeneratorCore, clip
 from services.serving.http import GenerateRequest, build_fastapi, validate
 
@@ -42,7 +52,7 @@ PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 class Replica:
-    """What a ``NormGuard`` replica does, apart from its routes (``build_app`` adds them).
+    """A ``NormGuard`` model replica: loads checkpoints by id, batches requests, samples.
 
     Batching: requests queue in the replica and one consumer forms each batch when the model is
     free, from everything queued by then (up to ``max_batch_size``; ``batch_wait_timeout_s`` more
@@ -54,7 +64,7 @@ class Replica:
 
     def __init__(self, cfg: ServeConfig, model_path: str) -> None:
         torch.set_num_threads(max(1, int(cfg.replica_cpus) or 1))
-        self.cfg, self.model_path, self.known = cfg, model_path, [BASE_ID, *cfg.checkpoints]
+        self.cfg, self.model_path = cfg, model_path
         self.core = GeneratorCore(cfg, model_path)
         self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")  # one batch at a time
         self.queue: asyncio.Queue | None = None  # created in the replica's event loop, with the consumer
@@ -70,7 +80,8 @@ class Replica:
             self.queue = self.queue or asyncio.Queue()
             self._consumer = asyncio.get_running_loop().create_task(self._batches())
         fut = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait((item, fut))
+        # its queue time starts here (the gateway's clock is another process's)
+        self.queue.put_nowait((replace(item, received=time.perf_counter()), fut))
         return await fut
 
     async def _batches(self) -> None:
@@ -102,38 +113,74 @@ class Replica:
                 if not fut.done():  # the client may have gone
                     fut.set_result({**res, "queue_ms": (start - it.received) * 1000})
 
+
+class Frontend:
+    """What the HTTP routes do: checkpoint ids, validation, the reply. :meth:`forward` is the model
+    call: through the gateway's handle with failover, or in the same replica (``failover: false``)."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg, self.known = cfg, [BASE_ID, *cfg.checkpoints]
+        self.cards = model_cards(cfg)  # read once: the served checkpoints do not change under a replica
+
+    async def forward(self, item: GenerationItem) -> dict:
+        raise NotImplementedError
+
     def model_list(self) -> dict:
         return {
-            "models": [{"id": k, "path": self.cfg.checkpoints.get(k, self.model_path)} for k in self.known],
+            "models": self.cards,
             "default_steps": self.cfg.default_steps,
             "max_steps": self.cfg.max_steps,
             "sizes": list(self.cfg.sizes),
         }
 
     async def handle(self, req: GenerateRequest) -> Any:
-        """``POST /v1/generate``: validate, queue for a batch, answer JSON (or one PNG)."""
+        """``POST /v1/generate``: validate, send to a batch, answer JSON (or one PNG)."""
         if req.checkpoint not in self.known:
             raise HTTPException(
                 status_code=404, detail=f"unknown checkpoint {clip(req.checkpoint, 80)!r}; known: {self.known}"
             )
         item = validate(self.cfg, req)
-        t0 = item.received
-        out = await self.generate_item(item)
+        t0 = time.perf_counter()
+        out = await self.forward(item)
         if "error" in out:
             raise HTTPException(status_code=500, detail=f"generation failed: {out['error']}")
         if req.format == "png":
             return Response(content=base64.b64decode(out["images"][0]), media_type="image/png")
-        server_ms = (time.perf_counter() - t0) * 1000
         return {
             "images": out["images"],
             "checkpoint": req.checkpoint,
             "num_steps": item.num_steps,
             "seed": item.seed,
+            "renormalize": item.renormalize,
             "batch_requests": out["batch_requests"],
-            "server_ms": server_ms,
+            "server_ms": (time.perf_counter() - t0) * 1000,
             "queue_ms": out["queue_ms"],
             "compute_ms": out["compute_ms"],
+            "attempts": out["attempts"],
         }
+
+
+class _Gateway(Frontend):
+    """The ingress of the failover layout: no model, a handle to the ``NormGuard`` replicas."""
+
+    def __init__(self, cfg: ServeConfig, model: Any) -> None:
+        super().__init__(cfg)
+        self.model = model
+        self.retries = cfg.replica_loss_retries if cfg.num_replicas >= 2 else 0  # one replica: nowhere to retry
+
+    async def forward(self, item: GenerationItem) -> dict:
+        return await forward_with_failover(self.model, item, retries=self.retries, retry_after_s=self.cfg.retry_after_s)
+
+
+class _OneHop(Frontend, Replica):
+    """Ingress and model in one replica (``failover: false``)."""
+
+    def __init__(self, cfg: ServeConfig, model_path: str) -> None:
+        Replica.__init__(self, cfg, model_path)
+        Frontend.__init__(self, cfg)
+
+    async def forward(self, item: GenerationItem) -> dict:
+        return {**(await self.generate_item(item)), "attempts": 1}
 
 
 GENERATE_RESPONSES = {
@@ -141,16 +188,16 @@ GENERATE_RESPONSES = {
     404: {"description": "unknown checkpoint"},
     413: {"description": "request body too large"},
     500: {"description": "generation failed for this request (other requests are unaffected)"},
+    503: {"description": "the request's model replica was lost and no live one could take it; see Retry-After"},
 }
 
 
-def build_app(cfg: ServeConfig, model_path: str):
-    """The Serve application (``serve.run(build_app(...))``): one ``NormGuard`` deployment."""
-    api = build_fastapi(cfg)
+def _ingress(api, base: type, name: str):
+    """``base`` as the FastAPI ingress deployment ``name``, with the service's routes."""
 
-    @serve.deployment(name="NormGuard")
+    @serve.deployment(name=name)
     @serve.ingress(api)
-    class NormGuardServer(Replica):
+    class Ingress(base):
         @api.get("/healthz")
         async def healthz(self) -> dict:
             return {"status": "ok"}
@@ -167,10 +214,27 @@ def build_app(cfg: ServeConfig, model_path: str):
         async def generate(self, req: GenerateRequest) -> Any:
             return await self.handle(req)
 
-    opts = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
-    return NormGuardServer.options(
-        num_replicas=cfg.num_replicas, ray_actor_options=opts, max_ongoing_requests=max(cfg.max_batch_size * 2, 8)
-    ).bind(cfg, model_path)
+    return Ingress
+
+
+def build_app(cfg: ServeConfig, model_path: str):
+    """The Serve application (``serve.run(build_app(...))``): ``Gateway`` -> ``NormGuard`` replicas, or
+    one ``NormGuard`` deployment with ``failover: false``."""
+    api = build_fastapi(cfg)
+    model_opts = {
+        "num_replicas": cfg.num_replicas,
+        "ray_actor_options": {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus},
+        "max_ongoing_requests": max(cfg.max_batch_size * 2, 8),
+    }
+    if not cfg.failover:
+        return _ingress(api, _OneHop, "NormGuard").options(**model_opts).bind(cfg, model_path)
+    model = serve.deployment(name="NormGuard")(Replica).options(**model_opts).bind(cfg, model_path)
+    gateway = _ingress(api, _Gateway, "Gateway").options(
+        num_replicas=cfg.gateway_replicas,
+        ray_actor_options={"num_cpus": cfg.gateway_cpus},
+        max_ongoing_requests=max(cfg.max_batch_size * 2 * cfg.num_replicas, 8),
+    )
+    return gateway.bind(cfg, model)
 
 
 def resolve_for_serving(cfg: ServeConfig) -> str:
@@ -187,14 +251,15 @@ def app_from_env(args: dict | None = None):
     return build_app(cfg, resolve_for_serving(cfg))
 
 
-def serve_config_for(target: str | None, *, host: str, port: int) -> ServeConfig:
+def serve_config_for(target: str | None, *, host: str | None = None, port: int | None = None) -> ServeConfig:
     """The serve config of ``normguard serve TARGET``: a serve YAML as it is; a run or checkpoint
     directory as checkpoint ``trained`` (a run directory also gives its model and grid shift);
-    nothing: the base model."""
+    nothing: the base model. ``host`` / ``port`` override the YAML only when given (the command
+    line's flags default to ``None``, so a YAML's ``port: 8012`` is kept)."""
     import json
 
     path = Path(target) if target else None
-    over: dict = {"port": port, "host": host}
+    over: dict = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if path is not None and path.suffix in (".yaml", ".yml"):
         return load_serve_config(path, **over)
     checkpoints = {"trained": str(path)} if path is not None else {}
@@ -206,13 +271,15 @@ def serve_config_for(target: str | None, *, host: str, port: int) -> ServeConfig
     return load_serve_config(None, checkpoints=checkpoints, model=model, **over)
 
 
-def serve_forever(target: str | None, *, host: str, port: int, num_cpus: int | None = None) -> None:
+def serve_forever(
+    target: str | None, *, host: str | None = None, port: int | None = None, num_cpus: int | None = None
+) -> None:
     """``normguard serve``: start Ray and the app on ``host:port``, serve until Ctrl-C."""
     import ray
 
     cfg = serve_config_for(target, host=host, port=port)
     model_path = resolve_for_serving(cfg)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg, model_path), name="normguard", route_prefix="/")
     print(f"serving {['base', *cfg.checkpoints]} on http://{cfg.host}:{cfg.port}  (Ctrl-C to stop)", flush=True)

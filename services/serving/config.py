@@ -34,7 +34,19 @@ class ServeConfig(BaseModel):
         description="how long a batch waits to fill after its first request. Requests queue while a batch "
         "computes, so under load batches fill anyway; a wait only delays requests at low load",
     )
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="model replicas")
+    failover: bool = Field(
+        True,
+        description="a gateway deployment (the HTTP ingress, no model) in front of the model replicas, which "
+        "retries a request whose replica died on a live one, or answers 503 + Retry-After when none is left; "
+        "false: one deployment that is ingress and model in one (one hop less; a lost replica's requests get 500)",
+    )
+    replica_loss_retries: int = Field(
+        1, ge=0, le=3, description="with failover and num_replicas >= 2: resends of a request whose replica died"
+    )
+    retry_after_s: int = Field(15, ge=1, description="Retry-After of a 503 (about a replica's restart time)")
+    gateway_replicas: int = Field(1, ge=1, description="with failover: gateway replicas")
+    gateway_cpus: float = Field(0.0, ge=0, description="with failover: CPUs of a gateway replica (it holds no model)")
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)
     auth_token: str | None = Field(

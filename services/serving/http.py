@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.serving.config import ServeConfig
 from services.serving.generator import BASE_ID, GenerationItem, clip
 
-__all__ = ["GenerateRequest", "build_fastapi", "clip", "validate"]
+__all__ = ["GenerateRequest", "bearer_token", "build_fastapi", "clip", "validate"]
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes any int64 >= 0
 
@@ -81,6 +81,14 @@ def validate(cfg: ServeConfig, req: GenerateRequest) -> GenerationItem:
     )
 
 
+def bearer_token(header: str) -> bytes:
+    """The credentials of an ``Authorization: Bearer <token>`` header; the scheme is matched without
+    regard to case (RFC 7235 section 2.1, RFC 6750 section 2.1), the token exactly (compared in
+    constant time by the caller). Anything else gives ``b""``, which matches no token."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
 def build_fastapi(cfg: ServeConfig) -> FastAPI:
     api = FastAPI(
         title="NormGuard generation",
@@ -89,7 +97,7 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
     )
 
     open_paths = {"/healthz"} | ({"/"} if cfg.public_page else set())
-    expected = f"Bearer {cfg.auth_token}".encode() if cfg.auth_token else None
+    expected = cfg.auth_token.encode() if cfg.auth_token else None
 
     @api.middleware("http")
     async def guard(request: Request, call_next):
@@ -98,8 +106,7 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         if expected is not None and path not in open_paths:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):  # constant time
+            if not hmac.compare_digest(bearer_token(request.headers.get("authorization", "")), expected):
                 return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401)
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > cfg.max_body_bytes):

@@ -70,10 +70,16 @@ def _decode(b64: str) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(b64)))))
 
 
-def test_health_models_and_openapi(server):
+def test_health_models_and_openapi(server, digits_assets):
     assert httpx.get(f"{server}/healthz", timeout=TIMEOUT_S).json() == {"status": "ok"}
-    models = httpx.get(f"{server}/v1/models", timeout=TIMEOUT_S).json()
+    r = httpx.get(f"{server}/v1/models", timeout=TIMEOUT_S)
+    models = r.json()
     assert [m["id"] for m in models["models"]] == ["base", "trained"] and models["default_steps"] == 4
+    base, trained = models["models"]
+    assert base == {"id": "base", "base_model": "digits", "step": None, "method": None, "normguard": None}
+    assert trained["base_model"] == "digits" and trained["step"] == 0  # the fixture's untrained learner
+    # ids and what a client needs, never the server's disk layout
+    assert "/" not in r.text and str(digits_assets.model_path) not in r.text
     assert "/v1/generate" in httpx.get(f"{server}/openapi.json", timeout=TIMEOUT_S).json()["paths"]
 
 
@@ -145,6 +151,11 @@ def test_bearer_token_covers_every_route_but_health(server):
         )
         assert httpx.get(f"{url}{path}", headers=good, timeout=TIMEOUT_S).status_code == 200, path
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT_S).status_code == 200  # health stays open
+    # the scheme is case-insensitive (RFC 7235 section 2.1); the token is not
+    for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": header}, timeout=TIMEOUT_S).status_code == 200
+    for header in ("Basic s3cret", "Bearers3cret", "s3cret", "bearer S3CRET", "Bearer"):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": header}, timeout=TIMEOUT_S).status_code == 401
     # public_page: the page is open, the API is not
     assert httpx.get(f"{server}/pubauth/", timeout=TIMEOUT_S).status_code == 200
     assert httpx.get(f"{server}/pubauth/v1/models", timeout=TIMEOUT_S).status_code == 401
@@ -189,26 +200,48 @@ def test_body_size_limit_and_no_echo(server):
     assert r.status_code == 422 and len(r.content) < 2000 and "at most 1000 characters" in r.text
 
 
-def test_web_page_in_headless_chromium(server, tmp_path):
+def test_web_page_compares_checkpoints_in_headless_chromium(server, tmp_path):
+    """The page's comparison: one prompt and seed through every ticked checkpoint, renormalisation off
+    and on, at each step count, one row each with its steps and the reply's timing."""
     skip_unless(shutil.which("chromium") is not None, "chromium not installed (apt-get install chromium)")
-    dom = _page_dom(f"{server}/?autorun=1&prompt=a%20handwritten%20digit%207&checkpoint=trained", tmp_path)
-    assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
-    assert "checkpoint trained" in dom and "error" not in dom.split('id="status"')[1][:200]
+    query = "autorun=1&prompt=a%20handwritten%20digit%207&steps=2,4&count=2&seed=5&renorm=1"
+    dom = _page_dom(f"{server}/?{query}", tmp_path, screenshot=tmp_path / "page.png")
+    rows = dom.split('class="result"')[1:]
+    labels = [r.split('class="label">')[1].split("<")[0] for r in rows]
+    assert labels == [
+        f"{c} · {n} steps · renormalised {on}" for n in (2, 4) for c in ("base", "trained") for on in ("off", "on")
+    ], labels
+    for r, label in zip(rows, labels):
+        assert r.count('src="data:image/png;base64,') == 2, label
+        timing = r.split('class="timing">')[1].split("<")[0]
+        assert timing.startswith(label.split(" · ")[1]) and "ms round trip" in timing and "ms model" in timing, timing
+    # the same seed: a checkpoint's renormalised row differs from its plain row only by the setting, and
+    # base and trained start from the same noise (their images differ because the weights do)
+    images = [[s.split('"')[0] for s in r.split('src="data:image/png;base64,')[1:]] for r in rows]
+    assert images[0] != images[2], "base and trained rows are the same images"
+    assert "8 rows, 0 failed" in dom.split('id="status"')[1][:300]
+    assert (tmp_path / "page.png").stat().st_size > 10_000  # the screenshot rendered
 
 
-def _page_dom(url: str, profile) -> str:
-    """The page's DOM after its scripts ran, from headless Chromium."""
-    cmd = [
-        "chromium",
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--virtual-time-budget=60000",
-        f"--user-data-dir={profile}",
-        "--dump-dom",
-        url,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+CHROMIUM = [
+    "chromium",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--virtual-time-budget=120000",
+]
+
+
+def _page_dom(url: str, profile, screenshot=None) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (and a screenshot, if asked)."""
+    if screenshot is not None:
+        shot = [*CHROMIUM, f"--user-data-dir={profile}-shot", "--window-size=1400,1400", f"--screenshot={screenshot}"]
+        subprocess.run([*shot, url], capture_output=True, text=True, timeout=240)
+    cmd = [*CHROMIUM, f"--user-data-dir={profile}", "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240).stdout
 
 
 def test_web_page_under_auth_in_headless_chromium(server, tmp_path):
@@ -217,9 +250,9 @@ def test_web_page_under_auth_in_headless_chromium(server, tmp_path):
     base = f"{server}/pubauth/?autorun=1&prompt=a%20handwritten%20digit%205"
     dom = _page_dom(base, tmp_path / "a")
     assert "needs a token" in dom and 'src="data:image/png;base64,' not in dom
-    dom = _page_dom(base + "&token=s3cret", tmp_path / "b")
+    dom = _page_dom(base + "&token=s3cret&steps=2&renorm=0&checkpoints=trained", tmp_path / "b")
     assert dom.count('src="data:image/png;base64,') == 4, dom[-2000:]
-    assert "error" not in dom.split('id="status"')[1][:200]
+    assert "1 rows, 0 failed" in dom.split('id="status"')[1][:300]
 
 
 def _fuzz_strategies(schema: dict):
