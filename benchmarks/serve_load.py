@@ -7,8 +7,11 @@ For each it prints:
 - throughput, p50 and p99 latency, errors, the mean merged batch;
 - where the milliseconds of a request go: client latency = HTTP proxy and transport + time in the
   replica; time in the replica = batch queue + model compute (the replica reports both).
+``--layouts gateway one-hop`` serves both layouts side by side (the default failover layout, a Gateway
+deployment in front of the model replicas, and ``failover: false``, ingress and model in one replica),
+so the gateway's extra hop is measured against the one-hop layout in the same run.
 
-    RAY_AUTH_MODE=disabled python benchmarks/serve_load.py [--concurrency 1 8 32] [--steps 4 20]
+    RAY_AUTH_MODE=disabled python benchmarks/serve_load.py [--concurrency 1 8 32] [--steps 4 20] [--layouts ...]
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ def start_local(args):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg, resolve_for_serving(cfg)), name="normguard", route_prefix="/")
+    for layout in args.layouts:  # one app per layout, each at /<layout>
+        app_cfg = cfg.model_copy(update={"failover": layout == "gateway"})
+        serve.run(build_app(app_cfg, resolve_for_serving(cfg)), name=layout, route_prefix=f"/{layout}")
     return f"http://127.0.0.1:{port}", cfg
 
 
@@ -124,6 +129,13 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batch-wait", type=float, default=0.0)
     ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["gateway"],
+        choices=["gateway", "one-hop"],
+        help="gateway: Gateway -> model replicas (failover, the default); one-hop: ingress and model in one",
+    )
     args = ap.parse_args()
     args.requests = min(args.requests, 1000)  # bounded
     if args.url:
@@ -133,6 +145,7 @@ def main() -> None:
         from services.serving.config import ServeConfig
 
         url, cfg = args.url, ServeConfig(model=ModelConfig(), replica_cpus=args.replica_cpus)
+        args.layouts = [None]
     else:
         url, cfg = start_local(args)
     print(
@@ -146,17 +159,22 @@ def main() -> None:
         rate = 1 / statistics.mean(base)
         p50 = statistics.median(base) * 1000
         print(f"{steps:>5}  in-process       1  {rate:>6.1f}      1.00  {p50:>6.1f}  {_pct(base, 0.99) * 1000:>6.1f}")
-        c1 = None
-        for c in args.concurrency:
-            r = load(url, steps, args.requests, c)
-            c1 = r["p50"] * 1000 if c == 1 else c1
-            print(
-                f"{steps:>5}  HTTP          {c:>4}  {r['rps']:>6.1f}  {r['rps'] / rate:>8.2f}  {r['p50'] * 1000:>6.1f}  "
-                f"{r['p99'] * 1000:>6.1f}  {r['errors']:>3}  {r['batch']:>5.1f}  {r['server_ms']:>9.1f}  "
-                f"{r['queue_ms']:>8.1f}  {r['compute_ms']:>10.1f}"
-            )
-        if c1 is not None:
-            print(f"       p50 at concurrency 1 - in-process p50 = {c1 - p50:.1f} ms")
+        for layout in args.layouts:
+            _rows(f"{url}/{layout}" if layout else url, layout or "HTTP", steps, rate, p50, args)
+
+
+def _rows(url: str, mode: str, steps: int, rate: float, p50: float, args) -> None:
+    c1 = None
+    for c in args.concurrency:
+        r = load(url, steps, args.requests, c)
+        c1 = r["p50"] * 1000 if c == 1 else c1
+        print(
+            f"{steps:>5}  {mode:<12}{c:>4}  {r['rps']:>6.1f}  {r['rps'] / rate:>8.2f}  {r['p50'] * 1000:>6.1f}  "
+            f"{r['p99'] * 1000:>6.1f}  {r['errors']:>3}  {r['batch']:>5.1f}  {r['server_ms']:>9.1f}  "
+            f"{r['queue_ms']:>8.1f}  {r['compute_ms']:>10.1f}"
+        )
+    if c1 is not None:
+        print(f"       {mode}: p50 at concurrency 1 - in-process p50 = {c1 - p50:.1f} ms")
 
 
 if __name__ == "__main__":
