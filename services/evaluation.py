@@ -45,7 +45,7 @@ class EvalPlan:
         steps: step counts, e.g. ``(4, 20)``.
         scorers: the scorers whose mean is reported.
         guidance_scale: CFG scale.
-        shift: grid shift.
+        shift: a static grid shift, or ``None``: the generator family's schedule (``FlowGenerator.sigma_grid``).
         metadata: one prompt-file row per prompt (rule-based rewards), or ``None``.
         seed: the noise seed.
     """
@@ -55,7 +55,7 @@ class EvalPlan:
     steps: tuple[int, ...]
     scorers: tuple[str, ...]
     guidance_scale: float = 1.0
-    shift: float = 1.0
+    shift: float | None = None
     metadata: tuple[dict, ...] | None = None
     seed: int = EVAL_SEED
 
@@ -119,7 +119,9 @@ def in_process(gen, scorers: Mapping[str, object], *, judge: str | None = None, 
     whose ``features`` the set-level metrics use)."""
     from services.models.sampling import sample
 
-    def sample_fn(prompts: Sequence[str], n: int, guidance: float, shift: float, seed: int, renorm: bool) -> dict:
+    def sample_fn(
+        prompts: Sequence[str], n: int, guidance: float, shift: float | None, seed: int, renorm: bool
+    ) -> dict:
         noise = torch.randn(len(prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
         out = sample(gen, prompts, noise=noise, num_steps=n, guidance_scale=guidance, shift=shift, renormalize=renorm)
         return {"images": out.images, "ratio": out.ratio}

@@ -6,10 +6,12 @@ in-memory vocabularies, tiny SD3 / FLUX pipelines, a tiny CLIPModel and a tiny L
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+ARCHITECTURES = Path(__file__).parents[1] / "deploy" / "architectures"
 WORDS = ("a", "photo", "of", "cat", "dog", "handwritten", "digit")
 
 
@@ -92,9 +94,21 @@ def _vae(latent_channels):
     )
 
 
-def save_tiny_sd3(path: Path) -> Path:
-    """A tiny StableDiffusion3Pipeline saved with save_pretrained (64x64 images, 16x32x32 latents)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+def published_config(model: str, part: str) -> dict:
+    """A real model's published config (``deploy/architectures/<model>/<part>_config.json``)."""
+    return json.loads((ARCHITECTURES / model / f"{part}_config.json").read_text())
+
+
+def _scheduler(config: dict | None, **default):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(config) if config else FlowMatchEulerDiscreteScheduler(**default)
+
+
+def save_tiny_sd3(path: Path, scheduler_config: dict | None = None) -> Path:
+    """A tiny StableDiffusion3Pipeline saved with save_pretrained (64x64 images, 16x32x32 latents);
+    ``scheduler_config``: e.g. a real model's (``published_config``), default shift 3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -114,7 +128,7 @@ def save_tiny_sd3(path: Path) -> Path:
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=_scheduler(scheduler_config, shift=3.0),
         vae=_vae(16),
         text_encoder=_clip_text(CLIPTextModelWithProjection, len(tok)),
         tokenizer=tok,
@@ -127,9 +141,10 @@ def save_tiny_sd3(path: Path) -> Path:
     return path
 
 
-def save_tiny_flux(path: Path) -> Path:
-    """A tiny FluxPipeline (64x64 images, packed latents (256, 16))."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def save_tiny_flux(path: Path, scheduler_config: dict | None = None) -> Path:
+    """A tiny FluxPipeline (64x64 images, packed latents (256, 16)); ``scheduler_config``: e.g. FLUX.1-dev's
+    (``published_config``), default diffusers' (static shift 1)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -148,7 +163,7 @@ def save_tiny_flux(path: Path) -> Path:
     )
     pipe = FluxPipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=_scheduler(scheduler_config),
         vae=_vae(4),
         text_encoder=_clip_text(CLIPTextModel, len(tok)),
         tokenizer=tok,

@@ -51,15 +51,18 @@ __all__ = [
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Published parameter counts (billions) of the components a pipeline loads.
 _CLIP_L, _CLIP_G, _T5_XXL, _VAE = 0.123, 0.695, 4.76, 0.084
-_TRANSFORMER_B = {"sd3": 2.03, "sd3.5-medium": 2.47, "sd3.5-large": 8.06, "flux": 11.9}
 _ENCODERS_B = {"sd3": _CLIP_L + _CLIP_G + _T5_XXL + _VAE, "flux": _CLIP_L + _T5_XXL + _VAE}
-# LoRA: (transformer blocks x attention projections adapted per block, hidden size)
-_LORA_SHAPE = {
-    "sd3": (24 * 8, 1536),
-    "sd3.5-medium": (24 * 8, 1536),
-    "sd3.5-large": (38 * 8, 2432),
-    "flux": (57 * 6, 3072),
+# Transformer parameters and LoRA parameters per unit of rank (the family targets, services.config.families),
+# counted on the transformers built from the published configs in deploy/architectures (meta device;
+# tests/e2e/test_real_architectures.py recounts them). SD3-medium (2.03 B, no config there) has SD3.5-M's
+# adapted blocks: 24 joint blocks of width 1536, the last without the context stream's output projection.
+_TRANSFORMER_PARAMS = {
+    "sd3": 2_030_000_000,
+    "sd3.5-medium": 2_243_171_520,
+    "sd3.5-large": 8_056_627_520,
+    "flux": 11_901_408_320,
 }
+_LORA_PER_RANK = {"sd3": 586_752, "sd3.5-medium": 586_752, "sd3.5-large": 1_473_792, "flux": 2_801_664}
 _SCORER_B = {"pickscore": 0.99, "hpsv2": 0.99, "clip_group_rank": 0.43, "realism_detector": 0.1, "http_judge": 0.0}
 
 
@@ -136,12 +139,9 @@ def _model_gb(model) -> tuple[float, float, float]:
         tr = (_local_bytes(local / "transformer") or 0.0) / 1e9
         rest = sum((_local_bytes(d) or 0.0) for d in local.iterdir() if d.is_dir() and d.name != "transformer") / 1e9
     else:
-        tr = _TRANSFORMER_B[fam] * width
+        tr = _TRANSFORMER_PARAMS[fam] * width / 1e9
         rest = _ENCODERS_B[model.kind] * width
-    lora = 0.0
-    if model.lora_rank:
-        n, d = _LORA_SHAPE[fam]
-        lora = n * 2 * model.lora_rank * d
+    lora = float(_LORA_PER_RANK[fam] * model.lora_rank) if model.lora_rank else 0.0
     return tr, rest, lora
 
 

@@ -34,6 +34,8 @@ from services.config.sections import (
 
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config"]
 
+DIGITS_SHIFT = 1.0  # the embedded digits model's grid: diffusers' set_timesteps grid, unshifted
+
 
 class ExperimentConfig(Section):
     """The whole experiment. Derived values are properties, never stored twice."""
@@ -62,6 +64,23 @@ class ExperimentConfig(Section):
         """Directory of this run's outputs, absolute: Ray actors (the learner writes checkpoints) do not
         share the driver's working directory."""
         return Path(self.train.output_dir).expanduser().resolve() / self.train.run_name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_grid(cls, data: Any) -> Any:
+        """``rollout.shift: null`` is the family's scheduler; the digits model has none, its grid's shift (1)
+        is filled in here, so that every reader of a digits run's config (serving, analyze) gets a number."""
+        if not isinstance(data, dict):
+            return data
+        model, rollout = data.get("model") or {}, data.get("rollout") or {}
+        kind = model.get("kind", "digits") if isinstance(model, dict) else model.kind
+        if kind != "digits":
+            return data
+        if isinstance(rollout, dict) and rollout.get("shift") is None:
+            return {**data, "rollout": {**rollout, "shift": DIGITS_SHIFT}}
+        if isinstance(rollout, RolloutConfig) and rollout.shift is None:
+            return {**data, "rollout": rollout.model_copy(update={"shift": DIGITS_SHIFT})}
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

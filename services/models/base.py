@@ -1,9 +1,16 @@
 """The generator interface the Ray services use, and the diffusers-transformer base.
 
 A generator turns prompts into conditions, (x, sigma, condition) into velocities in the
-convention of ``normguard_core.conventions``, and latents into images in [0, 1]. Its reference
-is the same model with LoRA adapters disabled (no second copy), or a frozen copy of the initial
-weights for full fine-tuning.
+convention of ``normguard_core.conventions``, and latents into images in [0, 1], and owns its
+family's sampling grid (``schedule``, ``services.models.schedules``). Its reference is the same
+model with LoRA adapters disabled (no second copy), or a frozen copy of the initial weights for
+full fine-tuning.
+
+Precision as DiffusionNFT's ``scripts/train_nft_sd3.py`` and flow_grpo's ``scripts/train_sd3.py``
+keep it: what trains (the LoRA adapters, or the whole transformer) is float32, so AdamW's moments
+are too; with a lower ``compute_dtype`` the frozen base (or the full fine-tune's reference copy)
+stays in that dtype and the pipelines run their forwards under ``torch.autocast``, with the
+timestep in float32 (see ``services.models.pipelines``).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from normguard_core.samplers import VelocityFn, cfg_combine
+from services.models.schedules import FlowSchedule
 
 __all__ = ["Condition", "FlowGenerator"]
 
@@ -35,6 +43,10 @@ class Condition:
     def index(self, idx: Tensor) -> Condition:
         """Rows ``idx`` of every tensor."""
         return Condition({k: v[idx] for k, v in self.tensors.items()})
+
+    def slice(self, rows: slice) -> Condition:
+        """Rows ``rows`` of every tensor (views)."""
+        return Condition({k: v[rows] for k, v in self.tensors.items()})
 
     def repeat_interleave(self, n: int) -> Condition:
         """Each row repeated ``n`` times (prompt -> group of samples)."""
@@ -57,6 +69,8 @@ class FlowGenerator:
     """
 
     name = "base"
+    schedule = FlowSchedule()  # the digits grid; the pipelines' comes from their scheduler config
+    compute_dtype = torch.float32  # the frozen weights' dtype and the autocast dtype of the forwards
 
     def __init__(
         self,
@@ -81,9 +95,11 @@ class FlowGenerator:
                 target_modules=list(lora_targets),
                 init_lora_weights=True,
             )
-            self.transformer.add_adapter(cfg)
+            self.transformer.add_adapter(cfg)  # peft casts the adapters to the base layer's dtype
         else:
             self._reference = copy.deepcopy(self.transformer).eval().requires_grad_(False)
+        for p in self.trainable_parameters():  # train in float32 (a no-op for a float32 model)
+            p.data = p.data.float()
         self.transformer.eval()
 
     # ---- model-specific -------------------------------------------------------------------
@@ -104,6 +120,16 @@ class FlowGenerator:
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------
+    def sigma_grid(self, num_steps: int, shift: float | None = None) -> Tensor:
+        """``(T + 1,)`` sampling grid of this family (``shift``: a static override, ``None`` = the scheduler's)."""
+        return self.schedule.sigma_grid(num_steps, shift=shift)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to ``compute_dtype`` on this device, or nothing at float32 (bit-identical)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the learner optimises (LoRA weights, or the whole transformer)."""
         return [p for p in self.transformer.parameters() if p.requires_grad]
@@ -151,20 +177,55 @@ class FlowGenerator:
                 return self._call_backbone(ref, x, sigma, cond).float()
         return self._call_backbone(module or self.transformer, x, sigma, cond).float()
 
-    def velocity_fns(self, prompts: Sequence[str], guidance_scale: float = 1.0) -> tuple[VelocityFn, VelocityFn]:
+    def velocity_fns(
+        self, prompts: Sequence[str], guidance_scale: float = 1.0, *, micro_batch: int | None = None
+    ) -> tuple[VelocityFn, VelocityFn]:
         """``(policy, reference)`` ``(x, sigma) -> v`` closures for ``prompts`` with CFG (the null prompt
-        is encoded only when ``guidance_scale != 1``); the prompts are encoded once for both."""
+        is encoded only when ``guidance_scale != 1``); the prompts are encoded once for both.
+        ``micro_batch``: samples per transformer call (see :meth:`guided_velocity_fn`)."""
         cond = self.encode_prompts(list(prompts))
         null = self.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
         return (
-            self.guided_velocity_fn(cond, null, guidance_scale),
-            self.guided_velocity_fn(cond, null, guidance_scale, reference=True),
+            self.guided_velocity_fn(cond, null, guidance_scale, micro_batch=micro_batch),
+            self.guided_velocity_fn(cond, null, guidance_scale, reference=True, micro_batch=micro_batch),
         )
 
     def guided_velocity_fn(
-        self, cond: Condition, null_cond: Condition | None, guidance_scale: float, *, reference: bool = False
+        self,
+        cond: Condition,
+        null_cond: Condition | None,
+        guidance_scale: float,
+        *,
+        reference: bool = False,
+        micro_batch: int | None = None,
     ) -> VelocityFn:
-        """A ``(x, sigma) -> v`` closure with CFG, batching conditional and null passes together."""
+        """A ``(x, sigma) -> v`` closure with CFG, batching conditional and null passes together.
+
+        ``micro_batch`` splits the batch into chunks of that many samples, one transformer call each (with
+        CFG a call carries the chunk's conditional and null rows, ``2 * micro_batch``); ``None`` = the whole
+        batch in one call. Rows do not interact, so the result is the same (bit-identical where the kernels
+        do not depend on the batch size, as on CPU); the SDE noise and the steps stay whole-batch.
+        """
+        if micro_batch is None or micro_batch >= cond.batch_size:
+            return self._guided(cond, null_cond, guidance_scale, reference)
+        chunks = [
+            (
+                sl,
+                self._guided(
+                    cond.slice(sl), None if null_cond is None else null_cond.slice(sl), guidance_scale, reference
+                ),
+            )
+            for sl in (slice(i, i + micro_batch) for i in range(0, cond.batch_size, micro_batch))
+        ]
+
+        def fn(x: Tensor, sigma: Tensor) -> Tensor:
+            return torch.cat([part(x[sl], sigma[sl]) for sl, part in chunks])
+
+        return fn
+
+    def _guided(
+        self, cond: Condition, null_cond: Condition | None, guidance_scale: float, reference: bool
+    ) -> VelocityFn:
         if guidance_scale == 1.0 or null_cond is None:
             return lambda x, sigma: self.velocity(x, sigma, cond, reference=reference)
         both = cond.cat(null_cond)
@@ -175,3 +236,9 @@ class FlowGenerator:
             return cfg_combine(v_cond, v_uncond, guidance_scale)
 
         return fn
+
+    def decode_chunked(self, latents: Tensor, decode_batch: int | None = None) -> Tensor:
+        """:meth:`decode` in chunks of ``decode_batch`` latents (``None``: one call), concatenated."""
+        if decode_batch is None or decode_batch >= latents.shape[0]:
+            return self.decode(latents)
+        return torch.cat([self.decode(part) for part in latents.split(decode_batch)])

@@ -7,7 +7,13 @@
   distilled guidance embedding (FLUX.1-dev); CFG is not used by FLUX.1-dev (guidance scale goes
   into the embedding).
 
-Both follow the velocity convention of diffusers' FlowMatchEulerDiscreteScheduler, which is ours.
+Both follow the velocity convention of diffusers' FlowMatchEulerDiscreteScheduler, which is ours,
+and sample on the grid their pipeline builds from the scheduler config (``services.models.schedules``:
+SD3's static shift, FLUX's resolution-dependent ``mu``). With ``dtype`` below float32 the weights load in
+that dtype, what trains is float32 (``services.models.base``), and each forward runs under
+``torch.autocast`` with the latents, the timestep and the position ids in float32, as the sources run
+theirs (DiffusionNFT ``scripts/train_nft_sd3.py``: the forwards inside ``torch_autocast``; diffusers'
+pipelines pass the scheduler's float32 timesteps).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from services.models.base import Condition, FlowGenerator
+from services.models.schedules import FlowSchedule
 from services.rewards.clip import load_pretrained_checked
 
 __all__ = ["FluxGenerator", "SD3Generator"]
@@ -48,6 +55,11 @@ class SD3Generator(FlowGenerator):
         self.pipe = pipe.to(device)
         self.resolution = resolution
         self.vae_scale = pipe.vae_scale_factor
+        self.compute_dtype = _DTYPES[dtype]
+        tokens = (resolution // self.vae_scale // pipe.transformer.config.patch_size) ** 2
+        self.schedule = FlowSchedule.from_scheduler_config(
+            pipe.scheduler.config, base="scheduler", image_seq_len=tokens
+        )
         super().__init__(pipe.transformer, device=device, **kwargs)
 
     @property
@@ -72,14 +84,14 @@ class SD3Generator(FlowGenerator):
         return _vae_decode(self.pipe.vae, latents)
 
     def _call_backbone(self, module: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
-        dtype = self.pipe.transformer.dtype
-        return module(
-            hidden_states=x.to(dtype),
-            timestep=(sigma * 1000.0).to(dtype),
-            encoder_hidden_states=cond.tensors["prompt_embeds"].to(dtype),
-            pooled_projections=cond.tensors["pooled"].to(dtype),
-            return_dict=False,
-        )[0]
+        with self.autocast():
+            return module(
+                hidden_states=x,
+                timestep=sigma * 1000.0,  # float32, as the pipeline passes scheduler.timesteps
+                encoder_hidden_states=cond.tensors["prompt_embeds"],
+                pooled_projections=cond.tensors["pooled"],
+                return_dict=False,
+            )[0]
 
 
 class FluxGenerator(FlowGenerator):
@@ -104,9 +116,12 @@ class FluxGenerator(FlowGenerator):
         self.pipe = pipe.to(device)
         self.resolution = resolution
         self.guidance = guidance
-        super().__init__(pipe.transformer, device=device, **kwargs)
+        self.compute_dtype = _DTYPES[dtype]
         side = 2 * (resolution // (pipe.vae_scale_factor * 2))
         self._latent_side = side
+        tokens = (side // 2) ** 2  # FluxPipeline's image_seq_len: the packed latent's length
+        self.schedule = FlowSchedule.from_scheduler_config(pipe.scheduler.config, base="flux", image_seq_len=tokens)
+        super().__init__(pipe.transformer, device=device, **kwargs)
         self._img_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, self.device, torch.float32)
 
     @property
@@ -125,19 +140,18 @@ class FluxGenerator(FlowGenerator):
         return _vae_decode(self.pipe.vae, z)
 
     def _call_backbone(self, module: nn.Module, x: Tensor, sigma: Tensor, cond: Condition) -> Tensor:
-        dtype = self.pipe.transformer.dtype
-        embeds = cond.tensors["prompt_embeds"].to(dtype)
+        embeds = cond.tensors["prompt_embeds"]
         guidance = None
         if self.pipe.transformer.config.guidance_embeds:
             guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=torch.float32)
-        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype)
-        return module(
-            hidden_states=x.to(dtype),
-            timestep=sigma.to(dtype),
-            guidance=guidance,
-            pooled_projections=cond.tensors["pooled"].to(dtype),
-            encoder_hidden_states=embeds,
-            txt_ids=txt_ids,
-            img_ids=self._img_ids.to(dtype),
-            return_dict=False,
-        )[0]
+        with self.autocast():  # the transformer scales timestep and guidance by 1000 in x's dtype: float32
+            return module(
+                hidden_states=x,
+                timestep=sigma,
+                guidance=guidance,
+                pooled_projections=cond.tensors["pooled"],
+                encoder_hidden_states=embeds,
+                txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=torch.float32),
+                img_ids=self._img_ids,
+                return_dict=False,
+            )[0]

@@ -267,7 +267,7 @@ def serve_config_for(target: str | None, *, host: str | None = None, port: int |
     if path is not None and (path / "config.json").is_file():  # a run dir knows its model
         run_cfg = json.loads((path / "config.json").read_text())
         model = run_cfg["model"]
-        over.setdefault("shift", run_cfg.get("rollout", {}).get("shift", 1.0))  # the grid it was trained on
+        over.setdefault("shift", run_cfg.get("rollout", {}).get("shift"))  # the grid it was trained on (None: family's)
     return load_serve_config(None, checkpoints=checkpoints, model=model, **over)
 
 

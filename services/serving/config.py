@@ -26,7 +26,9 @@ class ServeConfig(BaseModel):
     allowed_sizes: tuple[int, ...] | None = Field(None, description="image sides accepted (default: the model's)")
     default_guidance: float = Field(1.0, ge=1.0)
     max_guidance: float = Field(15.0, ge=1.0)
-    shift: float = Field(1.0, gt=0)
+    shift: float | None = Field(
+        None, gt=0, description="static shift of the sampling grid; None: the model family's (its scheduler config)"
+    )
     max_batch_size: int = Field(16, ge=1, description="requests merged into one sampler batch")
     batch_wait_timeout_s: float = Field(
         0.0,

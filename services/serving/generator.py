@@ -36,7 +36,7 @@ class GenerationItem:
     num_steps: int
     guidance_scale: float
     seed: int
-    shift: float = 1.0
+    shift: float | None = None  # None: the family's grid
     checkpoint: str = BASE_ID
     renormalize: bool = False
     received: float = 0.0

@@ -4,7 +4,9 @@ step each optimiser step trains on, seeded by (seed, step, rank, epoch).
 Forward-process methods (NFT, AWM, Flow-DPO) draw ``timesteps_per_sample`` sigmas per sample (or
 pair) as the method's source does (the sampler's own grid, stratified grid indices, uniform or
 logit-normal) and fresh noise; Flow-GRPO draws stored SDE steps. The units (samples or pairs) are
-shuffled and split into ``updates_per_step`` mini-batches, each one optimiser step.
+shuffled and split into ``updates_per_step`` mini-batches, each one optimiser step. The sampler's grid
+and the shift of the shifted schemes are the generator family's (``services.models.schedules``), the
+grid the samplers integrate on.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import sample_sigmas, sigma_grid
+from normguard_core.conventions import sample_sigmas
+from services.models.schedules import FlowSchedule
 from services.types import TrainBatch
 
 __all__ = ["PointPlan"]
@@ -21,8 +24,10 @@ __all__ = ["PointPlan"]
 class PointPlan:
     """The training points of a method: rows ``unit * K + j`` (K = ``timesteps``) of each epoch."""
 
-    def __init__(self, spec, method) -> None:
-        """``spec``: a :class:`~services.training.learner.LearnerSpec`."""
+    def __init__(self, spec, method, schedule: FlowSchedule | None = None) -> None:
+        """``spec``: a :class:`~services.training.learner.LearnerSpec`; ``schedule``: the generator's
+        (``gen.schedule``; default: the digits grid)."""
+        self.schedule = schedule or FlowSchedule()
         self.seed, self.rollout, self.learner_cfg = spec.seed, spec.rollout, spec.learner
         self.data, self.method, self.loss_cfg = method.data, method, spec.loss
         self.timesteps, self.updates_per_step = spec.timesteps, spec.updates_per_step
@@ -34,7 +39,7 @@ class PointPlan:
         """``(n, K)`` training sigmas of the forward-process methods."""
         k, ro, lc = self.timesteps, self.rollout, self.learner_cfg
         scheme = self.method.train_sigmas(self.loss_cfg)  # forward / pair methods only
-        grid = sigma_grid(ro.num_steps, shift=ro.shift)[:-1]  # (T,) the sampler's grid, without the final 0
+        grid = self.schedule.sigma_grid(ro.num_steps, shift=ro.shift)[:-1]  # (T,) the sampler's grid, without 0
         if n == 0:  # an empty shard (fewer pairs / kept samples than ranks) still joins every all-reduce
             return torch.zeros(0, k)
         if scheme == "sampler_grid":  # DiffusionNFT: K of the T grid sigmas, permuted per sample
@@ -46,7 +51,8 @@ class PointPlan:
             lo, hi = bounds[:-1], bounds[1:]
             idx = lo + (torch.rand(n, k, generator=g) * (hi - lo)).long()
             return grid[idx.clamp_max(len(grid) - 1)]
-        flat = sample_sigmas(n * k, scheme=scheme, shift=ro.shift, low=lc.sigma_min, high=lc.sigma_max, generator=g)
+        shift = self.schedule.train_shift(ro.shift)
+        flat = sample_sigmas(n * k, scheme=scheme, shift=shift, low=lc.sigma_min, high=lc.sigma_max, generator=g)
         return flat.view(n, k)
 
     def points(self, batch: TrainBatch, epoch: int) -> dict[str, Tensor]:

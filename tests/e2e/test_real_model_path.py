@@ -4,7 +4,9 @@ For each of a tiny SD3 and a tiny FLUX pipeline (random init, saved with ``save_
 ``normguard train`` through Ray for 2 RL steps with LoRA, a tiny CLIP-preference reward (PickScore's
 loader) and a tiny VLM judge in the evaluation; ``normguard serve`` of that run, one image over HTTP;
 ``normguard export``; then the export loaded into a stock diffusers pipeline
-(``load_lora_weights``) gives the service's image for the same seed and steps.
+(``load_lora_weights``) gives the service's image for the same seed and steps. And our sampler gives the
+stock pipelines' latents for tiny pipelines that carry the real models' published scheduler configs
+(``deploy/architectures``: SD3.5's static shift 3, FLUX.1-dev's resolution-dependent ``mu``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,11 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
 
-from normguard_core.conventions import sigma_grid  # noqa: E402
-
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 SEED, STEPS, PROMPT = 7, 3, "a photo of a cat"
-SHIFT = {"sd3": 3.0, "flux": 1.0}  # the tiny pipelines' scheduler shift
+SHIFT = {"sd3": 3.0, "flux": 1.0}  # the tiny pipelines' scheduler shift (static: the serve config needs a number)
 
 
 def _env() -> dict:
@@ -125,9 +125,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
-    # SD3's scheduler reproduces the service's grid from the step count; FLUX's pipeline passes its own
-    # sigmas, so it gets the service's (unshifted: the tiny FLUX scheduler's shift is 1)
-    extra = {"sigmas": sigma_grid(STEPS, shift=1.0)[:-1].tolist()} if kind == "flux" else {}
+    # the service samples on the family's grid: the stock pipeline's own from the step count
     out = pipe(
         PROMPT,
         num_inference_steps=STEPS,
@@ -136,7 +134,6 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
         height=64,
         width=64,
         output_type="pt",
-        **extra,
     ).images[0]
     return out.clamp(0, 1)
 
@@ -173,6 +170,40 @@ def test_train_serve_export_and_load_in_stock_diffusers(assets, kind, tmp_path):
     assert diff <= 1, f"stock diffusers + export differs from the service by {diff}/255"
     # not a vacuous match: the exported LoRA changes the stock pipeline's image (2 RL steps move it a little)
     assert (stock - base).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("model", ["sd3.5-medium", "sd3.5-large", "flux1-dev"])
+def test_sampler_equals_stock_pipeline_with_the_published_scheduler(tmp_path, model):
+    """Latents of our sampler (``rollout.shift: null``: the family's grid) and of the stock pipeline, same noise,
+    at 4 and 10 steps; FLUX at 128 px = 1024 packed image tokens, so mu = 0.63 (not the base 0.5), as at 512 px
+    for FLUX.1-dev. Before the family grids: 1.6e-2 (FLUX, static shift 1) to 2.7e-2 (shift 3) relative at 4 steps."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from services.config import ModelConfig
+    from services.models import build_generator
+    from services.models.sampling import sample
+
+    kind, res = ("flux", 128) if "flux" in model else ("sd3", 64)
+    save = tiny_models.save_tiny_flux if kind == "flux" else tiny_models.save_tiny_sd3
+    path = save(tmp_path / model, tiny_models.published_config(model, "scheduler"))
+    gen = build_generator(ModelConfig(kind=kind, path=str(path), resolution=res))
+    pipe = (FluxPipeline if kind == "flux" else StableDiffusion3Pipeline).from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    assert (gen.schedule.mu is not None) == (kind == "flux") and gen.schedule.mu != 0.5
+    for steps in (4, 10):
+        noise = torch.randn(1, *gen.latent_shape, generator=torch.Generator().manual_seed(SEED))
+        ours = sample(gen, [PROMPT], noise=noise, num_steps=steps, measure_ratio=False).trajectory
+        stock = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=3.5 if kind == "flux" else 1.0,
+            latents=noise.clone(),
+            height=res,
+            width=res,
+            output_type="latent",
+        ).images
+        assert torch.equal(ours.sigmas, pipe.scheduler.sigmas)
+        torch.testing.assert_close(ours.x0, stock, rtol=1e-5, atol=1e-6)
 
 
 def _free_port() -> int:
