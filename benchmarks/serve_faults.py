@@ -149,7 +149,7 @@ def _free_port() -> int:
 ARMS = {"two replicas": ("two", 2, True), "one replica": ("one", 1, True), "one replica, one hop": ("hop", 1, False)}
 
 
-def start_local(arms: dict) -> str:
+def start_local(arms: dict, pretrain_steps: int = 600) -> str:
     """A local Ray + Serve with one app per arm (route ``/<app>``); the base URL."""
     import ray
     from ray import serve
@@ -162,7 +162,8 @@ def start_local(arms: dict) -> str:
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for app, replicas, failover in arms.values():
-        cfg = ServeConfig(model=ModelConfig(), replica_cpus=0.5, num_replicas=replicas, failover=failover)
+        model = ModelConfig(pretrain_steps=pretrain_steps)
+        cfg = ServeConfig(model=model, replica_cpus=0.5, num_replicas=replicas, failover=failover)
         serve.run(build_app(cfg, resolve_for_serving(cfg)), name=app, route_prefix=f"/{app}")
     return f"http://127.0.0.1:{port}"
 
@@ -173,8 +174,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--kill-after", type=int, default=12, help="answered requests before the kill")
     ap.add_argument("--steps", type=int, default=8, help="sampling steps per request")
+    ap.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=600,
+        help="the embedded model's pretraining (the counts do not depend on it)",
+    )
     args = ap.parse_args()
-    url = start_local(ARMS)
+    url = start_local(ARMS, args.pretrain_steps)
     cols = ["requests", "ok", "failed", "503", "503_with_retry_after", "retried"]
     cols += ["p50_before_ms", "p99_before_ms", "p99_fault_ms", "recover_s"]
     print("| arm | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from services.config.base import Section
+from services.config.families import LORA_DEFAULTS
 
 __all__ = [
     "AdvantageConfig",
@@ -32,12 +33,32 @@ class ModelConfig(Section):
     lora_rank: int | None = Field(
         None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
     )
-    lora_alpha: float | None = Field(None, gt=0, description="LoRA alpha (defaults to the rank)")
-    lora_targets: tuple[str, ...] = Field(("to_q", "to_k", "to_v", "to_out.0"), description="module names for LoRA")
+    lora_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha; None = the family's source scale x rank (sd3, flux: 2 x rank; digits: rank)",
+    )
+    lora_targets: tuple[str, ...] = Field(
+        LORA_DEFAULTS["digits"].targets,
+        description="peft target module names; omitted = the family's source list (services.config.families)",
+    )
     resolution: int = Field(16, ge=8, le=4096, description="image side in pixels")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype on the device")
     pretrain_steps: int = Field(600, ge=0, description="digits only: steps of the embedded pretraining")
     cache_dir: str | None = Field(None, description="digits only: where pretrained weights are cached")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_lora_defaults(cls, data: Any) -> Any:
+        """Fill ``lora_targets`` / ``lora_alpha`` from the family's source (stored, so exports and runs read them)."""
+        if not isinstance(data, dict) or data.get("kind", "digits") not in LORA_DEFAULTS:
+            return data
+        fam, data = LORA_DEFAULTS[data.get("kind", "digits")], dict(data)
+        if data.get("lora_targets") is None:
+            data["lora_targets"] = fam.targets
+        if data.get("lora_rank") and data.get("lora_alpha") is None and fam.alpha_per_rank != 1.0:
+            data["lora_alpha"] = fam.alpha_per_rank * data["lora_rank"]
+        return data
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:
@@ -51,7 +72,13 @@ class RolloutConfig(Section):
     prompts_per_step: int = Field(10, ge=1, description="prompt groups per RL step")
     group_size: int = Field(8, ge=1, description="samples per prompt")
     num_steps: int = Field(10, ge=1, le=200, description="sampler steps for rollouts")
-    shift: float = Field(1.0, gt=0, description="timestep shift of the sampling grid")
+    shift: float | None = Field(
+        None,
+        gt=0,
+        description="static timestep shift of the sampling grid; null = the model family's schedule "
+        "(services.models.schedules): SD3/SD3.5 the scheduler config's shift, FLUX its resolution-dependent mu "
+        "(use_dynamic_shifting; a number replaces it, with a warning), digits 1 (filled in)",
+    )
     guidance_scale: float = Field(1.0, ge=1.0, description="CFG scale for rollouts")
     sde_noise_level: float = Field(0.0, ge=0.0, description="0 = ODE rollouts; > 0 Flow-SDE (needed by flow_grpo)")
     max_staleness: int = Field(
@@ -59,6 +86,15 @@ class RolloutConfig(Section):
         ge=0,
         description="policy versions a rollout may lag the learner at its update (train.pipeline: async makes "
         "samples 1 version behind; a sampler holding an older policy is re-synced)",
+    )
+    micro_batch: int | None = Field(
+        None,
+        ge=1,
+        description="samples per transformer call of a sampler (policy and reference velocity, the CFG's "
+        "conditional and null rows together: 2x rows with CFG); null = its whole share at once. Same samples",
+    )
+    decode_batch: int | None = Field(
+        None, ge=1, description="latents per VAE decode of a sampler; null = its whole share at once. Same images"
     )
 
 
@@ -89,6 +125,12 @@ class RewardConfig(Section):
     num_actors: int = Field(1, ge=1, description="RewardScorer actors per pool")
     timeout_s: float = Field(120.0, gt=0, description="per-call timeout")
     retries: int = Field(2, ge=0, description="retries per scorer call, with exponential backoff")
+    score_batch: int | None = Field(
+        None,
+        ge=1,
+        description="images per call of a per-image scorer in a scorer actor (a group-wise one gets the whole "
+        "request); null = the whole request at once. Same scores",
+    )
 
 
 class AdvantageConfig(Section):
@@ -209,6 +251,26 @@ class ResourcesConfig(Section):
     sampler_gpus: float = Field(0.0, ge=0)
     scorer_cpus: float = Field(0.25, ge=0)
     scorer_gpus: float = Field(0.0, ge=0)
+    learner_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each learner worker asks for besides learner_cpus / learner_gpus (Ray "
+        "Train's resources_per_worker), e.g. {learner_pool: 1} runs the learners only on nodes started with "
+        "--resources '{\"learner_pool\": 1}' (a node pool); also what a replacement node must declare",
+    )
+    sampler_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each RolloutSampler actor asks for (as above)"
+    )
+    scorer_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each RewardScorer actor asks for (as above)"
+    )
+
+    @field_validator("learner_resources", "sampler_resources", "scorer_resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        if {"CPU", "GPU", "memory", "object_store_memory"} & set(v) or any(x < 0 for x in v.values()):
+            raise ValueError(f"custom Ray resources >= 0 only (CPUs / GPUs have their own fields), got {v}")
+        return v
+
     torch_threads: int = Field(1, ge=1, description="torch threads per actor (avoid oversubscription)")
     learner_threads: int | None = Field(
         None,
@@ -265,8 +327,15 @@ class TrainConfig(Section):
     max_failures: int = Field(
         3,
         ge=0,
-        description="lost learner workers survived per run: each restarts the learner group from the newest "
-        "intact checkpoint and redoes the steps since (0 = a lost worker ends the run)",
+        description="lost learner workers or nodes survived per run: each restarts the learner group, samplers "
+        "and scorers from the newest intact checkpoint and redoes the steps since (0 = a loss ends the run)",
+    )
+    node_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="after a lost node, how long a restart waits for the alive nodes to hold the run again (a "
+        "replacement node with the lost one's resources joining) before it stops, naming the lost node (with "
+        "resources.check_cluster warn / off, an autoscaling cluster, it does not wait: pending actors ask for nodes)",
     )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 from services.checkpoints import latest_intact
 from services.cluster.connect import ensure_ray
 from services.training.coordinator import Coordinator
+from services.training.remote import is_actor
 from services.types import ScorerBuild
 
 __all__ = ["build_coordinator"]
@@ -61,22 +62,40 @@ def build_coordinator(
     )
     resume = str(ckpt) if ckpt else None
     samplers, scorers, learner = _workers(cfg, model_path, {**train_specs, **eval_specs}, resume, local=local)
-    extra = learner.extra if resume else {}
-    train_prompts, eval_prompts = prompt_sets(cfg)
-    _check_prompts(extra.get("prompt_fingerprint"), train_prompts.fingerprint, resume)
-    coord = Coordinator(
-        cfg,
-        samplers=samplers,
-        scorers=scorers,
-        learner=learner,
-        start_step=extra.get("step", 0),
-        prompts=(train_prompts, eval_prompts),
-    )
-    coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
-    if resume:
-        log.info("resuming %s from %s (step %d, policy v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
-    coord.sync_samplers()  # samplers start from the learner's weights (the checkpoint's after a resume)
+    try:
+        extra = learner.extra if resume else {}
+        train_prompts, eval_prompts = prompt_sets(cfg)
+        _check_prompts(extra.get("prompt_fingerprint"), train_prompts.fingerprint, resume)
+        coord = Coordinator(
+            cfg,
+            samplers=samplers,
+            scorers=scorers,
+            learner=learner,
+            start_step=extra.get("step", 0),
+            prompts=(train_prompts, eval_prompts),
+        )
+        coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
+        if resume:
+            log.info("resuming %s from %s (step %d, v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
+        coord.sync_samplers()  # samplers start from the learner's weights (the checkpoint's after a resume)
+    except BaseException:
+        _release([*samplers, *scorers], learner)
+        raise
     return coord, extra, eval_specs
+
+
+def _release(actors: list, learner=None) -> None:
+    """What a build that failed half-way had started, stopped: a sampler or scorer actor left pending for
+    its resources (its node lost) would take them when a node joins, ahead of the rerun's own actors, and
+    a started learner group holds its workers."""
+    if learner is not None:
+        learner.stop()
+    handles = [a for a in actors if is_actor(a)]
+    if handles:
+        import ray
+
+        for a in handles:
+            ray.kill(a)
 
 
 def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, local: bool) -> tuple[list, list, object]:
@@ -88,36 +107,43 @@ def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, lo
 
     res = cfg.resources
     hybrid = res.placement == "hybrid"
+    chunks = {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}
+    scorer_kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch}
     if local:
-        scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads)]
+        scorers = [ScorerWorker(scorer_specs, **scorer_kw)]
         learner = LocalLearner(cfg, model_path, resume_from=resume)
         if hybrid:
             return _colocated(cfg, learner), scorers, learner
-        return [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads)], scorers, learner
+        return [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads, **chunks)], scorers, learner
     import ray
 
     ensure_ray()
     _check_cluster(cfg)
     # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
     opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
-    scorer_cls = ray.remote(ScorerWorker).options(num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, **opts)
+    scorer_cls = ray.remote(ScorerWorker).options(
+        num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, resources=dict(res.scorer_resources), **opts
+    )
     scorer_dev = "cuda" if res.scorer_gpus else "cpu"
-    scorers = [
-        scorer_cls.remote(scorer_specs, torch_threads=res.torch_threads, device=scorer_dev)
-        for _ in range(cfg.reward.num_actors)
-    ]
+    scorers = [scorer_cls.remote(scorer_specs, device=scorer_dev, **scorer_kw) for _ in range(cfg.reward.num_actors)]
     samplers = []
     if not hybrid:
-        sampler_cls = ray.remote(RolloutSampler).options(num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, **opts)
+        sampler_cls = ray.remote(RolloutSampler).options(
+            num_cpus=res.sampler_cpus, num_gpus=res.sampler_gpus, resources=dict(res.sampler_resources), **opts
+        )
         sampler_dev = "cuda" if res.sampler_gpus else "cpu"
         samplers = [
-            sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev)
+            sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev, **chunks)
             for _ in range(cfg.rollout.num_samplers)
         ]
     storage = str(cfg.run_dir / "ray_train")
-    learner = LearnerGroup(
-        cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
-    )
+    try:
+        learner = LearnerGroup(
+            cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
+        )
+    except BaseException:  # e.g. its worker group could not be placed: the actors above must not linger
+        _release([*samplers, *scorers])
+        raise
     return (_colocated(cfg, learner) if hybrid else samplers), scorers, learner
 
 

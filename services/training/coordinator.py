@@ -33,7 +33,7 @@ from typing import Protocol
 from services.checkpoints import write_manifest
 from services.methods import get_method
 from services.training.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
-from services.training.remote import CallStats, call_with_retries, is_actor
+from services.training.remote import CallStats, call, call_with_retries, is_actor
 from services.training.shards import build_shards
 from services.types import TrainBatch
 
@@ -114,6 +114,7 @@ class Coordinator:
             scorers=scorers,
             prompt_set=self.prompt_set,
             stats=self.stats,
+            learner_check=getattr(learner, "check", None),
         )
         self._pending = None  # a Future of the next step's Experience (pipelined mode)
         self._acks: list = []  # (sampler, ref) of the last weight sync, until confirmed (_confirm_sync)
@@ -308,6 +309,7 @@ class Coordinator:
             retries=self.cfg.train.sampler_retries,
             stats=self.stats,
             name="sync",
+            on_actor_restart=lambda: call(sampler, "get_version", timeout_s=SYNC_TIMEOUT_S),  # wait till it is back
         )
         if got != self.version:
             raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")

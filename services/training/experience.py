@@ -54,7 +54,7 @@ class ExperienceSpec:
     seed: int
     num_steps: int
     guidance_scale: float
-    shift: float
+    shift: float | None  # None: the generator family's grid
     sde_noise_level: float
     rollout_timeout_s: float
     reward_timeout_s: float
@@ -118,7 +118,12 @@ class _Share:
 class ExperienceSource:
     """Turns RL step numbers into :class:`Experience` on a pool of samplers and scorers."""
 
-    def __init__(self, spec: ExperienceSpec, *, samplers: list, scorers: list, prompt_set, stats: CallStats) -> None:
+    def __init__(
+        self, spec: ExperienceSpec, *, samplers: list, scorers: list, prompt_set, stats: CallStats, learner_check=None
+    ) -> None:
+        """``learner_check``: raises when the learner group is lost (``LearnerGroup.check``); polled while a
+        restarting sampler is waited for, so a node that took a sampler and a learner worker with it ends
+        the wait at once, for the run's failure policy, instead of after ``SYNC_TIMEOUT_S``."""
         self.spec, self.samplers, self.scorers, self.prompt_set, self.stats = (
             spec,
             samplers,
@@ -126,6 +131,7 @@ class ExperienceSource:
             prompt_set,
             stats,
         )
+        self.learner_check = learner_check
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- 1. prompts -----------------------------------------------------------------------
@@ -283,8 +289,9 @@ class ExperienceSource:
         """Set one sampler to ``policy``, waiting (bounded) for a restarting actor."""
         until_answered(lambda: self._set(sampler, policy), SYNC_TIMEOUT_S)
 
-    @staticmethod
-    def _set(sampler, policy: PolicyRef) -> None:
+    def _set(self, sampler, policy: PolicyRef) -> None:
+        if self.learner_check is not None:
+            self.learner_check()  # LearnerLost: no retry (Unrecoverable)
         call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
 
 

@@ -1,10 +1,15 @@
 """What a run does when something fails: a policy returns a decision, the run loop carries it out
 (the shape of Ray Train v2's ``FailurePolicy`` -> ``FailureDecision`` -> controller).
 
-Lost learner workers (preempted, OOM-killed, node gone: :class:`LearnerLost`) are survived up to
-``train.max_failures`` times by rebuilding everything from the newest intact checkpoint, exactly as
-a rerun would resume. Any other error, an exception inside the learner's or a scorer's code, a
-timeout after every retry, would fail again on a retry and ends the run.
+Lost learner workers (preempted, OOM-killed, node gone: :class:`LearnerLost`) and lost nodes are survived
+up to ``train.max_failures`` times by rebuilding everything from the newest intact checkpoint, exactly as
+a rerun would resume. A node is lost when a node alive at the start of the attempt is dead when it fails:
+whatever error the attempt met first (a sampler that cannot restart, the policy weights gone with learner
+rank 0, the learner group), it is the node's, and the restart waits (``train.node_wait_s``) until the
+alive nodes can hold the run again (``services.training.nodes``). Any other error, an exception inside
+the learner's or a scorer's code, a timeout after every retry, would fail again on a retry and ends the
+run. Ray Train itself restarts no running worker group (``LearnerGroup``): the driver's command protocol
+would not survive a group rebuilt behind its back, so the run's policy owns every restart.
 """
 
 from __future__ import annotations
@@ -24,11 +29,11 @@ class FailureDecision(enum.Enum):
 
 @dataclass(frozen=True)
 class FailurePolicy:
-    """``max_failures`` lost learner groups are restarted; everything else is raised."""
+    """``max_failures`` lost learner groups or nodes are restarted; everything else is raised."""
 
     max_failures: int
 
-    def decide(self, err: BaseException, restarts_so_far: int) -> FailureDecision:
-        if isinstance(err, LearnerLost) and restarts_so_far < self.max_failures:
+    def decide(self, err: BaseException, restarts_so_far: int, *, nodes_lost: int = 0) -> FailureDecision:
+        if (isinstance(err, LearnerLost) or nodes_lost) and restarts_so_far < self.max_failures:
             return FailureDecision.RESTART
         return FailureDecision.RAISE

@@ -103,7 +103,7 @@ class Learner:
         )
         self.loss_kwargs = self.method.loss_kwargs(loss)
         self.updates_per_step, self.timesteps = spec.updates_per_step, spec.timesteps
-        self.plan = PointPlan(spec, self.method)
+        self.plan = PointPlan(spec, self.method, self.gen.schedule)  # the samplers' grid
         # the frozen reference forward is skipped only when nothing reads it (benchmarks)
         self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
         self.bins = BinMultipliers(ng)  # NormGuard's per-sigma-bin ratios and multipliers

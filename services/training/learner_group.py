@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.training.learner import Learner, LearnerSpec
-from services.training.remote import Unrecoverable
+from services.training.remote import LearnerLost, Unrecoverable
 from services.training.rollout import RolloutSampler
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
@@ -35,14 +35,6 @@ __all__ = ["LearnerFailed", "LearnerGroup", "LearnerLost", "LocalLearner"]
 
 log = logging.getLogger(__name__)
 QUEUE_POLL_S = 1.0
-
-
-class LearnerLost(Unrecoverable, RuntimeError):
-    """The Ray Train worker group died (a worker process lost: preempted, OOM-killed, node gone).
-
-    Distinct from an exception inside the learner's code (reported by the rank, :class:`LearnerFailed`),
-    which would fail again on a retry: a lost worker is recovered by ``run_training`` restarting the
-    learner group from the newest intact checkpoint (``train.max_failures``)."""
 
 
 class LearnerFailed(Unrecoverable, RuntimeError):
@@ -120,6 +112,11 @@ def sample_with_policy(learner: Learner, sampler: RolloutSampler, kind: str, req
         return sampler.eval_samples(prompts, **kwargs)
 
 
+def _chunks(cfg) -> dict:
+    """A rollout's transformer / VAE chunk sizes (``rollout.micro_batch``, ``rollout.decode_batch``)."""
+    return {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}
+
+
 class LocalLearner:
     """One in-process Learner behind the LearnerGroup interface."""
 
@@ -128,7 +125,7 @@ class LocalLearner:
     def __init__(self, cfg, model_path: str, *, resume_from: str | None = None) -> None:
         self.learner = Learner.from_config(cfg, model_path)
         self.extra = self.learner.load(resume_from) if resume_from else {}
-        self._sampler = RolloutSampler.over(self.learner.gen)
+        self._sampler = RolloutSampler.over(self.learner.gen, **_chunks(cfg))
 
     @property
     def version(self) -> int:
@@ -151,6 +148,9 @@ class LocalLearner:
     def save(self, path: str, extra: dict) -> str:
         return str(self.learner.save(path, extra))
 
+    def check(self) -> None:
+        """In one process the learner cannot be lost."""
+
     def stop(self) -> None:
         pass
 
@@ -169,7 +169,7 @@ def _learner_loop(config: dict) -> None:
     learner = Learner(spec, config["model_path"], device=device, distributed=ctx.get_world_size() > 1)
     extra = learner.load(config["resume_from"]) if config["resume_from"] else {}
     ships = rank == 0 and not config["hybrid"]  # rank 0 ships the policy to separate samplers
-    sampler = RolloutSampler.over(learner.gen) if config["hybrid"] else None
+    sampler = RolloutSampler.over(learner.gen, **config["chunks"]) if config["hybrid"] else None
     weights = ray.put(learner.policy_weights()) if ships else None
     out_q.put(LearnerReply("ready", rank, version=learner.version, weights=weights, extra=extra))
     while True:
@@ -206,6 +206,33 @@ def _serve(cmd: LearnerCommand, learner: Learner, sampler: RolloutSampler | None
     raise RuntimeError(f"learner protocol error: unknown command {cmd.kind!r}")
 
 
+def _no_restarts_by_ray_train():
+    """Ray Train restarts no running worker group: not a failed one (``max_failures``), not one on a preempted
+    node (``max_preemption_failures``, unbounded by default in Train V2). A group Ray Train rebuilt would rerun
+    ``_learner_loop`` from the first checkpoint and answer ``ready`` to a driver waiting for an update; the
+    run's failure policy restarts everything from the newest checkpoint instead (``services.training.failure``).
+    A group that has not started yet may be retried (Ray Train's controller waits for an autoscaled node
+    that way): its workers answer the ``ready`` the driver waits for. Only the fields Ray has are set."""
+    import dataclasses
+
+    from ray.train import FailureConfig
+
+    names = {f.name for f in dataclasses.fields(FailureConfig)}
+    return FailureConfig(**{k: 0 for k in ("max_failures", "max_preemption_failures") if k in names})
+
+
+def _queue_options() -> dict:
+    """The command and reply queues live on the driver's node, as Ray Train V2 places its controller: they
+    belong to the driver, so a lost worker node takes learner workers with it, never the queues the driver
+    reads (a queue placed on the lost node turned a recoverable lost worker into an ``ActorUnavailableError``
+    that ended the run). An explicit strategy also keeps them out of a Tune trial's placement group."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+
+
 class LearnerGroup:
     """Ray Train TorchTrainer workers running :class:`Learner`, driven step by step."""
 
@@ -220,10 +247,10 @@ class LearnerGroup:
         res = cfg.resources
         self.world_size, self.timeout_s = res.num_learners, timeout_s
         self.hybrid = res.placement == "hybrid"
-        opts = {"num_cpus": 0, "scheduling_strategy": "DEFAULT"}
+        opts = _queue_options()
         self.cmd_queues = [Queue(actor_options=opts) for _ in range(self.world_size)]
         self.out_queue = Queue(actor_options=opts)
-        per_worker = {"CPU": res.learner_cpus}
+        per_worker = {"CPU": res.learner_cpus, **res.learner_resources}  # custom resources: a node pool
         if res.learner_gpus:
             per_worker["GPU"] = res.learner_gpus
         self.trainer = TorchTrainer(
@@ -236,12 +263,17 @@ class LearnerGroup:
                 resume_from=resume_from,
                 use_gpu=res.learner_gpus > 0,
                 hybrid=self.hybrid,
+                chunks=_chunks(cfg),
             ),
             scaling_config=ScalingConfig(
                 num_workers=self.world_size, use_gpu=res.learner_gpus > 0, resources_per_worker=per_worker
             ),
             torch_config=TorchConfig(backend="nccl" if res.learner_gpus > 0 else "gloo"),
-            run_config=RunConfig(name=f"{cfg.train.run_name}-learner", storage_path=str(Path(storage_path).resolve())),
+            run_config=RunConfig(
+                name=f"{cfg.train.run_name}-learner",
+                storage_path=str(Path(storage_path).resolve()),
+                failure_config=_no_restarts_by_ray_train(),
+            ),
         )
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ray-train-fit")
@@ -266,8 +298,7 @@ class LearnerGroup:
         wait_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + wait_s
         while len(results) < (ranks or self.world_size):
-            if self._error is not None:
-                raise LearnerLost(f"the Ray Train learner failed: {self._error}") from self._error
+            self.check()
             if time.monotonic() > deadline:
                 raise LearnerFailed(f"learner did not answer {kind!r} within {wait_s} s")
             try:
@@ -282,6 +313,11 @@ class LearnerGroup:
                 raise LearnerFailed(f"learner protocol error: expected {kind!r}, got {msg.kind!r}")
             results[msg.rank] = msg
         return [results[r] for r in range(ranks or self.world_size)]
+
+    def check(self) -> None:
+        """Raise :class:`LearnerLost` once the worker group has died (``fit()`` returned with an error)."""
+        if self._error is not None:
+            raise LearnerLost(f"the Ray Train learner failed: {self._error}") from self._error
 
     def weights(self) -> dict:
         return self._weights
@@ -316,6 +352,8 @@ class LearnerGroup:
         return path
 
     def stop(self) -> None:
-        for q in self.cmd_queues:
-            q.put(LearnerCommand("stop"))
+        """Stop the workers; after a lost worker the group is already down and nothing waits for a command."""
+        if self._thread.is_alive():
+            for q in self.cmd_queues:
+                q.put(LearnerCommand("stop"))
         self._thread.join(timeout=self.timeout_s)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CallStats", "Unrecoverable", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
+__all__ = ["CallStats", "LearnerLost", "Unrecoverable", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,16 @@ class Unrecoverable(Exception):
     """An error no retry of the same call can mend (the learner group failed or was lost; with
     ``placement: hybrid`` the samplers are that group): :func:`call_with_retries` raises it at once,
     for the run's failure policy to decide."""
+
+
+class LearnerLost(Unrecoverable, RuntimeError):
+    """The Ray Train worker group died (a worker process lost: preempted, OOM-killed, node gone).
+
+    Distinct from an exception inside the learner's code (reported by the rank, ``LearnerFailed``), which
+    would fail again on a retry: a lost worker is recovered by ``run_training`` restarting the learner
+    group from the newest intact checkpoint (``train.max_failures``). Also raised when an object a learner
+    worker put (the policy weights rank 0 ships to the samplers) died with its owner: only a learner
+    worker owns objects the driver reads, so its process or node is gone."""
 
 
 @dataclass
@@ -79,8 +89,12 @@ def call(obj: Any, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> 
     if not is_actor(obj):
         return getattr(obj, method)(*args, **kwargs)
     import ray
+    from ray.exceptions import OwnerDiedError
 
-    return ray.get(getattr(obj, method).remote(*args, **kwargs), timeout=timeout_s)
+    try:
+        return ray.get(getattr(obj, method).remote(*args, **kwargs), timeout=timeout_s)
+    except OwnerDiedError as err:  # e.g. set_weights of weights whose owner, learner rank 0, died
+        raise LearnerLost(f"{method}: an object owned by a learner worker was lost with it: {err}") from err
 
 
 def call_with_retries(
@@ -142,6 +156,8 @@ def until_answered(hook: Callable[[], None], timeout_s: float) -> None:
         try:
             hook()
             return
+        except Unrecoverable:
+            raise
         except Exception:  # noqa: BLE001 - the actor may still be restarting
             if time.monotonic() > deadline:
                 raise

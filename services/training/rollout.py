@@ -22,17 +22,30 @@ __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is define
 class RolloutSampler:
     """Generates rollouts with the policy snapshot it was last synced to."""
 
-    def __init__(self, model_cfg, model_path: str, *, device: str = "cpu", torch_threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_cfg,
+        model_path: str,
+        *,
+        device: str = "cpu",
+        torch_threads: int = 1,
+        micro_batch: int | None = None,
+        decode_batch: int | None = None,
+    ) -> None:
+        """``micro_batch`` / ``decode_batch``: ``rollout.micro_batch`` / ``rollout.decode_batch``, samples per
+        transformer call / per VAE decode (``None``: the whole share at once; the samples are the same)."""
         torch.set_num_threads(torch_threads)
         self.gen = build_generator(model_cfg, path=model_path, device=device)
         self.version = 0
+        self.chunks = {"micro_batch": micro_batch, "decode_batch": decode_batch}
 
     @classmethod
-    def over(cls, gen) -> RolloutSampler:
+    def over(cls, gen, *, micro_batch: int | None = None, decode_batch: int | None = None) -> RolloutSampler:
         """A sampler on an existing generator, built by someone else (``resources.placement: hybrid``: the
         learner's own, with the sampling policy swapped in around each call by ``Learner.sampling``)."""
         sampler = cls.__new__(cls)
         sampler.gen, sampler.version = gen, 0
+        sampler.chunks = {"micro_batch": micro_batch, "decode_batch": decode_batch}
         return sampler
 
     def set_weights(self, state: dict[str, Tensor], version: int) -> int:
@@ -65,6 +78,7 @@ class RolloutSampler:
             sde_noise_level=req.sde_noise_level,
             sde_noise=lambda k: per_sample_noise(req.seeds, shape, offset=1000 * (k + 1)),
             record_states=req.sde_noise_level > 0,
+            **self.chunks,
         )
         traj = out.trajectory
         return RolloutBatch(
@@ -86,12 +100,13 @@ class RolloutSampler:
         *,
         num_steps: int,
         guidance_scale: float = 1.0,
-        shift: float = 1.0,
+        shift: float | None = None,
         seed: int = 0,
         renormalize: bool = False,
     ) -> dict[str, Tensor]:
         """Fixed-noise ODE samples (one generator seeded ``seed`` for the batch, the same for every model
-        compared) with the per-step norm ratio ``(T, B)`` against the reference."""
+        compared) on the generator's grid (``shift``: a static override) with the per-step norm ratio
+        ``(T, B)`` against the reference."""
         noise = torch.randn(len(prompts), *self.gen.latent_shape, generator=torch.Generator().manual_seed(seed))
         out = sample(
             self.gen,
@@ -101,5 +116,6 @@ class RolloutSampler:
             guidance_scale=guidance_scale,
             shift=shift,
             renormalize=renormalize,
+            **self.chunks,
         )
         return {"latents": out.trajectory.x0.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from services.checkpoints import latest_intact
+from services.cluster.connect import ensure_ray
 from services.report import (
     MetricsWriter,
     format_table,
@@ -92,26 +93,40 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     """Train one configuration end to end; resumable by rerunning with the same run name.
 
     Failures go through :class:`~services.training.failure.FailurePolicy`: a lost learner worker
-    (:class:`~services.training.learner_group.LearnerLost`) is survived up to ``train.max_failures``
-    times by rebuilding everything from the newest intact checkpoint, exactly as a rerun would
-    resume, and redoing the steps since (``metrics.jsonl`` keeps each step once; the restart is
-    counted as ``faults/learner_restarts``); any other error ends the run."""
+    (:class:`~services.training.learner_group.LearnerLost`) or a lost node is survived up to
+    ``train.max_failures`` times by rebuilding everything from the newest intact checkpoint, exactly as
+    a rerun would resume, and redoing the steps since (``metrics.jsonl`` keeps each step once; the restart
+    is counted as ``faults/learner_restarts``); after a lost node the restart first waits, up to
+    ``train.node_wait_s``, for the alive nodes to hold the run again, and otherwise stops with
+    :class:`~services.training.nodes.NodeLost` naming the node. Any other error ends the run."""
     from services.training.failure import FailureDecision, FailurePolicy
+    from services.training.nodes import NodeLost, NodeWatch, wait_for_placement
 
-    policy, restarts = FailurePolicy(cfg.train.max_failures), 0
+    if not local:
+        ensure_ray()  # joined before the first attempt, so its nodes are known when one is lost
+    policy, restarts, nodes = FailurePolicy(cfg.train.max_failures), 0, NodeWatch(enabled=not local)
     while True:
+        nodes.attempt_started()
         try:
             return _train_once(cfg, local=local, progress=progress, on_step=on_step, restarts=restarts)
         except Exception as err:
-            if policy.decide(err, restarts) is FailureDecision.RAISE:
+            lost = nodes.newly_lost()
+            where = f" (lost node(s): {', '.join(map(str, lost))})" if lost else ""
+            if policy.decide(err, restarts, nodes_lost=len(lost)) is FailureDecision.RAISE:
+                if lost:
+                    spent = f"train.max_failures={policy.max_failures} restarts spent"
+                    raise NodeLost(f"{type(err).__name__}: {err}{where}; {spent}") from err
                 raise
             restarts += 1
             log.warning(
-                "%s; restart %d of train.max_failures=%d from the newest intact checkpoint",
+                "%s%s; restart %d of train.max_failures=%d from the newest intact checkpoint",
                 err,
+                where,
                 restarts,
                 cfg.train.max_failures,
             )
+            if not local and cfg.resources.check_cluster == "error":  # a fixed cluster must hold the run again;
+                wait_for_placement(cfg, nodes, timeout_s=cfg.train.node_wait_s)  # autoscaled: pending actors ask
 
 
 def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> RunSummary:

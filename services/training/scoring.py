@@ -2,8 +2,9 @@
 
 A worker builds its scorers once, then scores batches: :meth:`ScorerWorker.score_batch` takes a
 :class:`~services.types.ScoreRequest` and returns a :class:`~services.types.ScoreResult` (per-scorer
-``(B,)`` scores and the wall time). Timeouts, retries with backoff and failure counting live in the
-coordinator's ``call_with_retries`` (one policy for every remote call).
+``(B,)`` scores and the wall time), a per-image scorer ``reward.score_batch`` images per call. Timeouts,
+retries with backoff and failure counting live in the coordinator's ``call_with_retries`` (one policy for
+every remote call).
 """
 
 from __future__ import annotations
@@ -32,8 +33,17 @@ def _takes_metadata(scorer) -> bool:
 class ScorerWorker:
     """Holds a set of named scorers (``{name: ScorerBuild}``) and scores batches."""
 
-    def __init__(self, specs: dict[str, ScorerBuild], *, device: str = "cpu", torch_threads: int = 1):
+    def __init__(
+        self,
+        specs: dict[str, ScorerBuild],
+        *,
+        device: str = "cpu",
+        torch_threads: int = 1,
+        score_batch: int | None = None,
+    ):
+        """``score_batch``: ``reward.score_batch``, images per call of a per-image scorer (``None``: all)."""
         torch.set_num_threads(torch_threads)
+        self._chunk = score_batch  # not self.score_batch: that is the request method
         self.scorers = {
             name: build_scorer(name, path=b.path, device=device, options=dict(b.options), impl=b.impl)
             for name, b in specs.items()
@@ -59,14 +69,23 @@ class ScorerWorker:
         for n in names or self.scorers:
             scorer = self.scorers[n]
             kw = {"metadata": list(metadata)} if metadata is not None and self._takes_metadata[n] else {}
-            if is_groupwise(scorer):
+            if is_groupwise(scorer):  # a group is scored whole
                 out[n] = scorer.score(images, list(prompts), groups, **kw)
             else:
-                out[n] = scorer.score(images, list(prompts), **kw)
+                out[n] = self._chunked(scorer, images, list(prompts), kw.get("metadata"))
         for n, s in out.items():
             if s.shape != (len(prompts),) or not torch.isfinite(s).all():
                 raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
         return out
+
+    def _chunked(self, scorer, images: Tensor, prompts: list[str], metadata: list | None) -> Tensor:
+        """A per-image scorer's ``(B,)`` scores, ``score_batch`` images per call, concatenated."""
+        step = self._chunk or len(prompts) or 1
+        parts = []
+        for i in range(0, max(len(prompts), 1), step):
+            kw = {"metadata": metadata[i : i + step]} if metadata is not None else {}
+            parts.append(scorer.score(images[i : i + step], prompts[i : i + step], **kw))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def score_batch(self, req: ScoreRequest) -> ScoreResult:
         """:meth:`score` of one request (one argument, for the coordinator's fan-out), with its wall time."""
