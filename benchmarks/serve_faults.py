@@ -13,6 +13,9 @@ side by side:
   until the first request sent after the kill is answered 200);
 - time to recover: from the kill to that first 200.
 
+Each arm first sends ``--warmup`` uncounted requests, so "before" is the warm latency, not the
+replicas' first calls.
+
     RAY_AUTH_MODE=disabled python benchmarks/serve_faults.py [--requests 80] [--concurrency 4]
 
 The test ``tests/services/test_serve_faults.py`` drives the same burst (:func:`burst`) and asserts the
@@ -175,6 +178,9 @@ def main() -> None:
     ap.add_argument("--kill-after", type=int, default=12, help="answered requests before the kill")
     ap.add_argument("--steps", type=int, default=8, help="sampling steps per request")
     ap.add_argument(
+        "--warmup", type=int, default=16, help="uncounted requests per arm first (every replica's first call)"
+    )
+    ap.add_argument(
         "--pretrain-steps",
         type=int,
         default=600,
@@ -186,6 +192,14 @@ def main() -> None:
     cols += ["p50_before_ms", "p99_before_ms", "p99_fault_ms", "recover_s"]
     print("| arm | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
     for arm, (app, _, _) in ARMS.items():
+        burst(
+            f"{url}/{app}",
+            requests=args.warmup,
+            concurrency=args.concurrency,
+            kill_after=args.warmup + 1,
+            kill=lambda: None,
+            num_steps=args.steps,
+        )  # never reaches kill_after: no kill
         outcomes, killed_at = burst(
             f"{url}/{app}",
             requests=args.requests,

@@ -169,7 +169,13 @@ class _Gateway(Frontend):
         self.retries = cfg.replica_loss_retries if cfg.num_replicas >= 2 else 0  # one replica: nowhere to retry
 
     async def forward(self, item: GenerationItem) -> dict:
-        return await forward_with_failover(self.model, item, retries=self.retries, retry_after_s=self.cfg.retry_after_s)
+        return await forward_with_failover(
+            self.model,
+            item,
+            retries=self.retries,
+            retry_after_s=self.cfg.retry_after_s,
+            timeout_s=self.cfg.request_timeout_s,
+        )
 
 
 class _OneHop(Frontend, Replica):
@@ -189,6 +195,7 @@ GENERATE_RESPONSES = {
     413: {"description": "request body too large"},
     500: {"description": "generation failed for this request (other requests are unaffected)"},
     503: {"description": "the request's model replica was lost and no live one could take it; see Retry-After"},
+    504: {"description": "the model did not answer within request_timeout_s (the gateway layout)"},
 }
 
 

@@ -55,6 +55,14 @@ def describe(checkpoint_id: str, path: str, base_model: str) -> ModelCard:
     except CheckpointError as err:
         log.warning("checkpoint %r: %s", checkpoint_id, err)
         return ModelCard(checkpoint_id, base_model)
+    try:
+        return _card_from_files(checkpoint_id, path, base_model, ckpt)
+    except (OSError, ValueError) as err:  # an unreadable or malformed file: a card without those fields
+        log.warning("checkpoint %r: %s", checkpoint_id, err)
+        return ModelCard(checkpoint_id, base_model)
+
+
+def _card_from_files(checkpoint_id: str, path: str, base_model: str, ckpt: Path) -> ModelCard:
     step = method = mode = None
     meta = ckpt / "learner.json"
     if meta.is_file():

@@ -47,6 +47,9 @@ class ServeConfig(BaseModel):
         1, ge=0, le=3, description="with failover and num_replicas >= 2: resends of a request whose replica died"
     )
     retry_after_s: int = Field(15, ge=1, description="Retry-After of a 503 (about a replica's restart time)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="with failover: the gateway's bound on one model call; past it the client gets 504"
+    )
     gateway_replicas: int = Field(1, ge=1, description="with failover: gateway replicas")
     gateway_cpus: float = Field(0.0, ge=0, description="with failover: CPUs of a gateway replica (it holds no model)")
     replica_cpus: float = Field(1.0, ge=0)

@@ -10,15 +10,20 @@ that held a request died, sends the request once more:
   (``Router._handle_actor_died_error`` in ``ray/serve/_private/router.py``), so the retry is not sent
   back to the dead one. Retrying is safe because generation is idempotent: the gateway fixes every
   request's seed before it forwards it (``validate`` draws one when the client gave none), so the
-  retried request produces exactly the images the lost one would have.
+  retried request draws the same noise as the lost one (the same images up to the float rounding
+  of another batch: the retry may be merged with other requests, and kernels differ by batch size).
 * With one replica there is no live replica to retry on until Serve has restarted it (measured:
   ~16 s), so the request is answered ``503 Service Unavailable`` with ``Retry-After``: the client
   knows the failure is transient and when to come back. Requests that arrive while the replica is
   down wait in Serve's router for the restarted replica, as before.
+
+Every model call is bounded (``ServeConfig.request_timeout_s``): a replica that hangs costs the
+client a ``504 Gateway Timeout`` (the call is cancelled), not a connection held forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -44,7 +49,9 @@ def unavailable(retry_after_s: int, why: str) -> HTTPException:
     )
 
 
-async def forward_with_failover(handle: Any, item: GenerationItem, *, retries: int, retry_after_s: int) -> dict:
+async def forward_with_failover(
+    handle: Any, item: GenerationItem, *, retries: int, retry_after_s: int, timeout_s: float = 300.0
+) -> dict:
     """The model's reply to ``item``, sent through ``handle`` (routed to a replica holding its
     checkpoint) and sent ``retries`` more times if the replica computing it dies.
 
@@ -53,14 +60,23 @@ async def forward_with_failover(handle: Any, item: GenerationItem, *, retries: i
         with ``attempts``: how many replicas it took (1 when nothing failed).
 
     Raises:
-        HTTPException: 503 with ``Retry-After`` when every attempt lost its replica.
+        HTTPException: 503 with ``Retry-After`` when every attempt lost its replica; 504 when a call
+        outlasts ``timeout_s`` (it is not retried: the replica is alive, only slow).
     """
     routed = handle.options(multiplexed_model_id=item.checkpoint)
     for attempt in range(1, retries + 2):
+        response = routed.generate_item.remote(item)
         try:
-            reply = await routed.generate_item.remote(item)
+            reply = await asyncio.wait_for(_result(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise HTTPException(status_code=504, detail=f"the model did not answer within {timeout_s:.0f} s") from None
         except REPLICA_LOST as err:
             log.warning("model replica lost during a request (attempt %d of %d): %s", attempt, retries + 1, err)
             continue
         return {**reply, "attempts": attempt}
     raise unavailable(retry_after_s, "its model replica was lost" + (" and so was the retry's" if retries else ""))
+
+
+async def _result(response: Any) -> Any:
+    return await response

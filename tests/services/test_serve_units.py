@@ -116,3 +116,24 @@ def test_failover_answers_503_with_retry_after_when_no_replica_is_left(deaths, r
         asyncio.run(forward_with_failover(handle, _item(), retries=retries, retry_after_s=15))
     assert err.value.status_code == 503 and err.value.headers == {"Retry-After": "15"}
     assert handle.calls == retries + 1
+
+
+class _HungResponse:
+    """A stand-in DeploymentResponse that never answers, and records its cancellation."""
+
+    cancelled = False
+
+    def __await__(self):
+        return asyncio.sleep(3600).__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_failover_bounds_a_hung_replica_with_504_and_cancels_the_call():
+    response = _HungResponse()
+    handle = _Handle(deaths=0)
+    handle.remote = lambda item: response
+    with pytest.raises(HTTPException) as err:
+        asyncio.run(forward_with_failover(handle, _item(), retries=1, retry_after_s=15, timeout_s=0.05))
+    assert err.value.status_code == 504 and response.cancelled
