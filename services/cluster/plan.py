@@ -5,7 +5,7 @@ A training run is a fixed set of Ray actors (``services.training.run.build_coord
 * ``learner``: ``resources.num_learners`` Ray Train workers, each ``learner_cpus`` / ``learner_gpus``;
 * ``sampler``: ``rollout.num_samplers`` actors, each ``sampler_cpus`` / ``sampler_gpus``; none with
   ``resources.placement: hybrid``, where each learner worker samples on its own device with the weights
-  it holds (the sampler row is printed with count 0 and the learners' memory is unchanged);
+  it holds (the sampler row is printed with count 0 and the learners' memory has the rollout's phases);
 * ``scorer``: ``reward.num_actors`` actors, each ``scorer_cpus`` / ``scorer_gpus``, each holding every
   training and evaluation scorer;
 * the driver (the coordinator, on the head or the job's submitter) and the learners' queues, which
@@ -18,10 +18,12 @@ places every actor the way Ray's scheduler must: an actor lives on one node, a f
 physical GPU, whole GPUs on one node. It fails with the actors that found no node, instead of a run
 that waits for resources that will never come (Ray only logs "resources cannot be satisfied").
 
-Memory is an estimate of the weights each actor holds (and, for learners, the optimiser state and the
-lagged copies of the trainable weights), from the files when the model path is a local directory and
-from the published parameter counts otherwise. Activations are not included; the GPU memory check
-runs only where a node declares ``gpu_memory_gb``.
+Memory is each actor's peak, term by term (``services.cluster.memory``): the weights (from the files a
+diffusers pipeline loads when the model path is a local directory, from the published parameter counts
+otherwise), the learners' float32 trainables, gradients, Adam moments and lagged copies, and the
+activations and transients measured on the meta device at the configured micro-batches, resolution and
+text length (``services.cluster.activations``). Where a node declares ``gpu_memory_gb``, an actor whose
+peak exceeds its share of a card fails the plan with the term that does not fit and the knob to turn.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from services.cluster.memory import Term, model_terms, peak_gb, pipeline_bytes
 
 __all__ = [
     "ActorDemand",
@@ -48,21 +52,6 @@ __all__ = [
     "serve_demand",
 ]
 
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Published parameter counts (billions) of the components a pipeline loads.
-_CLIP_L, _CLIP_G, _T5_XXL, _VAE = 0.123, 0.695, 4.76, 0.084
-_ENCODERS_B = {"sd3": _CLIP_L + _CLIP_G + _T5_XXL + _VAE, "flux": _CLIP_L + _T5_XXL + _VAE}
-# Transformer parameters and LoRA parameters per unit of rank (the family targets, services.config.families),
-# counted on the transformers built from the published configs in deploy/architectures (meta device;
-# tests/e2e/test_real_architectures.py recounts them). SD3-medium (2.03 B, no config there) has SD3.5-M's
-# adapted blocks: 24 joint blocks of width 1536, the last without the context stream's output projection.
-_TRANSFORMER_PARAMS = {
-    "sd3": 2_030_000_000,
-    "sd3.5-medium": 2_243_171_520,
-    "sd3.5-large": 8_056_627_520,
-    "flux": 11_901_408_320,
-}
-_LORA_PER_RANK = {"sd3": 586_752, "sd3.5-medium": 586_752, "sd3.5-large": 1_473_792, "flux": 2_801_664}
 _SCORER_B = {"pickscore": 0.99, "hpsv2": 0.99, "clip_group_rank": 0.43, "realism_detector": 0.1, "http_judge": 0.0}
 
 
@@ -78,8 +67,9 @@ class ActorDemand:
     count: int
     cpus: float
     gpus: float
-    memory_gb: float  # weights (+ optimiser state for learners) per actor, at the configured dtype
+    memory_gb: float  # the peak per actor, decimal GB (memory.peak_gb of terms when there are terms)
     holds: str = ""  # what the memory is, in words
+    terms: tuple[Term, ...] = ()  # the breakdown (services.cluster.memory)
 
 
 @dataclass
@@ -101,10 +91,11 @@ class Plan:
     placed: dict[str, list[str]] = field(default_factory=dict)  # node name -> actor roles placed there
     unplaced: list[str] = field(default_factory=list)  # "role #i (2 CPU, 1 GPU)" that found no node
     warnings: list[str] = field(default_factory=list)
+    memory: list[str] = field(default_factory=list)  # actors whose peak does not fit their GPU, and why
 
     @property
     def ok(self) -> bool:
-        return not self.unplaced
+        return not self.unplaced and not self.memory
 
     def totals(self) -> tuple[float, float]:
         return (
@@ -115,34 +106,11 @@ class Plan:
 
 # ---- demand ---------------------------------------------------------------------------------
 def _local_bytes(path: Path) -> float | None:
+    comps = pipeline_bytes(path)
+    if comps is not None:
+        return sum(comps.values())
     files = [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pth") and f.is_file()]
     return float(sum(f.stat().st_size for f in files)) if files else None
-
-
-def _family(kind: str, path: str | None) -> str:
-    p = (path or "").lower()
-    if kind == "sd3":
-        if "3.5" in p or "3-5" in p:
-            return "sd3.5-large" if "large" in p else "sd3.5-medium"
-        return "sd3"
-    return kind
-
-
-def _model_gb(model) -> tuple[float, float, float]:
-    """``(transformer GB, everything else GB, LoRA trainable params)`` at the model's dtype."""
-    width = _BYTES[model.dtype]
-    if model.kind == "digits":
-        return 0.01, 0.0, 0.0
-    local = Path(model.path) if model.path and Path(model.path).is_dir() else None
-    fam = _family(model.kind, model.path)
-    if local is not None and (local / "transformer").is_dir():
-        tr = (_local_bytes(local / "transformer") or 0.0) / 1e9
-        rest = sum((_local_bytes(d) or 0.0) for d in local.iterdir() if d.is_dir() and d.name != "transformer") / 1e9
-    else:
-        tr = _TRANSFORMER_PARAMS[fam] * width / 1e9
-        rest = _ENCODERS_B[model.kind] * width
-    lora = float(_LORA_PER_RANK[fam] * model.lora_rank) if model.lora_rank else 0.0
-    return tr, rest, lora
 
 
 def _scorer_gb(spec) -> float:
@@ -160,38 +128,25 @@ def _scorer_gb(spec) -> float:
 
 def run_demand(cfg) -> list[ActorDemand]:
     """The actors of one training run (``services.training.run.build_coordinator``) with their resources."""
-    res, model = cfg.resources, cfg.model
-    tr, rest, lora = _model_gb(model)
-    if model.lora_rank:
-        # one copy of the base (the reference is the base with the adapters off) + fp32 LoRA weights,
-        # Adam's two moments, the old (sampling) copy and, for AWM's EMA-KL, an EMA copy
-        train_state = lora * 4 * 5 / 1e9
-        learner_gb, learner_holds = tr + rest + train_state, "pipeline + LoRA, Adam state, old/EMA copies"
+    res = cfg.resources
+    if cfg.model.kind == "digits":
+        learner_terms = sampler_terms = [Term("digits generator", 0.01)]
     else:
-        # trainable copy, frozen reference, Adam's two moments, old and EMA copies of the transformer
-        learner_gb = tr * 6 + rest
-        learner_holds = "pipeline, reference transformer, Adam state, old/EMA copies"
+        learner_terms, sampler_terms = model_terms(cfg)
+    learner_holds = "pipeline, trainables' optimiser state, activations"
     scorers = [*cfg.reward.scorers, *cfg.reward.eval_scorers]
     scorer_gb = sum(_scorer_gb(s) for s in scorers)
     if res.placement == "hybrid":  # the learners sample with the weights they hold
         learner_holds += "; samples its rollout share (hybrid)"
         sampler = ActorDemand("sampler", 0, 0.0, 0.0, 0.0, "none: the learners sample (placement hybrid)")
     else:
-        sampler = ActorDemand(
-            "sampler", cfg.rollout.num_samplers, res.sampler_cpus, res.sampler_gpus, tr + rest, "pipeline (inference)"
-        )
-    return [
-        ActorDemand("learner", res.num_learners, res.learner_cpus, res.learner_gpus, learner_gb, learner_holds),
-        sampler,
-        ActorDemand(
-            "scorer",
-            cfg.reward.num_actors,
-            res.scorer_cpus,
-            res.scorer_gpus,
-            scorer_gb,
-            ", ".join(s.name for s in scorers),
-        ),
-    ]
+        sampler = ActorDemand("sampler", cfg.rollout.num_samplers, res.sampler_cpus, res.sampler_gpus,
+                              peak_gb(sampler_terms), "pipeline (inference), rollout", tuple(sampler_terms))  # fmt: skip
+    learner = ActorDemand("learner", res.num_learners, res.learner_cpus, res.learner_gpus, peak_gb(learner_terms),
+                          learner_holds, tuple(learner_terms))  # fmt: skip
+    names = ", ".join(s.name for s in scorers)
+    scorer = ActorDemand("scorer", cfg.reward.num_actors, res.scorer_cpus, res.scorer_gpus, scorer_gb, names)
+    return [learner, sampler, scorer]
 
 
 def serve_demand(serve_config_v2: dict) -> list[ActorDemand]:
@@ -296,13 +251,20 @@ def plan_run(actors: list[ActorDemand], nodes: list[Node]) -> Plan:
         else:
             plan.placed[host["name"]].append(actor.role)
         if actor.gpus and i == 0:
-            for node in nodes:
-                if node.gpu_memory_gb and actor.memory_gb / max(min(actor.gpus, 1.0), 1e-9) > node.gpu_memory_gb:
-                    plan.warnings.append(
-                        f"{actor.role}: ~{actor.memory_gb:.0f} GB of weights on {actor.gpus:g} GPU of a "
-                        f"{node.gpu_memory_gb:g} GB card ({node.name})"
-                    )
+            plan.memory += [m for node in nodes if (m := _memory_misfit(actor, node))]
     return plan
+
+
+def _memory_misfit(actor: ActorDemand, node: Node) -> str | None:
+    """Why ``actor``'s peak does not fit its share of one of ``node``'s cards, or None."""
+    card = node.gpu_memory_gb
+    if not card or actor.memory_gb <= card * min(actor.gpus, 1.0):
+        return None
+    where = f"~{actor.memory_gb:.0f} GB on {actor.gpus:g} GPU of a {card:g} GB card ({node.name})"
+    if not actor.terms:
+        return f"{actor.role}: {where}"
+    worst = max(actor.terms, key=lambda t: t.gb)
+    return f"{actor.role}: {where}: {worst.name} needs ~{worst.gb:.0f} GB" + (f"; {worst.hint}" if worst.hint else "")
 
 
 def _take(slot: dict, actor: ActorDemand) -> bool:
@@ -331,6 +293,8 @@ def check_plan(plan: Plan, *, where: str = "the cluster") -> None:
     """Raise :class:`ClusterTooSmall` naming the actors that found no node and the totals."""
     if plan.ok:
         return
+    if not plan.unplaced:
+        raise ClusterTooSmall(f"{where} cannot hold this run: " + "; ".join(plan.memory))
     cpus, gpus = plan.totals()
     have_c = sum(n.cpus * n.count for n in plan.nodes)
     have_g = sum(n.gpus * n.count for n in plan.nodes)
@@ -348,6 +312,8 @@ def format_plan(plan: Plan) -> str:
     lines = [f"{'actor':<10} {'count':>5} {'CPU':>6} {'GPU':>5} {'memory/actor':>13}  holds"]
     for a in plan.actors:
         lines.append(f"{a.role:<10} {a.count:>5} {a.cpus:>6g} {a.gpus:>5g} {a.memory_gb:>10.1f} GB  {a.holds}")
+        for t in a.terms if a.count else ():
+            lines.append(f"{'':<30} {t.gb:>7.2f} GB  {t.phase + ': ' if t.phase else ''}{t.name}")
     cpus, gpus = plan.totals()
     lines.append(f"{'total':<10} {sum(a.count for a in plan.actors):>5} {cpus:>6g} {gpus:>5g}")
     lines.append("")
@@ -359,7 +325,7 @@ def format_plan(plan: Plan) -> str:
             counts = {r: roles.count(r) for r in dict.fromkeys(roles)}
             lines.append(f"  {name}: " + ", ".join(f"{n} x {r}" for r, n in counts.items()))
     lines += [f"warning: {w}" for w in plan.warnings]
-    lines.append("fits" if plan.ok else "DOES NOT FIT: " + ", ".join(plan.unplaced))
+    lines.append("fits" if plan.ok else "DOES NOT FIT: " + ", ".join(plan.unplaced + plan.memory))
     return "\n".join(lines)
 
 
@@ -367,8 +333,6 @@ def plan_for(cfg, *, manifest: str | None = None, cluster: str | None = None) ->
     """``normguard plan``: the run's placement on a KubeRay manifest's nodes, a cluster description, or
     the connected Ray cluster; returns the printed plan and whether it fits."""
     if manifest:
-        import yaml
-
         with open(manifest) as f:
             docs = [d for d in yaml.safe_load_all(f) if d and d.get("apiVersion", "").startswith("ray.io/")]
         if len(docs) != 1:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from services.config.base import Section
-from services.config.families import LORA_DEFAULTS
+from services.config.model import ModelConfig
 
 __all__ = [
     "AdvantageConfig",
@@ -25,46 +25,6 @@ __all__ = [
     "ScorerSpec",
     "TrainConfig",
 ]
-
-
-class ModelConfig(Section):
-    kind: Literal["digits", "sd3", "flux"] = Field("digits", description="generator family")
-    path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
-    lora_rank: int | None = Field(
-        None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
-    )
-    lora_alpha: float | None = Field(
-        None,
-        gt=0,
-        description="LoRA alpha; None = the family's source scale x rank (sd3, flux: 2 x rank; digits: rank)",
-    )
-    lora_targets: tuple[str, ...] = Field(
-        LORA_DEFAULTS["digits"].targets,
-        description="peft target module names; omitted = the family's source list (services.config.families)",
-    )
-    resolution: int = Field(16, ge=8, le=4096, description="image side in pixels")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype on the device")
-    pretrain_steps: int = Field(600, ge=0, description="digits only: steps of the embedded pretraining")
-    cache_dir: str | None = Field(None, description="digits only: where pretrained weights are cached")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _family_lora_defaults(cls, data: Any) -> Any:
-        """Fill ``lora_targets`` / ``lora_alpha`` from the family's source (stored, so exports and runs read them)."""
-        if not isinstance(data, dict) or data.get("kind", "digits") not in LORA_DEFAULTS:
-            return data
-        fam, data = LORA_DEFAULTS[data.get("kind", "digits")], dict(data)
-        if data.get("lora_targets") is None:
-            data["lora_targets"] = fam.targets
-        if data.get("lora_rank") and data.get("lora_alpha") is None and fam.alpha_per_rank != 1.0:
-            data["lora_alpha"] = fam.alpha_per_rank * data["lora_rank"]
-        return data
-
-    @model_validator(mode="after")
-    def _needs_path(self) -> ModelConfig:
-        if self.kind in ("sd3", "flux") and not self.path:
-            raise ValueError(f"model.path is required for model.kind={self.kind!r} (a local dir or hub id)")
-        return self
 
 
 class RolloutConfig(Section):

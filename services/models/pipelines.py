@@ -14,22 +14,79 @@ that dtype, what trains is float32 (``services.models.base``), and each forward 
 ``torch.autocast`` with the latents, the timestep and the position ids in float32, as the sources run
 theirs (DiffusionNFT ``scripts/train_nft_sd3.py``: the forwards inside ``torch_autocast``; diffusers'
 pipelines pass the scheduler's float32 timesteps).
+
+Prompts are encoded with ``pipe.encode_prompt`` at ``max_sequence_length`` T5 tokens (``model.max_sequence_length``,
+flow_grpo's 128; SD3's ``prompt_embeds`` are CLIP's 77 tokens + those), by the generator itself, or, built with
+``prompt_embeddings`` (a table file of ``services.models.prompt_embeddings``), by one pre-pass: then the pipeline is
+loaded without its tokenizers and text encoders and ``encode_prompts`` looks the prompts up.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from services.models.base import Condition, FlowGenerator
+from services.models.prompt_embeddings import ENCODE_BATCH, FIELDS, PromptEmbeddings
 from services.models.schedules import FlowSchedule
 from services.rewards.clip import load_pretrained_checked
 
-__all__ = ["FluxGenerator", "SD3Generator"]
+__all__ = ["FluxGenerator", "SD3Generator", "encode_with_pipeline", "load_pipeline"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TEXT_PARTS = {
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
+    "flux": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+}
+_IMAGE_PARTS = ("transformer", "vae")
+
+
+def _pipeline_class(kind: str):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    return {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[kind]
+
+
+def load_pipeline(kind: str, path: str, dtype: str, *, parts: Literal["all", "image", "text"] = "all"):
+    """The ``kind`` pipeline at ``path`` in ``dtype``: every component, only the transformer / VAE /
+    scheduler (``image``: the text parts passed as ``None``, never read), or only the tokenizers and text
+    encoders (``text``). An SD3 pipeline without T5 keeps its transformer with ``text``: its
+    ``encode_prompt`` reads ``transformer.config.joint_attention_dim`` for T5's zero rows."""
+    cls = _pipeline_class(kind)
+    skip = {"all": (), "image": _TEXT_PARTS[kind], "text": _IMAGE_PARTS}[parts]
+    pipe = load_pretrained_checked(cls, path, what=kind, torch_dtype=_DTYPES[dtype], **dict.fromkeys(skip))
+    if parts == "text" and kind == "sd3" and pipe.text_encoder_3 is None:  # T5-less: keep the transformer
+        pipe = load_pretrained_checked(cls, path, what=kind, torch_dtype=_DTYPES[dtype], vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def encode_with_pipeline(
+    pipe, kind: str, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
+) -> dict[str, Tensor]:
+    """``{"prompt_embeds": (B, L, C), "pooled": (B, P)}`` of ``prompts`` by ``pipe.encode_prompt`` (no CFG
+    branch: the null prompt is a prompt); ``L`` is 77 + ``max_sequence_length`` for SD3, that for FLUX."""
+    with torch.no_grad():
+        if kind == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompt=list(prompts),
+                prompt_2=None,
+                prompt_3=None,
+                do_classifier_free_guidance=False,
+                device=device,
+                max_sequence_length=max_sequence_length,
+            )
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompt=list(prompts), prompt_2=None, device=device, max_sequence_length=max_sequence_length
+            )
+    return {"prompt_embeds": embeds, "pooled": pooled}
 
 
 def _vae_decode(vae, z: Tensor) -> Tensor:
@@ -40,18 +97,46 @@ def _vae_decode(vae, z: Tensor) -> Tensor:
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-class SD3Generator(FlowGenerator):
+class _PipelineGenerator(FlowGenerator):
+    """What SD3 and FLUX share: the pipeline, and prompts encoded by it or looked up in a precomputed table."""
+
+    def _load(self, path: str, dtype: str, max_sequence_length: int, prompt_embeddings: str | None):
+        self.max_sequence_length = max_sequence_length
+        self.prompt_table = PromptEmbeddings(prompt_embeddings) if prompt_embeddings else None
+        if self.prompt_table is not None and self.prompt_table.max_sequence_length != max_sequence_length:
+            raise ValueError(
+                f"{prompt_embeddings} was encoded at max_sequence_length={self.prompt_table.max_sequence_length}, "
+                f"the model is configured with {max_sequence_length}"
+            )
+        return load_pipeline(self.name, path, dtype, parts="image" if self.prompt_table is not None else "all")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
+        if self.prompt_table is not None:
+            return Condition(self.prompt_table.lookup(prompts, self.device))
+        rows = encode_with_pipeline(
+            self.pipe, self.name, prompts, max_sequence_length=self.max_sequence_length, device=self.device
+        )
+        return Condition(rows)
+
+
+class SD3Generator(_PipelineGenerator):
     """Stable Diffusion 3 / 3.5 (Medium, Large)."""
 
     name = "sd3"
 
     def __init__(
-        self, path: str, *, resolution: int = 512, device: str | torch.device = "cpu", dtype: str = "float32", **kwargs
+        self,
+        path: str,
+        *,
+        resolution: int = 512,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        max_sequence_length: int = 128,
+        prompt_embeddings: str | None = None,
+        **kwargs,
     ) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = load_pretrained_checked(StableDiffusion3Pipeline, path, what="sd3", torch_dtype=_DTYPES[dtype])
-        pipe.set_progress_bar_config(disable=True)
+        """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
+        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings)
         self.pipe = pipe.to(device)
         self.resolution = resolution
         self.vae_scale = pipe.vae_scale_factor
@@ -66,17 +151,6 @@ class SD3Generator(FlowGenerator):
     def latent_shape(self) -> tuple[int, ...]:
         side = self.resolution // self.vae_scale
         return (self.transformer.config.in_channels, side, side)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
-        with torch.no_grad():
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=list(prompts),
-                prompt_2=None,
-                prompt_3=None,
-                do_classifier_free_guidance=False,
-                device=self.device,
-            )
-        return Condition({"prompt_embeds": embeds, "pooled": pooled})
 
     def decode(self, latents: Tensor) -> Tensor:
         if latents.ndim != 4 or tuple(latents.shape[1:]) != self.latent_shape:
@@ -94,7 +168,7 @@ class SD3Generator(FlowGenerator):
             )[0]
 
 
-class FluxGenerator(FlowGenerator):
+class FluxGenerator(_PipelineGenerator):
     """FLUX.1 (dev / schnell) on packed latents."""
 
     name = "flux"
@@ -107,12 +181,12 @@ class FluxGenerator(FlowGenerator):
         device: str | torch.device = "cpu",
         dtype: str = "float32",
         guidance: float = 3.5,
+        max_sequence_length: int = 128,
+        prompt_embeddings: str | None = None,
         **kwargs,
     ) -> None:
-        from diffusers import FluxPipeline
-
-        pipe = load_pretrained_checked(FluxPipeline, path, what="flux", torch_dtype=_DTYPES[dtype])
-        pipe.set_progress_bar_config(disable=True)
+        """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
+        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings)
         self.pipe = pipe.to(device)
         self.resolution = resolution
         self.guidance = guidance
@@ -127,11 +201,6 @@ class FluxGenerator(FlowGenerator):
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return ((self._latent_side // 2) ** 2, self.transformer.config.in_channels)
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Condition:
-        with torch.no_grad():
-            embeds, pooled, _ = self.pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=self.device)
-        return Condition({"prompt_embeds": embeds, "pooled": pooled})
 
     def decode(self, latents: Tensor) -> Tensor:
         if latents.ndim != 3 or tuple(latents.shape[1:]) != self.latent_shape:
@@ -155,3 +224,32 @@ class FluxGenerator(FlowGenerator):
                 img_ids=self._img_ids,
                 return_dict=False,
             )[0]
+
+
+def encode_prompt_file(
+    model_cfg, model_path: str, prompts: Sequence[str], out: str | Path, *, device: str = "cpu", threads: int = 1
+) -> str:
+    """The pre-pass: load the pipeline's text encoders only, encode ``prompts`` in batches of
+    :data:`ENCODE_BATCH`, write ``out`` atomically (a temporary file renamed), return its path.
+
+    ``threads``: torch threads (a Ray task shares its node's cores with the actors)."""
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(threads)
+    kind, prompts = model_cfg.kind, list(prompts)
+    pipe = load_pipeline(kind, model_path, model_cfg.dtype, parts="text").to(device)
+    parts: dict[str, list[Tensor]] = {name: [] for name in FIELDS}
+    for i in range(0, len(prompts), ENCODE_BATCH):
+        rows = encode_with_pipeline(
+            pipe, kind, prompts[i : i + ENCODE_BATCH], max_sequence_length=model_cfg.max_sequence_length, device=device
+        )
+        for name in FIELDS:
+            parts[name].append(rows[name].cpu())
+    tables = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
+    meta = {"prompts": json.dumps(prompts), "kind": kind, "max_sequence_length": str(model_cfg.max_sequence_length)}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    save_file(tables, str(tmp), metadata=meta)
+    os.replace(tmp, out)  # readers see the whole file or none
+    return str(out)

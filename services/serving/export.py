@@ -88,18 +88,24 @@ def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, o
 
 
 def _usage(cfg: ExperimentConfig, base: str) -> str:
-    """How to load the export with stock diffusers (the model card's "Use")."""
+    """How to load the export with stock diffusers (the model card's "Use"), and the text length it
+    was trained at (diffusers' default is 256 for SD3, 512 for FLUX)."""
+    call = f"image = pipe(prompt, max_sequence_length={cfg.model.max_sequence_length}).images[0]  # as trained"
     if cfg.model.kind == "sd3" and cfg.model.lora_rank:
-        return f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
+        load = f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
     elif cfg.model.kind == "flux" and cfg.model.lora_rank:
-        return f'pipe = FluxPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
+        load = f'pipe = FluxPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
     elif cfg.model.kind in ("sd3", "flux"):
         cls = "SD3Transformer2DModel" if cfg.model.kind == "sd3" else "FluxTransformer2DModel"
         pipe = "StableDiffusion3Pipeline" if cfg.model.kind == "sd3" else "FluxPipeline"
-        return (
+        load = (
             f'transformer = {cls}.from_pretrained("<this directory>", subfolder="transformer")\n'
             f'pipe = {pipe}.from_pretrained("{base}", transformer=transformer)'
         )
+    else:
+        load = None
+    if load is not None:
+        return f"{load}\n{call}"
     return "from services.models.digits import load_digits_generator  # the transformer/ folder + conditioner"
 
 

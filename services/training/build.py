@@ -61,10 +61,15 @@ def build_coordinator(
         latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint) if checkpoint == "latest" else checkpoint
     )
     resume = str(ckpt) if ckpt else None
-    samplers, scorers, learner = _workers(cfg, model_path, {**train_specs, **eval_specs}, resume, local=local)
+    train_prompts, eval_prompts = prompt_sets(cfg)
+    if not local:
+        ensure_ray()
+        _check_cluster(cfg)  # before the prompt pre-pass's task asks for a sampler's resources
+    embeddings = prompt_embeddings(cfg, model_path, (train_prompts, eval_prompts), local=local)
+    scorer_specs = {**train_specs, **eval_specs}
+    samplers, scorers, learner = _workers(cfg, model_path, scorer_specs, resume, local=local, embeddings=embeddings)
     try:
         extra = learner.extra if resume else {}
-        train_prompts, eval_prompts = prompt_sets(cfg)
         _check_prompts(extra.get("prompt_fingerprint"), train_prompts.fingerprint, resume)
         coord = Coordinator(
             cfg,
@@ -98,27 +103,66 @@ def _release(actors: list, learner=None) -> None:
             ray.kill(a)
 
 
-def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, local: bool) -> tuple[list, list, object]:
-    """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects. With
-    ``resources.placement: hybrid`` the samplers are the learner workers (``services.training.colocated``)."""
+def prompt_embeddings(cfg, model_path: str, sets, *, local: bool) -> str | None:
+    """``model.prompt_embeddings: once`` (sd3 / flux): the table file of every prompt of the prompt ``sets``
+    (training, evaluation) and ``""``, encoded by one pre-pass that loads only the text encoders
+    (``services.models.prompt_embeddings``): the driver with ``local``, else one Ray task on a sampler's
+    resources (a learner's with ``placement: hybrid``), waited for up to ``train.learner_timeout_s`` (the
+    budget of a learner's start-up, which it replaces for the text encoders). An existing file is reused (a
+    resume, a restart, a rollback). ``None``: digits or ``per_actor``, every actor encodes its own prompts."""
+    from services.models.pipelines import encode_prompt_file
+    from services.models.prompt_embeddings import embeddings_file, unique_prompts
+
+    if cfg.model.kind == "digits" or cfg.model.prompt_embeddings != "once":
+        return None
+    prompts = unique_prompts(*(s.prompts for s in sets))
+    out = embeddings_file(cfg.run_dir, cfg.model, model_path, prompts)
+    if out.is_file():
+        log.info("prompt embeddings of %d prompts: %s (encoded before)", len(prompts), out)
+        return str(out)
+    log.info("encoding %d prompts once (model.prompt_embeddings: once) into %s", len(prompts), out)
+    res = cfg.resources
+    if local:
+        return encode_prompt_file(cfg.model, model_path, prompts, out, threads=res.torch_threads)
+    import ray
+
+    hybrid = res.placement == "hybrid"
+    gpus = res.learner_gpus if hybrid else res.sampler_gpus
+    task = ray.remote(encode_prompt_file).options(
+        num_cpus=res.learner_cpus if hybrid else res.sampler_cpus,
+        num_gpus=gpus,
+        resources=dict(res.learner_resources if hybrid else res.sampler_resources),
+        scheduling_strategy="DEFAULT",  # outside a Tune trial's placement group, as the actors
+    )
+    ref = task.remote(
+        cfg.model, model_path, prompts, str(out), device="cuda" if gpus else "cpu", threads=res.torch_threads
+    )
+    return ray.get(ref, timeout=cfg.train.learner_timeout_s)
+
+
+def _workers(
+    cfg, model_path: str, scorer_specs: dict, resume: str | None, *, local: bool, embeddings: str | None = None
+) -> tuple[list, list, object]:
+    """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects (the
+    samplers are the learner workers with ``placement: hybrid``); all get the prompt table ``embeddings``."""
     from services.training.learner_group import LearnerGroup, LocalLearner
     from services.training.rollout import RolloutSampler
     from services.training.scoring import ScorerWorker
 
     res = cfg.resources
     hybrid = res.placement == "hybrid"
-    chunks = {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}
+    sampler_kw = dict(
+        micro_batch=cfg.rollout.micro_batch, decode_batch=cfg.rollout.decode_batch, prompt_embeddings=embeddings
+    )
     scorer_kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch}
     if local:
         scorers = [ScorerWorker(scorer_specs, **scorer_kw)]
-        learner = LocalLearner(cfg, model_path, resume_from=resume)
+        learner = LocalLearner(cfg, model_path, resume_from=resume, prompt_embeddings=embeddings)
         if hybrid:
             return _colocated(cfg, learner), scorers, learner
-        return [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads, **chunks)], scorers, learner
+        return [RolloutSampler(cfg.model, model_path, torch_threads=res.torch_threads, **sampler_kw)], scorers, learner
     import ray
 
-    ensure_ray()
-    _check_cluster(cfg)
     # "DEFAULT" keeps the actors out of a Tune trial's placement group (they ask for their own resources)
     opts = dict(max_restarts=3, scheduling_strategy="DEFAULT")
     scorer_cls = ray.remote(ScorerWorker).options(
@@ -133,14 +177,13 @@ def _workers(cfg, model_path: str, scorer_specs: dict, resume: str | None, *, lo
         )
         sampler_dev = "cuda" if res.sampler_gpus else "cpu"
         samplers = [
-            sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev, **chunks)
+            sampler_cls.remote(cfg.model, model_path, torch_threads=res.torch_threads, device=sampler_dev, **sampler_kw)
             for _ in range(cfg.rollout.num_samplers)
         ]
     storage = str(cfg.run_dir / "ray_train")
     try:
-        learner = LearnerGroup(
-            cfg, model_path, storage_path=storage, resume_from=resume, timeout_s=cfg.train.learner_timeout_s
-        )
+        timeout, kw = cfg.train.learner_timeout_s, dict(resume_from=resume, prompt_embeddings=embeddings)
+        learner = LearnerGroup(cfg, model_path, storage_path=storage, timeout_s=timeout, **kw)
     except BaseException:  # e.g. its worker group could not be placed: the actors above must not linger
         _release([*samplers, *scorers])
         raise

@@ -53,7 +53,7 @@ from services.models import build_generator
 from services.training.constraint import BinMultipliers
 from services.training.learner_spec import LearnerSpec
 from services.training.learner_state import load_learner, save_learner
-from services.training.optim_step import OptimStep
+from services.training.optim_step import OptimStep, all_reduce_via
 from services.training.points import PointPlan
 from services.training.policy_copies import PolicyCopies, swapped_in
 from services.types import TrainBatch
@@ -70,7 +70,9 @@ class Learner:
         self.method = get_method(cfg.loss.name)
         with torch.random.fork_rng():  # LoRA's random init (peft's A) from train.seed, not the process's
             torch.manual_seed(spec.seed)  # history: same seed, same initial policy, in any process
-            self.gen = build_generator(cfg.model, path=model_path, device=device)
+            self.gen = build_generator(
+                cfg.model, path=model_path, device=device, prompt_embeddings=spec.prompt_embeddings
+            )
         self.params = self.gen.trainable_parameters()
         # AdamW; with a split force (constraint mode) NormGuard's gradient stays out of the momentum
         self.split_force = cfg.normguard.split_force
@@ -155,9 +157,9 @@ class Learner:
         return interpolate(x0, noise, sigma).to(dev), sigma.to(dev), idx
 
     @classmethod
-    def from_config(cls, cfg, model_path: str, **kw) -> Learner:
+    def from_config(cls, cfg, model_path: str, *, prompt_embeddings: str | None = None, **kw) -> Learner:
         """A learner of an ExperimentConfig (``LearnerSpec.from_config``)."""
-        return cls(LearnerSpec.from_config(cfg), model_path, **kw)
+        return cls(LearnerSpec.from_config(cfg, prompt_embeddings=prompt_embeddings), model_path, **kw)
 
     @property
     def step_count(self) -> int:
@@ -353,7 +355,8 @@ class Learner:
                     applied += 1
                     grad_norms.append(norm)
         metrics = {k: v / max(count, 1) for k, v in sums.items()}
-        metrics.update(self.bins.advance(dist.all_reduce if self.distributed else None))  # every rank, also empty
+        reduce = all_reduce_via(self.gen.device) if self.distributed else None  # NCCL: through the GPU
+        metrics.update(self.bins.advance(reduce))  # every rank, also empty
         metrics["learner/updates"] = float(applied)
         metrics["learner/skipped_nonfinite"] = skipped / max(applied + skipped, 1)
         if grad_norms:

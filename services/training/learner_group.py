@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.training.learner import Learner, LearnerSpec
+from services.training.probe import ActorProbe, probe_process
 from services.training.remote import LearnerLost, Unrecoverable
 from services.training.rollout import RolloutSampler
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
@@ -59,15 +60,16 @@ class LearnerCommand:
     """Driver -> one rank's command queue.
 
     Attributes:
-        kind: ``update`` (train on ``shard``), ``save`` (checkpoint to ``path`` with ``extra``), ``stop``, and
-            with ``placement: hybrid`` ``generate`` (sample ``request``) or ``eval_samples``.
+        kind: ``update`` (train on ``shard``), ``save`` (checkpoint to ``path`` with ``extra``), ``stop``, ``probe``
+            (the rank's :class:`~services.training.probe.ActorProbe`), and with ``placement: hybrid`` ``generate``
+            (sample ``request``) or ``eval_samples``.
         shard: a Ray object ref of this rank's :class:`~services.types.TrainBatch`.
         request: a :class:`~services.types.RolloutRequest`, or ``(prompts, kwargs)`` of ``eval_samples``.
         path: the checkpoint directory.
         extra: the coordinator's state stored with the checkpoint.
     """
 
-    kind: Literal["update", "save", "stop", "generate", "eval_samples"]
+    kind: Literal["update", "save", "stop", "generate", "eval_samples", "probe"]
     shard: Any = None
     request: Any = None
     path: str | None = None
@@ -79,18 +81,18 @@ class LearnerReply:
     """One rank -> the driver's reply queue.
 
     Attributes:
-        kind: ``ready`` (built, maybe resumed), ``updated``, ``saved``, ``generated`` or ``error``.
+        kind: ``ready`` (built, maybe resumed), ``updated``, ``saved``, ``generated``, ``probed`` or ``error``.
         rank: the replying rank.
         version: the policy version the rank holds.
         metrics: the step's float metrics (``updated``).
         weights: rank 0 only: a Ray object ref of the policy weights for the samplers (none when hybrid).
-        result: a Ray object ref of the samples (``generated``).
+        result: a Ray object ref of the samples (``generated``); the rank's ActorProbe (``probed``).
         extra: the checkpoint's extra state (``ready`` after a resume).
         error: ``"Type: message"`` of the exception (``error``).
         peer_lost: the error is a collective that lost another rank's process (``error``).
     """
 
-    kind: Literal["ready", "updated", "saved", "generated", "error"]
+    kind: Literal["ready", "updated", "saved", "generated", "probed", "error"]
     rank: int
     version: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -122,8 +124,10 @@ class LocalLearner:
 
     world_size = 1
 
-    def __init__(self, cfg, model_path: str, *, resume_from: str | None = None) -> None:
-        self.learner = Learner.from_config(cfg, model_path)
+    def __init__(
+        self, cfg, model_path: str, *, resume_from: str | None = None, prompt_embeddings: str | None = None
+    ) -> None:
+        self.learner = Learner.from_config(cfg, model_path, prompt_embeddings=prompt_embeddings)
         self.extra = self.learner.load(resume_from) if resume_from else {}
         self._sampler = RolloutSampler.over(self.learner.gen, **_chunks(cfg))
 
@@ -147,6 +151,10 @@ class LocalLearner:
 
     def save(self, path: str, extra: dict) -> str:
         return str(self.learner.save(path, extra))
+
+    def probe(self) -> list[ActorProbe]:
+        """This process's peak memory and the learner transformer's dtypes / devices (one "rank")."""
+        return [probe_process(self.learner.gen.transformer)]
 
     def check(self) -> None:
         """In one process the learner cannot be lost."""
@@ -197,6 +205,8 @@ def _serve(cmd: LearnerCommand, learner: Learner, sampler: RolloutSampler | None
             raise RuntimeError(f"{cmd.kind!r} needs resources.placement hybrid")
         out = sample_with_policy(learner, sampler, cmd.kind, cmd.request)
         return LearnerReply("generated", rank, version=learner.version, result=ray.put(out))
+    if cmd.kind == "probe":  # reads only: the rank's peaks and where its weights live
+        return LearnerReply("probed", rank, version=learner.version, result=probe_process(learner.gen.transformer))
     if cmd.kind == "save":
         if rank == 0:
             learner.save(cmd.path, cmd.extra)
@@ -237,7 +247,14 @@ class LearnerGroup:
     """Ray Train TorchTrainer workers running :class:`Learner`, driven step by step."""
 
     def __init__(
-        self, cfg, model_path: str, *, storage_path: str, resume_from: str | None = None, timeout_s: float = 900.0
+        self,
+        cfg,
+        model_path: str,
+        *,
+        storage_path: str,
+        resume_from: str | None = None,
+        timeout_s: float = 900.0,
+        prompt_embeddings: str | None = None,
     ) -> None:
         import ray
         from ray.train import RunConfig, ScalingConfig
@@ -246,17 +263,14 @@ class LearnerGroup:
 
         res = cfg.resources
         self.world_size, self.timeout_s = res.num_learners, timeout_s
-        self.hybrid = res.placement == "hybrid"
-        opts = _queue_options()
+        self.hybrid, opts = res.placement == "hybrid", _queue_options()
         self.cmd_queues = [Queue(actor_options=opts) for _ in range(self.world_size)]
-        self.out_queue = Queue(actor_options=opts)
-        per_worker = {"CPU": res.learner_cpus, **res.learner_resources}  # custom resources: a node pool
-        if res.learner_gpus:
-            per_worker["GPU"] = res.learner_gpus
+        self.out_queue, gpu = Queue(actor_options=opts), {"GPU": res.learner_gpus} if res.learner_gpus else {}
+        per_worker = {"CPU": res.learner_cpus, **res.learner_resources, **gpu}  # custom resources: a node pool
         self.trainer = TorchTrainer(
             _learner_loop,
             train_loop_config=dict(
-                spec=LearnerSpec.from_config(cfg),
+                spec=LearnerSpec.from_config(cfg, prompt_embeddings=prompt_embeddings),
                 model_path=model_path,
                 cmd_queues=self.cmd_queues,
                 out_queue=self.out_queue,
@@ -344,6 +358,12 @@ class LearnerGroup:
         self.cmd_queues[0].put(LearnerCommand("eval_samples", request=(prompts, kwargs)))
         (reply,) = self._collect("generated", ranks=1, timeout_s=timeout_s)
         return self._ray.get(reply.result, timeout=timeout_s)
+
+    def probe(self) -> list[ActorProbe]:
+        """Every rank's :class:`~services.training.probe.ActorProbe`, in rank order (read inside each worker)."""
+        for q in self.cmd_queues:
+            q.put(LearnerCommand("probe"))
+        return [r.result for r in self._collect("probed")]
 
     def save(self, path: str, extra: dict) -> str:
         for q in self.cmd_queues:

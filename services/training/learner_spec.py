@@ -24,6 +24,8 @@ class LearnerSpec:
         timesteps: training points per sample (``learner.timesteps_per_sample`` or the method's).
         updates_per_step: optimiser steps per RL step (``learner.updates_per_step`` or the method's).
         keep_versions: old-policy versions kept (2 when the pipelined loop trains one version behind).
+        prompt_embeddings: the run's precomputed prompt table (``model.prompt_embeddings: once``), or ``None``
+            (the worker loads the text encoders and encodes its prompts).
     """
 
     model: Any
@@ -36,9 +38,10 @@ class LearnerSpec:
     timesteps: int
     updates_per_step: int
     keep_versions: int = 1
+    prompt_embeddings: str | None = None
 
     @classmethod
-    def from_config(cls, cfg) -> LearnerSpec:
+    def from_config(cls, cfg, *, prompt_embeddings: str | None = None) -> LearnerSpec:
         method, lc, res = get_method(cfg.loss.name), cfg.learner, cfg.resources
         return cls(
             model=cfg.model,
@@ -51,4 +54,5 @@ class LearnerSpec:
             timesteps=lc.timesteps_per_sample or method.timesteps_per_sample(cfg),
             updates_per_step=lc.updates_per_step or method.updates_per_step,
             keep_versions=2 if cfg.train.pipeline == "async" and cfg.rollout.max_staleness > 0 else 1,
+            prompt_embeddings=prompt_embeddings,
         )

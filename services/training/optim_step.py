@@ -3,7 +3,9 @@
 Gradients are averaged over all workers with one all-reduce of the flattened gradient over the
 Ray Train process group (gloo on CPU, NCCL on GPU): DDP's arithmetic, done explicitly so that
 shards of unequal size cannot deadlock (each shard's loss was pre-scaled by 1 / the global point
-count). A non-finite value on any worker skips the step on every worker.
+count). A non-finite value on any worker skips the step on every worker. Every tensor a collective
+reduces lives on the model's device: NCCL reduces CUDA tensors only (gloo reduces CPU ones), so the
+step's finite flag and the learner's CPU-side statistics (:func:`all_reduce_via`) go through it.
 
 With a split force (constraint mode, ``normguard_core.optim.SplitAdamW``) NormGuard's gradient is
 back-propagated on its own into a separate buffer, rides in the same all-reduce, is clipped on its
@@ -13,13 +15,28 @@ base gradient is clipped as the sources clip it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from normguard_core.optim import SplitAdamW
 
-__all__ = ["OptimStep"]
+__all__ = ["OptimStep", "all_reduce_via"]
+
+
+def all_reduce_via(device: torch.device | str) -> Callable[[Tensor], None]:
+    """``dist.all_reduce`` (sum, in place) of a tensor kept on the CPU, reduced on ``device``: NCCL reduces
+    CUDA tensors only. On a CPU device the tensor itself is reduced (``Tensor.to`` returns it: no copy)."""
+
+    def reduce(t: Tensor) -> None:
+        moved = t.to(device)
+        dist.all_reduce(moved)
+        if moved is not t:
+            t.copy_(moved)
+
+    return reduce
 
 
 class OptimStep:
@@ -58,7 +75,7 @@ class OptimStep:
         non-finite value."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.flatten() for g in grads + (self.force or [])])
-        finite = torch.tensor([float(torch.isfinite(flat).all())])
+        finite = torch.tensor([float(torch.isfinite(flat).all())], device=flat.device)  # NCCL: a CUDA tensor
         if self.distributed:
             dist.all_reduce(flat)  # the per-shard gradients were pre-scaled by 1 / global points
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)

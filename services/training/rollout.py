@@ -14,6 +14,7 @@ from torch import Tensor
 from normguard_core.samplers import per_sample_noise
 from services.models import build_generator
 from services.models.sampling import sample
+from services.training.probe import ActorProbe, probe_process
 from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
 
 __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
@@ -31,11 +32,14 @@ class RolloutSampler:
         torch_threads: int = 1,
         micro_batch: int | None = None,
         decode_batch: int | None = None,
+        prompt_embeddings: str | None = None,
     ) -> None:
         """``micro_batch`` / ``decode_batch``: ``rollout.micro_batch`` / ``rollout.decode_batch``, samples per
-        transformer call / per VAE decode (``None``: the whole share at once; the samples are the same)."""
+        transformer call / per VAE decode (``None``: the whole share at once; the samples are the same).
+        ``prompt_embeddings``: the run's precomputed table (``model.prompt_embeddings: once``): no text encoder
+        is loaded (``services.models.prompt_embeddings``)."""
         torch.set_num_threads(torch_threads)
-        self.gen = build_generator(model_cfg, path=model_path, device=device)
+        self.gen = build_generator(model_cfg, path=model_path, device=device, prompt_embeddings=prompt_embeddings)
         self.version = 0
         self.chunks = {"micro_batch": micro_batch, "decode_batch": decode_batch}
 
@@ -61,6 +65,10 @@ class RolloutSampler:
     def weights_checksum(self) -> float:
         """Sum of the trainable weights (lets tests check that a sync really landed)."""
         return float(sum(t.double().sum() for t in self.gen.trainable_state_dict().values()))
+
+    def probe(self) -> ActorProbe:
+        """This sampler process's peak memory and its transformer's dtypes / devices (reads only)."""
+        return probe_process(self.gen.transformer)
 
     def generate(self, req: RolloutRequest) -> RolloutBatch:
         """Sample ``req``; every sample is tagged with the version held now. Sample ``b``'s noise (and

@@ -89,8 +89,10 @@ def evaluate(coord: Coordinator, cfg, eval_names: list[str], *, renormalize: boo
     return res.metrics, res.ratio_per_step, res.images
 
 
-def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None) -> RunSummary:
-    """Train one configuration end to end; resumable by rerunning with the same run name.
+def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None, on_finish=None) -> RunSummary:
+    """Train one configuration end to end; resumable by rerunning with the same run name. ``on_finish(coord)``
+    runs once training and the after-training evaluation are done, before the actors are released (e.g.
+    ``benchmarks/gpu_check.py`` reads every actor's peak memory there); an error in it fails the run.
 
     Failures go through :class:`~services.training.failure.FailurePolicy`: a lost learner worker
     (:class:`~services.training.learner_group.LearnerLost`) or a lost node is survived up to
@@ -108,9 +110,15 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     while True:
         nodes.attempt_started()
         try:
-            return _train_once(cfg, local=local, progress=progress, on_step=on_step, restarts=restarts)
+            return _train_once(
+                cfg, local=local, progress=progress, on_step=on_step, on_finish=on_finish, restarts=restarts
+            )
         except Exception as err:
-            lost = nodes.newly_lost()
+            try:
+                lost = nodes.newly_lost()
+            except Exception as probe_err:  # the GCS itself unreachable (head restarting): keep the run's error
+                log.warning("could not check the cluster's nodes after %s: %s", type(err).__name__, probe_err)
+                lost = []
             where = f" (lost node(s): {', '.join(map(str, lost))})" if lost else ""
             if policy.decide(err, restarts, nodes_lost=len(lost)) is FailureDecision.RAISE:
                 if lost:
@@ -129,7 +137,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
                 wait_for_placement(cfg, nodes, timeout_s=cfg.train.node_wait_s)  # autoscaled: pending actors ask
 
 
-def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> RunSummary:
+def _train_once(cfg, *, local: bool, progress: bool, on_step, on_finish, restarts: int) -> RunSummary:
     # verified once (checksums read every byte of the checkpoint), then used by both checks below
     ckpt = latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
     if (finished := _finished(cfg, ckpt)) is not None:  # a rerun of a finished run: nothing re-evaluated
@@ -145,6 +153,8 @@ def _train_once(cfg, *, local: bool, progress: bool, on_step, restarts: int) -> 
         run.coord = coord = _rollback(coord, cfg, run.guards, local=local)
         run.evaluate_after()
         coord.finish()
+        if on_finish is not None:
+            on_finish(coord)
     except BaseException:
         coord.fail()
         raise

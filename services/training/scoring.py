@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from services.rewards import build_scorer, is_groupwise
+from services.training.probe import ActorProbe, probe_process
 from services.types import ScorerBuild, ScoreRequest, ScoreResult
 
 __all__ = ["ScorerWorker"]
@@ -99,3 +100,7 @@ class ScorerWorker:
 
     def names(self) -> list[str]:
         return list(self.scorers)
+
+    def probe(self) -> ActorProbe:
+        """This scorer process's peak memory (reads only; scorers have no common module to list)."""
+        return probe_process()

@@ -131,6 +131,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
         num_inference_steps=STEPS,
         guidance_scale=1.0 if kind == "sd3" else 3.5,  # FLUX.1-dev's guidance embedding (the generator's 3.5)
         latents=latents,
+        max_sequence_length=ModelConfig().max_sequence_length,  # the service's T5 length (128, the sources')
         height=64,
         width=64,
         output_type="pt",
@@ -198,6 +199,7 @@ def test_sampler_equals_stock_pipeline_with_the_published_scheduler(tmp_path, mo
             num_inference_steps=steps,
             guidance_scale=3.5 if kind == "flux" else 1.0,
             latents=noise.clone(),
+            max_sequence_length=gen.max_sequence_length,  # ours: the sources' 128; diffusers' default 256 / 512
             height=res,
             width=res,
             output_type="latent",

@@ -25,7 +25,7 @@ def test_bad_axis_is_rejected():
         Axis(key="normguard.weight", grid=[0.0], choice=[1.0])
 
 
-def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
+def test_sweep_with_an_early_stopping_control(ray_local, digits_assets, tmp_path):
     sweep = SweepConfig(
         name="tiny",
         output_dir=str(tmp_path),
@@ -45,18 +45,19 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
             "learner.micro_batch": 16,
             "logging.backends": ["tensorboard", "wandb", "mlflow"],
         },
-        axes=(Axis(key="loss.name", grid=["diffusion_nft", "awm"]), Axis(key="normguard.weight", grid=[0.0, 1.0])),
+        # a product of two axes in 2 trials and their control (the 2 x 2 grid cost CI 6 trials, ~250 s)
+        axes=(Axis(key="loss.name", grid=["awm"]), Axis(key="normguard.weight", grid=[0.0, 1.0])),
         early_stop_control=True,
     )
     rows = run_sweep(sweep)
     grid = [r for r in rows if r["stop_at_reward"] is None]
-    assert len(grid) == 4
-    assert {(r["method"], r["weight"]) for r in grid} == {(m, w) for m in ("diffusion_nft", "awm") for w in (0.0, 1.0)}
+    assert len(grid) == 2
+    assert {(r["method"], r["weight"]) for r in grid} == {("awm", 0.0), ("awm", 1.0)}
     for r in rows:
         assert "norm_ratio_4steps" in r and "digits_judge_2steps" in r and "renorm:digits_judge_4steps" in r
     # one early-stopping control per NormGuard trial: NormGuard off, stopped at that trial's reward
     controls = {r["method"]: r for r in rows if r["stop_at_reward"] is not None}
-    assert set(controls) == {"diffusion_nft", "awm"}
+    assert set(controls) == {"awm"}
     for method, c in controls.items():
         ng = next(r for r in grid if r["method"] == method and r["weight"] == 1.0)
         # matched within two standard errors of the NormGuard trial's final reward (window 1, 8 samples)
@@ -68,7 +69,7 @@ def test_four_trial_sweep(ray_local, digits_assets, tmp_path):
         assert c["weight"] == 0.0 and c["stop_at_reward"] == pytest.approx(level, abs=1e-5)
         assert c["steps_done"] == 3 or c["train_reward"] >= c["stop_at_reward"]
     with (sweep.sweep_dir / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == 6
+        assert len(list(csv.DictReader(f))) == 3
     assert (sweep.sweep_dir / "norm_ratio_per_step.png").is_file()
     assert (sweep.sweep_dir / "reward_vs_quality.png").is_file()
     # every trial (controls included) logs to the trackers like a training run, grouped by the sweep

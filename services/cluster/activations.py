@@ -1,0 +1,277 @@
+"""Activation memory of the real transformers and VAE, counted on the meta device (``normguard plan``).
+
+Nothing here is a formula: the published architecture (``deploy/architectures``) is built on
+``torch.device("meta")`` (no storage), with the family's LoRA adapters attached the way
+``services.models.base.FlowGenerator`` attaches them (frozen base in the model dtype, float32
+adapters), and one forward is run at one sample:
+
+* **saved for backward** (a learner's ``v_theta``): the bytes of every tensor autograd saves
+  (``torch.autograd.graph.saved_tensors_hooks``), each *storage* counted once (a view, or one input
+  saved by the q / k / v projections, is the same storage; meta storages keep their identity), less
+  the parameters' and the inputs' own storages;
+* **no-grad transient** (a rollout's, a reference forward's, a VAE decode's): the peak of the bytes of
+  live intermediate storages, op by op (a ``TorchDispatchMode`` that sees every op's outputs and a
+  weak reference that sees each one freed), less the weights and inputs, which are there anyway.
+
+The GPU's mixed precision is reproduced, not CPU's: ``FlowGenerator`` runs its forwards under
+``torch.autocast(cuda, bfloat16)``, whose casting lists differ from CPU autocast's (on CUDA
+``layer_norm``, ``softmax``, ``pow``, ``rsqrt``, ``sum``... run in float32). CUDA autocast cannot run
+without CUDA, so :class:`CudaAutocast` applies CUDA's lists (PyTorch's "Autocast Op Reference", CUDA
+ops that autocast to float16 / float32) at the ``__torch_function__`` level, which is above autograd
+as the real autocast dispatch key is; like autocast it casts a float32 leaf that requires grad (a
+LoRA weight) once per region. ``scaled_dot_product_attention`` becomes FlashAttention's op
+(``aten._scaled_dot_product_flash_attention``, what a recent GPU runs for bf16 without a mask), which
+saves q, k, v, the output and the log-sum-exp, not the ``L x L`` weights of the math kernel a meta
+tensor would otherwise get.
+
+Limits, stated: the count is of one micro-batch's forward; allocator fragmentation, CUDA workspaces
+(cuBLAS, FlashAttention's backward scratch) and the gradients of activations during backward are not
+in it (the plan adds a no-grad-forward transient on top, see ``services.cluster.memory``). Activations
+scale exactly linearly with the batch (every intermediate has the batch as a dimension), so one
+sample is measured and multiplied. Other kernels (cuDNN attention, memory-efficient attention) save
+the same O(L) tensors up to padding. ``tests/services/test_plan_memory.py`` checks both counts against
+a real CPU forward and backward of a tiny SD3 (float32, real storages, dedup by data pointer).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+
+__all__ = [
+    "CudaAutocast",
+    "LivePeak",
+    "TransformerBytes",
+    "build_transformer",
+    "measure",
+    "saved_bytes",
+    "transformer_bytes",
+    "transformer_inputs",
+    "vae_decode_bytes",
+]
+
+ARCH = Path(__file__).resolve().parents[2] / "deploy" / "architectures"
+# PyTorch "Autocast Op Reference" (torch.amp docs), CUDA: ops that autocast to the lower precision ...
+_CUDA_LOW = frozenset(
+    "linear matmul __matmul__ __rmatmul__ mm bmm baddbmm addmm addbmm addmv addr mv chain_matmul multi_dot prelu "
+    "conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d scaled_dot_product_attention".split()
+)
+# ... and to float32 (the reductions, norms and transcendental functions of the list).
+_CUDA_FP32 = frozenset(
+    "__pow__ __rdiv__ __rpow__ __rtruediv__ acos asin cosh sinh tan erfinv exp expm1 log log10 log1p log2 pow "
+    "reciprocal rsqrt cumprod cumsum prod sum norm normalize renorm dist cdist pdist cosine_similarity softmax "
+    "softmin log_softmax softplus layer_norm group_norm mse_loss l1_loss smooth_l1_loss kl_div cross_entropy "
+    "nll_loss binary_cross_entropy_with_logits".split()
+)
+
+
+class CudaAutocast(TorchFunctionMode):
+    """``torch.autocast("cuda", dtype)``'s casts, on tensors of any device (meta, CPU); ``flash=False`` keeps
+    the device's own attention kernel."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16, *, flash: bool = True) -> None:
+        super().__init__()
+        self.dtype, self.flash, self._cache = dtype, flash, {}
+
+    def _cast(self, to: torch.dtype):
+        def one(t):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (to, torch.float64):
+                return t
+            if t.is_leaf and t.requires_grad:  # autocast caches a leaf's cast for the region
+                key = (id(t), to)
+                if key not in self._cache:
+                    self._cache[key] = (t, t.to(to))
+                return self._cache[key][1]
+            return t.to(to)
+
+        return one
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _CUDA_LOW:
+            args, kwargs = tree_map(self._cast(self.dtype), (args, kwargs))
+        elif name in _CUDA_FP32:
+            args, kwargs = tree_map(self._cast(torch.float32), (args, kwargs))
+        if self.flash and name == "scaled_dot_product_attention" and kwargs.get("attn_mask") is None:
+            q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value") if n in kwargs))[:3]
+            out = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale")
+            )
+            return out[0]
+        return func(*args, **kwargs)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(fn, *, exclude: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs, less those of ``exclude``."""
+    skip = {_storage_key(t) for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in skip and key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out  # the saved storages stay referenced by the graph until here, so no key was reused
+    return sum(seen.values())
+
+
+class LivePeak(TorchDispatchMode):
+    """The peak of the bytes of live storages created by the ops run under it (``peak``); storages of the
+    ``exclude`` tensors (weights, inputs: a view of a buffer is no new memory) are not counted."""
+
+    def __init__(self, exclude: Sequence[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self.skip = {_storage_key(t) for t in exclude}
+        self.live: dict[int, list[int]] = {}  # storage key -> [bytes, live tensors on it]
+        self.now = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in self.skip:
+                entry = self.live.get(key)
+                if entry is None:
+                    entry = self.live[key] = [t.untyped_storage().nbytes(), 0]
+                    self.now += entry[0]
+                    self.peak = max(self.peak, self.now)
+                entry[1] += 1
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def _peak(fn, *, exclude: list[torch.Tensor]) -> int:
+    with torch.no_grad(), LivePeak(exclude) as live:
+        out = fn()
+    del out
+    return live.peak
+
+
+# ---- the real models ------------------------------------------------------------------------
+def _config(family: str, what: str, model_dir: str | None = None) -> dict:
+    """``what`` (``transformer`` / ``vae``) config: the staged pipeline's own when ``model_dir`` has it, else
+    the published one in ``deploy/architectures`` (SD3-medium: SD3.5-M's blocks without the second
+    attention and the qk-norm, its ``pos_embed_max_size`` 192)."""
+    local = Path(model_dir) / what / "config.json" if model_dir else None
+    if local is not None and local.is_file():
+        return json.loads(local.read_text())
+    directory = {"sd3": "sd3.5-medium", "flux": "flux1-dev"}.get(family, family)
+    config = json.loads((ARCH / directory / f"{what}_config.json").read_text())
+    if family == "sd3" and what == "transformer":
+        config.update(dual_attention_layers=[], qk_norm=None, pos_embed_max_size=192)
+    return config
+
+
+def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, targets: tuple[str, ...]):
+    """The transformer of ``config`` as ``FlowGenerator`` holds it, on the current default device: the base in
+    ``dtype``, the LoRA adapters (or, without LoRA, the whole transformer: it trains) in float32."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = FluxTransformer2DModel if config.get("_class_name", "").startswith("Flux") else SD3Transformer2DModel
+    tr = cls.from_config(config).to(dtype)
+    if lora_rank:
+        from peft import LoraConfig
+
+        tr.requires_grad_(False)
+        tr.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=list(targets)))
+    for p in tr.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return tr.train()
+
+
+def transformer_inputs(tr, latent_side: int, text_tokens: int, device: str | torch.device = "meta") -> dict:
+    """One sample's keyword arguments, as ``SD3Generator`` / ``FluxGenerator._call_backbone`` pass them."""
+    c = tr.config
+    f32 = dict(device=device, dtype=torch.float32)
+    common = dict(encoder_hidden_states=torch.zeros(1, text_tokens, c.joint_attention_dim, **f32),
+                  pooled_projections=torch.zeros(1, c.pooled_projection_dim, **f32), return_dict=False)  # fmt: skip
+    if "guidance_embeds" not in c:  # SD3: (B, C, h, w) latents, timestep = 1000 sigma
+        return dict(hidden_states=torch.zeros(1, c.in_channels, latent_side, latent_side, **f32),
+                    timestep=torch.full((1,), 700.0, **f32), **common)  # fmt: skip
+    side = latent_side // 2  # FLUX: packed 2x2 patches, timestep = sigma
+    guidance = torch.full((1,), 3.5, **f32) if c.guidance_embeds else None
+    return dict(hidden_states=torch.zeros(1, side * side, c.in_channels, **f32), timestep=torch.full((1,), 0.7, **f32),
+                guidance=guidance, txt_ids=torch.zeros(text_tokens, 3, **f32), img_ids=torch.zeros(side * side, 3, **f32),
+                **common)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TransformerBytes:
+    """Per-sample bytes of one transformer call (one row: CFG's null row is a second one).
+
+    Attributes:
+        saved: saved for backward by a forward with grad (the learner's ``v_theta``).
+        no_grad_peak: peak of live intermediates of a forward under ``no_grad`` (rollouts, ``v_ref``).
+    """
+
+    saved: int
+    no_grad_peak: int
+
+
+def measure(tr, kwargs: dict, dtype: torch.dtype, *, flash: bool = True) -> TransformerBytes:
+    """Both counts of one call ``tr(**kwargs)`` (any device), under the GPU's autocast for ``dtype``
+    (``flash=False``: the device's own attention kernel, for a real CPU forward)."""
+    exclude = [*tr.parameters(), *tr.buffers(), *(t for t in kwargs.values() if isinstance(t, torch.Tensor))]
+    with CudaAutocast(dtype, flash=flash):  # float32: no casts (FlowGenerator runs no autocast)
+        saved = saved_bytes(lambda: tr(**kwargs)[0], exclude=exclude)
+    with CudaAutocast(dtype, flash=flash):
+        peak = _peak(lambda: tr(**kwargs)[0], exclude=exclude)
+    return TransformerBytes(saved=saved, no_grad_peak=peak)
+
+
+@functools.lru_cache(maxsize=16)
+def transformer_bytes(
+    family: str,
+    *,
+    resolution: int,
+    text_tokens: int,
+    dtype: str,
+    lora_rank: int | None,
+    targets: tuple[str, ...],
+    model_dir: str | None = None,
+) -> TransformerBytes:
+    """One sample of ``family`` (``sd3`` / ``sd3.5-medium`` / ``sd3.5-large`` / ``flux``), measured on meta
+    (SD3.5-M at 512 px: ~30 s on two busy cores, FLUX ~15 s; cached per process)."""
+    with torch.device("meta"):
+        tr = build_transformer(_config(family, "transformer", model_dir), getattr(torch, dtype), lora_rank, targets)
+    return measure(tr, transformer_inputs(tr, resolution // 8, text_tokens), getattr(torch, dtype))
+
+
+@functools.lru_cache(maxsize=8)
+def vae_decode_bytes(family: str, *, resolution: int, dtype: str, model_dir: str | None = None) -> int:
+    """Peak live bytes of decoding one latent at ``resolution`` px with the family's VAE (``AutoencoderKL``,
+    weights in ``dtype``, no autocast, as ``services.models.pipelines._vae_decode`` runs it)."""
+    from diffusers import AutoencoderKL
+
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(_config(family, "vae", model_dir)).to(torch_dtype).eval()
+    side = resolution // 8
+    z = torch.zeros(1, vae.config.latent_channels, side, side, device="meta", dtype=torch_dtype)
+    exclude = [*vae.parameters(), *vae.buffers(), z]
+    with CudaAutocast(torch_dtype):  # only the SDPA redirect acts: every tensor is already in dtype
+        return _peak(lambda: vae.decode(z, return_dict=False)[0], exclude=exclude)
