@@ -6,11 +6,14 @@ family's sampling grid (``schedule``, ``services.models.schedules``). Its refere
 model with LoRA adapters disabled (no second copy), or a frozen copy of the initial weights for
 full fine-tuning.
 
-Precision as DiffusionNFT's ``scripts/train_nft_sd3.py`` and flow_grpo's ``scripts/train_sd3.py``
-keep it: what trains (the LoRA adapters, or the whole transformer) is float32, so AdamW's moments
-are too; with a lower ``compute_dtype`` the frozen base (or the full fine-tune's reference copy)
-stays in that dtype and the pipelines run their forwards under ``torch.autocast``, with the
-timestep in float32 (see ``services.models.pipelines``).
+Precision: what trains (the LoRA adapters, or the whole transformer) is float32, so AdamW's moments
+are too, as in DiffusionNFT's ``scripts/train_nft_sd3.py`` and flow_grpo's ``scripts/train_sd3.py``.
+With a lower ``compute_dtype`` the frozen base (or the full fine-tune's reference copy) stays in that
+dtype and the pipelines run their forwards under ``torch.autocast``, with the timestep in float32
+(see ``services.models.pipelines``). That bf16 base is our choice, for memory: both sources load the
+whole transformer in float32 (``compute_dtype`` float32 is theirs). Samplers and serving replicas
+build through here too, so a full fine-tune's sampler holds a float32 copy of what trains (known
+cost, counted by neither the sources' layout nor, yet, ``normguard plan``'s sampler row).
 """
 
 from __future__ import annotations
