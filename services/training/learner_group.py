@@ -36,6 +36,7 @@ __all__ = ["LearnerFailed", "LearnerGroup", "LearnerLost", "LocalLearner"]
 
 log = logging.getLogger(__name__)
 QUEUE_POLL_S = 1.0
+START_FAILED_JOIN_S = 30.0  # how long a group that failed to start waits for its fit thread to end
 
 
 class LearnerFailed(Unrecoverable, RuntimeError):
@@ -292,10 +293,25 @@ class LearnerGroup:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, daemon=True, name="ray-train-fit")
         self._thread.start()
-        ready = self._collect("ready")
-        self.version, self.extra = ready[0].version, ready[0].extra
-        self._weights = ray.get(ready[0].weights) if ready[0].weights is not None else None
         self._ray = ray
+        self._start()
+
+    def _start(self) -> None:
+        """Every rank's ``ready`` and rank 0's weights (bounded). A group that fails to start is told to
+        stop, so a worker placed late exits at once instead of serving a group nobody drives."""
+        from ray.exceptions import OwnerDiedError
+
+        try:
+            ready = self._collect("ready")
+            self.version, self.extra = ready[0].version, ready[0].extra
+            ref = ready[0].weights
+            self._weights = self._ray.get(ref, timeout=self.timeout_s) if ref is not None else None
+        except OwnerDiedError as err:
+            self.stop(timeout_s=START_FAILED_JOIN_S)
+            raise LearnerLost(f"learner rank 0 was lost with the weights it shipped: {err}") from err
+        except BaseException:
+            self.stop(timeout_s=START_FAILED_JOIN_S)
+            raise
 
     def _fit(self) -> None:
         try:
@@ -371,9 +387,10 @@ class LearnerGroup:
         self._collect("saved")
         return path
 
-    def stop(self) -> None:
-        """Stop the workers; after a lost worker the group is already down and nothing waits for a command."""
+    def stop(self, *, timeout_s: float | None = None) -> None:
+        """Stop the workers (waiting up to ``timeout_s``, the learner's timeout by default); after a lost
+        worker the group is already down and nothing waits for a command."""
         if self._thread.is_alive():
             for q in self.cmd_queues:
                 q.put(LearnerCommand("stop"))
-        self._thread.join(timeout=self.timeout_s)
+        self._thread.join(timeout=self.timeout_s if timeout_s is None else timeout_s)
