@@ -78,6 +78,6 @@ def test_sweep_with_an_early_stopping_control(ray_local, digits_assets, tmp_path
     trials = sweep.sweep_dir / "trials"
     client = MlflowClient(f"sqlite:///{trials / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("normguard").experiment_id])
-    assert len(runs) == 6 and all(client.get_metric_history(r.info.run_id, "reward/mean") for r in runs)
+    assert len(runs) == 3 and all(client.get_metric_history(r.info.run_id, "reward/mean") for r in runs)
     assert {r.info.run_name for r in runs} == {p.name for p in trials.iterdir() if (p / "trial.json").is_file()}
-    assert len(list(trials.glob("*/wandb/offline-run-*/run-*.wandb"))) == 6
+    assert len(list(trials.glob("*/wandb/offline-run-*/run-*.wandb"))) == 3
