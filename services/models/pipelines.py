@@ -100,15 +100,21 @@ def _vae_decode(vae, z: Tensor) -> Tensor:
 class _PipelineGenerator(FlowGenerator):
     """What SD3 and FLUX share: the pipeline, and prompts encoded by it or looked up in a precomputed table."""
 
-    def _load(self, path: str, dtype: str, max_sequence_length: int, prompt_embeddings: str | None):
-        self.max_sequence_length = max_sequence_length
+    def _load(
+        self, path: str, dtype: str, max_sequence_length: int, prompt_embeddings: str | None, *, resolution: int, device
+    ):
+        """The pipeline on ``device`` (without its text encoders when prompts come from a table), and what
+        both families keep of the settings."""
+        self.max_sequence_length, self.resolution, self.compute_dtype = max_sequence_length, resolution, _DTYPES[dtype]
         self.prompt_table = PromptEmbeddings(prompt_embeddings) if prompt_embeddings else None
         if self.prompt_table is not None and self.prompt_table.max_sequence_length != max_sequence_length:
             raise ValueError(
                 f"{prompt_embeddings} was encoded at max_sequence_length={self.prompt_table.max_sequence_length}, "
                 f"the model is configured with {max_sequence_length}"
             )
-        return load_pipeline(self.name, path, dtype, parts="image" if self.prompt_table is not None else "all")
+        pipe = load_pipeline(self.name, path, dtype, parts="image" if self.prompt_table is not None else "all")
+        self.pipe = pipe.to(device)
+        return self.pipe
 
     def encode_prompts(self, prompts: Sequence[str]) -> Condition:
         if self.prompt_table is not None:
@@ -136,11 +142,8 @@ class SD3Generator(_PipelineGenerator):
         **kwargs,
     ) -> None:
         """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
-        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings)
-        self.pipe = pipe.to(device)
-        self.resolution = resolution
+        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
         self.vae_scale = pipe.vae_scale_factor
-        self.compute_dtype = _DTYPES[dtype]
         tokens = (resolution // self.vae_scale // pipe.transformer.config.patch_size) ** 2
         self.schedule = FlowSchedule.from_scheduler_config(
             pipe.scheduler.config, base="scheduler", image_seq_len=tokens
@@ -186,11 +189,8 @@ class FluxGenerator(_PipelineGenerator):
         **kwargs,
     ) -> None:
         """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
-        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings)
-        self.pipe = pipe.to(device)
-        self.resolution = resolution
+        pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
         self.guidance = guidance
-        self.compute_dtype = _DTYPES[dtype]
         side = 2 * (resolution // (pipe.vae_scale_factor * 2))
         self._latent_side = side
         tokens = (side // 2) ** 2  # FluxPipeline's image_seq_len: the packed latent's length

@@ -146,14 +146,12 @@ def _workers(
     """``(samplers, scorers, learner)``: Ray actors and the Ray Train learner group, or plain objects (the
     samplers are the learner workers with ``placement: hybrid``); all get the prompt table ``embeddings``."""
     from services.training.learner_group import LearnerGroup, LocalLearner
-    from services.training.rollout import RolloutSampler
+    from services.training.rollout import RolloutSampler, rollout_chunks
     from services.training.scoring import ScorerWorker
 
     res = cfg.resources
     hybrid = res.placement == "hybrid"
-    sampler_kw = dict(
-        micro_batch=cfg.rollout.micro_batch, decode_batch=cfg.rollout.decode_batch, prompt_embeddings=embeddings
-    )
+    sampler_kw = dict(rollout_chunks(cfg), prompt_embeddings=embeddings)
     scorer_kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch}
     if local:
         scorers = [ScorerWorker(scorer_specs, **scorer_kw)]

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from services.training.learner import Learner, LearnerSpec
 from services.training.probe import ActorProbe, probe_process
 from services.training.remote import LearnerLost, Unrecoverable
-from services.training.rollout import RolloutSampler
+from services.training.rollout import RolloutSampler, rollout_chunks
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
 
 __all__ = ["LearnerFailed", "LearnerGroup", "LearnerLost", "LocalLearner"]
@@ -115,11 +115,6 @@ def sample_with_policy(learner: Learner, sampler: RolloutSampler, kind: str, req
         return sampler.eval_samples(prompts, **kwargs)
 
 
-def _chunks(cfg) -> dict:
-    """A rollout's transformer / VAE chunk sizes (``rollout.micro_batch``, ``rollout.decode_batch``)."""
-    return {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}
-
-
 class LocalLearner:
     """One in-process Learner behind the LearnerGroup interface."""
 
@@ -130,7 +125,7 @@ class LocalLearner:
     ) -> None:
         self.learner = Learner.from_config(cfg, model_path, prompt_embeddings=prompt_embeddings)
         self.extra = self.learner.load(resume_from) if resume_from else {}
-        self._sampler = RolloutSampler.over(self.learner.gen, **_chunks(cfg))
+        self._sampler = RolloutSampler.over(self.learner.gen, **rollout_chunks(cfg))
 
     @property
     def version(self) -> int:
@@ -278,7 +273,7 @@ class LearnerGroup:
                 resume_from=resume_from,
                 use_gpu=res.learner_gpus > 0,
                 hybrid=self.hybrid,
-                chunks=_chunks(cfg),
+                chunks=rollout_chunks(cfg),
             ),
             scaling_config=ScalingConfig(
                 num_workers=self.world_size, use_gpu=res.learner_gpus > 0, resources_per_worker=per_worker

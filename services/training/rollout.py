@@ -127,3 +127,9 @@ class RolloutSampler:
             **self.chunks,
         )
         return {"latents": out.trajectory.x0.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}
+
+
+def rollout_chunks(cfg) -> dict:
+    """A rollout's transformer / VAE chunk sizes (``rollout.micro_batch``, ``rollout.decode_batch``), as
+    :class:`RolloutSampler` and :meth:`RolloutSampler.over` take them."""
+    return {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}

@@ -7,7 +7,6 @@ path runs on CPU as ``python benchmarks/gpu_check.py --device cpu`` (gloo, RSS i
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -16,15 +15,12 @@ import pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e, pytest.mark.slow]
 
-BENCH = Path(__file__).parents[2] / "benchmarks" / "gpu_check.py"
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmark_modules import load_benchmark  # noqa: E402
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 @pytest.fixture(scope="module")

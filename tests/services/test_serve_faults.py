@@ -1,9 +1,8 @@
 """A model replica SIGKILLed inside a bounded burst of requests on loopback (the burst and the kill are
 ``benchmarks/serve_faults.py``'s): with two replicas no request fails (the gateway resends the lost
-ones to the live replica, with the same seed, so with the same images); with one replica the lost
+ones to the live replica, with the same seed); with one replica the lost
 requests get 503 with Retry-After, never 500, and the service recovers."""
 
-import importlib.util
 import socket
 import sys
 import time
@@ -17,15 +16,12 @@ from services.serving.config import ServeConfig
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 
-BENCH = Path(__file__).parents[2] / "benchmarks" / "serve_faults.py"
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from benchmark_modules import load_benchmark  # noqa: E402
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("serve_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("serve_faults")
 
 
 def _free_port() -> int:
