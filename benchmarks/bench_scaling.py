@@ -34,6 +34,7 @@ import torch
 
 from services.config import load_config
 from services.training.coordinator import Coordinator
+from services.training.workers import WorkerGroup
 from services.types import RolloutBatch, ScoreResult
 
 SAMPLES_PER_SAMPLER = 8
@@ -156,7 +157,7 @@ def run_cell(pool: dict, n: int, pipeline: str, args, size_mb: float) -> dict:
     cfg = _cfg(n, args.steps, pipeline)
     samplers, scorers = pool["samplers"][:n], pool["scorers"][:n]
     learner = SimLearnerGroup(pool["learner"], args.learn_ms / 1000, size_mb)
-    coord = Coordinator(cfg, samplers=samplers, scorers=scorers, learner=learner)
+    coord = Coordinator(cfg, workers=WorkerGroup.of_actors(samplers, scorers, learner))
     coord.sync_samplers()
     ray.get([s.take_sync_times.remote() for s in samplers], timeout=600)
     rows = []

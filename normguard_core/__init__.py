@@ -1,6 +1,6 @@
 """NormGuard's math core: pure torch (P1). Imports no ray, diffusers, pydantic or services."""
 
-from normguard_core import advantages, analysis, conventions, lagged, losses, metrics, samplers
+from normguard_core import advantages, analysis, conventions, lagged, losses, metrics, samplers, seeding
 from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_penalty
 from normguard_core.types import LossOutput, PairResult, StepResult, Trajectory
 
@@ -20,4 +20,5 @@ __all__ = [
     "metrics",
     "normguard_penalty",
     "samplers",
+    "seeding",
 ]

@@ -12,7 +12,6 @@ __all__ = [
     "nft_reward_prob",
     "nonzero_advantage_mask",
     "preference_pairs",
-    "rewards_to_unit",
 ]
 
 
@@ -79,13 +78,6 @@ def nft_reward_prob(advantages: Tensor, *, adv_clip_max: float = 5.0) -> Tensor:
         raise ValueError(f"adv_clip_max must be > 0, got {adv_clip_max}")
     clipped = advantages.clamp(-adv_clip_max, adv_clip_max)
     return (clipped / adv_clip_max / 2.0 + 0.5).clamp(0.0, 1.0)
-
-
-def rewards_to_unit(rewards: Tensor, *, low: float, high: float) -> Tensor:
-    """Affine map of raw rewards with known range ``[low, high]`` to [0, 1] (clamped)."""
-    if high <= low:
-        raise ValueError(f"need high > low, got low={low}, high={high}")
-    return ((rewards.float() - low) / (high - low)).clamp(0.0, 1.0)
 
 
 def preference_pairs(rewards: Tensor, group_ids: Tensor, *, min_gap: float = 0.0, ties: str = "skip") -> PairResult:

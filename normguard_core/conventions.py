@@ -15,8 +15,6 @@ facebookresearch/flow_matching uses the opposite direction (``t = 0`` noise, ``t
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -153,9 +151,3 @@ def to_flow_matching_time(sigma: Tensor | float) -> Tensor:
 def to_flow_matching_velocity(velocity: Tensor) -> Tensor:
     """Convert our velocity (d x / d sigma) to flow_matching's (d x / d t = -v)."""
     return -velocity
-
-
-# sqrt(D) is the expected norm of a D-dim standard normal; used in docs and sanity checks.
-def expected_noise_norm(num_elements: int) -> float:
-    """Approximate ``E||eps||_2`` for ``eps ~ N(0, I_D)`` (``sqrt(D)``)."""
-    return math.sqrt(num_elements)

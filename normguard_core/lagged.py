@@ -29,13 +29,11 @@ __all__ = ["LAG_SCHEDULES", "LagSchedule", "lag_decay", "update_lagged"]
 
 @dataclass(frozen=True)
 class LagSchedule:
-    """``d(k) = 0 if k < flat else min(rate * (k - flat), cap)``; ``rate=0`` with ``cap=c`` is a constant ``c``
-    when ``constant`` is set."""
+    """``d(k) = 0 if k < flat else min(rate * (k - flat), cap)``."""
 
     rate: float = 0.0
     cap: float = 0.0
     flat: int = 0
-    constant: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cap < 1.0 or self.rate < 0 or self.flat < 0:
@@ -52,8 +50,6 @@ LAG_SCHEDULES: dict[str, LagSchedule] = {
 
 def lag_decay(optimizer_steps: int, schedule: LagSchedule) -> float:
     """The decay ``d`` after ``optimizer_steps`` optimiser steps."""
-    if schedule.constant:
-        return schedule.cap
     if optimizer_steps < schedule.flat:
         return 0.0
     return min(schedule.rate * (optimizer_steps - schedule.flat), schedule.cap)

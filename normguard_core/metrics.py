@@ -1,13 +1,20 @@
-"""Velocity-norm statistics: the paper's structural signature of RL-induced degradation."""
+"""Velocity-norm statistics: the paper's structural signature of RL-induced degradation.
+
+:func:`norm_ratio` is the one place the project divides a velocity norm by a reference norm
+(NormGuard's hinge and its metrics, the constraint's per-bin ratios, the samplers' ratio probe, the
+learner's old-policy gap), with the one guard :data:`NORM_EPS` against a zero reference norm.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from torch import Tensor
 
-__all__ = ["NormInflation", "norm_inflation", "per_step_norm_stats", "velocity_norm"]
+__all__ = ["NORM_EPS", "norm_ratio", "per_step_norm_stats", "velocity_norm"]
+
+NORM_EPS = 1e-12
+"""Added to a reference norm before dividing by it: it only matters for an all-zero reference (in
+float32 ``n + 1e-12 == n`` for any norm of at least 2**-15 ~ 3.1e-5, so a ratio of such norms is the
+plain quotient)."""
 
 
 def velocity_norm(v: Tensor, *, batch_dims: int = 1) -> Tensor:
@@ -23,6 +30,23 @@ def velocity_norm(v: Tensor, *, batch_dims: int = 1) -> Tensor:
     return v.flatten(start_dim=batch_dims).norm(dim=-1)
 
 
+def norm_ratio(norm: Tensor, ref_norm: Tensor) -> Tensor:
+    """``norm / (ref_norm + NORM_EPS)``: a per-sample norm in units of the reference's.
+
+    Differentiable in ``norm`` (NormGuard's hinge and floor back-propagate through it); ``ref_norm``
+    is used as given (callers pass the norm of a detached reference).
+
+    Args:
+        norm: ``(B,)`` (or ``(T, B)``) norms, e.g. ``velocity_norm(v_theta)``, or an excess over a
+            threshold in the same units.
+        ref_norm: the same shape, ``velocity_norm(v_ref)``.
+
+    Returns:
+        the same shape as ``norm``.
+    """
+    return norm / (ref_norm + NORM_EPS)
+
+
 def per_step_norm_stats(norms: Tensor) -> dict[str, Tensor]:
     """Mean and std over the batch of per-step norms.
 
@@ -33,42 +57,3 @@ def per_step_norm_stats(norms: Tensor) -> dict[str, Tensor]:
         ``{"mean": (T,), "std": (T,)}``.
     """
     return {"mean": norms.mean(dim=1), "std": norms.std(dim=1, unbiased=norms.shape[1] > 1)}
-
-
-@dataclass(frozen=True)
-class NormInflation:
-    """Norm inflation of a policy over a reference along matched trajectories.
-
-    Attributes:
-        ratio_per_step: ``(T,)`` mean over the batch of ``||v_theta|| / ||v_ref||``.
-        ratio_p95_per_step: ``(T,)`` 95th percentile over the batch.
-        ratio_mean: ``()`` mean over steps and batch.
-        inflation: ``()`` ``ratio_mean - 1`` (0.05 = 5 % inflation).
-    """
-
-    ratio_per_step: Tensor
-    ratio_p95_per_step: Tensor
-    ratio_mean: Tensor
-    inflation: Tensor
-
-
-def norm_inflation(norms_theta: Tensor, norms_ref: Tensor) -> NormInflation:
-    """Per-step ratio statistics of policy over reference norms at the same points.
-
-    Args:
-        norms_theta: ``(T, B)`` policy velocity norms.
-        norms_ref: ``(T, B)`` reference velocity norms at the same (x, sigma, c).
-
-    Returns:
-        NormInflation.
-    """
-    if norms_theta.shape != norms_ref.shape:
-        raise ValueError(f"shapes differ: {tuple(norms_theta.shape)} vs {tuple(norms_ref.shape)}")
-    ratio = norms_theta / norms_ref.clamp_min(1e-12)  # (T, B)
-    ratio_mean = ratio.mean()
-    return NormInflation(
-        ratio_per_step=ratio.mean(dim=1),
-        ratio_p95_per_step=torch.quantile(ratio, 0.95, dim=1),
-        ratio_mean=ratio_mean,
-        inflation=ratio_mean - 1.0,
-    )

@@ -7,8 +7,6 @@
   yifan123/flow_grpo ``diffusers_patch/sd3_sde_with_logprob.py``.
 * :func:`renormalize_velocity` - the paper's inference-time baseline: rescale v_theta to the
   reference's norm at the same point.
-* :func:`cfg_rescale` - CFG-rescale (Lin et al., "Common Diffusion Noise Schedules and Sample
-  Steps are Flawed", arXiv:2305.08891, sec. 3.4), the baseline's cousin.
 * :func:`sample_trajectory` - integrates a velocity function over a sigma grid and records the
   per-step velocities, norms and (SDE) log-probs: the one sampling loop of the project (rollouts,
   evaluation, serving and the adjoint analysis all call it).
@@ -30,7 +28,8 @@ import torch
 from torch import Tensor
 
 from normguard_core.conventions import broadcast_sigma
-from normguard_core.metrics import velocity_norm
+from normguard_core.metrics import norm_ratio, velocity_norm
+from normguard_core.seeding import offset_seed
 from normguard_core.types import StepResult, Trajectory
 
 __all__ = [
@@ -38,7 +37,6 @@ __all__ = [
     "VelocityFn",
     "VelocityTransform",
     "cfg_combine",
-    "cfg_rescale",
     "euler_step",
     "per_sample_noise",
     "renormalize_velocity",
@@ -59,22 +57,6 @@ def cfg_combine(v_cond: Tensor, v_uncond: Tensor, guidance_scale: float) -> Tens
     if guidance_scale == 1.0:
         return v_cond
     return v_uncond + guidance_scale * (v_cond - v_uncond)
-
-
-def cfg_rescale(v_cfg: Tensor, v_cond: Tensor, phi: float = 0.7) -> Tensor:
-    """Rescale a guided velocity to the per-sample std of the conditional one (Lin et al.).
-
-    Args:
-        v_cfg: ``(B, *D)`` guided velocity.
-        v_cond: ``(B, *D)`` conditional velocity.
-        phi: blend in [0, 1] between the rescaled (1) and the plain guided (0) velocity.
-
-    Returns:
-        ``(B, *D)``.
-    """
-    dims = tuple(range(1, v_cfg.ndim))
-    factor = v_cond.std(dim=dims, keepdim=True) / v_cfg.std(dim=dims, keepdim=True).clamp_min(1e-12)
-    return phi * v_cfg * factor + (1.0 - phi) * v_cfg
 
 
 def euler_step(
@@ -210,7 +192,6 @@ def sample_trajectory(
     sigmas: Tensor,
     *,
     sde_noise_level: float = 0.0,
-    sde_step_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     sde_noise: Callable[[int], Tensor] | None = None,
     transform: VelocityTransform | None = None,
@@ -227,7 +208,6 @@ def sample_trajectory(
         noise: ``(B, *D)`` initial state.
         sigmas: ``(T + 1,)`` decreasing grid (``conventions.sigma_grid``).
         sde_noise_level: > 0 samples with :func:`sde_step` (and records log-probs).
-        sde_step_mask: ``(T,)`` bool, which steps are SDE (others ODE); all when ``None``.
         generator: RNG for the SDE noise.
         sde_noise: ``k -> (B, *D)`` the SDE noise of step ``k`` (e.g. :func:`per_sample_noise`), instead
             of drawing it from ``generator``.
@@ -252,19 +232,13 @@ def sample_trajectory(
         norms.append(velocity_norm(v.detach()))
         if record_velocities:
             velocities.append(v)
-        if use_sde and (sde_step_mask is None or bool(sde_step_mask[k])):
-            if sde_noise is not None:
-                eps = sde_noise(k).to(device=x.device, dtype=torch.float32)
-            else:
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        if use_sde:
+            eps = _step_noise(k, x, sde_noise=sde_noise, generator=generator)
             step = sde_step(x, v, sigma, sigma_next, noise_level=sde_noise_level, noise=eps)
             noises.append(eps)
             log_probs.append(step.log_prob)
         else:
             step = euler_step(x, v, sigma, sigma_next)
-            if use_sde:
-                noises.append(torch.zeros_like(x))
-                log_probs.append(x.new_zeros(batch))
         x = step.x_next
         if record_states:
             states.append(x)
@@ -279,9 +253,21 @@ def sample_trajectory(
     )
 
 
+def _step_noise(
+    k: int, x: Tensor, *, sde_noise: Callable[[int], Tensor] | None, generator: torch.Generator | None
+) -> Tensor:
+    """The float32 SDE noise of step ``k``, shaped like ``x`` ``(B, *D)``: ``sde_noise(k)`` or a draw from ``generator``."""
+    if sde_noise is not None:
+        return sde_noise(k).to(device=x.device, dtype=torch.float32)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+
+
 def per_sample_noise(seeds: list[int], shape: tuple[int, ...], *, offset: int = 0) -> Tensor:
-    """``(B, *shape)`` standard normal noise, sample ``b`` from its own generator seeded ``seeds[b] + offset``."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s + offset)) for s in seeds])
+    """``(B, *shape)`` standard normal noise, sample ``b`` from its own generator seeded ``seeds[b] + offset``
+    (the initial noise with ``offset = 0``, step ``k``'s SDE noise with ``seeding.sde_noise_offset(k)``)."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(offset_seed(s, offset))) for s in seeds]
+    )
 
 
 class RatioProbe:
@@ -300,7 +286,7 @@ class RatioProbe:
 
     def __call__(self, k: int, x: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         v_ref = self.reference(x, sigma).float()
-        self.ratios.append(velocity_norm(v.detach()) / velocity_norm(v_ref.detach()).clamp_min(1e-12))
+        self.ratios.append(norm_ratio(velocity_norm(v.detach()), velocity_norm(v_ref.detach())))
         return renormalize_velocity(v, v_ref) if self.renormalize else v
 
     def ratio(self) -> Tensor:

@@ -26,11 +26,15 @@ class LossOutput:
         terms: name -> ``()`` differentiable scalar: named parts already included in ``loss``
             that a caller may back-propagate on their own (``"normguard"``: the weighted
             NormGuard term, for an optimiser that keeps it out of Adam's momentum).
+        norm_ratio: ``(B,)`` detached per-sample ``||v_theta|| / ||v_ref||`` that NormGuard measured
+            (``metrics.norm_ratio``), for callers that bin or log it without recomputing it; ``None``
+            when the objective had no reference velocity.
     """
 
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
     terms: dict[str, Tensor] = field(default_factory=dict)
+    norm_ratio: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     """Adjoint sensitivities of the base and trained models of a digits run; writes adjoint.json/png."""
     from services.checkpoints import load_weights
     from services.config import ExperimentConfig
+    from services.data.digits import digit_prompt
     from services.models import build_generator
-    from services.models.digits import digit_prompt
     from services.prepare import prepare_embedded
     from services.rewards import build_scorer
 

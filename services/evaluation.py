@@ -3,7 +3,7 @@ per-step velocity-norm ratio against the frozen reference, and set-level quality
 features (Frechet distance, KID, precision / recall, within-prompt diversity), at each step count.
 
 Where the samples and scores come from is injected: the training run evaluates on its first
-sampler and scorer actors (``services.training.run``), ``normguard prepare`` on in-process objects
+sampler and scorer actors (``services.training.evaluator``), ``normguard prepare`` on in-process objects
 (:func:`in_process`). Samples use fixed noise (one seed for the batch, the same for every model
 compared). The norm ratio is measured along the policy's own ODE trajectory; with
 ``renormalize=True`` the policy's velocity is rescaled to the reference norm before each step

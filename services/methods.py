@@ -1,18 +1,21 @@
 """RL methods as plug-ins: what each one trains on and how, found by ``loss.name`` (P8).
 
 A method is one objective in the core (``normguard_core/losses/<name>.py``) plus one
-:class:`Method` here that says what the learner and the coordinator need to know about it:
+:class:`Method` here that owns everything else about it:
 
-* ``data``: the training data it consumes: ``"forward"`` (forward-process points on the rollout's
-  clean samples: NFT, AWM), ``"pairs"`` (the same, for winner/loser pairs sharing sigma and eps:
-  Flow-DPO) or ``"trajectory"`` (the stored SDE steps with their log-probs: Flow-GRPO);
+* ``points``: its point source (``services.points``): the training data it consumes and the
+  loss fields of a micro-batch: :class:`SamplePoints` (forward-process points on the rollout's clean
+  samples: NFT, AWM), :class:`PairPoints` (the same, for winner/loser pairs sharing sigma and eps:
+  Flow-DPO) or :class:`TrajectoryPoints` (the stored SDE steps with their log-probs: Flow-GRPO);
 * ``targets``: rewards -> advantages / optimality probabilities / pairs, and which samples train;
 * its training-loop defaults as its source uses them (optimiser steps per RL step, training points
-  per sample and how their sigmas are drawn, which lagged weight copies it keeps);
+  per sample and how their sigmas are drawn, which lagged weight copies it keeps, whether it trains
+  on the CFG velocity);
 * ``loss_kwargs``: the core objective's hyperparameters from its config section;
 * ``check``: config cross-checks.
 
-The learner and the coordinator read the same fields for every method; adding a method is one
+Only the plug-ins read their loss config section; the learner and the coordinator ask them the same
+questions for every method, and never which kind of data a method trains on. Adding a method is one
 file in the core and one class here (registered with :func:`register_method`).
 """
 
@@ -28,6 +31,8 @@ from normguard_core.advantages import group_advantages, nft_reward_prob, nonzero
 from normguard_core.lagged import LAG_SCHEDULES, LagSchedule
 from normguard_core.losses import elbo_kl_scale
 from normguard_core.samplers import sde_kl_scale
+from services.config.losses import ADV_CLIP_MAX
+from services.points import PairPoints, PointSource, SamplePoints, TrajectoryPoints
 
 __all__ = ["Method", "Targets", "available_methods", "get_method", "register_method"]
 
@@ -57,8 +62,21 @@ class Method:
     """Defaults are the source's; subclasses override what differs."""
 
     name: ClassVar[str]
-    data: ClassVar[str] = "forward"
+    points: ClassVar[type[PointSource]] = SamplePoints
     updates_per_step: ClassVar[int] = 1
+
+    def point_source(self, spec, schedule) -> PointSource:
+        """The learner's source of training points (``spec``: a ``LearnerSpec``; ``schedule``: the
+        generator's sigma schedule, ``gen.schedule``)."""
+        return self.points(spec, self, schedule)
+
+    def train_guidance(self, loss_cfg, rollout) -> float:
+        """The CFG scale of the training velocity (1: the conditional velocity alone)."""
+        return 1.0
+
+    def adv_clip_max(self, loss_cfg) -> float:
+        """The advantage clip that maps advantages to DiffusionNFT's r."""
+        return loss_cfg.adv_clip_max
 
     def reads_v_old(self, loss_cfg) -> bool:
         """Whether the objective reads the old policy's velocity ``v_old`` at the training points."""
@@ -95,8 +113,7 @@ class Method:
     def targets(self, reward: Tensor, group_ids: Tensor, cfg) -> Targets:
         """Group advantages (sources' stat tracker) and NFT's r; every sample trains."""
         adv = group_advantages(reward, group_ids, eps=cfg.advantages.eps, std=cfg.advantages.std)
-        clip = getattr(cfg.loss, "adv_clip_max", 5.0)
-        prob = nft_reward_prob(adv, adv_clip_max=clip).float()
+        prob = nft_reward_prob(adv, adv_clip_max=self.adv_clip_max(cfg.loss)).float()
         metrics = {
             "advantages/abs_mean": float(adv.abs().mean()),
             "advantages/zero_frac": float((adv == 0).double().mean()),
@@ -189,7 +206,10 @@ class FlowDPO(Method):
     shifted) and eps; ``int(0.99 T)`` points per pair; one optimiser step per RL step; beta 100."""
 
     name = "flow_dpo"
-    data = "pairs"
+    points = PairPoints
+
+    def adv_clip_max(self, loss_cfg) -> float:
+        return ADV_CLIP_MAX  # its section has no clip: r is unused, mapped with the sources' default
 
     def loss_kwargs(self, loss_cfg) -> dict:
         return dict(beta=loss_cfg.beta)
@@ -218,8 +238,14 @@ class FlowGRPO(Method):
     ``2 std_t^2``, zero-advantage samples dropped, training on the CFG velocity (uncond detached)."""
 
     name = "flow_grpo"
-    data = "trajectory"
+    points = TrajectoryPoints
     updates_per_step = 2
+
+    def point_source(self, spec, schedule) -> PointSource:
+        return TrajectoryPoints(spec, self, schedule, guard=spec.loss.guard)
+
+    def train_guidance(self, loss_cfg, rollout) -> float:
+        return rollout.guidance_scale if loss_cfg.train_cfg else 1.0
 
     def loss_kwargs(self, loss_cfg) -> dict:
         return dict(clip_range=loss_cfg.clip_range, adv_clip_max=loss_cfg.adv_clip_max)

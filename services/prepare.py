@@ -13,13 +13,10 @@ from pathlib import Path
 
 import torch
 
-from services.models.digits import (
-    digit_prompt,
-    digits_dataset,
-    load_digits_generator,
-    load_or_pretrain_digits,
-    split_indices,
-)
+from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
+from services.config import ExperimentConfig, ModelConfig
+from services.data.digits import digit_prompt, digits_dataset, split_indices
+from services.models.digits import load_digits_generator, load_or_pretrain_digits
 from services.rewards import build_scorer
 
 __all__ = ["EmbeddedAssets", "prepare_embedded", "real_test_images"]
@@ -64,7 +61,7 @@ def prepare_embedded(
         fakes = []
         for i, steps in enumerate((4, 20)):  # the detector sees both few- and full-step samples
             half = prompts[i::2]
-            g = torch.Generator().manual_seed(seed + 100 + i)
+            g = torch.Generator().manual_seed(offset_seed(seed, FAKE_SAMPLES_STREAM, i))
             noise = torch.randn(len(half), *gen.latent_shape, generator=g)
             fakes.append(
                 sample(gen, half, noise=noise, num_steps=steps, measure_ratio=False).trajectory.x0.clamp(-1, 1)
@@ -124,7 +121,7 @@ def preview(
     return res.metrics
 
 
-def prepare_and_preview(cfg, out: str | None = None) -> EmbeddedAssets:
+def prepare_and_preview(cfg: ExperimentConfig, out: str | None = None) -> EmbeddedAssets:
     """``normguard prepare``: build (or load) the embedded generator and scorers of ``cfg.model``, and
     write preview grids at guidance 1 (the RL setting) and 3 to ``out`` (default: beside the runs)."""
     m = cfg.model
@@ -146,7 +143,7 @@ class ResolvedModel:
     scorer_dir: str | None = None
 
 
-def resolve_model(model_cfg, *, log: Callable[[str], None] = print) -> ResolvedModel:
+def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print) -> ResolvedModel:
     """The one model-path resolver (training, serving, export): SD3 / FLUX load from ``model.path``; the
     embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
     unless ``model.path`` names a prepared directory."""

@@ -2,7 +2,7 @@
 
 from normguard_core.losses import awm, diffusion_nft, flow_dpo, flow_grpo  # noqa: F401  (registers)
 from normguard_core.losses.awm import awm_loss, elbo_kl_scale, matching_log_prob
-from normguard_core.losses.compose import NormGuardParams, compose_objective
+from normguard_core.losses.compose import NormGuardParams, compose_objective, normguard_objective
 from normguard_core.losses.diffusion_nft import diffusion_nft_loss
 from normguard_core.losses.flow_dpo import flow_dpo_loss
 from normguard_core.losses.flow_grpo import flow_grpo_loss
@@ -30,6 +30,7 @@ __all__ = [
     "flow_grpo_loss",
     "get_loss",
     "matching_log_prob",
+    "normguard_objective",
     "normguard_penalty",
     "register_loss",
 ]

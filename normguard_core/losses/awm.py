@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from normguard_core.conventions import velocity_target
 from normguard_core.losses.registry import register_loss
 from normguard_core.types import LossOutput
 
@@ -58,7 +59,7 @@ def matching_log_prob(
     """
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"unknown AWM weighting {weighting!r}; known: {list(_WEIGHTINGS)}")
-    err = (v.double() - (noise.double() - x0.double())).pow(2).mean(dim=tuple(range(1, v.ndim)))
+    err = (v.double() - velocity_target(x0.double(), noise.double())).pow(2).mean(dim=tuple(range(1, v.ndim)))
     s = sigma.double()
     if weighting == "huber":
         return -(torch.sqrt(err + 1e-10) - 1e-5) * s
@@ -74,6 +75,18 @@ def elbo_kl_scale(sigma: Tensor) -> Tensor:
     """``(B,)`` AWM's ``ELBO`` KL weight ``1 / (2 std_t^2)``, ``std_t = 0.7 sqrt(s / (1 - clamp(s, 0, 0.99)))``."""
     std_t = 0.7 * torch.sqrt(sigma.double() / (1.0 - sigma.double().clamp(0.0, 0.99)))
     return (1.0 / (2.0 * std_t**2)).float()
+
+
+def _ppo_clipped(log_p: Tensor, log_p_old: Tensor, adv: Tensor, *, clip_range: float, metrics: dict) -> Tensor:
+    """``mean_b max(-A r, -A clip(r, 1 - eps, 1 + eps))`` with ``r = exp(log_p - log_p_old)`` (all ``(B,)``);
+    adds ``loss/ratio_mean`` and ``loss/clip_frac`` to ``metrics``."""
+    if clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0, got {clip_range}")
+    ratio = torch.exp(log_p - log_p_old)
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    metrics["loss/ratio_mean"] = ratio.mean().float().detach()
+    metrics["loss/clip_frac"] = ((ratio - 1.0).abs() > clip_range).float().mean().detach()
+    return torch.maximum(-adv * ratio, -adv * clipped).mean()
 
 
 @register_loss("awm", required=("v_theta", "x0", "noise", "sigma", "advantages"), optional=("v_old", "v_ema"))
@@ -121,24 +134,18 @@ def awm_loss(
         v=v_theta, x0=x0, noise=noise, sigma=sigma, weighting=weighting, ghuber_power=ghuber_power
     )
     dims = tuple(range(1, v_theta.ndim))
-    mse = (v_theta.detach().double() - (noise.double() - x0.double())).pow(2).mean(dim=dims)
+    mse = (v_theta.detach().double() - velocity_target(x0.double(), noise.double())).pow(2).mean(dim=dims)
     metrics = {"loss/awm_mse": mse.mean().float()}
     if clip_range is None:
         loss = -(adv * log_p).mean()
     else:
         if v_old is None:
             raise ValueError("awm with clip_range needs v_old (the sampling policy's velocity)")
-        if clip_range <= 0:
-            raise ValueError(f"clip_range must be > 0, got {clip_range}")
         with torch.no_grad():
             log_p_old = matching_log_prob(
                 v=v_old, x0=x0, noise=noise, sigma=sigma, weighting=weighting, ghuber_power=ghuber_power
             )
-        ratio = torch.exp(log_p - log_p_old)
-        clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-        loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
-        metrics["loss/ratio_mean"] = ratio.mean().float().detach()
-        metrics["loss/clip_frac"] = ((ratio - 1.0).abs() > clip_range).float().mean().detach()
+        loss = _ppo_clipped(log_p, log_p_old, adv, clip_range=clip_range, metrics=metrics)
     loss = loss.float()
     if ema_kl_weight < 0:
         raise ValueError(f"ema_kl_weight must be >= 0, got {ema_kl_weight}")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import broadcast_sigma
+from normguard_core.conventions import interpolate, velocity_target, x0_from_velocity
 from normguard_core.losses.registry import register_loss
 from normguard_core.types import LossOutput
 
@@ -49,9 +49,8 @@ def _per_sample_error(
     """``(B,)`` NFT error of velocity ``v``; see the module docstring for both forms."""
     dims = tuple(range(1, v.ndim))
     if not adaptive:
-        return (v - (noise - x0)).pow(2).mean(dim=dims)
-    x_sigma = (1.0 - broadcast_sigma(sigma, x0)) * x0 + broadcast_sigma(sigma, x0) * noise
-    x0_hat = x_sigma - broadcast_sigma(sigma, x0) * v  # (B, *D)
+        return (v - velocity_target(x0, noise)).pow(2).mean(dim=dims)
+    x0_hat = x0_from_velocity(interpolate(x0, noise, sigma), v, sigma)  # (B, *D)
     with torch.no_grad():  # float64 as in the reference code: the mean |err| can be tiny
         w = (x0_hat.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp_min(weight_min)
     return ((x0_hat - x0).pow(2) / w.to(x0_hat.dtype)).mean(dim=dims)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from normguard_core.conventions import velocity_target
 from normguard_core.losses.registry import register_loss
 from normguard_core.types import LossOutput
 
@@ -70,7 +71,7 @@ def flow_dpo_loss(
     if not (torch.equal(noise[winners], noise[losers]) and torch.equal(sigma[winners], sigma[losers])):
         raise ValueError("each DPO pair must share its noise and sigma (build pairs with shared eps)")
     dims = tuple(range(1, v_theta.ndim))
-    target = noise - x0
+    target = velocity_target(x0, noise)
     e_theta = (v_theta - target).pow(2).mean(dim=dims)  # (B,)
     e_ref = (v_ref.detach() - target).pow(2).mean(dim=dims)  # (B,)
     delta = (e_theta[winners] - e_ref[winners]) - (e_theta[losers] - e_ref[losers])  # (P,)

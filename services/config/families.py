@@ -53,6 +53,7 @@ class LoraDefaults:
 
 LORA_DEFAULTS = {
     "digits": LoraDefaults(("to_q", "to_k", "to_v", "to_out.0"), None, 1.0, "ours (the image stream's attention)"),
+    "colour": LoraDefaults(("to_q", "to_k", "to_v", "to_out.0"), None, 1.0, "ours (the image stream's attention)"),
     "sd3": LoraDefaults(
         _SD3_TARGETS, 32, 2.0, "flow_grpo scripts/train_sd3.py:419-434; DiffusionNFT scripts/train_nft_sd3.py:420-432"
     ),

@@ -9,7 +9,9 @@ from pydantic import Field
 
 from services.config.base import Section
 
-__all__ = ["AWMLoss", "DPOLoss", "GRPOLoss", "LossConfig", "NFTLoss"]
+__all__ = ["ADV_CLIP_MAX", "AWMLoss", "DPOLoss", "GRPOLoss", "LossConfig", "NFTLoss"]
+
+ADV_CLIP_MAX = 5.0  # the sources' advantage clip (NFT, AWM, Flow-GRPO); Flow-DPO maps its unused r with it too
 
 
 TrainSigmas = Literal["sampler_grid", "grid_stratified", "uniform", "logit_normal"]
@@ -20,7 +22,7 @@ class NFTLoss(Section):
 
     name: Literal["diffusion_nft"] = "diffusion_nft"
     beta: float = Field(1.0, gt=0, description="DiffusionNFT mixing strength (1.0 in the SD3 configs, 0.1 OCR)")
-    adv_clip_max: float = Field(5.0, gt=0, description="advantage clip, maps A to r in [0, 1]")
+    adv_clip_max: float = Field(ADV_CLIP_MAX, gt=0, description="advantage clip, maps A to r in [0, 1]")
     adaptive_weighting: bool = Field(True, description="x0-space self-normalised error (reference code)")
     loss_scale: Literal["adv_clip_max", "unit"] = Field(
         "adv_clip_max", description="'adv_clip_max': the source's mean(loss * adv_clip_max); 'unit': no factor"
@@ -41,7 +43,7 @@ class AWMLoss(Section):
     weighting: Literal["uniform", "sigma", "sigma2", "huber", "ghuber"] = "ghuber"
     ghuber_power: float = Field(0.25, gt=0, description="p of the ghuber weighting")
     clip_range: float | None = Field(1.0, gt=0, description="PPO ratio clip; None = plain AWM")
-    adv_clip_max: float = Field(5.0, gt=0)
+    adv_clip_max: float = Field(ADV_CLIP_MAX, gt=0)
     advantage_max: float | None = Field(1.0, gt=0, description="rescale clipped advantages to +-advantage_max")
     kl_weight: float = Field(1e-4, ge=0, description="KL to the reference (1e-4 PickScore, 1e-3 GenEval)")
     kl_form: Literal["uniform", "elbo"] = Field("uniform", description="'elbo' divides by 2 std_t^2 (source option)")
@@ -70,7 +72,7 @@ class GRPOLoss(Section):
 
     name: Literal["flow_grpo"] = "flow_grpo"
     clip_range: float = Field(1e-4, gt=0)
-    adv_clip_max: float = Field(5.0, gt=0)
+    adv_clip_max: float = Field(ADV_CLIP_MAX, gt=0)
     kl_weight: float = Field(0.04, ge=0, description="KL beta (0.04 OCR/GenEval, 0.01 PickScore), sigma-dependent")
     drop_zero_advantages: bool = Field(True, description="train only on samples with a non-zero advantage")
     train_cfg: bool = Field(True, description="train on the CFG velocity of rollout.guidance_scale (uncond detached)")

@@ -23,7 +23,7 @@ __all__ = ["ModelConfig"]
 
 
 class ModelConfig(Section):
-    kind: Literal["digits", "sd3", "flux"] = Field("digits", description="generator family")
+    kind: Literal["digits", "colour", "sd3", "flux"] = Field("digits", description="generator family")
     path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
     lora_rank: int | None = Field(
         None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"

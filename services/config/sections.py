@@ -137,6 +137,12 @@ class NormGuardConfig(Section):
         description="constraint mode: apply the force at one extra point per sample in the sigma bins no training "
         "point reached at the last RL step (AWM's and Flow-DPO's sigmas leave the grid's ends empty)",
     )
+    probe_floor: bool = Field(
+        False,
+        description="constraint mode: the probes also push a bin under the floor back up (both sides of the "
+        "constraint at the probes, as at the training points). Off by default so that the published figures, "
+        "measured with probes that only held the bound, reproduce bit for bit",
+    )
     momentum: bool | None = Field(
         None,
         description="whether Adam's momentum carries NormGuard's force (None: the mode's default, penalty yes, "

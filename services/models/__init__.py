@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from services.config import ModelConfig
 from services.models.base import Condition, FlowGenerator
 
 __all__ = ["Condition", "FlowGenerator", "build_generator"]
 
-KNOWN_KINDS = ("digits", "sd3", "flux")
+KNOWN_KINDS = ("digits", "colour", "sd3", "flux")
 
 
 def build_generator(
-    model_cfg,
+    model_cfg: ModelConfig,
     *,
     path: str | None = None,
     device: str | torch.device = "cpu",
@@ -33,6 +34,12 @@ def build_generator(
         from services.models.digits import load_digits_generator
 
         return load_digits_generator(path, device=device, **lora)
+    if model_cfg.kind == "colour":
+        if prompt_embeddings is not None:
+            raise ValueError("the colour generator has no text encoder: its prompts are not precomputed")
+        from services.models.colour import load_colour_generator
+
+        return load_colour_generator(path, device=device, **lora)
     text = dict(max_sequence_length=model_cfg.max_sequence_length, prompt_embeddings=prompt_embeddings)
     common = dict(resolution=model_cfg.resolution, device=device, dtype=model_cfg.dtype, **text, **lora)
     if model_cfg.kind == "sd3":

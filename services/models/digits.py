@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -28,11 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normguard_core.conventions import interpolate, sample_sigmas, velocity_target
+from services.data.digits import NULL_CLASS, digits_dataset, parse_digit_prompt, split_indices
 from services.models.base import Condition, FlowGenerator
 
-__all__ = ["DigitConditioner", "DigitsGenerator", "digits_dataset", "load_or_pretrain_digits", "parse_digit_prompt"]
+__all__ = ["DigitConditioner", "DigitsGenerator", "load_digits_generator", "load_or_pretrain_digits"]
 
-NULL_CLASS = 10
 NUM_TOKENS = 4
 _ARCH = dict(
     num_layers=4,
@@ -43,41 +42,7 @@ _ARCH = dict(
     pooled_projection_dim=64,
     patch_size=2,
 )
-_PROMPT = re.compile(r"^\s*(?:an?\s+)?(?:handwritten\s+)?digit\s+([0-9])\s*$", re.IGNORECASE)
 CACHE_VERSION = 1
-
-
-def parse_digit_prompt(prompt: str) -> int:
-    """``"a handwritten digit 3"`` -> 3; ``""`` -> the null class; anything else is an error."""
-    if prompt.strip() == "":
-        return NULL_CLASS
-    m = _PROMPT.match(prompt)
-    if not m:
-        raise ValueError(f"digits prompts look like 'a handwritten digit 3' (0-9) or '' (null); got {prompt!r}")
-    return int(m.group(1))
-
-
-def digit_prompt(label: int) -> str:
-    """The canonical prompt of a class."""
-    return f"a handwritten digit {label}"
-
-
-def digits_dataset(resolution: int = 16) -> tuple[Tensor, Tensor]:
-    """All 1797 sklearn digits as ``(N, 1, R, R)`` in [-1, 1] and ``(N,)`` labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-    if resolution != 8:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)
-    return x * 2.0 - 1.0, torch.tensor(d.target, dtype=torch.long)
-
-
-def split_indices(n: int, *, test_fraction: float = 0.2, seed: int = 1234) -> tuple[Tensor, Tensor]:
-    """A fixed train / test split of the digits (the judges evaluate on the test part)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = int(n * test_fraction)
-    return perm[n_test:], perm[:n_test]
 
 
 class DigitConditioner(nn.Module):

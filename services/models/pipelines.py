@@ -32,10 +32,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from services.config import ModelConfig
+from services.hub import load_pretrained_checked
 from services.models.base import Condition, FlowGenerator
 from services.models.prompt_embeddings import ENCODE_BATCH, FIELDS, PromptEmbeddings
 from services.models.schedules import FlowSchedule
-from services.rewards.clip import load_pretrained_checked
 
 __all__ = ["FluxGenerator", "SD3Generator", "encode_with_pipeline", "load_pipeline"]
 
@@ -227,7 +228,13 @@ class FluxGenerator(_PipelineGenerator):
 
 
 def encode_prompt_file(
-    model_cfg, model_path: str, prompts: Sequence[str], out: str | Path, *, device: str = "cpu", threads: int = 1
+    model_cfg: ModelConfig,
+    model_path: str,
+    prompts: Sequence[str],
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
 ) -> str:
     """The pre-pass: load the pipeline's text encoders only, encode ``prompts`` in batches of
     :data:`ENCODE_BATCH`, write ``out`` atomically (a temporary file renamed), return its path.

@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from services.config import ModelConfig
+
 __all__ = ["ENCODE_BATCH", "PromptEmbeddings", "embeddings_file", "unique_prompts"]
 
 FORMAT_VERSION = 1
@@ -57,7 +59,7 @@ def unique_prompts(*prompt_lists: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(["", *(p for prompts in prompt_lists for p in prompts)]))
 
 
-def embeddings_key(model_cfg, model_path: str, prompts: Sequence[str]) -> str:
+def embeddings_key(model_cfg: ModelConfig, model_path: str, prompts: Sequence[str]) -> str:
     """SHA-256 (16 hex digits) of what the embeddings depend on (see the module docstring's limits)."""
     blob = json.dumps(
         dict(
@@ -73,7 +75,7 @@ def embeddings_key(model_cfg, model_path: str, prompts: Sequence[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def embeddings_file(run_dir: Path, model_cfg, model_path: str, prompts: Sequence[str]) -> Path:
+def embeddings_file(run_dir: Path, model_cfg: ModelConfig, model_path: str, prompts: Sequence[str]) -> Path:
     """Where the run's table of ``prompts`` lives: ``run_dir/prompt_embeddings/<key>.safetensors``."""
     return Path(run_dir) / "prompt_embeddings" / f"{embeddings_key(model_cfg, model_path, prompts)}.safetensors"
 

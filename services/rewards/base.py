@@ -74,6 +74,14 @@ _SCORERS: dict[str, ScorerFactory] = {}  # user registrations (register_scorer)
 # dependencies load only when it is built.
 BUILTIN_SCORERS: dict[str, str] = {
     "clip_group_rank": "services.rewards.clip:_clip_group_rank",
+    "colour_brightness": "services.rewards.colour:_brightness",
+    "colour_clip": "services.rewards.colour:_clip",
+    "colour_contrast": "services.rewards.colour:_contrast",
+    "colour_jpeg": "services.rewards.colour:_jpeg",
+    "colour_judge": "services.rewards.colour:_judge",
+    "colour_realism": "services.rewards.colour:_realism",
+    "colour_saturation": "services.rewards.colour:_saturation",
+    "colour_texture": "services.rewards.colour:_texture",
     "digits_classifier": "services.rewards.digits:_classifier",
     "digits_ink": "services.rewards.digits:_ink",
     "digits_judge": "services.rewards.digits:_judge",

@@ -26,19 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from services.hub import load_pretrained_checked
 from services.rewards.base import validate_images
 
-__all__ = ["CLIPPreferenceScorer", "load_pretrained_checked"]
-
-
-def load_pretrained_checked(loader, path: str | None, *, what: str, **kwargs):
-    """``loader.from_pretrained(path)`` with a clear error for a missing local path."""
-    if not path:
-        raise ValueError(f"{what}: needs path= (a local directory or hub id)")
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists()
-    if looks_local and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"{what}: checkpoint path does not exist: {path}")
-    return loader.from_pretrained(str(Path(path).expanduser()) if looks_local else path, **kwargs)
+__all__ = ["CLIPPreferenceScorer"]
 
 
 class CLIPPreferenceScorer:

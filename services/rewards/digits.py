@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.models.digits import digits_dataset, parse_digit_prompt, split_indices
+from normguard_core.seeding import JUDGE_STREAM, REALISM_STREAM, offset_seed
+from services.data.digits import digits_dataset, parse_digit_prompt, split_indices
 from services.rewards.base import validate_images
 
 __all__ = ["DigitScorer", "InkScorer", "frechet_distance", "train_digit_scorers"]
@@ -158,12 +159,14 @@ def train_digit_scorers(
     x, y = digits_dataset(resolution)
     tr, te = split_indices(len(y))
     clf = _fit(_CNN(10), x[tr], y[tr], epochs=15, seed=seed, augment=True)
-    judge = _fit(_MLP(resolution * resolution, 10), x[tr], y[tr], epochs=30, seed=seed + 1, augment=False)
+    judge = _fit(
+        _MLP(resolution * resolution, 10), x[tr], y[tr], epochs=30, seed=offset_seed(seed, JUDGE_STREAM), augment=False
+    )
     n_fake = min(len(fake_images), len(tr))
     fake_tr, fake_te = fake_images[: n_fake * 4 // 5], fake_images[n_fake * 4 // 5 : n_fake]
     rx = torch.cat([x[tr][: len(fake_tr)], fake_tr])
     ry = torch.cat([torch.ones(len(fake_tr), dtype=torch.long), torch.zeros(len(fake_tr), dtype=torch.long)])
-    realism = _fit(_CNN(2), rx, ry, epochs=15, seed=seed + 2, augment=False)
+    realism = _fit(_CNN(2), rx, ry, epochs=15, seed=offset_seed(seed, REALISM_STREAM), augment=False)
     acc = {
         "classifier": _accuracy(clf, x[te], y[te]),
         "judge": _accuracy(judge, x[te], y[te]),

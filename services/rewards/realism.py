@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from services.hub import load_pretrained_checked
 from services.rewards.base import validate_images
-from services.rewards.clip import load_pretrained_checked
 
 __all__ = ["RealismDetector"]
 

@@ -25,8 +25,9 @@ class GenerationItem:
 
     Attributes:
         prompts: one image each.
-        num_steps, guidance_scale, shift, renormalize: the sampler settings (requests sharing
-            them and the checkpoint run as one batch).
+        num_steps, guidance_scale, renormalize: the sampler settings (requests sharing them and the
+            checkpoint run as one batch, :attr:`batch_key`).
+        shift: the serve config's grid shift, the same for every request of a replica (so not in the key).
         seed: the request's noise seed (its images do not depend on its batch neighbours).
         checkpoint: the checkpoint id.
         received: ``time.perf_counter()`` when the replica accepted it (its queue time).
@@ -55,7 +56,7 @@ def _png_b64(image: torch.Tensor) -> str:
 
 
 class GeneratorCore:
-    """Plain class behind the Generator deployment (tested in-process)."""
+    """Plain class behind the ``NormGuard`` model replicas (``app.Replica``; tested in-process)."""
 
     def __init__(self, cfg: ServeConfig, model_path: str) -> None:
         from services.models import build_generator

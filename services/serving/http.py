@@ -62,7 +62,7 @@ def validate(cfg: ServeConfig, req: GenerateRequest) -> GenerationItem:
     if problems:
         raise _unprocessable(problems)
     if cfg.model.kind == "digits":
-        from services.models.digits import parse_digit_prompt
+        from services.data.digits import parse_digit_prompt
 
         try:
             [parse_digit_prompt(p) for p in prompts]

@@ -1,7 +1,8 @@
 """NormGuard's per-sigma-bin state in the learner (``normguard_core.constraint`` does the math).
 
 Every RL step the learner accumulates the norm ratio ``||v_theta|| / ||v_ref||`` of its training
-points per sigma bin (:meth:`BinMultipliers.track`). After the step the sums are all-reduced over
+points per sigma bin (:meth:`BinMultipliers.accumulate`: the ratios NormGuard's penalty measured, never
+recomputed; in constraint mode the points' multipliers come from :meth:`BinMultipliers.weights`). After the step the sums are all-reduced over
 the learner ranks (:meth:`BinMultipliers.advance`), logged as ``normguard/ratio_bin{b}``, and in
 constraint mode each bin's log-multiplier takes one dual-ascent step: lambda on the upper bound
 ``1 + margin``, mu on the floor. The bins that no training point reached are remembered, so the
@@ -17,7 +18,6 @@ import torch
 from torch import Tensor
 
 from normguard_core.constraint import bin_means, sigma_bins, update_log_multipliers
-from normguard_core.metrics import velocity_norm
 
 __all__ = ["BinMultipliers"]
 
@@ -37,18 +37,34 @@ class BinMultipliers:
     def constrained(self) -> bool:
         return self.ng.mode == "constraint"
 
-    def track(self, v_theta: Tensor, v_ref: Tensor, sigma: Tensor, fields: dict, *, training: bool = True) -> None:
-        """Accumulate the points' ratios in their bins; in constraint mode give each point its bin's
-        multipliers (``fields["normguard_weight"]``, ``fields["floor_weight"]``)."""
-        ng = self.ng
-        bins = sigma_bins(sigma.detach().cpu(), ng.bins)
-        ratio = velocity_norm(v_theta.detach().float()) / velocity_norm(v_ref.detach().float()).clamp_min(1e-12)
-        sums, counts = bin_means(ratio, bins, ng.bins)
+    def weights(self, sigma: Tensor, device: torch.device | str) -> dict[str, Tensor]:
+        """Constraint mode: each point's multipliers, those of its sigma bin: ``normguard_weight`` and,
+        with a floor, ``floor_weight`` (``(N,)`` float32 on ``device``, the ``LossBatch`` fields); else
+        none. They depend only on ``sigma``, so they are looked up before the objective is computed.
+
+        Args:
+            sigma: ``(N,)`` the points' sigmas.
+            device: where the objective is computed.
+        """
+        if not self.constrained:
+            return {}
+        bins = sigma_bins(sigma.detach().cpu(), self.ng.bins)
+        out = {"normguard_weight": self.log_lam.exp().float()[bins].to(device)}
+        if self.ng.floor is not None:
+            out["floor_weight"] = self.log_mu.exp().float()[bins].to(device)
+        return out
+
+    def accumulate(self, ratio: Tensor, sigma: Tensor, *, training: bool = True) -> None:
+        """Add the points' norm ratios to their bins' statistics (``training=False``: a probe, which
+        does not count as a training point reaching the bin).
+
+        Args:
+            ratio: ``(N,)`` the ratios NormGuard measured (``LossOutput.norm_ratio``, not recomputed).
+            sigma: ``(N,)`` the points' sigmas.
+        """
+        bins = sigma_bins(sigma.detach().cpu(), self.ng.bins)
+        sums, counts = bin_means(ratio, bins, self.ng.bins)
         self._stats += torch.stack([sums, counts, counts if training else torch.zeros_like(counts)])
-        if self.constrained:
-            fields["normguard_weight"] = self.log_lam.exp().float()[bins].to(v_theta.device)
-            if ng.floor is not None:
-                fields["floor_weight"] = self.log_mu.exp().float()[bins].to(v_theta.device)
 
     def probe_sigmas(self, n: int, g: torch.Generator) -> Tensor | None:
         """``(n,)`` sigmas drawn uniformly inside the bins no training point reached (``None``: none to probe)."""

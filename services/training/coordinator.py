@@ -4,8 +4,11 @@
             -> advantages / pairs (pure core) -> learner update (Ray Train, base loss + NormGuard)
             -> versioned weight sync -> eval and report
 
-It runs in the driver. The actors are thin wrappers of plain classes; with ``local=True`` the
-same recipe runs on the plain objects in one process (the benchmark's baseline).
+It runs in the driver, over the worker group the composition root injected
+(``services.training.workers``: Ray actors, or the plain objects they wrap, in one process for the
+benchmark's baseline); the same recipe runs on either. Where a run is in its life (evaluating,
+checkpointing, restarting, ...) is the controller's (``services.training.controller``): the coordinator
+makes steps, syncs and checkpoints when told.
 
 ``train.pipeline: async`` overlaps the two halves of the recipe: before step k's update the next
 step's rollout is submitted to the samplers (``services.training.experience``), so sampling and scoring of
@@ -20,63 +23,24 @@ loop is the sync loop. The pipeline drains before every evaluation, checkpoint a
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from services.checkpoints import write_manifest
 from services.methods import get_method
 from services.training.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
-from services.training.remote import CallStats, call, call_with_retries, is_actor
+from services.training.remote import CallStats, call_with_retries
 from services.training.shards import build_shards
+from services.training.workers import WorkerGroup
 from services.types import TrainBatch
 
-__all__ = ["Coordinator", "RunState", "StepReport"]
+__all__ = ["Coordinator", "StepReport"]
 
 log = logging.getLogger(__name__)
-
-
-class RunState(enum.Enum):
-    """Lifecycle of a run; transitions happen only in ``Coordinator._transition``."""
-
-    INITIALIZING = "initializing"
-    RUNNING = "running"
-    EVALUATING = "evaluating"
-    CHECKPOINTING = "checkpointing"
-    FINISHED = "finished"
-    ERRORED = "errored"
-
-
-_ALLOWED = {
-    RunState.INITIALIZING: {RunState.RUNNING, RunState.EVALUATING, RunState.ERRORED},
-    RunState.RUNNING: {RunState.EVALUATING, RunState.CHECKPOINTING, RunState.FINISHED, RunState.ERRORED},
-    RunState.EVALUATING: {RunState.RUNNING, RunState.CHECKPOINTING, RunState.FINISHED, RunState.ERRORED},
-    RunState.CHECKPOINTING: {RunState.RUNNING, RunState.EVALUATING, RunState.FINISHED, RunState.ERRORED},
-    RunState.FINISHED: set(),
-    RunState.ERRORED: set(),
-}
-
-
-class RunHooks(Protocol):
-    """What :meth:`Coordinator.run` reports to (``services.training.run``: metrics, progress, guards)."""
-
-    def stopped(self) -> bool:
-        """Before the first step: the run has already reached its end (e.g. its reward target)."""
-
-    def after_step(self, report: StepReport) -> bool:
-        """Log one step; ``True`` ends the run (a reward target, a guard)."""
-
-    def evaluate_along(self) -> bool:
-        """An evaluation during training; ``True`` ends the run (a guard on its metrics)."""
-
-    def checkpoint_extra(self) -> dict:
-        """What a checkpoint keeps beside the coordinator's state."""
 
 
 @dataclass
@@ -89,29 +53,30 @@ class StepReport:
 
 
 class Coordinator:
-    """Drives samplers, scorers and the learner through RL steps. Build with ``services.training.run``."""
+    """Drives samplers, scorers and the learner through RL steps. Build with ``services.training.build``."""
 
-    def __init__(self, cfg, *, samplers: list, scorers: list, learner, start_step: int = 0, prompts=None) -> None:
+    def __init__(self, cfg, *, workers: WorkerGroup, start_step: int = 0, prompts=None) -> None:
         """``prompts``: the ``(train, eval)`` prompt sets (``services.training.prompts.prompt_sets(cfg)`` when None),
         loaded once for the run."""
         from services.training.prompts import prompt_sets
 
         self.cfg = cfg
         self.prompt_set, self.eval_prompt_set = prompts if prompts is not None else prompt_sets(cfg)
-        self.samplers, self.scorers, self.learner = samplers, scorers, learner
+        self.workers, learner = workers, workers.learner
+        # the members themselves (actor handles or objects), for callers that reach one (tests, probes)
+        self.samplers, self.scorers, self.learner = workers.samplers.members, workers.scorers.members, learner
         self.method = get_method(cfg.loss.name)
         self.step_idx = start_step
         self.version = learner.version
         self.stats = CallStats()
         self._fault_base: dict[str, int] = {}  # counters at the previous step (faults/* are per step)
         self.nonfinite_in_row = 0
-        self.state = RunState.INITIALIZING
         self.weights_ref = learner.weights()
         self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}
         self.source = ExperienceSource(
             ExperienceSpec.from_config(cfg),
-            samplers=samplers,
-            scorers=scorers,
+            samplers=workers.samplers,
+            scorers=workers.scorers,
             prompt_set=self.prompt_set,
             stats=self.stats,
             learner_check=getattr(learner, "check", None),
@@ -119,62 +84,23 @@ class Coordinator:
         self._pending = None  # a Future of the next step's Experience (pipelined mode)
         self._acks: list = []  # (sampler, ref) of the last weight sync, until confirmed (_confirm_sync)
 
-    def _transition(self, new: RunState) -> None:
-        if new not in _ALLOWED[self.state] and new != self.state:
-            raise RuntimeError(f"illegal run-state transition {self.state.value} -> {new.value}")
-        self.state = new
-
-    # ---- the run loop: cadence and every change of state --------------------------------------
-    def run(self, hooks: RunHooks, run_dir: Path) -> None:
-        """Train until ``train.steps`` or until a hook stops the run (a reward target, a guard): an
-        evaluation every ``train.eval_every`` steps, a checkpoint every ``train.checkpoint_every``
-        steps and at the end. Experience made ahead is dropped when the run stops between drain
-        points; evaluations and checkpoints happen with nothing in flight."""
-        steps = self.cfg.train.steps
-        done = self.step_idx >= steps or hooks.stopped()
-        while not done:
-            report = self.step()
-            done = hooks.after_step(report) or self.step_idx >= steps
-            if done:
-                self.drain()
-            elif self._evaluates_after(self.step_idx):
-                with self.evaluating():
-                    done = hooks.evaluate_along()
-            if self._checkpoints_after(self.step_idx) or done:
-                self.checkpoint(run_dir, hooks.checkpoint_extra())
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """An evaluation (before training, along it, or after it); training may resume afterwards."""
-        self._transition(RunState.EVALUATING)
-        yield
-        self._transition(RunState.RUNNING)
-
+    # ---- the end of a run -----------------------------------------------------------------
     def finish(self) -> None:
         """The run ended normally."""
         self.drain()
         self.source.close()
-        self._transition(RunState.FINISHED)
 
     def fail(self) -> None:
-        """The run ended with an error (from any state: an error can happen anywhere)."""
+        """The run ended with an error: experience made ahead is dropped, not waited for."""
         self._pending = None
         self.source.close(wait=False)
-        self.state = RunState.ERRORED
 
     def shutdown(self) -> None:
         """Release everything this coordinator started: the learner group, and the sampler and scorer
-        actors (killed now, not whenever the garbage collector gets to their handles: a driver that
-        runs several trainings, a sweep or a rollback, needs their CPUs / GPUs back at once)."""
+        actors (``WorkerGroup.shutdown``)."""
         self._pending = None
         self.source.close(wait=False)
-        self.learner.stop()
-        actors = [a for a in (*self.samplers, *self.scorers) if is_actor(a)]
-        if actors:
-            import ray
-
-            for a in actors:
-                ray.kill(a)
+        self.workers.shutdown()
 
     def sync_samplers(self) -> None:
         """Push the learner's current weights to every sampler (after a build, a resume or a rollback)."""
@@ -183,7 +109,6 @@ class Coordinator:
     # ---- the recipe -----------------------------------------------------------------------
     def step(self) -> StepReport:
         """One RL step; returns its metrics."""
-        self._transition(RunState.RUNNING)
         t = {"start": time.perf_counter()}
         exp = self._experience()  # 1-3. prompts, rollout, rewards (made during the last update when pipelined)
         t["experience"] = time.perf_counter()
@@ -240,13 +165,15 @@ class Coordinator:
     def drains_after(self, step: int) -> bool:
         """Whether the run loop stops the pipeline once ``step`` steps are done (an evaluation, a
         checkpoint or the last step follows)."""
-        return step >= self.cfg.train.steps or self._evaluates_after(step) or self._checkpoints_after(step)
+        return step >= self.cfg.train.steps or self.evaluates_after(step) or self.checkpoints_after(step)
 
-    def _evaluates_after(self, step: int) -> bool:
+    def evaluates_after(self, step: int) -> bool:
+        """An evaluation follows step ``step`` (``train.eval_every``)."""
         every = self.cfg.train.eval_every
         return bool(every and step % every == 0)
 
-    def _checkpoints_after(self, step: int) -> bool:
+    def checkpoints_after(self, step: int) -> bool:
+        """A checkpoint follows step ``step`` (``train.checkpoint_every``)."""
         every = self.cfg.train.checkpoint_every
         return bool(every and step % every == 0)
 
@@ -287,19 +214,20 @@ class Coordinator:
         """Every sampler gets the learner's policy: one object-store copy, fetched by all samplers at
         once. With a rollout in flight the calls queue behind it and are confirmed when its
         experience is taken; otherwise at once (:meth:`_confirm_sync`)."""
-        if not (self.samplers and is_actor(self.samplers[0])):
-            for s in self.samplers:
-                self._set_weights(s)
+        pool = self.workers.samplers
+        if not pool.members:
             return
-        import ray
-
-        ref = self.weights_ref if isinstance(self.weights_ref, ray.ObjectRef) else ray.put(self.weights_ref)
-        self.weights_ref = ref
-        self._acks = [(s, s.set_weights.remote(ref, self.version)) for s in self.samplers]
+        self.weights_ref = ref = pool.put(self.weights_ref)  # plain objects: the weights themselves
+        self._acks = [
+            (s, pool.submit(s, "set_weights", ref, self.version, now=partial(self._set_weights, s)))
+            for s in pool.members
+        ]
         if self._pending is None:
             self._confirm_sync()
 
-    def _set_weights(self, sampler) -> None:
+    def _set_weights(self, sampler) -> int:
+        """Sync one sampler with the retry policy; returns the version it holds (the current one)."""
+        pool = self.workers.samplers
         got = call_with_retries(
             sampler,
             "set_weights",
@@ -309,20 +237,20 @@ class Coordinator:
             retries=self.cfg.train.sampler_retries,
             stats=self.stats,
             name="sync",
-            on_actor_restart=lambda: call(sampler, "get_version", timeout_s=SYNC_TIMEOUT_S),  # wait till it is back
+            on_actor_restart=lambda: pool.call(sampler, "get_version", timeout_s=SYNC_TIMEOUT_S),  # till it is back
+            caller=pool.call,
         )
         if got != self.version:
             raise RuntimeError(f"sampler reports policy v{got} after syncing v{self.version}")
+        return got
 
     def _confirm_sync(self) -> None:
         """The submitted syncs answered with the current version; a sampler whose sync failed (e.g. it
         died while sampling) is synced again now, with the retry policy."""
-        import ray
-
         acks, self._acks = self._acks, []
         for sampler, ack in acks:
             try:
-                if ray.get(ack, timeout=SYNC_TIMEOUT_S) == self.version:
+                if self.workers.samplers.result(ack, timeout_s=SYNC_TIMEOUT_S) == self.version:
                     continue
             except Exception as err:  # noqa: BLE001 - redone below
                 log.warning("sync: a queued set_weights failed (%s); syncing again", type(err).__name__)
@@ -360,8 +288,6 @@ class Coordinator:
     # ---- checkpoints ----------------------------------------------------------------------
     def checkpoint(self, run_dir: Path, extra: dict | None = None) -> Path:
         """Atomic learner checkpoint + coordinator state; ``checkpoints/latest`` points at it."""
-        prev = self.state
-        self._transition(RunState.CHECKPOINTING)
         path = run_dir / "checkpoints" / f"step_{self.step_idx:06d}"
         state = {
             "step": self.step_idx,
@@ -378,5 +304,4 @@ class Coordinator:
         tmp = latest.with_suffix(".tmp")
         tmp.write_text(path.name)
         tmp.replace(latest)
-        self._transition(prev if prev != RunState.INITIALIZING else RunState.RUNNING)
         return path

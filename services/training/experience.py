@@ -12,24 +12,30 @@ A redone share (a sampler died or was restarted) is first re-synced to the polic
 when the share was submitted (``pinned``), so the redo reproduces the samples exactly: same seeds,
 same weights, same version tag.
 
-On plain objects (``local=True``) :meth:`submit` computes at once; the samples are the same as on
-actors because they are made with the same weights.
+The samplers and scorers come as pools (``services.training.workers``): on plain objects
+(:class:`~services.training.workers.LocalPool`) a call is made at once and :meth:`submit` computes at
+once; the samples are the same as on actors because they are made with the same weights.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from normguard_core.seeding import sample_noise_seed
 from services.rewards.base import combine_scores
-from services.training.remote import CallStats, actor_gone, call, call_with_retries, is_actor, until_answered
+from services.training.remote import CallStats, actor_gone, call_with_retries, until_answered
 from services.types import RolloutBatch, RolloutRequest, ScoreRequest, ScoreResult
+
+if TYPE_CHECKING:
+    from services.training.workers import Pool
 
 __all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef", "concat_rollouts", "split_request"]
 
@@ -100,26 +106,20 @@ class Experience:
     metrics: dict[str, float]
 
 
-def _sample_seed(seed: int, step: int, index: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + index) % (2**31 - 1)
-
-
 @dataclass(frozen=True)
 class _Share:
-    """One actor's part of a fan-out: the payload and, on actors, the submitted call's ref."""
+    """One member's part of a fan-out: the payload and the submitted call's handle (its pool's)."""
 
     actor: Any
     payload: Any
-    ref: Any = None  # the submitted call (a Ray ObjectRef)
-    done: bool = False  # made already (plain objects): ``result`` holds it
-    result: Any = None
+    handle: Any = None
 
 
 class ExperienceSource:
     """Turns RL step numbers into :class:`Experience` on a pool of samplers and scorers."""
 
     def __init__(
-        self, spec: ExperienceSpec, *, samplers: list, scorers: list, prompt_set, stats: CallStats, learner_check=None
+        self, spec: ExperienceSpec, *, samplers: Pool, scorers: Pool, prompt_set, stats: CallStats, learner_check=None
     ) -> None:
         """``learner_check``: raises when the learner group is lost (``LearnerGroup.check``); polled while a
         restarting sampler is waited for, so a node that took a sampler and a learner worker with it ends
@@ -132,7 +132,7 @@ class ExperienceSource:
             stats,
         )
         self.learner_check = learner_check
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Executor | None = None  # the samplers' (a background thread on actors, inline on objects)
 
     # ---- 1. prompts -----------------------------------------------------------------------
     def prompts(self, step: int) -> tuple[list[str], list[int], list[int], list | None]:
@@ -147,7 +147,7 @@ class ExperienceSource:
                 prompts.append(prompt)
                 meta.append(row)
                 groups.append(g)
-                seeds.append(_sample_seed(sp.seed, step, j * sp.group_size + i))
+                seeds.append(sample_noise_seed(sp.seed, step, j * sp.group_size + i))
         return prompts, groups, seeds, (meta if self.prompt_set.metadata is not None else None)
 
     # ---- now, or ahead ----------------------------------------------------------------------
@@ -160,12 +160,8 @@ class ExperienceSource:
         :class:`Experience`). ``policy`` is what the samplers hold once every call submitted before
         this one has run."""
         submitted = self._submit_rollout(step, min_version)
-        if not (self.samplers and is_actor(self.samplers[0])):  # plain objects: made now, like produce
-            done: Future = Future()
-            done.set_result(self._finish(step, *submitted, policy))
-            return done
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experience")
+            self._pool = self.samplers.ahead()
         return self._pool.submit(self._finish, step, *submitted, policy)
 
     def close(self, *, wait: bool = True) -> None:
@@ -188,7 +184,7 @@ class ExperienceSource:
             sde_noise_level=sp.sde_noise_level,
             min_version=min_version,
         )
-        reqs = split_request(whole, len(self.samplers))
+        reqs = split_request(whole, len(self.samplers.members))
         t0 = time.perf_counter()  # before the fan-out: on plain objects the rollout is made inside it
         shares = self._fan_out("generate", self.samplers, reqs, name="rollout", timeout_s=sp.rollout_timeout_s)
         return shares, seeds, meta, t0
@@ -197,7 +193,9 @@ class ExperienceSource:
         self, step: int, shares: list[_Share], seeds: list[int], meta: list | None, t0: float, policy: PolicyRef
     ) -> Experience:
         sp = self.spec
-        parts = self._gather("generate", shares, name="rollout", timeout_s=sp.rollout_timeout_s, policy=policy)
+        parts = self._gather(
+            "generate", self.samplers, shares, name="rollout", timeout_s=sp.rollout_timeout_s, policy=policy
+        )
         rollout = concat_rollouts(parts)
         if rollout.seeds != seeds:  # no sample lost or counted twice, also after restarts
             raise RuntimeError("rollout bookkeeping error: returned samples do not match the request")
@@ -212,7 +210,7 @@ class ExperienceSource:
         """Whole prompt groups per scorer actor (a group-wise scorer must see every sample of a group)."""
         gid = rollout.group_ids
         starts = [0] + [i for i in range(1, len(gid)) if gid[i] != gid[i - 1]]
-        bounds, n = [*starts, len(gid)], len(self.scorers)
+        bounds, n = [*starts, len(gid)], len(self.scorers.members)
         cuts = [bounds[i * (len(bounds) - 1) // n] for i in range(n)] + [len(gid)]
         reqs = [
             ScoreRequest(
@@ -225,7 +223,7 @@ class ExperienceSource:
         ]
         shares = self._fan_out("score_batch", self.scorers, reqs, name="reward", timeout_s=self.spec.reward_timeout_s)
         parts: list[ScoreResult] = self._gather(
-            "score_batch", shares, name="reward", timeout_s=self.spec.reward_timeout_s
+            "score_batch", self.scorers, shares, name="reward", timeout_s=self.spec.reward_timeout_s
         )
         weights = dict(self.spec.train_weights)
         scores = {k: torch.cat([p.scores[k] for p in parts]) for k in weights if all(k in p.scores for p in parts)}
@@ -241,38 +239,36 @@ class ExperienceSource:
         return reward, metrics
 
     # ---- fan-out with the retry policy --------------------------------------------------------
-    def _fan_out(self, method: str, actors: list, payloads: list, *, name: str, timeout_s: float) -> list[_Share]:
-        """One call per actor, submitted now; on plain objects the calls are made now (with the retry
-        policy), so a sampler's weights cannot change between the request and its samples."""
-        if actors and is_actor(actors[0]):
-            return [_Share(a, p, ref=getattr(a, method).remote(p)) for a, p in zip(actors, payloads)]
+    def _fan_out(self, method: str, pool: Pool, payloads: list, *, name: str, timeout_s: float) -> list[_Share]:
+        """One call per member, submitted now; a pool that cannot submit (plain objects) makes the calls
+        now, with the retry policy, so a sampler's weights cannot change between the request and its samples."""
+        redo = partial(self._redo, method, pool, name=name, timeout_s=timeout_s)
         return [
-            _Share(a, p, done=True, result=self._redo(method, _Share(a, p), name=name, timeout_s=timeout_s))
-            for a, p in zip(actors, payloads)
+            _Share(a, p, handle=pool.submit(a, method, p, now=partial(redo, _Share(a, p))))
+            for a, p in zip(pool.members, payloads)
         ]
 
-    def _gather(self, method: str, shares: list[_Share], *, name: str, timeout_s: float, policy=None) -> list:
+    def _gather(
+        self, method: str, pool: Pool, shares: list[_Share], *, name: str, timeout_s: float, policy=None
+    ) -> list:
         """The shares' results; a failed share is redone on its own actor with the retry policy (a
         restarted sampler first re-synced to ``policy``, the one it was asked to sample with)."""
-        import ray
-
         out = []
         for share in shares:
-            if share.done:
-                out.append(share.result)
-                continue
             try:
-                out.append(ray.get(share.ref, timeout=timeout_s))
+                out.append(pool.result(share.handle, timeout_s=timeout_s))
             except Exception as err:  # noqa: BLE001 - redone with the retry policy
                 gone = actor_gone(err)
                 log.warning("%s: %s failed (%s); redoing its share", name, method, type(err).__name__)
                 self.stats.add(retries=1, restarts=int(gone))
                 if gone and policy is not None:  # a restarted sampler holds its initial weights
                     self._resync(share.actor, policy)
-                out.append(self._redo(method, share, name=name, timeout_s=timeout_s, policy=policy))
+                out.append(self._redo(method, pool, share, name=name, timeout_s=timeout_s, policy=policy))
         return out
 
-    def _redo(self, method: str, share: _Share, *, name: str, timeout_s: float, policy: PolicyRef | None = None):
+    def _redo(
+        self, method: str, pool: Pool, share: _Share, *, name: str, timeout_s: float, policy: PolicyRef | None = None
+    ):
         hook = (lambda: self._set(share.actor, policy)) if policy is not None else None  # waited for by the policy
         return call_with_retries(
             share.actor,
@@ -283,6 +279,7 @@ class ExperienceSource:
             stats=self.stats,
             name=name,
             on_actor_restart=hook,
+            caller=pool.call,
         )
 
     def _resync(self, sampler, policy: PolicyRef) -> None:
@@ -292,7 +289,7 @@ class ExperienceSource:
     def _set(self, sampler, policy: PolicyRef) -> None:
         if self.learner_check is not None:
             self.learner_check()  # LearnerLost: no retry (Unrecoverable)
-        call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
+        self.samplers.call(sampler, "set_weights", policy.weights, policy.version, timeout_s=SYNC_TIMEOUT_S)
 
 
 def split_request(req: RolloutRequest, parts: int) -> list[RolloutRequest]:

@@ -1,5 +1,6 @@
-"""What a run does when something fails: a policy returns a decision, the run loop carries it out
-(the shape of Ray Train v2's ``FailurePolicy`` -> ``FailureDecision`` -> controller).
+"""What a run does when something fails: a policy returns a decision, the controller carries it out
+(the shape of Ray Train v2's ``FailurePolicy.make_decision`` -> ``FailureDecision`` -> controller:
+``services.training.controller`` goes to its ``Restarting`` or ``Errored`` state).
 
 Lost learner workers (preempted, OOM-killed, node gone: :class:`LearnerLost`) and lost nodes are survived
 up to ``train.max_failures`` times by rebuilding everything from the newest intact checkpoint, exactly as

@@ -27,7 +27,9 @@ The pipelined loop (``train.pipeline: async``) trains on samples one policy vers
 learner keeps the old copy of the previous version too, and each row's ``v_old`` is the old copy of
 the version that sampled it (:meth:`Learner.old_policy`).
 
-Beside this file: ``points`` (which training points each optimiser step sees), ``optim_step``,
+Beside this file: ``services.points`` (the method's point source: which training points each optimiser step
+sees, and a micro-batch's loss fields, so this file never asks which kind of data a method trains on),
+``epoch`` (what the loop over one RL step carries), ``optim_step``,
 ``policy_copies`` (old / EMA), ``constraint`` (NormGuard's per-sigma-bin ratios and multipliers),
 ``learner_state`` (the checkpoint files).
 """
@@ -38,23 +40,23 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from normguard_core.conventions import interpolate
-from normguard_core.losses import LossBatch, NormGuardParams, compose_objective
-from normguard_core.losses.normguard import normguard_penalty
-from normguard_core.metrics import velocity_norm
-from normguard_core.samplers import cfg_combine, sde_step
+from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_objective
+from normguard_core.metrics import norm_ratio, velocity_norm
+from normguard_core.samplers import cfg_combine
+from normguard_core.seeding import PROBE_STREAM, rng
 from services.methods import get_method
 from services.models import build_generator
+from services.points import LaggedVelocities, TrainingPoints
 from services.training.constraint import BinMultipliers
+from services.training.epoch import EpochData, StepTally
 from services.training.learner_spec import LearnerSpec
 from services.training.learner_state import load_learner, save_learner
 from services.training.optim_step import OptimStep, all_reduce_via
-from services.training.points import PointPlan
 from services.training.policy_copies import PolicyCopies, swapped_in
 from services.types import TrainBatch
 
@@ -105,21 +107,20 @@ class Learner:
         )
         self.loss_kwargs = self.method.loss_kwargs(loss)
         self.updates_per_step, self.timesteps = spec.updates_per_step, spec.timesteps
-        self.plan = PointPlan(spec, self.method, self.gen.schedule)  # the samplers' grid
+        self.points = self.method.point_source(spec, self.gen.schedule)  # on the samplers' grid
         # the frozen reference forward is skipped only when nothing reads it (benchmarks)
         self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
         self.bins = BinMultipliers(ng)  # NormGuard's per-sigma-bin ratios and multipliers
         self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
         self.copies.remember(self.version)
-        ro = cfg.rollout
-        self._guidance = ro.guidance_scale if getattr(loss, "train_cfg", False) else 1.0
+        self._guidance = self.method.train_guidance(loss, cfg.rollout)
 
-    # ---- training points (services.training.points) -------------------------------------------
-    def _points(self, batch: TrainBatch, epoch: int) -> dict[str, Tensor]:
-        return self.plan.points(batch, epoch)
+    # ---- training points (services.points: the method's point source) ----------------
+    def _points(self, batch: TrainBatch, epoch: int) -> TrainingPoints:
+        return self.points.draw(batch, epoch)
 
     def _minibatches(self, batch: TrainBatch, epoch: int) -> list[tuple[Tensor, int]]:
-        return self.plan.minibatches(batch, epoch)
+        return self.points.minibatches(batch, epoch)
 
     # ---- velocities -----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -142,19 +143,10 @@ class Learner:
         v_u = self.gen.velocity(x, sigma, null, reference=reference).detach()
         return cfg_combine(v_c, v_u, self._guidance)
 
-    def _inputs(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(x, sigma, condition rows)`` at ``rows``; pair methods stack winners then losers."""
+    def _conditions(self, cond, null, idx: Tensor):
+        """The (conditional, null) prompt embeddings of the shard rows ``idx``."""
         dev = self.gen.device
-        if self.method.data == "trajectory":
-            s, k = pts["sample"][rows], pts["step_k"][rows]
-            return batch.states[k, s].to(dev), batch.sigmas[k].to(dev), s
-        sigma, noise = pts["sigma"][rows], pts["noise"][rows]
-        idx = pts["sample"][rows]
-        if self.method.data == "pairs":
-            idx = torch.cat([idx, pts["loser"][rows]])
-            sigma, noise = torch.cat([sigma, sigma]), torch.cat([noise, noise])
-        x0 = batch.latents[idx]
-        return interpolate(x0, noise, sigma).to(dev), sigma.to(dev), idx
+        return cond.index(idx.to(dev)), null.index(idx.to(dev)) if null else None
 
     @classmethod
     def from_config(cls, cfg, model_path: str, *, prompt_embeddings: str | None = None, **kw) -> Learner:
@@ -171,56 +163,54 @@ class Learner:
         return self.copies.old_at(version, self.version)
 
     @torch.no_grad()
-    def _lagged_velocities(self, batch: TrainBatch, pts: dict[str, Tensor], cond, null) -> None:
+    def _lagged_velocities(self, batch: TrainBatch, pts: TrainingPoints, cond, null) -> LaggedVelocities:
         """``v_old`` (and ``v_ema``) at every point of the epoch, with the copy's weights swapped in.
 
         ``v_old`` of a row is the old copy of the version that sampled it (``batch.versions``): the
         sampling policy, as NFT's old policy and AWM-clip's PPO ratio need it, also when the
         pipelined loop trains on samples one version behind."""
-        n = len(pts["unit"])
-        row_version = batch.versions[pts["sample"]] if batch.versions is not None else torch.full((n,), self.version)
+        n = pts.size
+        row_version = batch.versions[pts.sample] if batch.versions is not None else torch.full((n,), self.version)
         copies = [("v_old", int(v), self.old_policy(int(v))) for v in row_version.unique()] if self._needs_old else []
         if self.copies.ema is not None:
             copies.append(("v_ema", None, self.copies.ema))
         if not copies:
-            return
+            return LaggedVelocities()
         self.gen.transformer.eval()
-        micro = self.cfg.learner.micro_batch
+        out: dict[str, Tensor | None] = {}
         for key, version, weights in copies:
             rows_of = torch.arange(n) if version is None else (row_version == version).nonzero().flatten()
-            if key not in pts:
-                pts[key] = None
             with swapped_in(self.params, weights):
-                for i in range(0, len(rows_of), micro):
-                    rows = rows_of[i : i + micro]
-                    m = len(rows)  # pair methods: only the winners (their lagged velocity is a metric only)
-                    x, sigma, idx = (t[:m] for t in self._inputs(batch, pts, rows))
-                    c, nc = cond.index(idx.to(self.gen.device)), null.index(idx.to(self.gen.device)) if null else None
-                    v = self._velocity(x, sigma, c, nc).cpu()
-                    if pts[key] is None:
-                        pts[key] = torch.zeros((n, *v.shape[1:]), dtype=v.dtype)
-                    pts[key][rows] = v
-            if pts[key] is None:
-                pts[key] = torch.zeros(0)
+                out[key] = self._fill_velocities(batch, pts, rows_of, cond, null, into=out.get(key))
         self.gen.transformer.train()
+        return LaggedVelocities(**{k: torch.zeros(0) if v is None else v for k, v in out.items()})
+
+    def _fill_velocities(self, batch, pts: TrainingPoints, rows_of: Tensor, cond, null, *, into: Tensor | None):
+        """Write the current weights' velocity at ``rows_of`` into ``into`` (``(M, *D)``, allocated on
+        the first micro-batch); ``None`` when there are no rows and nothing was allocated."""
+        micro = self.cfg.learner.micro_batch
+        for i in range(0, len(rows_of), micro):
+            rows = rows_of[i : i + micro]
+            x, sigma, idx = self.points.lagged_inputs(batch, pts, rows, self.gen.device)
+            v = self._velocity(x, sigma, *self._conditions(cond, null, idx)).cpu()
+            if into is None:
+                into = torch.zeros((pts.size, *v.shape[1:]), dtype=v.dtype)
+            into[rows] = v
+        return into
 
     # ---- the objective of one micro-batch -------------------------------------------------
-    def _micro_loss(
-        self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null
-    ) -> tuple[Tensor, dict[str, Tensor], dict]:
+    def _micro_loss(self, data: EpochData, rows: Tensor) -> tuple[Tensor, dict[str, Tensor], dict]:
         """``(loss, its named terms, metrics)`` of one micro-batch (``compose_objective``'s terms)."""
-        dev, loss_cfg = self.gen.device, self.cfg.loss
-        x, sigma, idx = self._inputs(batch, pts, rows)
-        c, nc = cond.index(idx.to(dev)), null.index(idx.to(dev)) if null else None
+        dev, loss_cfg, batch = self.gen.device, self.cfg.loss, data.batch
+        x, sigma, idx = self.points.inputs(batch, data.points, rows, dev)
+        c, nc = self._conditions(data.cond, data.null, idx)
         v_theta = self._velocity(x, sigma, c, nc)
         v_ref = self._velocity(x, sigma, c, nc, reference=True) if self._needs_ref else None
         fields: dict = dict(v_theta=v_theta, v_ref=v_ref, sigma=sigma)
-        if self.method.data == "trajectory":
-            fields.update(self._trajectory_fields(batch, pts, rows, x, sigma, v_theta))
-        else:
-            fields.update(self._forward_fields(batch, pts, rows, sigma, idx))
-        if v_ref is not None:
-            self.bins.track(v_theta, v_ref, sigma, fields)
+        at = dict(x=x, sigma=sigma, idx=idx, v_theta=v_theta, device=dev)
+        fields.update(self.points.fields(batch, data.points, data.lagged, rows, **at))
+        if v_ref is not None:  # the constraint's multipliers depend only on each point's sigma bin
+            fields.update(self.bins.weights(sigma, v_theta.device))
         out = compose_objective(
             loss_cfg.name,
             LossBatch(**fields),
@@ -228,87 +218,46 @@ class Learner:
             normguard=self.normguard,
             kl_weight=loss_cfg.kl_weight,
         )
+        if out.norm_ratio is not None:
+            self.bins.accumulate(out.norm_ratio, sigma)
         metrics = dict(out.metrics)
-        if "v_old" in pts:
-            old = pts["v_old"][rows].to(dev)
-            gap = velocity_norm(v_theta.detach()[: len(rows)] - old) / velocity_norm(old).clamp_min(1e-12)
+        if data.lagged.v_old is not None:
+            old = data.lagged.v_old[rows].to(dev)
+            gap = norm_ratio(velocity_norm(v_theta.detach()[: len(rows)] - old), velocity_norm(old))
             metrics["learner/old_policy_gap"] = gap.mean()
         return out.loss, out.terms, metrics
 
-    def _trajectory_fields(self, batch, pts, rows, x: Tensor, sigma: Tensor, v_theta: Tensor) -> dict:
-        """Flow-GRPO's fields: the stored SDE step's log-prob under theta and at sampling time."""
-        dev, loss_cfg, noise_level = self.gen.device, self.cfg.loss, self.cfg.rollout.sde_noise_level
-        s_idx, k = pts["sample"][rows], pts["step_k"][rows]
-        s_next = batch.sigmas[k + 1].to(dev)
-        step = sde_step(x, v_theta, sigma, s_next, noise_level=noise_level, x_next=batch.states[k + 1, s_idx].to(dev))
-        fields = dict(
-            log_prob=step.log_prob,
-            old_log_prob=batch.log_probs[k, s_idx].to(dev),
-            advantages=pts["adv"][rows].to(dev),
-            kl_scale=self.method.kl_scale(loss_cfg, sigma=sigma, sigma_next=s_next, noise_level=noise_level),
-            sigma=None,
-        )
-        if getattr(loss_cfg, "guard", False):  # GRPO-Guard: the sampling policy's SDE mean at the same state
-            old = sde_step(x, pts["v_old"][rows].to(dev), sigma, s_next, noise_level=noise_level, x_next=step.x_next)
-            fields.update(mean=step.mean, old_mean=old.mean, step_std=step.std)
-        return fields
-
-    def _forward_fields(self, batch, pts, rows, sigma: Tensor, idx: Tensor) -> dict:
-        """The forward-process methods' fields (NFT, AWM; Flow-DPO's pairs stack winners then losers)."""
-        dev, data = self.gen.device, self.method.data
-        noise = pts["noise"][rows]
-        fields = dict(
-            x0=batch.latents[idx].to(dev),
-            noise=torch.cat([noise, noise]).to(dev) if data == "pairs" else noise.to(dev),
-            # Flow-DPO reads no v_old (its lagged rows are the winners', for the gap metric only)
-            v_old=pts["v_old"][rows].to(dev) if "v_old" in pts and data != "pairs" else None,
-            v_ema=pts["v_ema"][rows].to(dev) if "v_ema" in pts else None,
-            kl_scale=self.method.kl_scale(self.cfg.loss, sigma=sigma, sigma_next=None, noise_level=0.0),
-        )
-        if data == "pairs":
-            half = len(rows)
-            fields.update(winners=torch.arange(half), losers=torch.arange(half, 2 * half))
-        else:
-            fields.update(advantages=pts["adv"][rows].to(dev), reward_prob=pts["r"][rows].to(dev))
-        return fields
-
     # ---- constraint mode: probes of the sigma bins no training point reached ---------------------
-    def _probe(self, batch: TrainBatch, pts: dict[str, Tensor], rows: Tensor, cond, null, global_rows: int, epoch: int):
-        """Constraint mode: NormGuard's force at one extra point per sample of the mini-batch, in the sigma
-        bins that no training point reached at the last RL step (``normguard.probe_uncovered``).
+    def _probe(self, data: EpochData, *, rows: Tensor, global_rows: int) -> None:
+        """Constraint mode: NormGuard's force at one extra point per sample of the mini-batch ``rows``, in
+        the sigma bins that no training point reached at the last RL step (``normguard.probe_uncovered``).
 
         AWM's stratified training sigmas stop short of both ends of the grid and Flow-DPO's rarely
         reach them, so without probes the bound is never enforced at the first and last sampling
         steps. A probe is the sample's clean latent noised to a sigma drawn uniformly inside an
-        uncovered bin (fresh noise, seeded like the training points); it carries only the force and
-        the ratio statistics of its bin, never the base loss.
+        uncovered bin (fresh noise, seeded like the training points); it carries only NormGuard's
+        term (``normguard_objective``: the bound and, with ``normguard.probe_floor``, the floor) and the ratio
+        statistics of its bin, never the base loss. ``global_rows``: the mini-batch's points on all ranks.
         """
-        ng, dev = self.cfg.normguard, self.gen.device
-        units = pts["sample"][rows].unique()
-        g = torch.Generator().manual_seed(
-            hash((self.cfg.seed, batch.step, batch.rank, epoch, int(rows[0]) if len(rows) else 0, 7)) % 2**63
-        )
+        batch, units = data.batch, data.points.sample[rows].unique()
+        g = rng(self.cfg.seed, batch.step, batch.rank, data.epoch, int(rows[0]) if len(rows) else 0, PROBE_STREAM)
         sigma = self.bins.probe_sigmas(len(units), g) if len(units) else None
         if sigma is None:
             return
         noise = torch.randn((len(units), *batch.latents.shape[1:]), generator=g)
+        dev = self.gen.device
         x = interpolate(batch.latents[units], noise, sigma).to(dev)
-        c, nc = cond.index(units.to(dev)), null.index(units.to(dev)) if null else None
+        c, nc = self._conditions(data.cond, data.null, units)
         v_theta = self._velocity(x, sigma.to(dev), c, nc)
         with torch.no_grad():
             v_ref = self._velocity(x, sigma.to(dev), c, nc, reference=True)
-        fields: dict = {}
-        self.bins.track(v_theta, v_ref, sigma, fields, training=False)
-        out = normguard_penalty(
-            v_theta=v_theta,
-            v_ref=v_ref,
-            weight=fields["normguard_weight"],
-            margin=ng.margin,
-            power=ng.power,
-            scale=ng.scale,
-        )
+        weights = self.bins.weights(sigma, v_theta.device)
+        if not self.cfg.normguard.probe_floor:  # the published figures' probes held the bound only
+            weights.pop("floor_weight", None)
+        out = normguard_objective(LossBatch(v_theta=v_theta, v_ref=v_ref, **weights), normguard=self.normguard)
+        self.bins.accumulate(out.norm_ratio, sigma, training=False)
         force = out.loss * (len(units) * self.timesteps / global_rows)  # the mini-batch mean over its units
-        if float(force.detach()) <= 0:
+        if float(force.detach()) <= 0:  # neither side of the hinge acts: no gradient, no pass
             return
         if self.split_force:
             self.optim.backward_force(force)
@@ -320,48 +269,46 @@ class Learner:
         """The RL step's optimiser steps on this shard; returns float metrics (means over its points)."""
         self.gen.transformer.train()
         cond = self.gen.encode_prompts(batch.prompts)
-        null = (
-            self.gen.encode_prompts([""]).index(torch.zeros(len(batch.prompts), dtype=torch.long))
-            if (self._guidance != 1.0)
-            else None
-        )
-        micro = self.cfg.learner.micro_batch
-        sums: dict[str, float] = {}
-        count, applied, skipped, grad_norms = 0, 0, 0, []
+        null = None
+        if self._guidance != 1.0:
+            null = self.gen.encode_prompts([""]).index(torch.zeros(len(batch.prompts), dtype=torch.long))
+        tally = StepTally()
         for epoch in range(self.cfg.learner.epochs_per_step):
             pts = self._points(batch, epoch)
-            self._lagged_velocities(batch, pts, cond, null)
+            data = EpochData(batch, pts, self._lagged_velocities(batch, pts, cond, null), cond, null, epoch)
             for rows, global_rows in self._minibatches(batch, epoch):
-                if global_rows == 0:  # empty on every rank (e.g. fewer pairs than mini-batches)
-                    continue
-                self.optim.zero_grad()
-                for i in range(0, len(rows), micro):
-                    part = rows[i : i + micro]
-                    loss, terms, metrics = self._micro_loss(batch, pts, part, cond, null)
-                    scale = len(part) / global_rows  # summed over ranks: the mini-batch mean
-                    if self.split_force and "normguard" in terms:
-                        if float(terms["normguard"].detach()) > 0:  # an inactive hinge has no gradient: skip its pass
-                            self.optim.backward_force(terms["normguard"] * scale)
-                        loss = terms["rest"]
-                    (loss * scale).backward()
-                    for key, v in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + float(v) * len(part)
-                    count += len(part)
-                self._probe(batch, pts, rows, cond, null, global_rows, epoch)
-                norm = self.optim.apply()
-                if norm is None:
-                    skipped += 1
-                else:
-                    applied += 1
-                    grad_norms.append(norm)
-        metrics = {k: v / max(count, 1) for k, v in sums.items()}
+                if global_rows > 0:  # 0: empty on every rank (e.g. fewer pairs than mini-batches)
+                    self._optimiser_step(data, rows, global_rows, tally)
+        return self._step_metrics(tally)
+
+    def _optimiser_step(self, data: EpochData, rows: Tensor, global_rows: int, tally: StepTally) -> None:
+        """One mini-batch: micro-batched backward passes, the probes, then one optimiser step."""
+        self.optim.zero_grad()
+        micro = self.cfg.learner.micro_batch
+        for i in range(0, len(rows), micro):
+            part = rows[i : i + micro]
+            loss, terms, metrics = self._micro_loss(data, part)
+            scale = len(part) / global_rows  # summed over ranks: the mini-batch mean
+            if self.split_force and "normguard" in terms:
+                self._backward_force(terms["normguard"], scale)
+                loss = terms["rest"]
+            (loss * scale).backward()
+            tally.add(metrics, len(part))
+        self._probe(data, rows=rows, global_rows=global_rows)
+        tally.applied(self.optim.apply())
+
+    def _backward_force(self, force: Tensor, scale: float) -> None:
+        """NormGuard's force on its own (constraint mode); an inactive hinge has no gradient: no pass."""
+        if float(force.detach()) > 0:
+            self.optim.backward_force(force * scale)
+
+    def _step_metrics(self, tally: StepTally) -> dict[str, float]:
+        """The RL step's metrics (every rank, also empty: the bins all-reduce) and the lagged copies' step."""
+        metrics = tally.means()
         reduce = all_reduce_via(self.gen.device) if self.distributed else None  # NCCL: through the GPU
-        metrics.update(self.bins.advance(reduce))  # every rank, also empty
-        metrics["learner/updates"] = float(applied)
-        metrics["learner/skipped_nonfinite"] = skipped / max(applied + skipped, 1)
-        if grad_norms:
-            metrics["learner/grad_norm"] = float(np.mean(grad_norms))
-        if applied:
+        metrics.update(self.bins.advance(reduce))
+        metrics.update(tally.counts())
+        if tally.updates:
             metrics.update(self.copies.advance(self.params, self.optim.count))
             self.version += 1
             self.copies.remember(self.version)

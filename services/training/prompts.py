@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from normguard_core.seeding import prompt_order_seed
+
 __all__ = ["PromptSet", "load_prompt_file", "prompt_sets"]
 
 
@@ -69,7 +71,7 @@ class PromptSet:
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of epoch ``epoch`` (one per epoch, cached: every group of a step reads it)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    g = torch.Generator().manual_seed(prompt_order_seed(seed, epoch))
     return torch.randperm(n, generator=g)
 
 

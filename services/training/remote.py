@@ -1,8 +1,8 @@
 """Remote-call policy shared by the coordinator: timeouts, retries with backoff, counting.
 
-:func:`call` makes actors and in-process objects interchangeable (P12): the same coordinator
-runs on Ray actors, or on plain objects in one process (the benchmark's baseline and fast
-tests). Every remote wait is bounded by a timeout in seconds. Errors are classified by type:
+The same coordinator runs on Ray actors, or on plain objects in one process (the benchmark's
+baseline and fast tests, P12): each pool of ``services.training.workers`` makes its members' calls
+(:func:`call_actor` for actors), and :func:`call_with_retries` wraps any of them. Every remote wait is bounded by a timeout in seconds. Errors are classified by type:
 Ray re-raises an actor's exception as a subclass of its class, so ``isinstance`` sees a
 ``StaleSamplerError`` raised inside a sampler.
 """
@@ -16,7 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CallStats", "LearnerLost", "Unrecoverable", "actor_gone", "call_with_retries", "is_actor", "until_answered"]
+__all__ = [
+    "CallStats",
+    "LearnerLost",
+    "Unrecoverable",
+    "actor_gone",
+    "call",
+    "call_actor",
+    "call_with_retries",
+    "is_actor",
+    "until_answered",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +95,22 @@ def is_actor(obj: Any) -> bool:
 
 
 def call(obj: Any, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
-    """``obj.method(*args)`` locally, or ``ray.get(actor.method.remote(*args), timeout)``."""
+    """``obj.method(*args)`` locally, or ``ray.get(actor.method.remote(*args), timeout)``: for scripts and
+    tests that hold either (e.g. ``benchmarks/gpu_check.py``'s probes). A run's own calls go through the
+    pool its members sit in (``services.training.workers``), which knows which they are."""
     if not is_actor(obj):
         return getattr(obj, method)(*args, **kwargs)
+    return call_actor(obj, method, *args, timeout_s=timeout_s, **kwargs)
+
+
+def call_actor(actor: Any, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
+    """``ray.get(actor.method.remote(*args), timeout)``; a lost object owned by a learner worker is
+    :class:`LearnerLost`."""
     import ray
     from ray.exceptions import OwnerDiedError
 
     try:
-        return ray.get(getattr(obj, method).remote(*args, **kwargs), timeout=timeout_s)
+        return ray.get(getattr(actor, method).remote(*args, **kwargs), timeout=timeout_s)
     except OwnerDiedError as err:  # e.g. set_weights of weights whose owner, learner rank 0, died
         raise LearnerLost(f"{method}: an object owned by a learner worker was lost with it: {err}") from err
 
@@ -107,19 +125,20 @@ def call_with_retries(
     name: str,
     on_actor_restart: Callable[[], None] | None = None,
     backoff_s: float = 0.5,
+    caller: Callable[..., Any] = call,
     **kwargs: Any,
 ) -> Any:
     """Call with a timeout; retry with exponential backoff; raise after ``retries`` retries.
 
     A dead / restarting actor (``RayActorError``) or a stale one (``StaleSamplerError``) runs
     ``on_actor_restart`` (e.g. to push the current weights) before the retry, and the same
-    request is redone, so no sample is lost or counted twice.
+    request is redone, so no sample is lost or counted twice. ``caller`` makes each try (a pool's ``call``).
     """
     from services.types import StaleSamplerError  # a message type, not the actor module
 
     for attempt in range(retries + 1):
         try:
-            return call(obj, method, *args, timeout_s=timeout_s, **kwargs)
+            return caller(obj, method, *args, timeout_s=timeout_s, **kwargs)
         except Unrecoverable:
             stats.add(failures=1, name=name)
             raise

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from normguard_core.samplers import per_sample_noise
+from normguard_core.seeding import sde_noise_offset
 from services.models import build_generator
 from services.models.sampling import sample
 from services.training.probe import ActorProbe, probe_process
@@ -84,7 +85,7 @@ class RolloutSampler:
             guidance_scale=req.guidance_scale,
             shift=req.shift,
             sde_noise_level=req.sde_noise_level,
-            sde_noise=lambda k: per_sample_noise(req.seeds, shape, offset=1000 * (k + 1)),
+            sde_noise=lambda k: per_sample_noise(req.seeds, shape, offset=sde_noise_offset(k)),
             record_states=req.sde_noise_level > 0,
             **self.chunks,
         )

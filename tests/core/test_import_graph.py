@@ -1,4 +1,8 @@
-"""The import graph of services/ has no circle, counting imports inside functions too."""
+"""The import graph of services/ has no circle, counting imports inside functions too.
+
+Imports under ``if TYPE_CHECKING:`` are not counted: they never run, so they can close no circle at
+import time and pull no layer in; they only name the config types of annotations.
+"""
 
 import ast
 from pathlib import Path
@@ -10,13 +14,32 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).parents[2]
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child.test):
+                todo.extend(child.orelse)
+            else:
+                todo.append(child)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _graph() -> dict[str, set[str]]:
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (ROOT / "services").rglob("*.py")}  # fmt: skip
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _runtime_nodes(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("services"):
                 deps.add(node.module)
                 deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files}
@@ -52,6 +75,14 @@ def test_services_has_no_import_circle():
     assert _cycles(graph) == []
 
 
+def test_imports_for_annotations_only_are_not_counted():
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\nimport c\n"
+    )
+    names = {a.name for n in _runtime_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert names == {"b", "c"}
+
+
 def test_the_cycle_finder_finds_a_planted_circle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycles(graph) == [["a", "b", "c", "a"]]
@@ -59,11 +90,21 @@ def test_the_cycle_finder_finds_a_planted_circle():
 
 # services/ in layers: a module imports from its own layer or the ones below, never from above
 LAYERS = (
-    # messages, config, the RL methods' plug-ins, checkpoint files, plots
-    ("services.types", "services.config", "services.methods", "services.checkpoints", "services.report"),
+    # messages, config, the RL methods' plug-ins, checkpoint files, plots, the checked from_pretrained,
+    # the data sets that generators and scorers share
+    (
+        "services.types",
+        "services.config",
+        "services.methods",
+        "services.points",
+        "services.checkpoints",
+        "services.report",
+        "services.hub",
+        "services.data",
+    ),
     ("services.models", "services.rewards"),  # generators and scorers
     # the embedded default's assets, the one evaluation path, the placement plan
-    ("services.prepare", "services.evaluation", "services.cluster"),
+    ("services.prepare", "services.prepare_colour", "services.evaluation", "services.cluster"),
     ("services.training", "services.serving"),  # the two services
     ("services.sweeps", "services.analyze"),  # built on training
     ("services.cli", "services"),  # parses and calls one function per command

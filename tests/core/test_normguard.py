@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_penalty
+from normguard_core.losses import (
+    LossBatch,
+    NormGuardParams,
+    compose_objective,
+    normguard_objective,
+    normguard_penalty,
+)
+from normguard_core.metrics import norm_ratio, velocity_norm
 
 pytestmark = pytest.mark.unit
 
@@ -61,14 +68,42 @@ def test_reference_receives_no_gradient(gen):
     assert v_ref.grad is None
 
 
-def test_step_dimension_reduction(gen):
-    v_ref = torch.randn(3, 5, 7, generator=gen)  # (T, B, D)
-    v_theta = 1.2 * v_ref
-    mean = normguard_penalty(v_theta=v_theta, v_ref=v_ref, weight=1.0, has_step_dim=True, step_reduction="mean")
-    total = normguard_penalty(v_theta=v_theta, v_ref=v_ref, weight=1.0, has_step_dim=True, step_reduction="sum")
-    # every sample inflated by exactly 20 %, relative squared hinge: 0.04 per (t, b)
-    assert mean.loss.item() == pytest.approx(0.04, rel=1e-5)
-    assert total.loss.item() == pytest.approx(0.12, rel=1e-5)
+def test_the_penalty_returns_the_ratios_it_measured():
+    v_ref = _vel([2.0, 4.0])
+    v_theta = _vel([2.2, 3.0]).requires_grad_(True)
+    out = normguard_penalty(v_theta=v_theta, v_ref=v_ref, weight=1.0)
+    assert out.norm_ratio.tolist() == pytest.approx([1.1, 0.75], rel=1e-6)
+    assert not out.norm_ratio.requires_grad
+    assert out.metrics["normguard/ratio_mean"].item() == out.norm_ratio.mean().item()
+    assert torch.equal(out.norm_ratio, norm_ratio(velocity_norm(v_theta.detach()), velocity_norm(v_ref)))
+    sigma, adv = torch.full((2,), 0.5), torch.zeros(2)
+    batch = LossBatch(v_theta=v_theta, v_ref=v_ref, x0=v_ref, noise=v_ref, sigma=sigma, advantages=adv)
+    composed = compose_objective("awm", batch, loss_kwargs={}, normguard=None)
+    assert torch.equal(composed.norm_ratio, out.norm_ratio)  # measured also without the penalty
+
+
+def test_normguard_objective_is_the_penalty_with_its_floor():
+    """The probes' objective: NormGuard only, per-point weights, and the floor pulls a deflated sample up."""
+    v_ref = _vel([2.0, 2.0, 2.0])
+    v_theta = _vel([2.4, 2.0, 1.0]).requires_grad_(True)  # ratios 1.2 (over), 1.0, 0.5 (under the floor)
+    lam, mu = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 4.0])
+    params = NormGuardParams(weight=0.0, power=1, floor=0.9)
+    batch = LossBatch(v_theta=v_theta, v_ref=v_ref, normguard_weight=lam, floor_weight=mu)
+    out = normguard_objective(batch, normguard=params)
+    # (1 * 0.2 + 0 + 0) / 3 over the bound, (0 + 0 + 4 * 0.4) / 3 under the floor
+    assert out.loss.item() == pytest.approx((0.2 + 1.6) / 3, rel=1e-5)
+    assert torch.equal(out.terms["normguard"], out.loss)
+    direct = normguard_penalty(
+        v_theta=v_theta, v_ref=v_ref, weight=lam, margin=0.0, power=1, floor=0.9, floor_weight=mu
+    )
+    assert torch.equal(out.loss, direct.loss) and torch.equal(out.norm_ratio, direct.norm_ratio)
+    out.loss.backward()
+    g = v_theta.grad[:, 0]
+    assert g[0] > 0 and g[1] == 0 and g[2] < 0  # descent shrinks the inflated norm, grows the deflated one
+    with pytest.raises(ValueError, match="active"):
+        normguard_objective(LossBatch(v_theta=v_theta, v_ref=v_ref), normguard=params)
+    with pytest.raises(ValueError, match="v_ref"):
+        normguard_objective(LossBatch(v_theta=v_theta), normguard=params)
 
 
 def test_lambda_zero_leaves_base_loss_bit_identical(gen):
@@ -96,7 +131,7 @@ def test_lambda_zero_leaves_base_loss_bit_identical(gen):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(power=3), dict(weight=-1.0), dict(margin=-0.1), dict(scale="log"), dict(step_reduction="max")],
+    [dict(power=3), dict(weight=-1.0), dict(margin=-0.1), dict(scale="log")],
 )
 def test_bad_hyperparameters_raise(kwargs):
     with pytest.raises(ValueError):

@@ -177,8 +177,7 @@ def test_a_sample_one_version_behind_reads_the_old_policy_that_made_it(digits_as
     def v_old(lr: Learner, versions: int):
         b = replace(batch, step=1, versions=torch.full((batch.latents.shape[0],), versions))
         pts = lr._points(b, 0)
-        lr._lagged_velocities(b, pts, lr.gen.encode_prompts(b.prompts), None)
-        return pts["v_old"]
+        return lr._lagged_velocities(b, pts, lr.gen.encode_prompts(b.prompts), None).v_old
 
     behind = v_old(learner, 0)
     assert torch.equal(behind, v_old(fresh, 0))  # exactly the policy that sampled

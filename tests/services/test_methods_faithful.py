@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from services.config import load_config
 from services.methods import get_method
+from services.points import TrainingPoints
 from services.training.learner import Learner
 from services.training.rollout import RolloutSampler
 from services.types import RolloutRequest, TrainBatch
@@ -101,8 +102,8 @@ def _micro_losses(learner: Learner) -> list[tuple[int, float]]:
     calls: list[tuple[int, float]] = []
     orig = learner._micro_loss
 
-    def wrapped(batch, pts, rows, cond, null):
-        loss, terms, metrics = orig(batch, pts, rows, cond, null)
+    def wrapped(data, rows):
+        loss, terms, metrics = orig(data, rows)
         calls.append((len(rows), float(loss.detach())))
         return loss, terms, metrics
 
@@ -154,7 +155,7 @@ def _two_steps(cfg, assets):
     return learner, theta0, batch, rec, calls
 
 
-def _last_minibatch(learner: Learner, batch: TrainBatch, calls) -> tuple[torch.Tensor, dict, float]:
+def _last_minibatch(learner: Learner, batch: TrainBatch, calls) -> tuple[torch.Tensor, TrainingPoints, float]:
     pts = learner._points(batch, 0)
     rows, total = learner._minibatches(batch, 0)[-1]
     n_rows, loss = 0, 0.0
@@ -166,10 +167,10 @@ def _last_minibatch(learner: Learner, batch: TrainBatch, calls) -> tuple[torch.T
     return rows, pts, loss
 
 
-def _forward_points(batch: TrainBatch, pts: dict, rows: torch.Tensor):
+def _forward_points(batch: TrainBatch, pts: TrainingPoints, rows: torch.Tensor):
     """The source's forward-process points in float64: x0, eps, t, t broadcast, x_t = (1 - t) x0 + t eps, prompts."""
-    s = pts["sample"][rows]
-    x0, eps, t = batch.latents[s].double(), pts["noise"][rows].double(), pts["sigma"][rows].double()
+    s = pts.sample[rows]
+    x0, eps, t = batch.latents[s].double(), pts.noise[rows].double(), pts.sigma[rows].double()
     te = t.view(-1, 1, 1, 1)
     return x0, eps, t, te, (1 - te) * x0 + te * eps, [batch.prompts[i] for i in s]
 
@@ -192,7 +193,7 @@ def test_diffusion_nft_matches_the_source(digits_assets):
     x0, eps, t, te, xt, prompts = _forward_points(batch, pts, rows)
     v, v_old, v_ref = pol(xt, t, prompts), old(xt, t, prompts).detach(), ref(xt, t, prompts).detach()
     beta, m = 0.5, 5.0
-    r = (batch.advantages[pts["sample"][rows]].double().clamp(-m, m) / m / 2 + 0.5).clamp(0, 1)
+    r = (batch.advantages[pts.sample[rows]].double().clamp(-m, m) / m / 2 + 0.5).clamp(0, 1)
     pos = beta * v + (1 - beta) * v_old
     neg = (1 + beta) * v_old - beta * v
 
@@ -225,7 +226,7 @@ def test_awm_matches_the_source(digits_assets):
 
     with torch.no_grad():
         lp_old, v_ref, v_ema = lp(old(xt, t, prompts)), ref(xt, t, prompts), ema(xt, t, prompts)
-    adv = batch.advantages[pts["sample"][rows]].double().clamp(-5, 5) / 5 * 1.0
+    adv = batch.advantages[pts.sample[rows]].double().clamp(-5, 5) / 5 * 1.0
     ratio = torch.exp(lp(v) - lp_old)
     policy = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - 0.5, 1 + 0.5)).mean()
     loss = policy + 1e-3 * _mean_d((v - v_ref) ** 2).mean() + 1.0 * _mean_d((v - v_ema) ** 2).mean()
@@ -238,7 +239,7 @@ def test_flow_grpo_matches_the_source(digits_assets):
     assert len(rec) == 2, "Flow-GRPO takes two optimiser steps per RL step"
     pol, ref = F64(learner, rec[-1]["params"], trainable=True), _ref_module(learner)
     rows, pts, loss_l = _last_minibatch(learner, batch, calls)
-    s, k = pts["sample"][rows], pts["step_k"][rows]
+    s, k = pts.sample[rows], pts.step_k[rows]
     x, x_next = batch.states[k, s].double(), batch.states[k + 1, s].double()
     sig, sig_next = batch.sigmas[k].double(), batch.sigmas[k + 1].double()
     prompts = [batch.prompts[i] for i in s]
@@ -265,8 +266,8 @@ def test_flow_dpo_matches_the_source(digits_assets):
     learner, _, batch, rec, calls = _two_steps(cfg, digits_assets)
     pol, ref = F64(learner, rec[-1]["params"], trainable=True), _ref_module(learner)
     rows, pts, loss_l = _last_minibatch(learner, batch, calls)
-    w, lo = pts["sample"][rows], pts["loser"][rows]
-    eps, t = pts["noise"][rows].double(), pts["sigma"][rows].double()
+    w, lo = pts.sample[rows], pts.loser[rows]
+    eps, t = pts.noise[rows].double(), pts.sigma[rows].double()
     te = t.view(-1, 1, 1, 1)
 
     def errors(model, idx):

@@ -9,8 +9,8 @@ import torch
 from normguard_core.conventions import sigma_grid
 from normguard_core.samplers import sample_trajectory
 from services.config import ModelConfig
+from services.data.digits import parse_digit_prompt
 from services.models import build_generator
-from services.models.digits import parse_digit_prompt
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402

@@ -237,7 +237,7 @@ def _scenario(tmp: Path, out: Path) -> None:
         env = {k: os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "NORMGUARD_CACHE")}
         ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
         restarts = _Capture()
-        logging.getLogger("services.training.run").addHandler(restarts)
+        logging.getLogger("services.training.controller").addHandler(restarts)
         res = _runs(tmp, cluster, node_a, restarts)
         res["seconds"] = time.monotonic() - t0
         out.write_text(json.dumps(res))

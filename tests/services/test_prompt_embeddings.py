@@ -14,6 +14,7 @@ from services.models import build_generator
 from services.models.pipelines import encode_prompt_file, encode_with_pipeline
 from services.models.prompt_embeddings import ENCODE_BATCH, PromptEmbeddings, unique_prompts
 from services.models.sampling import sample
+from services.training.backends import LocalBackend
 from services.training.build import prompt_embeddings
 from services.training.prompts import PromptSet
 
@@ -96,15 +97,17 @@ def test_pre_pass_encodes_once_and_is_reused(pipelines, tmp_path):
         {"model": model, "prompts": list(PROMPTS[:4]), "train": {"output_dir": str(tmp_path), "run_name": "r"}}
     )
     sets = (PromptSet(PROMPTS[:4]), PromptSet(PROMPTS[2:6]))
-    first = prompt_embeddings(cfg, model["path"], sets, local=True)
+    first = prompt_embeddings(cfg, model["path"], sets, backend=LocalBackend())
     assert Path(first).parent == cfg.run_dir / "prompt_embeddings"
     table = PromptEmbeddings(first)
     assert len(table) == 1 + 6 and "" in table  # each prompt of both sets once, and CFG's null prompt
     stamp = Path(first).stat().st_mtime_ns
-    assert prompt_embeddings(cfg, model["path"], sets, local=True) == first  # a resume: reused, not re-encoded
+    assert (
+        prompt_embeddings(cfg, model["path"], sets, backend=LocalBackend()) == first
+    )  # a resume: reused, not re-encoded
     assert Path(first).stat().st_mtime_ns == stamp
     per_actor = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prompt_embeddings": "per_actor"})})
-    assert prompt_embeddings(per_actor, model["path"], sets, local=True) is None
+    assert prompt_embeddings(per_actor, model["path"], sets, backend=LocalBackend()) is None
 
 
 def test_digits_keeps_encoding_in_model(tmp_path):
@@ -112,6 +115,6 @@ def test_digits_keeps_encoding_in_model(tmp_path):
     so its rollouts, updates and evaluation do not change) and a table handed to it is refused."""
     cfg = ExperimentConfig()
     assert cfg.model.prompt_embeddings == "once"
-    assert prompt_embeddings(cfg, str(tmp_path), (PromptSet(cfg.prompts),), local=True) is None
+    assert prompt_embeddings(cfg, str(tmp_path), (PromptSet(cfg.prompts),), backend=LocalBackend()) is None
     with pytest.raises(ValueError, match="no text encoder"):
         build_generator(cfg.model, path=str(tmp_path), prompt_embeddings="unused.safetensors")

@@ -77,7 +77,9 @@ def scorers(tmp_path_factory, digits_assets):
 
 
 def test_every_registered_scorer_is_covered(scorers):
-    assert set(available_scorers()) <= {n.removesuffix("_rating") for n in scorers}
+    # the colour task's scorers need its prompts and assets: tests/services/test_colour_task.py covers each one
+    registered = {n for n in available_scorers() if not n.startswith("colour_")}
+    assert registered <= {n.removesuffix("_rating") for n in scorers}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,260 @@
+"""The one controller of a training run: ``while not state.terminal: state = controller.step(state)``.
+
+The shape of Ray Train v2's ``TrainController`` (``python/ray/train/v2/_internal/execution/controller/
+controller.py``): the run is a sequence of states (``services.training.state``, after its ``state.py``);
+:meth:`TrainController.step` does what the current state says and returns the next one, every change checked
+against the one transition table; policies return decisions the controller carries out: the failure policy
+(:meth:`~services.training.failure.FailurePolicy.decide`, Ray's ``FailurePolicy.make_decision``) turns an
+error into a restart or the end of the run, the guards (:class:`~services.training.guards.GuardMonitor`)
+into a stop or a rollback. Restarting and rolling back are states, not loops around the training loop.
+
+An *attempt* is what one build made (the worker group from the injected backend, the coordinator, the
+evaluator, the run's record): a restart ends it and builds the next from the newest intact checkpoint,
+exactly as a rerun would resume (``metrics.jsonl`` keeps each step once, the restart is counted as
+``faults/learner_restarts``); a rollback swaps in a build from the guard's target checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.checkpoints import latest_intact
+from services.training.backends import Backend
+from services.training.build import Built, build_run
+from services.training.failure import FailureDecision, FailurePolicy
+from services.training.nodes import NodeLost
+from services.training.record import RunRecord, finished_summary
+from services.training.state import (
+    Building,
+    Checkpointing,
+    ControllerState,
+    Errored,
+    Evaluating,
+    Finished,
+    Initializing,
+    Restarting,
+    RollingBack,
+    Running,
+    RunState,
+    check_transition,
+)
+
+__all__ = ["Attempt", "TrainController"]
+
+log = logging.getLogger(__name__)
+HALTS = ("stop", "rollback")  # the guard actions that end training
+
+
+@dataclass
+class Attempt:
+    """What one build made, and the record of the run it writes to."""
+
+    built: Built
+    record: RunRecord | None = None  # opened after the build (it may fail: the build is released then)
+
+    @property
+    def coord(self):
+        return self.built.coord
+
+
+class TrainController:
+    """Carries a run from :class:`Initializing` to :class:`Finished` or :class:`Errored`.
+
+    ``build(cfg, backend=..., checkpoint=...)`` makes an attempt's workers (:func:`build_run`, or dummies in
+    tests); ``on_step(step, metrics)`` sees every RL step; ``on_finish(coord)`` runs once training and the
+    after-training evaluation are done, before the workers are released (an error in it fails the run).
+    """
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        backend: Backend,
+        progress: bool = True,
+        on_step: Callable | None = None,
+        on_finish: Callable | None = None,
+        build: Callable[..., Built] = build_run,
+    ) -> None:
+        self.cfg, self.backend, self._build = cfg, backend, build
+        self.progress, self.on_step, self.on_finish = progress, on_step, on_finish
+        self.policy = FailurePolicy(cfg.train.max_failures)
+        self.nodes = backend.node_watch()
+        self.restarts = 0
+        self.attempt: Attempt | None = None
+        self.state: ControllerState = Initializing()
+
+    def run(self):
+        """Step until a terminal state; the run's summary, or its error raised."""
+        state = self.state
+        while not state.terminal:
+            state = self.step(state)
+        if isinstance(state, Errored):
+            raise state.error
+        return state.summary
+
+    def step(self, state: ControllerState) -> ControllerState:
+        """One transition: do what ``state`` says; an error inside an attempt goes to the failure policy."""
+        try:
+            new = self._step(state)
+        except BaseException as err:  # noqa: BLE001 - decided below: restart, or the run's error
+            new = self._failed(state, err)
+        check_transition(state.kind, new.kind)
+        self.state = new
+        return new
+
+    def _step(self, state: ControllerState) -> ControllerState:
+        handlers = {
+            RunState.INITIALIZING: self._initialize,
+            RunState.BUILDING: self._start_attempt,
+            RunState.EVALUATING: self._evaluate,
+            RunState.RUNNING: self._run_step,
+            RunState.CHECKPOINTING: self._checkpoint,
+            RunState.ROLLING_BACK: self._roll_back,
+            RunState.RESTARTING: self._restart,
+        }
+        return handlers[state.kind](state)
+
+    # ---- the states ----------------------------------------------------------------------------
+    def _initialize(self, _: Initializing) -> ControllerState:
+        self.backend.connect()  # joined before the first attempt, so its nodes are known when one is lost
+        return Building()
+
+    def _start_attempt(self, _: Building) -> ControllerState:
+        """Resume from the newest intact checkpoint (a finished run: nothing re-evaluated)."""
+        cfg = self.cfg
+        self.nodes.attempt_started()
+        # verified once (checksums read every byte of the checkpoint), then used by both checks below
+        ckpt = latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
+        if (finished := finished_summary(cfg, ckpt)) is not None:
+            return Finished(finished)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        built = self._build(cfg, backend=self.backend, checkpoint=ckpt)
+        built.coord.count_learner_restarts(self.restarts)
+        self.attempt = Attempt(built)
+        step = built.coord.step_idx
+        self.attempt.record = RunRecord(cfg, built.extra, step=step, progress=self.progress, on_step=self.on_step)
+        return Evaluating("before")
+
+    def _evaluate(self, state: Evaluating) -> ControllerState:
+        when = {"before": self._evaluate_before, "along": self._evaluate_along, "after": self._evaluate_after}
+        return when[state.when](self.attempt.coord, self.attempt.record, self.attempt.built.evaluator)
+
+    def _evaluate_before(self, coord, record: RunRecord, evaluate) -> ControllerState:
+        """The guards are built on this evaluation; a run already at its end goes on to the last one."""
+        record.evaluate_before(evaluate, coord.step_idx)
+        if coord.step_idx >= self.cfg.train.steps or record.reached():
+            return self._training_ended()
+        return Running()
+
+    def _evaluate_along(self, coord, record: RunRecord, evaluate) -> ControllerState:
+        """A guard on the evaluation's metrics may end training (a checkpoint first, as at every end)."""
+        metrics = record.evaluate_along(evaluate, coord.step_idx)
+        done = record.guards.check(coord.step_idx, metrics, evaluation=True) in HALTS
+        return Checkpointing(done) if coord.checkpoints_after(coord.step_idx) or done else Running()
+
+    def _evaluate_after(self, coord, record: RunRecord, evaluate) -> ControllerState:
+        """The last evaluation, ``on_finish``, the workers released, the summary written."""
+        record.evaluate_after(evaluate, coord.step_idx)
+        coord.finish()
+        if self.on_finish is not None:
+            self.on_finish(coord)
+        self._end_attempt()
+        return Finished(record.summarize())
+
+    def _run_step(self, _: Running) -> ControllerState:
+        """One RL step, then its cadence: an evaluation every ``train.eval_every`` steps, a checkpoint every
+        ``train.checkpoint_every`` steps and at the end. Experience made ahead is dropped when the run stops
+        between drain points; evaluations and checkpoints happen with nothing in flight."""
+        coord, record = self.attempt.coord, self.attempt.record
+        report = coord.step()
+        record.log_step(report)
+        halt = record.guards.check(report.step, report.metrics) in HALTS
+        if record.reached() or halt or coord.step_idx >= self.cfg.train.steps:
+            coord.drain()
+            return Checkpointing(done=True)
+        if coord.evaluates_after(coord.step_idx):
+            return Evaluating("along")
+        return Checkpointing() if coord.checkpoints_after(coord.step_idx) else Running()
+
+    def _checkpoint(self, state: Checkpointing) -> ControllerState:
+        self.attempt.coord.checkpoint(self.cfg.run_dir, self.attempt.record.checkpoint_extra())
+        return self._training_ended() if state.done else Running()
+
+    def _training_ended(self) -> ControllerState:
+        """A ``rollback`` guard fired: roll back to the newest checkpoint inside every bound; else evaluate."""
+        record = self.attempt.record
+        record.bar.close()
+        if record.guards.action != "rollback":
+            return Evaluating("after")
+        target = record.guards.rollback_target(self.cfg.run_dir)
+        if target is None:
+            log.warning("rollback: no intact checkpoint inside the bounds; the run ends where the guard fired")
+            return Evaluating("after")
+        return RollingBack(target)
+
+    def _roll_back(self, state: RollingBack) -> ControllerState:
+        """Restore the target (``checkpoints/latest`` then names it, so a rerun finds the run finished there)."""
+        log.warning("rollback: restoring %s", state.target)
+        self.attempt.coord.shutdown()
+        self.attempt.built = self._build(self.cfg, backend=self.backend, checkpoint=state.target)
+        (self.cfg.run_dir / "checkpoints" / "latest").write_text(state.target.name)
+        return Evaluating("after")
+
+    def _restart(self, state: Restarting) -> ControllerState:
+        """After a lost node, first wait (``train.node_wait_s``) until the alive nodes can hold the run again."""
+        self.restarts += 1
+        log.warning(
+            "%s%s; restart %d of train.max_failures=%d from the newest intact checkpoint",
+            state.error,
+            _where(state.lost_nodes),
+            self.restarts,
+            self.cfg.train.max_failures,
+        )
+        self.backend.await_placement(self.cfg, self.nodes)
+        return Building()
+
+    # ---- failures --------------------------------------------------------------------------------
+    def _failed(self, state: ControllerState, err: BaseException) -> ControllerState:
+        """End the attempt; an error while joining or restarting ends the run, one inside an attempt is the
+        failure policy's (a lost learner worker or a lost node is restarted, ``train.max_failures`` times)."""
+        try:
+            self._end_attempt(failed=True)
+        except Exception as later:  # noqa: BLE001 - the teardown's error is the one raised, as a `finally`'s
+            err = later
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: out at once
+            raise err
+        if state.kind in (RunState.INITIALIZING, RunState.RESTARTING):
+            return Errored(err)
+        return self._decide(err)
+
+    def _decide(self, err: Exception) -> ControllerState:
+        try:
+            lost = tuple(self.nodes.newly_lost())
+        except Exception as probe_err:  # noqa: BLE001 - the GCS itself unreachable (head restarting): keep the run's error
+            log.warning("could not check the cluster's nodes after %s: %s", type(err).__name__, probe_err)
+            lost = ()
+        if self.policy.decide(err, self.restarts, nodes_lost=len(lost)) is FailureDecision.RESTART:
+            return Restarting(err, lost)
+        if not lost:
+            return Errored(err)
+        spent = f"train.max_failures={self.policy.max_failures} restarts spent"
+        stopped = NodeLost(f"{type(err).__name__}: {err}{_where(lost)}; {spent}")
+        stopped.__cause__ = err
+        return Errored(stopped)
+
+    def _end_attempt(self, *, failed: bool = False) -> None:
+        """Release the attempt's workers and close its record (once)."""
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:
+            return
+        if failed:
+            attempt.coord.fail()
+        attempt.coord.shutdown()
+        if attempt.record is not None:
+            attempt.record.close()
+
+
+def _where(lost) -> str:
+    return f" (lost node(s): {', '.join(map(str, lost))})" if lost else ""

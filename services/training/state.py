@@ -1,0 +1,152 @@
+"""The states of a training run and the one table of the transitions between them (P13).
+
+The shape of Ray Train v2's controller states (``python/ray/train/v2/_internal/execution/controller/
+state.py``: a ``TrainControllerStateType`` enum with a terminal flag, one ``TrainControllerState`` subclass
+per state carrying what the next step needs), here for an RL run: :class:`RunState` names the kinds and
+whether they end the run, each state object carries its data (the error a restart is for, the checkpoint a
+rollback restores, which evaluation is due), and :func:`check_transition` is the only place a change of
+state is judged. :class:`~services.training.controller.TrainController` makes every change through it.
+
+    Initializing -> Building -> Evaluating(before) -> Running <-> Evaluating(along) / Checkpointing
+        -> [RollingBack] -> Evaluating(after) -> Finished
+    an error in an attempt -> Restarting -> Building (the failure policy said restart) | Errored
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+__all__ = [
+    "Building",
+    "Checkpointing",
+    "ControllerState",
+    "Errored",
+    "Evaluating",
+    "Finished",
+    "Initializing",
+    "Restarting",
+    "RollingBack",
+    "RunState",
+    "Running",
+    "check_transition",
+]
+
+
+class RunState(enum.Enum):
+    """The kinds of state of a run; ``terminal`` ones end it."""
+
+    INITIALIZING = "initializing"  # joining the cluster, before the first attempt
+    BUILDING = "building"  # an attempt starts: workers built, resumed from the newest intact checkpoint
+    RUNNING = "running"  # one RL step and its cadence
+    EVALUATING = "evaluating"  # before, along or after training
+    CHECKPOINTING = "checkpointing"
+    ROLLING_BACK = "rolling_back"  # a guard said rollback: restoring its target checkpoint
+    RESTARTING = "restarting"  # the failure policy said restart: waiting until the cluster holds the run
+    FINISHED = "finished"
+    ERRORED = "errored"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.FINISHED, RunState.ERRORED)
+
+
+_ATTEMPT_ENDS = {RunState.RESTARTING, RunState.ERRORED}  # an error inside an attempt goes to the failure policy
+ALLOWED: dict[RunState, set[RunState]] = {
+    RunState.INITIALIZING: {RunState.BUILDING, RunState.ERRORED},
+    RunState.BUILDING: {RunState.EVALUATING, RunState.FINISHED, *_ATTEMPT_ENDS},  # finished: a rerun of a done run
+    RunState.EVALUATING: {
+        RunState.RUNNING,
+        RunState.EVALUATING,  # nothing left to train: the after-training evaluation follows the one before
+        RunState.CHECKPOINTING,
+        RunState.ROLLING_BACK,
+        RunState.FINISHED,
+        *_ATTEMPT_ENDS,
+    },
+    RunState.RUNNING: {RunState.RUNNING, RunState.EVALUATING, RunState.CHECKPOINTING, *_ATTEMPT_ENDS},
+    RunState.CHECKPOINTING: {RunState.RUNNING, RunState.EVALUATING, RunState.ROLLING_BACK, *_ATTEMPT_ENDS},
+    RunState.ROLLING_BACK: {RunState.EVALUATING, *_ATTEMPT_ENDS},
+    RunState.RESTARTING: {RunState.BUILDING, RunState.ERRORED},
+    RunState.FINISHED: set(),
+    RunState.ERRORED: set(),
+}
+
+
+def check_transition(old: RunState, new: RunState) -> None:
+    """Raise ``RuntimeError`` for a change of state the table does not allow."""
+    if new not in ALLOWED[old]:
+        allowed = ", ".join(sorted(s.value for s in ALLOWED[old])) or "none: it is terminal"
+        raise RuntimeError(f"illegal run-state transition {old.value} -> {new.value} (allowed: {allowed})")
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """One state of the run; subclasses carry what their step needs."""
+
+    kind: ClassVar[RunState]
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind.terminal
+
+
+@dataclass(frozen=True)
+class Initializing(ControllerState):
+    kind: ClassVar[RunState] = RunState.INITIALIZING
+
+
+@dataclass(frozen=True)
+class Building(ControllerState):
+    kind: ClassVar[RunState] = RunState.BUILDING
+
+
+@dataclass(frozen=True)
+class Running(ControllerState):
+    kind: ClassVar[RunState] = RunState.RUNNING
+
+
+@dataclass(frozen=True)
+class Evaluating(ControllerState):
+    """``before`` training (skipped when the checkpoint has it), ``along`` it, or ``after`` it."""
+
+    when: Literal["before", "along", "after"]
+    kind: ClassVar[RunState] = RunState.EVALUATING
+
+
+@dataclass(frozen=True)
+class Checkpointing(ControllerState):
+    """``done``: training ends with this checkpoint (the last step, a reward target, a guard)."""
+
+    done: bool = False
+    kind: ClassVar[RunState] = RunState.CHECKPOINTING
+
+
+@dataclass(frozen=True)
+class RollingBack(ControllerState):
+    """Restore ``target``, the newest intact checkpoint inside every guard's bounds."""
+
+    target: Path
+    kind: ClassVar[RunState] = RunState.ROLLING_BACK
+
+
+@dataclass(frozen=True)
+class Restarting(ControllerState):
+    """The failure policy restarts the run after ``error``; ``lost_nodes`` are the nodes lost with it."""
+
+    error: BaseException
+    lost_nodes: tuple = ()
+    kind: ClassVar[RunState] = RunState.RESTARTING
+
+
+@dataclass(frozen=True)
+class Finished(ControllerState):
+    summary: Any = None  # services.training.run.RunSummary
+    kind: ClassVar[RunState] = RunState.FINISHED
+
+
+@dataclass(frozen=True)
+class Errored(ControllerState):
+    error: BaseException
+    kind: ClassVar[RunState] = RunState.ERRORED
