@@ -40,12 +40,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from services.sweeps.keys import LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
 from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables
+from services.sweeps.plots import plot_frontiers, plot_ratios
 
 __all__ = ["compare_and_report", "compare_sweep", "interpolate_at", "mean_ci"]
-
-QUALITY = ("frechet", "kid", "diversity", "recall", "precision", "digits_judge", "digits_classifier")
-LOWER_IS_BETTER = {"frechet", "kid"}
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -93,17 +92,18 @@ def _load(sweep_dir: Path) -> list[dict[str, Any]]:
                 "margin": cfg["normguard"]["margin"],
                 "reward": cfg["reward"]["scorers"][0]["name"],
                 "full_steps": cfg["eval"]["full_steps"],
+                "eval_scorers": [sc["name"] for sc in cfg["reward"].get("eval_scorers", [])],
             }
         )
     return runs
 
 
-def _curves(run: dict, steps: int, *, renorm: bool = False) -> dict[str, list[float]]:
+def _curves(run: dict, steps: int, *, renorm: bool = False, keys: tuple[str, ...] = QUALITY) -> dict[str, list[float]]:
     """Metric -> values at the run's evaluation points (``eval_renorm`` ones with ``renorm``; the before
     point is the base model's, the same with and without renormalisation)."""
     prefix = "eval_renorm/" if renorm else "eval/"
     out: dict[str, list[float]] = defaultdict(list)
-    keys = ["reward", *QUALITY]
+    keys = ["reward", *keys]
     for i, p in enumerate(run["points"]):
         src = p if not renorm or i == 0 else {k.replace("eval_renorm/", "eval/"): v for k, v in p.items()}
         if renorm and i > 0 and not any(k.startswith(prefix) for k in p):
@@ -123,15 +123,15 @@ def _arms(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return by
 
 
-def _series(by, method: str, steps: int) -> dict[str, list[tuple[int, dict[str, list[float]]]]]:
+def _series(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> dict[str, list]:
     """arm -> [(seed, curves)], with the derived early_stop (none arm) and renorm (none arm renormalised)."""
     out: dict[str, list] = {}
     for (m, arm), runs in sorted(by.items()):
         if m != method:
             continue
-        out[arm] = [(r["params"].get("train.seed", 0), _curves(r, steps)) for r in runs]
+        out[arm] = [(r["params"].get("train.seed", 0), _curves(r, steps, keys=keys)) for r in runs]
         if arm == "none":
-            renormed = [(r["params"].get("train.seed", 0), _curves(r, steps, renorm=True)) for r in runs]
+            renormed = [(r["params"].get("train.seed", 0), _curves(r, steps, renorm=True, keys=keys)) for r in runs]
             if all(len(c.get("reward", [])) > 1 for _, c in renormed):
                 out["renorm"] = renormed
     return out
@@ -151,22 +151,22 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
     if not runs:
         raise FileNotFoundError(f"no finished trials under {sweep_dir / 'trials'}")
     steps = steps or runs[0]["full_steps"]
-    by = _arms(runs)
+    by, keys = _arms(runs), quality_keys(runs)
     methods = sorted({m for m, _ in by})
     matched, paired, final, high, high_paired, bound = [], [], [], [], [], []
     for method in methods:
-        series = _series(by, method, steps)
-        rows, per_arm = _matched_rows(series, method)
+        series = _series(by, method, steps, keys)
+        rows, per_arm = _matched_rows(series, method, keys)
         matched += rows
-        paired += _paired_rows(per_arm, method)
-        final += _final_rows(by, method, steps)
+        paired += _paired_rows(per_arm, method, keys)
+        final += _final_rows(by, method, steps, keys)
         bound += _bound_rows(by, method)
         # a strong regulariser caps the common level low; NormGuard vs the rest also where the hack is under way
         strong = {a: v for a, v in series.items() if a not in HIGH_LEVEL_EXCLUDES}
         if len(strong) < len(series):
-            rows, per_arm = _matched_rows(strong, method)
+            rows, per_arm = _matched_rows(strong, method, keys)
             high += rows
-            high_paired += _paired_rows(per_arm, method)
+            high_paired += _paired_rows(per_arm, method, keys)
     for name, rows in (
         ("matched.csv", matched),
         ("paired.csv", paired),
@@ -177,10 +177,10 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
     ):
         _write_csv(out / name, rows)
     (out / "tables.md").write_text(
-        markdown_tables(matched, paired, final, high=high, high_paired=high_paired, bound=bound)
+        markdown_tables(matched, paired, final, high=high, high_paired=high_paired, bound=bound, keys=keys, steps=steps)
     )
-    _plot_frontiers(by, methods, steps, out / "reward_vs_quality.png")
-    _plot_ratios(by, methods, out / "ratio_per_step.png")
+    plot_frontiers(by, methods, steps, out / "reward_vs_quality.png", keys, series=_series)
+    plot_ratios(by, methods, out / "ratio_per_step.png")
     return {
         "matched": matched,
         "paired": paired,
@@ -188,6 +188,7 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
         "high": high,
         "high_paired": high_paired,
         "bound": bound,
+        "keys": keys,
         "out": out,
     }
 
@@ -197,7 +198,8 @@ def compare_and_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     from services.report import format_table
 
     result = compare_sweep(sweep_dir, out_dir, steps=steps)
-    cols = ["method", "arm", "reward_level", "frechet", "frechet_ci95", "kid", "diversity", "recall", "digits_judge"]
+    cols = ["method", "arm", "reward_level", "frechet", "frechet_ci95", "kid", "diversity", "recall"]
+    cols.append(judge_key(result["keys"]))
     return (
         format_table(result["matched"], cols)
         + f"\n\nwrote matched.csv, paired.csv, final.csv and plots to {result['out']}"
@@ -232,39 +234,39 @@ def _bound_rows(by, method: str) -> list[dict]:
     return rows
 
 
-def _matched_rows(series: dict, method: str) -> tuple[list[dict], dict[str, dict[str, dict[int, float]]]]:
+def _matched_rows(series: dict, method: str, keys: tuple[str, ...] = QUALITY) -> tuple[list[dict], dict]:
     """Every arm's quality at the method's matched reward level: rows (mean, CI) and the per-seed values."""
     level = _matched_level(series)
     rows, per_arm = [], {}
     for arm, seeds in series.items():
-        per_arm[arm] = {k: {} for k in QUALITY}
+        per_arm[arm] = {k: {} for k in keys}
         for seed, c in seeds:
-            for k in QUALITY:
+            for k in keys:
                 y = interpolate_at(c["reward"], c[k], level) if c.get(k) else None
                 if y is not None:
                     per_arm[arm][k][seed] = y
         # read at the matched level, the unregularised run IS early stopping at that reward
         label = "none = early stop" if arm == "none" else arm
         row: dict[str, Any] = {"method": method, "arm": label, "reward_level": round(level, 4)}
-        for k in QUALITY:
+        for k in keys:
             m, h, n = mean_ci(list(per_arm[arm][k].values()))
             row[k], row[f"{k}_ci95"], row["seeds"] = m, h, n
         rows.append(row)
     return rows, per_arm
 
 
-def _paired_rows(per_arm: dict, method: str) -> list[dict]:
+def _paired_rows(per_arm: dict, method: str, keys: tuple[str, ...] = QUALITY) -> list[dict]:
     """NormGuard (constraint, penalty) minus each other arm, per seed, at the matched level."""
     rows = []
     for ng in ("constraint", "penalty"):
         for other in per_arm if ng in per_arm else ():
             if other == ng or (ng == "penalty" and other == "constraint"):  # that pair is listed once
                 continue
-            for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
+            for k in paired_keys(keys):
                 common = sorted(set(per_arm[ng][k]) & set(per_arm[other][k]))
                 diffs = [per_arm[ng][k][s] - per_arm[other][k][s] for s in common]
                 m, h, n = mean_ci(diffs)
-                better = sum((d < 0) if k in LOWER_IS_BETTER else (d > 0) for d in diffs)
+                better = sum(_better(k, d, per_arm[other][k].get(s)) for d, s in zip(diffs, common))
                 rows.append(
                     {
                         "method": method,
@@ -280,15 +282,23 @@ def _paired_rows(per_arm: dict, method: str) -> list[dict]:
     return rows
 
 
-def _final_rows(by, method: str, steps: int) -> list[dict]:
+def _better(key: str, diff: float, other: float | None) -> bool:
+    """Whether NormGuard's value is the better one: lower FD / KID, a signed colour-statistic gap closer to
+    0 (``|other + diff| < |other|``), higher for the rest."""
+    if key.endswith("_gap"):
+        return other is not None and abs(other + diff) < abs(other)
+    return diff < 0 if key in LOWER_IS_BETTER else diff > 0
+
+
+def _final_rows(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> list[dict]:
     """Every arm after its last step: reward, quality, and the extremes of the per-step norm ratio."""
     rows = []
     for (m, arm), rs in sorted(by.items()):
         if m != method:
             continue
         row: dict[str, Any] = {"method": method, "arm": arm}
-        last = [_curves(r, steps) for r in rs]
-        for k in ("reward", *QUALITY):
+        last = [_curves(r, steps, keys=keys) for r in rs]
+        for k in ("reward", *keys):
             mm, h, n = mean_ci([c[k][-1] for c in last if c.get(k)])
             row[k], row[f"{k}_ci95"], row["seeds"] = mm, h, n
         lo = mean_ci([min(r["ratio"]) for r in rs if r["ratio"]])
@@ -306,79 +316,3 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in r.items()})
-
-
-_COLORS = {
-    "none": "tab:red",
-    "penalty": "tab:orange",
-    "constraint": "tab:green",
-    "kl": "tab:blue",
-    "grpo_guard": "tab:purple",
-    "renorm": "tab:gray",
-}
-
-
-def _plot_frontiers(by, methods: list[str], steps: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ys = ("frechet", "kid", "diversity", "recall", "digits_judge")
-    fig, axes = plt.subplots(len(methods), len(ys), figsize=(4 * len(ys), 3.3 * len(methods)), squeeze=False)
-    for row, method in zip(axes, methods):
-        series = _series(by, method, steps)
-        for ax, k in zip(row, ys):
-            for arm, seeds in series.items():
-                curves = [c for _, c in seeds if c.get(k) and len(c[k]) == len(c["reward"])]
-                if not curves:
-                    continue
-                n = min(len(c["reward"]) for c in curves)
-                x = [sum(c["reward"][i] for c in curves) / len(curves) for i in range(n)]
-                y = [sum(c[k][i] for c in curves) / len(curves) for i in range(n)]
-                lo = [min(c[k][i] for c in curves) for i in range(n)]
-                hi = [max(c[k][i] for c in curves) for i in range(n)]
-                color = _COLORS.get(arm)
-                ax.plot(x, y, marker="o", ms=3, label=arm, color=color, ls="--" if arm == "renorm" else "-")
-                ax.fill_between(x, lo, hi, alpha=0.15, color=color)
-            ax.set_title(f"{method}: {k} ({steps} steps)", fontsize=9)
-            ax.set_xlabel("proxy reward (eval)", fontsize=8)
-        row[0].legend(fontsize=7)
-    fig.suptitle("reward vs quality along training: mean over seeds, band = min..max", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _plot_ratios(by, methods: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
-        margin = 0.0
-        for (m, arm), rs in sorted(by.items()):
-            curves = [r["ratio"] for r in rs if r["ratio"]]
-            if m != method or not curves:
-                continue
-            margin = rs[0]["margin"] if arm == "constraint" else margin
-            n = min(len(c) for c in curves)
-            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-            color = _COLORS.get(arm)
-            ax.plot(range(n), mean, label=arm, color=color)
-            ax.fill_between(
-                range(n),
-                [min(c[i] for c in curves) for i in range(n)],
-                [max(c[i] for c in curves) for i in range(n)],
-                alpha=0.15,
-                color=color,
-            )
-        ax.axhline(1.0 + margin, color="k", lw=0.8, ls=":", label="bound 1 + margin")
-        ax.set_title(f"{method}: ||v|| / ||v_ref|| per sampling step", fontsize=9)
-        ax.set_xlabel("sampling step (sigma 1 -> 0)", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -6,6 +6,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 
+from services.sweeps.keys import QUALITY, judge_key, paired_keys
+
 __all__ = ["markdown_tables"]
 
 HIGH_LEVEL_EXCLUDES = ("kl",)  # arms left out of the second, higher matched level
@@ -22,14 +24,20 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
     return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(r)} |" for r in rows)]
 
 
-def _matched_md(title: str, matched: list[dict], paired: list[dict]) -> list[str]:
+def _label(key: str) -> str:
+    """A task metric's column label: ``colour_saturation_gap`` -> ``saturation gap``."""
+    return key.split("_", 1)[-1].replace("_", " ")
+
+
+def _matched_md(title: str, matched: list[dict], paired: list[dict], judge: str, extra: tuple[str, ...]) -> list[str]:
     lines = [f"### {title}", ""]
-    header = ["method", "arm", "reward level", "FD", "KID", "diversity", "recall", "precision", "judge", "seeds"]
+    header = ["method", "arm", "reward level", "FD", "KID", "diversity", "recall", "precision", "judge"]
     lines += _table(
-        header,
+        [*header, *map(_label, extra), "seeds"],
         (
             [r["method"], r["arm"], f"{r['reward_level']:.3f}", _pm(r, "frechet"), _pm(r, "kid"), _pm(r, "diversity")]
-            + [_pm(r, "recall", 2), _pm(r, "precision", 2), _pm(r, "digits_judge"), str(r["seeds"])]
+            + [_pm(r, "recall", 2), _pm(r, "precision", 2), _pm(r, judge), *(_pm(r, k) for k in extra)]
+            + [str(r["seeds"])]
             for r in matched
         ),
     )
@@ -40,12 +48,13 @@ def _matched_md(title: str, matched: list[dict], paired: list[dict]) -> list[str
     rows = []
     for (method, ng, vs), by_metric in groups.items():
         cells = []
-        for k in ("frechet", "kid", "diversity", "recall", "digits_judge"):
+        for k in ("frechet", "kid", "diversity", "recall", judge, *extra):
             p = by_metric.get(k)
             cells.append(_pm({"d": p["diff_mean"], "d_ci95": p["diff_ci95"]}, "d") if p else "-")
         fd = by_metric.get("frechet", {})
         rows.append([method, ng, vs, *cells, f"{fd.get('seeds_favouring_normguard', '-')} / {fd.get('seeds', '-')}"])
     header = ["method", "NormGuard", "vs", "ΔFD", "ΔKID", "Δdiversity", "Δrecall", "Δjudge"]
+    header += [f"Δ{_label(k)}" for k in extra]
     lines += _table([*header, "seeds favouring NormGuard (FD)"], rows)
     return lines + [""]
 
@@ -62,19 +71,30 @@ def markdown_tables(
     high: list[dict] | None = None,
     high_paired: list[dict] | None = None,
     bound: list[dict] | None = None,
+    keys: tuple[str, ...] | None = None,
+    steps: int | None = None,
 ) -> str:
-    """The matched-reward tables (and the higher level's), the after-training table and the bound table."""
-    lines = _matched_md("At matched reward: the level every seed of every arm reaches", matched, paired)
+    """The matched-reward tables (and the higher level's), the after-training table and the bound table, in
+    the task's judges (``keys``: ``comparison.quality_keys``; default the digits task's) at ``steps``."""
+    keys = keys or QUALITY
+    judge = judge_key(keys)
+    extra = paired_keys(keys)[5:]
+    at = f" ({steps} sampling steps)" if steps else ""
+    lines = _matched_md(
+        f"At matched reward{at}: the level every seed of every arm reaches", matched, paired, judge, extra
+    )
     if high:
         excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
-        lines += _matched_md(f"At a higher matched reward: every arm but {excluded}", high, high_paired or [])
-    lines += ["### After the last step (no matching)", ""]
-    header = ["method", "arm", "reward", "FD", "KID", "diversity", "recall", "judge", "ratio min step"]
+        title = f"At a higher matched reward{at}: every arm but {excluded}"
+        lines += _matched_md(title, high, high_paired or [], judge, extra)
+    lines += [f"### After the last step{at} (no matching)", ""]
+    header = ["method", "arm", "reward", "FD", "KID", "diversity", "recall", "judge", *map(_label, extra)]
     lines += _table(
-        [*header, "ratio max step"],
+        [*header, "ratio min step", "ratio max step"],
         (
             [r["method"], r["arm"], _pm(r, "reward"), _pm(r, "frechet"), _pm(r, "kid"), _pm(r, "diversity")]
-            + [_pm(r, "recall", 2), _pm(r, "digits_judge"), _pm(r, "ratio_min_step"), _pm(r, "ratio_max_step")]
+            + [_pm(r, "recall", 2), _pm(r, judge), *(_pm(r, k) for k in extra)]
+            + [_pm(r, "ratio_min_step"), _pm(r, "ratio_max_step")]
             for r in final
         ),
     )
