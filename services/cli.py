@@ -33,8 +33,10 @@ def cmd_prepare(args) -> int:
     from services.prepare import prepare_and_preview
 
     cfg = _load(args)
-    if cfg.model.kind != "digits":
-        print(f"`prepare` builds the embedded digits default; model.kind is {cfg.model.kind!r}", file=sys.stderr)
+    if cfg.model.kind not in ("digits", "colour"):
+        print(
+            f"`prepare` builds the embedded tasks (digits, colour); model.kind is {cfg.model.kind!r}", file=sys.stderr
+        )
         return 2
     prepare_and_preview(cfg, args.out)
     return 0

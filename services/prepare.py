@@ -18,16 +18,9 @@ from services.config import ExperimentConfig, ModelConfig
 from services.data.digits import digit_prompt, digits_dataset, split_indices
 from services.models.digits import load_digits_generator, load_or_pretrain_digits
 from services.rewards import build_scorer
+from services.types import EmbeddedAssets
 
 __all__ = ["EmbeddedAssets", "prepare_embedded", "real_test_images"]
-
-
-@dataclass(frozen=True)
-class EmbeddedAssets:
-    """Paths of the cached generator and scorer directories."""
-
-    model_path: Path
-    scorer_path: Path
 
 
 def real_test_images(resolution: int = 16) -> torch.Tensor:
@@ -125,8 +118,17 @@ def prepare_and_preview(cfg: ExperimentConfig, out: str | None = None) -> Embedd
     """``normguard prepare``: build (or load) the embedded generator and scorers of ``cfg.model``, and
     write preview grids at guidance 1 (the RL setting) and 3 to ``out`` (default: beside the runs)."""
     m = cfg.model
-    assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir)
     out = out or str(cfg.run_dir.parent / "preview")
+    if m.kind == "colour":
+        from services.prepare_colour import colour_preview
+
+        assets = prepare_task(m)
+        print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
+        colour_preview(
+            assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=cfg.eval.guidance_scale
+        )
+        return assets
+    assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir)
     print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
     print("\nguidance 1.0 (the RL setting):")
     preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=1.0)
@@ -147,11 +149,25 @@ def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print)
     """The one model-path resolver (training, serving, export): SD3 / FLUX load from ``model.path``; the
     embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
     unless ``model.path`` names a prepared directory."""
-    if model_cfg.kind != "digits":
+    if model_cfg.kind not in EMBEDDED_KINDS:
         return ResolvedModel(model_cfg.path)
     if model_cfg.path:
-        scorers = Path(model_cfg.path) / "scorers"
-        return ResolvedModel(model_cfg.path, str(scorers) if (scorers / "meta.json").is_file() else None)
-    m = model_cfg
-    assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+        # digits keeps its scorers in scorers/, colour in scorers-<steps>-<fakes>/
+        found = sorted(p.parent for p in Path(model_cfg.path).glob("scorers*/meta.json"))
+        return ResolvedModel(model_cfg.path, str(found[0]) if found else None)
+    assets = prepare_task(model_cfg, log=log)
     return ResolvedModel(str(assets.model_path), str(assets.scorer_path))
+
+
+EMBEDDED_KINDS = ("digits", "colour")  # built here from seeds and packaged data, nothing downloaded
+
+
+def prepare_task(model_cfg: ModelConfig, *, log: Callable[[str], None] = print) -> EmbeddedAssets:
+    """The embedded task's generator and scorers, built once and cached: digits (``prepare_embedded``) or
+    colour (``services.prepare_colour.prepare_colour``, its transformer trained ``model.pretrain_steps``)."""
+    m = model_cfg
+    if m.kind == "colour":
+        from services.prepare_colour import prepare_colour
+
+        return prepare_colour(pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+    return prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)

@@ -23,7 +23,7 @@ import torch
 
 from services.data.colour import all_prompts, real_colour_images
 from services.models.colour import DEFAULT_GUIDANCE, load_colour_generator, load_or_pretrain_colour
-from services.prepare import EmbeddedAssets
+from services.types import EmbeddedAssets
 
 __all__ = ["COLOUR_SCORERS", "colour_preview", "colour_scorers", "prepare_colour"]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import Tensor
 
 __all__ = [
+    "EmbeddedAssets",
     "RolloutBatch",
     "RolloutRequest",
     "ScoreRequest",
@@ -162,3 +164,11 @@ class TrainBatch:
 
 class StaleSamplerError(RuntimeError):
     """The sampler holds an older policy than the request needs (e.g. it was restarted)."""
+
+
+@dataclass(frozen=True)
+class EmbeddedAssets:
+    """Paths of an embedded task's cached generator and scorer directories (digits, colour)."""
+
+    model_path: Path
+    scorer_path: Path

@@ -129,8 +129,8 @@ def _scorer_gb(spec) -> float:
 def run_demand(cfg) -> list[ActorDemand]:
     """The actors of one training run (``services.training.run.build_coordinator``) with their resources."""
     res = cfg.resources
-    if cfg.model.kind == "digits":
-        learner_terms = sampler_terms = [Term("digits generator", 0.01)]
+    if cfg.model.kind in ("digits", "colour"):  # the embedded tasks' generators: a few MB
+        learner_terms = sampler_terms = [Term(f"{cfg.model.kind} generator", 0.01)]
     else:
         learner_terms, sampler_terms = model_terms(cfg)
     learner_holds = "pipeline, trainables' optimiser state, activations"

@@ -74,7 +74,7 @@ class ExperimentConfig(Section):
             return data
         model, rollout = data.get("model") or {}, data.get("rollout") or {}
         kind = model.get("kind", "digits") if isinstance(model, dict) else model.kind
-        if kind != "digits":
+        if kind not in ("digits", "colour"):  # the colour generator integrates on the digits grid too
             return data
         if isinstance(rollout, dict) and rollout.get("shift") is None:
             return {**data, "rollout": {**rollout, "shift": DIGITS_SHIFT}}

@@ -40,7 +40,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from services.sweeps.keys import LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
+from services.sweeps.keys import GAP_STATS, LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
 from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables
 from services.sweeps.plots import plot_frontiers, plot_ratios
 
@@ -285,7 +285,7 @@ def _paired_rows(per_arm: dict, method: str, keys: tuple[str, ...] = QUALITY) ->
 def _better(key: str, diff: float, other: float | None) -> bool:
     """Whether NormGuard's value is the better one: lower FD / KID, a signed colour-statistic gap closer to
     0 (``|other + diff| < |other|``), higher for the rest."""
-    if key.endswith("_gap"):
+    if key.endswith("_gap") or key in GAP_STATS:
         return other is not None and abs(other + diff) < abs(other)
     return diff < 0 if key in LOWER_IS_BETTER else diff > 0
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["LOWER_IS_BETTER", "QUALITY", "SET_LEVEL", "judge_key", "paired_keys", "quality_keys"]
+__all__ = ["GAP_STATS", "LOWER_IS_BETTER", "QUALITY", "SET_LEVEL", "judge_key", "paired_keys", "quality_keys"]
 
 SET_LEVEL = ("frechet", "kid", "diversity", "recall", "precision")  # in the judge's features, every task
 QUALITY = (*SET_LEVEL, "digits_judge", "digits_classifier")  # the digits task's (the default)
 LOWER_IS_BETTER = {"frechet", "kid"}
+# signed gaps to the real data's mean (colour scorers with ``options: {relative: true}``): closer to 0 is better
+GAP_STATS = {"colour_brightness", "colour_saturation", "colour_contrast", "colour_texture"}
 
 
 def quality_keys(runs: list[dict]) -> tuple[str, ...]:

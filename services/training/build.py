@@ -39,7 +39,7 @@ def _resolve(cfg):
     model_path, scorer_dir = resolved.path, resolved.scorer_dir
 
     def specs(items) -> dict[str, ScorerBuild]:
-        embedded = lambda s: scorer_dir if s.name.startswith("digits_") and not s.impl else None  # noqa: E731
+        embedded = lambda s: scorer_dir if s.name.startswith(("digits_", "colour_")) and not s.impl else None  # noqa: E731
         return {s.name: ScorerBuild(path=s.path or embedded(s), options=dict(s.options), impl=s.impl) for s in items}
 
     return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
@@ -104,7 +104,7 @@ def prompt_embeddings(cfg, model_path: str, sets, *, backend: Backend) -> str | 
     (a resume, a restart, a rollback). ``None``: digits or ``per_actor``, every actor encodes its own prompts."""
     from services.models.prompt_embeddings import embeddings_file, unique_prompts
 
-    if cfg.model.kind == "digits" or cfg.model.prompt_embeddings != "once":
+    if cfg.model.kind in ("digits", "colour") or cfg.model.prompt_embeddings != "once":
         return None
     prompts = unique_prompts(*(s.prompts for s in sets))
     out = embeddings_file(cfg.run_dir, cfg.model, model_path, prompts)

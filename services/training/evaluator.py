@@ -52,15 +52,22 @@ class RunEvaluator:
         return self.scorers.call(scorer, "score", images, prompts, timeout_s=self.cfg.reward.timeout_s, **kw)
 
     def _features(self):
-        """The digit judge's features and the real test images, for the embedded default; else ``(None, None)``."""
-        if self.cfg.model.kind != "digits" or "digits_judge" not in self.eval_names:
+        """The embedded task's judge features and its held-out real images (digits: ``digits_judge`` against
+        the held-out digits; colour: ``colour_judge`` against 1024 held-out scenes); else ``(None, None)``."""
+        judge = {"digits": "digits_judge", "colour": "colour_judge"}.get(self.cfg.model.kind)
+        if judge is None or judge not in self.eval_names:
             return None, None
-        from services.prepare import real_test_images
+        if judge == "digits_judge":
+            from services.prepare import real_test_images
 
-        real = real_test_images(self.cfg.model.resolution)
+            real = real_test_images(self.cfg.model.resolution)
+        else:
+            from services.data.colour import real_colour_images
+
+            real = real_colour_images(1024, split="test")
         scorer, timeout = self.scorers.members[0], self.cfg.train.rollout_timeout_s
 
         def features(images):
-            return self.scorers.call(scorer, "features", "digits_judge", images, timeout_s=timeout)
+            return self.scorers.call(scorer, "features", judge, images, timeout_s=timeout)
 
         return features, real

@@ -11,6 +11,7 @@ after training (with the inference-time renormalisation baseline), and plots, im
 
 from __future__ import annotations
 
+from services.config import ExperimentConfig
 from services.report import format_table
 from services.training.backends import backend_for
 from services.training.build import build_coordinator
@@ -45,7 +46,7 @@ def train_and_report(cfg, *, local: bool = False) -> str:
         train = cfg.train.model_copy(update={"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False})
         base = cfg.model_copy(update={"normguard": ng, "train": train})
         summaries[base.train.run_name] = run_training(base, local=local)
-    lines = [summary_table(summaries)]
+    lines = [*short_report(cfg, summaries), ""]
     for name, s in summaries.items():
         lines.append(f"{name}: run directory {s.run_dir}")
         for g in s.guards:  # what the proxy could not see (train.guards)
@@ -55,8 +56,27 @@ def train_and_report(cfg, *, local: bool = False) -> str:
     return "\n".join(lines)
 
 
+def short_report(cfg: ExperimentConfig, summaries: dict[str, RunSummary]) -> list[str]:
+    """The printed summary (``services.training.summary``: proxy, judges, norm ratio, at most 100 columns)
+    and one sentence saying what it shows; every metric stays in each run's ``summary.json``."""
+    from services.training.summary import short_summary, summary_columns, what_it_shows
+
+    ev, judges = cfg.eval, [s.name for s in cfg.reward.eval_scorers or ()]
+    judge = next((n for n in judges if n.endswith("_judge")), None)
+    gaps = tuple(s.name for s in cfg.reward.eval_scorers or () if s.options.get("relative"))
+    reward = cfg.reward.scorers[0].name
+    cols = summary_columns(reward=reward, judge=judge, full=ev.full_steps, few=ev.few_steps, extra=gaps)
+    names = list(summaries)
+    baseline = names[1] if len(names) > 1 else None
+    return [
+        short_summary(summaries, cols),
+        what_it_shows(summaries, guarded=names[0], baseline=baseline, reward=reward, full=ev.full_steps),
+        "(every metric, before / after / +renorm: summary.json in each run directory)",
+    ]
+
+
 def summary_table(summaries: dict[str, RunSummary]) -> str:
-    """One row per (run, before/after[/after+renorm]) with the eval metrics."""
+    """One row per (run, before/after[/after+renorm]) with every eval metric (wide; ``summary.json`` has it)."""
     rows = []
     for name, s in summaries.items():
         after = {k: v for k, v in s.after.items() if k.startswith("eval/")}

@@ -11,12 +11,19 @@ velocity rescaled to the reference's norm, the paper's inference-time baseline).
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = ["Column", "summary_columns", "short_summary", "what_it_shows"]
 
 WIDTH = 100
+_SHORT = {  # the colour statistics' gaps to the data's means
+    "colour_brightness": "d_bright",
+    "colour_saturation": "d_satur",
+    "colour_contrast": "d_contr",
+    "colour_texture": "d_texture",
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ def summary_columns(
         Column(f"FD@{few}", f"frechet_{few}steps", 4),
         Column("|v|/|vref|", f"norm_ratio_{full}steps", 4),
     ]
-    cols += [Column(name.removesuffix("_gap")[:9], f"{name}_{full}steps") for name in extra]
+    cols += [Column(_SHORT.get(name, name.split("_", 1)[-1][:9]), f"{name}_{full}steps") for name in extra]
     return cols
 
 
@@ -86,7 +93,8 @@ def short_summary(summaries: Mapping[str, object], cols: list[Column], *, width:
 
     out = [line(header), *(line(r) for r in body)]
     if len(shown) < len(cols):
-        out.append("(left out to fit: " + ", ".join(c.label for c in cols[len(shown) :]) + "; see summary.json)")
+        note = "(left out to fit: " + ", ".join(c.label for c in cols[len(shown) :]) + "; see summary.json)"
+        out += textwrap.wrap(note, width)
     return "\n".join(out)
 
 

@@ -1,5 +1,6 @@
 """Memory-aware rollouts: ``rollout.micro_batch`` / ``rollout.decode_batch`` / ``reward.score_batch`` split
-the transformer calls, the VAE decode and the scoring into chunks without changing a bit of the result."""
+the transformer calls, the VAE decode and the scoring into chunks without changing the result beyond float32
+rounding (to the bit on CPUs whose kernels do not change with the batch size; see CASES)."""
 
 import sys
 from pathlib import Path
@@ -60,22 +61,23 @@ def _check_chunking(make_sampler, prompts, *, sde, guidance, micro, decode, atol
     _assert_same(a, b, (micro, decode), atol)
     per_row = 2 if guidance != 1.0 else 1
     assert rows and max(rows) <= per_row * micro  # the chunks really were that small
-    if atol is None:
-        ev_a = whole.eval_samples(prompts, num_steps=2, guidance_scale=guidance, seed=3)
-        ev_b = chunked.eval_samples(prompts, num_steps=2, guidance_scale=guidance, seed=3)
-        assert all(torch.equal(ev_a[k], ev_b[k]) for k in ev_a)
+    ev_a = whole.eval_samples(prompts, num_steps=2, guidance_scale=guidance, seed=3)
+    ev_b = chunked.eval_samples(prompts, num_steps=2, guidance_scale=guidance, seed=3)
+    assert all(torch.allclose(ev_a[k], ev_b[k], rtol=0, atol=atol or 0.0) for k in ev_a)
     return a
 
 
 # (batch, guidance, micro_batch, decode_batch): chunks that divide the batch and chunks with a remainder. Each
-# transformer call carries >= 4 rows and each decode >= 2 latents: below that the CPU kernels (MKL's sgemm for
-# the (B, C) embedding linears, the VAE's convolutions at batch 1) take another code path, equal to float32
-# rounding but not to the bit; a property of the kernels, not of the chunking (test_one_sample_chunks_...).
+# transformer call carries >= 4 rows and each decode >= 2 latents. On the CPU these tests were first run on,
+# that made the chunked rollout equal to the bit; on another Xeon (2026-12-02) the kernels (MKL's sgemm, the
+# VAE's convolutions) pick another code path by batch size and the results agree to float32 rounding only. The
+# bits are a property of the kernels, not of the chunking, so the check is float32 rounding (CHUNK_ATOL).
 CASES = ((12, 1.0, 4, 5), (10, 3.0, 4, 4), (10, 3.0, 2, 6))
+CHUNK_ATOL = 1e-5
 
 
 @pytest.mark.parametrize("sde", [0.0, 0.7])
-def test_digits_chunked_rollouts_are_bit_identical(digits_assets, sde):
+def test_digits_chunked_rollouts_agree_to_float_rounding(digits_assets, sde):
     cfg = load_config(None, [])
     assert cfg.rollout.micro_batch is None and cfg.rollout.decode_batch is None  # the default: whole share
     assert cfg.reward.score_batch is None
@@ -86,7 +88,7 @@ def test_digits_chunked_rollouts_are_bit_identical(digits_assets, sde):
 
     for b, guidance, micro, decode in CASES:
         prompts = [f"a handwritten digit {i % 10}" for i in range(b)]
-        out = _check_chunking(make, prompts, sde=sde, guidance=guidance, micro=micro, decode=decode)
+        out = _check_chunking(make, prompts, sde=sde, guidance=guidance, micro=micro, decode=decode, atol=CHUNK_ATOL)
         assert (out.log_probs is not None) == (sde > 0)
 
 
@@ -96,7 +98,7 @@ def tiny_sd3(tmp_path_factory):
 
 
 @pytest.mark.parametrize("lora_rank", [None, 4])
-def test_tiny_sd3_chunked_rollouts_are_bit_identical(tiny_sd3, lora_rank):
+def test_tiny_sd3_chunked_rollouts_agree_to_float_rounding(tiny_sd3, lora_rank):
     model = ModelConfig(kind="sd3", path=str(tiny_sd3), resolution=64, lora_rank=lora_rank)
 
     moved = {}  # the same moved policy in every sampler (peft draws lora_A at random per build)
@@ -113,7 +115,7 @@ def test_tiny_sd3_chunked_rollouts_are_bit_identical(tiny_sd3, lora_rank):
     words = ["a photo of a cat", "a dog", "a cat", "a photo of a dog", "a digit"]
     for (b, guidance, micro, decode), sde in zip(CASES, (0.7, 0.0, 0.7)):
         prompts = [words[i % len(words)] for i in range(b)]
-        out = _check_chunking(make, prompts, sde=sde, guidance=guidance, micro=micro, decode=decode)
+        out = _check_chunking(make, prompts, sde=sde, guidance=guidance, micro=micro, decode=decode, atol=CHUNK_ATOL)
         assert not torch.allclose(out.norm_ratio, torch.ones_like(out.norm_ratio))  # policy moved
 
 
