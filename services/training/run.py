@@ -11,6 +11,8 @@ after training (with the inference-time renormalisation baseline), and plots, im
 
 from __future__ import annotations
 
+import textwrap
+
 from services.config import ExperimentConfig
 from services.report import format_table
 from services.training.backends import backend_for
@@ -70,7 +72,9 @@ def short_report(cfg: ExperimentConfig, summaries: dict[str, RunSummary]) -> lis
     baseline = names[1] if len(names) > 1 else None
     return [
         short_summary(summaries, cols),
-        what_it_shows(summaries, guarded=names[0], baseline=baseline, reward=reward, full=ev.full_steps),
+        *textwrap.wrap(
+            what_it_shows(summaries, guarded=names[0], baseline=baseline, reward=reward, full=ev.full_steps), 100
+        ),
         "(every metric, before / after / +renorm: summary.json in each run directory)",
     ]
 

@@ -49,7 +49,8 @@ def test_normguard_train_cli(digits_assets, tmp_path):
         [str(BIN / "normguard"), "train", *over], capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "after+renorm" in out.stdout and "norm_ratio_6steps" in out.stdout
+    assert "+renorm" in out.stdout and "|v|/|vref|" in out.stdout and "What it shows" in out.stdout
+    assert max(len(line) for line in out.stdout.split("cli: run directory")[0].splitlines()) <= 100
     run = tmp_path / "runs" / "cli"
     assert (run / "summary.json").is_file()
     assert (run / "checkpoints" / "latest").read_text() == "step_000002"
@@ -65,7 +66,7 @@ def test_normguard_train_cli(digits_assets, tmp_path):
         cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (run / "metrics.jsonl").read_text() == lines and "after+renorm" in again.stdout
+    assert (run / "metrics.jsonl").read_text() == lines and "+renorm" in again.stdout
 
 
 def test_a_killed_driver_resumes_and_ends_identical_to_the_uninterrupted_run(digits_assets, tmp_path):
@@ -167,5 +168,5 @@ def test_submit_job_to_a_local_head(digits_assets, ray_head, tmp_path):
     cmd = [str(BIN / "normguard"), "submit", *over, "--address", ray_head]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-    assert "SUCCEEDED" in out.stdout and "after+renorm" in out.stdout
+    assert "SUCCEEDED" in out.stdout and "+renorm" in out.stdout
     assert (tmp_path / "job" / "summary.json").is_file()
