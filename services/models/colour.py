@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,8 +34,9 @@ from torch import Tensor, nn
 from normguard_core.conventions import interpolate, sample_sigmas, velocity_target
 from services.data.colour import NULL_LABEL, TRAIN_SEED, colour_dataset, parse_colour_prompt
 from services.models.base import Condition, FlowGenerator
+from services.models.cache import build_once, default_cache_dir
 from services.models.colour_vae import VAE_ARCH, build_colour_vae, decode_latents, encode_images
-from services.models.digits import default_cache_dir, sd3_backbone_call
+from services.models.digits import sd3_backbone_call
 
 __all__ = ["ColourConditioner", "ColourGenerator", "load_colour_generator", "load_or_pretrain_colour"]
 
@@ -217,19 +215,13 @@ def load_or_pretrain_colour(
     """Path of the cached colour model (``vae/``, ``transformer/``, ``conditioner.pt``), trained first if needed."""
     root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
     target = root / f"colour-{_cache_key(vae_steps, steps, seed)}"
-    if (target / "meta.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"pretraining the colour task's VAE ({vae_steps} steps) and generator ({steps} steps) into {target} ...")
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-colour-"))
-    times = _train_all(tmp, vae_steps=vae_steps, steps=steps, seed=seed, log=log)
-    meta = dict(vae_steps=vae_steps, steps=steps, seed=seed, v=CACHE_VERSION, **times)
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(tmp: Path) -> dict:
+        log(f"pretraining the colour task's VAE ({vae_steps} steps) and generator ({steps} steps) into {target} ...")
+        times = _train_all(tmp, vae_steps=vae_steps, steps=steps, seed=seed, log=log)
+        return dict(vae_steps=vae_steps, steps=steps, seed=seed, v=CACHE_VERSION, **times)
+
+    return build_once(target, build)
 
 
 def load_colour_generator(

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 from normguard_core.conventions import interpolate, sample_sigmas, velocity_target
 from services.data.digits import NULL_CLASS, digits_dataset, parse_digit_prompt, split_indices
 from services.models.base import Condition, FlowGenerator
+from services.models.cache import build_once, default_cache_dir
 
 __all__ = ["DigitConditioner", "DigitsGenerator", "load_digits_generator", "load_or_pretrain_digits"]
 
@@ -116,11 +114,6 @@ def _cache_key(resolution: int, steps: int, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def default_cache_dir() -> Path:
-    """``$NORMGUARD_CACHE`` or ``~/.cache/normguard``."""
-    return Path(os.environ.get("NORMGUARD_CACHE") or Path.home() / ".cache" / "normguard").expanduser().resolve()
-
-
 def pretrain_digits(
     *,
     resolution: int = 16,
@@ -179,30 +172,21 @@ def load_or_pretrain_digits(
     """Path of the cached pretrained digits model, pretraining it first if needed (atomic write)."""
     root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
     target = root / f"digits-{_cache_key(resolution, steps, seed)}"
-    if (target / "meta.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    log(f"pretraining the embedded digits generator ({steps} steps, cached at {target}) ...")
-    t0 = time.time()
 
-    def progress(k: int, loss: float) -> None:
-        if (k + 1) % max(1, steps // 10) == 0:
-            log(f"  pretrain step {k + 1}/{steps}  loss {loss:.4f}  ({time.time() - t0:.0f} s)")
+    def build(tmp: Path) -> dict:
+        log(f"pretraining the embedded digits generator ({steps} steps, cached at {target}) ...")
+        t0 = time.time()
 
-    model, cond = pretrain_digits(resolution=resolution, steps=steps, seed=seed, progress=progress)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-digits-"))
-    model.save_pretrained(tmp / "transformer")
-    torch.save(cond.state_dict(), tmp / "conditioner.pt")
-    (tmp / "meta.json").write_text(
-        json.dumps(
-            dict(resolution=resolution, steps=steps, seed=seed, v=CACHE_VERSION, seconds=round(time.time() - t0, 1))
-        )
-    )
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        def progress(k: int, loss: float) -> None:
+            if (k + 1) % max(1, steps // 10) == 0:
+                log(f"  pretrain step {k + 1}/{steps}  loss {loss:.4f}  ({time.time() - t0:.0f} s)")
+
+        model, cond = pretrain_digits(resolution=resolution, steps=steps, seed=seed, progress=progress)
+        model.save_pretrained(tmp / "transformer")
+        torch.save(cond.state_dict(), tmp / "conditioner.pt")
+        return dict(resolution=resolution, steps=steps, seed=seed, v=CACHE_VERSION, seconds=round(time.time() - t0, 1))
+
+    return build_once(target, build)
 
 
 def load_digits_generator(
