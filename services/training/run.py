@@ -14,7 +14,6 @@ from __future__ import annotations
 import textwrap
 
 from services.config import ExperimentConfig
-from services.report import format_table
 from services.training.backends import backend_for
 from services.training.build import build_coordinator
 from services.training.controller import TrainController
@@ -77,16 +76,3 @@ def short_report(cfg: ExperimentConfig, summaries: dict[str, RunSummary]) -> lis
         ),
         "(every metric, before / after / +renorm: summary.json in each run directory)",
     ]
-
-
-def summary_table(summaries: dict[str, RunSummary]) -> str:
-    """One row per (run, before/after[/after+renorm]) with every eval metric (wide; ``summary.json`` has it)."""
-    rows = []
-    for name, s in summaries.items():
-        after = {k: v for k, v in s.after.items() if k.startswith("eval/")}
-        renorm = {k.replace("eval_renorm/", "eval/"): v for k, v in s.after.items() if k.startswith("eval_renorm/")}
-        for when, m in (("before", s.before), ("after", after), ("after+renorm", renorm)):
-            if not m:
-                continue
-            rows.append({"run": name, "when": when, **{k.removeprefix("eval/"): v for k, v in sorted(m.items())}})
-    return format_table(rows)
