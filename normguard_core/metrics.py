@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["NORM_EPS", "norm_ratio", "per_step_norm_stats", "velocity_norm"]
+__all__ = ["NORM_EPS", "norm_ratio", "velocity_norm"]
 
 NORM_EPS = 1e-12
 """Added to a reference norm before dividing by it: it only matters for an all-zero reference (in
@@ -45,15 +45,3 @@ def norm_ratio(norm: Tensor, ref_norm: Tensor) -> Tensor:
         the same shape as ``norm``.
     """
     return norm / (ref_norm + NORM_EPS)
-
-
-def per_step_norm_stats(norms: Tensor) -> dict[str, Tensor]:
-    """Mean and std over the batch of per-step norms.
-
-    Args:
-        norms: ``(T, B)`` velocity norms.
-
-    Returns:
-        ``{"mean": (T,), "std": (T,)}``.
-    """
-    return {"mean": norms.mean(dim=1), "std": norms.std(dim=1, unbiased=norms.shape[1] > 1)}

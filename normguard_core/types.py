@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 __all__ = ["LossOutput", "PairResult", "StepResult", "Trajectory"]
@@ -99,8 +98,3 @@ class PairResult:
     def num_pairs(self) -> int:
         """Number of pairs formed."""
         return int(self.winners.numel())
-
-
-def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Detach every metric tensor (helper for loss files)."""
-    return {k: v.detach() if isinstance(v, Tensor) else torch.as_tensor(v) for k, v in metrics.items()}

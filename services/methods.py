@@ -22,7 +22,7 @@ file in the core and one class here (registered with :func:`register_method`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,8 +31,11 @@ from normguard_core.advantages import group_advantages, nft_reward_prob, nonzero
 from normguard_core.lagged import LAG_SCHEDULES, LagSchedule
 from normguard_core.losses import elbo_kl_scale
 from normguard_core.samplers import sde_kl_scale
-from services.config.losses import ADV_CLIP_MAX
+from services.config.losses import ADV_CLIP_MAX, AWMLoss, DPOLoss, GRPOLoss, LossConfig, NFTLoss
 from services.points import PairPoints, PointSource, SamplePoints, TrajectoryPoints
+
+if TYPE_CHECKING:  # services.config imports this module (the method's cross-checks)
+    from services.config import ExperimentConfig, RolloutConfig
 
 __all__ = ["Method", "Targets", "available_methods", "get_method", "register_method"]
 
@@ -70,47 +73,49 @@ class Method:
         generator's sigma schedule, ``gen.schedule``)."""
         return self.points(spec, self, schedule)
 
-    def train_guidance(self, loss_cfg, rollout) -> float:
+    def train_guidance(self, loss_cfg: LossConfig, rollout: RolloutConfig) -> float:
         """The CFG scale of the training velocity (1: the conditional velocity alone)."""
         return 1.0
 
-    def adv_clip_max(self, loss_cfg) -> float:
+    def adv_clip_max(self, loss_cfg: LossConfig) -> float:
         """The advantage clip that maps advantages to DiffusionNFT's r."""
         return loss_cfg.adv_clip_max
 
-    def reads_v_old(self, loss_cfg) -> bool:
+    def reads_v_old(self, loss_cfg: LossConfig) -> bool:
         """Whether the objective reads the old policy's velocity ``v_old`` at the training points."""
         return False
 
-    def timesteps_per_sample(self, cfg) -> int:
+    def timesteps_per_sample(self, cfg: ExperimentConfig) -> int:
         """Training points per sample: ``int(0.99 * T)`` of a T-step rollout (``timestep_fraction``)."""
         return max(1, int(cfg.rollout.num_steps * 0.99))
 
-    def train_sigmas(self, loss_cfg) -> str:
+    def train_sigmas(self, loss_cfg: LossConfig) -> str:
         """How training sigmas are drawn (forward / pair methods)."""
         return loss_cfg.train_sigmas
 
-    def loss_kwargs(self, loss_cfg) -> dict:
+    def loss_kwargs(self, loss_cfg: LossConfig) -> dict:
         """The core objective's hyperparameters (explicit, no ``**cfg`` splat)."""
         raise NotImplementedError
 
-    def old_schedule(self, loss_cfg) -> LagSchedule:
+    def old_schedule(self, loss_cfg: LossConfig) -> LagSchedule:
         """Decay of the old (sampling) policy copy; ``none`` = on-policy (old = theta after each step)."""
         return LAG_SCHEDULES["none"]
 
-    def ema_schedule(self, loss_cfg) -> LagSchedule | None:
+    def ema_schedule(self, loss_cfg: LossConfig) -> LagSchedule | None:
         """Decay of an extra EMA copy whose velocity the loss reads (``v_ema``), or ``None``."""
         return None
 
-    def needs_ref(self, loss_cfg) -> bool:
+    def needs_ref(self, loss_cfg: LossConfig) -> bool:
         """Whether the objective itself reads ``v_ref`` (NormGuard and tracking add their own need)."""
         return loss_cfg.kl_weight > 0
 
-    def kl_scale(self, loss_cfg, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float) -> Tensor | None:
+    def kl_scale(
+        self, loss_cfg: LossConfig, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float
+    ) -> Tensor | None:
         """``(B,)`` per-point weight of the KL term, or ``None`` for 1."""
         return None
 
-    def targets(self, reward: Tensor, group_ids: Tensor, cfg) -> Targets:
+    def targets(self, reward: Tensor, group_ids: Tensor, cfg: ExperimentConfig) -> Targets:
         """Group advantages (sources' stat tracker) and NFT's r; every sample trains."""
         adv = group_advantages(reward, group_ids, eps=cfg.advantages.eps, std=cfg.advantages.std)
         prob = nft_reward_prob(adv, adv_clip_max=self.adv_clip_max(cfg.loss)).float()
@@ -120,7 +125,7 @@ class Method:
         }
         return Targets(advantages=adv, reward_prob=prob, train_idx=torch.arange(len(reward)), metrics=metrics)
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ExperimentConfig) -> None:
         """Raise ``ValueError`` for a config this method cannot train."""
         if cfg.rollout.group_size < 2:
             raise ValueError(f"loss {self.name} compares samples within a prompt group: rollout.group_size >= 2")
@@ -158,14 +163,14 @@ class DiffusionNFT(Method):
 
     name = "diffusion_nft"
 
-    def reads_v_old(self, loss_cfg) -> bool:
+    def reads_v_old(self, loss_cfg: NFTLoss) -> bool:
         return True
 
-    def loss_kwargs(self, loss_cfg) -> dict:
+    def loss_kwargs(self, loss_cfg: NFTLoss) -> dict:
         scale = loss_cfg.adv_clip_max if loss_cfg.loss_scale == "adv_clip_max" else 1.0
         return dict(beta=loss_cfg.beta, adaptive_weighting=loss_cfg.adaptive_weighting, loss_scale=scale)
 
-    def old_schedule(self, loss_cfg) -> LagSchedule:
+    def old_schedule(self, loss_cfg: NFTLoss) -> LagSchedule:
         return LAG_SCHEDULES[loss_cfg.old_policy_decay]
 
 
@@ -177,10 +182,10 @@ class AdvantageWeightedMatching(Method):
 
     name = "awm"
 
-    def timesteps_per_sample(self, cfg) -> int:
+    def timesteps_per_sample(self, cfg: ExperimentConfig) -> int:
         return 6
 
-    def loss_kwargs(self, loss_cfg) -> dict:
+    def loss_kwargs(self, loss_cfg: AWMLoss) -> dict:
         return dict(
             weighting=loss_cfg.weighting,
             ghuber_power=loss_cfg.ghuber_power,
@@ -190,13 +195,15 @@ class AdvantageWeightedMatching(Method):
             ema_kl_weight=loss_cfg.ema_kl_weight,
         )
 
-    def ema_schedule(self, loss_cfg) -> LagSchedule | None:
+    def ema_schedule(self, loss_cfg: AWMLoss) -> LagSchedule | None:
         return LAG_SCHEDULES[loss_cfg.ema_decay] if loss_cfg.ema_kl_weight > 0 else None
 
-    def kl_scale(self, loss_cfg, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float) -> Tensor | None:
+    def kl_scale(
+        self, loss_cfg: AWMLoss, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float
+    ) -> Tensor | None:
         return elbo_kl_scale(sigma) if loss_cfg.kl_form == "elbo" else None
 
-    def reads_v_old(self, loss_cfg) -> bool:
+    def reads_v_old(self, loss_cfg: AWMLoss) -> bool:
         return loss_cfg.clip_range is not None
 
 
@@ -208,16 +215,16 @@ class FlowDPO(Method):
     name = "flow_dpo"
     points = PairPoints
 
-    def adv_clip_max(self, loss_cfg) -> float:
+    def adv_clip_max(self, loss_cfg: DPOLoss) -> float:
         return ADV_CLIP_MAX  # its section has no clip: r is unused, mapped with the sources' default
 
-    def loss_kwargs(self, loss_cfg) -> dict:
+    def loss_kwargs(self, loss_cfg: DPOLoss) -> dict:
         return dict(beta=loss_cfg.beta)
 
-    def needs_ref(self, loss_cfg) -> bool:
+    def needs_ref(self, loss_cfg: DPOLoss) -> bool:
         return True
 
-    def targets(self, reward: Tensor, group_ids: Tensor, cfg) -> Targets:
+    def targets(self, reward: Tensor, group_ids: Tensor, cfg: ExperimentConfig) -> Targets:
         base = super().targets(reward, group_ids, cfg)
         pairs = preference_pairs(reward, group_ids, min_gap=cfg.loss.min_gap, ties=cfg.loss.ties)
         metrics = {**base.metrics, "dpo/pairs": float(pairs.num_pairs), "dpo/ties": float(pairs.num_ties)}
@@ -244,19 +251,21 @@ class FlowGRPO(Method):
     def point_source(self, spec, schedule) -> PointSource:
         return TrajectoryPoints(spec, self, schedule, guard=spec.loss.guard)
 
-    def train_guidance(self, loss_cfg, rollout) -> float:
+    def train_guidance(self, loss_cfg: GRPOLoss, rollout: RolloutConfig) -> float:
         return rollout.guidance_scale if loss_cfg.train_cfg else 1.0
 
-    def loss_kwargs(self, loss_cfg) -> dict:
+    def loss_kwargs(self, loss_cfg: GRPOLoss) -> dict:
         return dict(clip_range=loss_cfg.clip_range, adv_clip_max=loss_cfg.adv_clip_max)
 
-    def reads_v_old(self, loss_cfg) -> bool:
+    def reads_v_old(self, loss_cfg: GRPOLoss) -> bool:
         return loss_cfg.guard  # GRPO-Guard's ratio reads the sampling policy's SDE mean
 
-    def kl_scale(self, loss_cfg, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float) -> Tensor | None:
+    def kl_scale(
+        self, loss_cfg: GRPOLoss, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float
+    ) -> Tensor | None:
         return sde_kl_scale(sigma, sigma_next, noise_level=noise_level)
 
-    def targets(self, reward: Tensor, group_ids: Tensor, cfg) -> Targets:
+    def targets(self, reward: Tensor, group_ids: Tensor, cfg: ExperimentConfig) -> Targets:
         base = super().targets(reward, group_ids, cfg)
         if not cfg.loss.drop_zero_advantages:
             return base
@@ -264,7 +273,7 @@ class FlowGRPO(Method):
         metrics = {**base.metrics, "advantages/dropped": float(len(reward) - len(keep))}
         return Targets(base.advantages, base.reward_prob, keep, metrics=metrics)
 
-    def check(self, cfg) -> None:
+    def check(self, cfg: ExperimentConfig) -> None:
         super().check(cfg)
         if cfg.rollout.sde_noise_level <= 0:
             raise ValueError("loss flow_grpo needs SDE rollouts: set rollout.sde_noise_level > 0 (e.g. 0.7)")

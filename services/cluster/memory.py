@@ -23,6 +23,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.cluster.activations import TransformerBytes
+    from services.config import ExperimentConfig, ModelConfig
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Published parameter counts (billions) of the components a pipeline loads.
@@ -92,13 +97,13 @@ def peak_gb(terms: list[Term]) -> float:
     return sum(t.gb for t in terms if not t.phase) + max(phases.values(), default=0.0)
 
 
-def _loads_text_encoders(cfg) -> bool:
+def _loads_text_encoders(cfg: ExperimentConfig) -> bool:
     """Whether samplers and learners load the text encoders: not with ``model.prompt_embeddings: once`` (a
     pre-pass encodes the prompts once); True where the field is absent."""
     return getattr(cfg.model, "prompt_embeddings", "per_actor") != "once"
 
 
-def text_tokens(cfg) -> int:
+def text_tokens(cfg: ExperimentConfig) -> int:
     """Text length of a transformer call: SD3 77 CLIP + T5 tokens, FLUX the T5 tokens."""
     t5 = getattr(cfg.model, "max_sequence_length", 128)
     return _CLIP_TOKENS + t5 if cfg.model.kind == "sd3" else t5
@@ -127,11 +132,11 @@ def pipeline_bytes(path: Path) -> dict[str, float] | None:
     return out
 
 
-def _rows(cfg) -> int:
+def _rows(cfg: ExperimentConfig) -> int:
     return 2 if cfg.rollout.guidance_scale != 1.0 else 1  # CFG: the null row goes with each sample
 
 
-def _measured(cfg, family: str):
+def _measured(cfg: ExperimentConfig, family: str) -> TransformerBytes:
     from services.cluster.activations import transformer_bytes
 
     m = cfg.model
@@ -140,7 +145,7 @@ def _measured(cfg, family: str):
                              lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local)  # fmt: skip
 
 
-def training_terms(cfg, family: str) -> list[Term]:
+def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
     """A learner's micro-batch: saved activations and the no-grad forwards beside them."""
     per, n = _measured(cfg, family), cfg.learner.micro_batch * _rows(cfg)
     hint = "lower learner.micro_batch"
@@ -151,7 +156,7 @@ def training_terms(cfg, family: str) -> list[Term]:
     ]
 
 
-def rollout_terms(cfg, family: str, share: int) -> list[Term]:
+def rollout_terms(cfg: ExperimentConfig, family: str, share: int) -> list[Term]:
     """A rollout of ``share`` samples: the transformer's no-grad transient per call, the VAE decode."""
     from services.cluster.activations import vae_decode_bytes
 
@@ -174,7 +179,7 @@ def rollout_terms(cfg, family: str, share: int) -> list[Term]:
     ]
 
 
-def _weights(model) -> tuple[float, float, float, float]:
+def _weights(model: ModelConfig) -> tuple[float, float, float, float]:
     """``(transformer GB, text encoders GB, the rest GB (VAE, ...), trainable params)`` at the model's dtype."""
 
     width = _BYTES[model.dtype]
@@ -193,7 +198,7 @@ def _weights(model) -> tuple[float, float, float, float]:
     return tr, enc, rest, trainable
 
 
-def model_terms(cfg) -> tuple[list[Term], list[Term]]:
+def model_terms(cfg: ExperimentConfig) -> tuple[list[Term], list[Term]]:
     """``(learner terms, sampler terms)`` of a diffusers generator."""
 
     model, fam = cfg.model, _family(cfg.model.kind, cfg.model.path)
@@ -213,7 +218,7 @@ def model_terms(cfg) -> tuple[list[Term], list[Term]]:
     return learner, [*weights, *rollout]
 
 
-def share_of(cfg) -> int:
+def share_of(cfg: ExperimentConfig) -> int:
     """Samples one sampler (or, hybrid, one learner) generates per step."""
     n = cfg.resources.num_learners if cfg.resources.placement == "hybrid" else cfg.rollout.num_samplers
     return math.ceil(cfg.samples_per_step / n)

@@ -31,11 +31,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from services.cluster.memory import Term, model_terms, peak_gb, pipeline_bytes
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = [
     "ActorDemand",
@@ -126,7 +129,7 @@ def _scorer_gb(spec) -> float:
     return _SCORER_B.get(spec.name, 1.0) * 2
 
 
-def run_demand(cfg) -> list[ActorDemand]:
+def run_demand(cfg: ExperimentConfig) -> list[ActorDemand]:
     """The actors of one training run (``services.training.run.build_coordinator``) with their resources."""
     res = cfg.resources
     if cfg.model.kind in ("digits", "colour"):  # the embedded tasks' generators: a few MB
@@ -329,7 +332,7 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def plan_for(cfg, *, manifest: str | None = None, cluster: str | None = None) -> tuple[str, bool]:
+def plan_for(cfg: ExperimentConfig, *, manifest: str | None = None, cluster: str | None = None) -> tuple[str, bool]:
     """``normguard plan``: the run's placement on a KubeRay manifest's nodes, a cluster description, or
     the connected Ray cluster; returns the printed plan and whether it fits."""
     if manifest:

@@ -11,10 +11,13 @@ injection), encodes the prompt table, and watches the cluster's nodes for the fa
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.training.nodes import NodeWatch
 from services.training.workers import ActorPool, LocalPool, WorkerGroup
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["Backend", "LocalBackend", "RayBackend", "backend_for"]
 
@@ -27,19 +30,21 @@ class Backend(Protocol):
     def connect(self) -> None:
         """Join (or start) the cluster."""
 
-    def check_cluster(self, cfg) -> None:
+    def check_cluster(self, cfg: ExperimentConfig) -> None:
         """Fail before any worker starts when the cluster can never hold the run."""
 
     def node_watch(self) -> NodeWatch:
         """The nodes seen per attempt (a lost node is the failure policy's to survive)."""
 
-    def await_placement(self, cfg, nodes: NodeWatch) -> None:
+    def await_placement(self, cfg: ExperimentConfig, nodes: NodeWatch) -> None:
         """Before a restart: wait, bounded, until the alive nodes can hold the run again."""
 
-    def encode_prompts(self, cfg, model_path: str, prompts: list[str], out) -> str:
+    def encode_prompts(self, cfg: ExperimentConfig, model_path: str, prompts: list[str], out) -> str:
         """The prompt-embedding table of ``prompts`` written to ``out`` (its path)."""
 
-    def start_workers(self, cfg, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings) -> WorkerGroup:
+    def start_workers(
+        self, cfg: ExperimentConfig, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings
+    ) -> WorkerGroup:
         """Samplers, scorers and the learner (resumed from ``resume``), all given the prompt table."""
 
 
@@ -49,21 +54,23 @@ class LocalBackend:
     def connect(self) -> None:
         """Nothing to join."""
 
-    def check_cluster(self, cfg) -> None:
+    def check_cluster(self, cfg: ExperimentConfig) -> None:
         """No cluster to check."""
 
     def node_watch(self) -> NodeWatch:
         return NodeWatch(enabled=False)
 
-    def await_placement(self, cfg, nodes: NodeWatch) -> None:
+    def await_placement(self, cfg: ExperimentConfig, nodes: NodeWatch) -> None:
         """Nothing to place."""
 
-    def encode_prompts(self, cfg, model_path: str, prompts: list[str], out) -> str:
+    def encode_prompts(self, cfg: ExperimentConfig, model_path: str, prompts: list[str], out) -> str:
         from services.models.pipelines import encode_prompt_file
 
         return encode_prompt_file(cfg.model, model_path, prompts, out, threads=cfg.resources.torch_threads)
 
-    def start_workers(self, cfg, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings) -> WorkerGroup:
+    def start_workers(
+        self, cfg: ExperimentConfig, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings
+    ) -> WorkerGroup:
         from services.training.learner_group import LocalLearner
         from services.training.rollout import RolloutSampler, rollout_chunks
         from services.training.scoring import ScorerWorker
@@ -87,7 +94,7 @@ class RayBackend:
 
         ensure_ray()
 
-    def check_cluster(self, cfg) -> None:
+    def check_cluster(self, cfg: ExperimentConfig) -> None:
         """``resources.check_cluster``: ``error`` raises, ``warn`` logs, ``off`` skips."""
         if cfg.resources.check_cluster == "off":
             return
@@ -103,7 +110,7 @@ class RayBackend:
     def node_watch(self) -> NodeWatch:
         return NodeWatch(enabled=True)
 
-    def await_placement(self, cfg, nodes: NodeWatch) -> None:
+    def await_placement(self, cfg: ExperimentConfig, nodes: NodeWatch) -> None:
         """A fixed cluster (``check_cluster: error``) must hold the run again; an autoscaled one is asked by
         the pending actors themselves."""
         if cfg.resources.check_cluster == "error":
@@ -111,7 +118,7 @@ class RayBackend:
 
             wait_for_placement(cfg, nodes, timeout_s=cfg.train.node_wait_s)
 
-    def encode_prompts(self, cfg, model_path: str, prompts: list[str], out) -> str:
+    def encode_prompts(self, cfg: ExperimentConfig, model_path: str, prompts: list[str], out) -> str:
         """One Ray task on a sampler's resources (a learner's with ``placement: hybrid``), waited for up to
         ``train.learner_timeout_s``."""
         import ray
@@ -132,7 +139,9 @@ class RayBackend:
         )
         return ray.get(ref, timeout=cfg.train.learner_timeout_s)
 
-    def start_workers(self, cfg, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings) -> WorkerGroup:
+    def start_workers(
+        self, cfg: ExperimentConfig, model_path: str, scorer_specs: dict, resume: str | None, *, embeddings
+    ) -> WorkerGroup:
         """Scorer and sampler actors, then the learner group (the samplers are its workers, hybrid)."""
         from services.training.learner_group import LearnerGroup
 
@@ -155,7 +164,7 @@ class RayBackend:
 _ACTOR_OPTIONS = dict(max_restarts=3, scheduling_strategy="DEFAULT")
 
 
-def _scorer_actors(cfg, scorer_specs: dict) -> list:
+def _scorer_actors(cfg: ExperimentConfig, scorer_specs: dict) -> list:
     import ray
 
     from services.training.scoring import ScorerWorker
@@ -169,7 +178,7 @@ def _scorer_actors(cfg, scorer_specs: dict) -> list:
     return [scorer_cls.remote(scorer_specs, device=device, **kw) for _ in range(cfg.reward.num_actors)]
 
 
-def _sampler_actors(cfg, model_path: str, embeddings: str | None) -> list:
+def _sampler_actors(cfg: ExperimentConfig, model_path: str, embeddings: str | None) -> list:
     import ray
 
     from services.training.rollout import RolloutSampler, rollout_chunks
@@ -183,7 +192,7 @@ def _sampler_actors(cfg, model_path: str, embeddings: str | None) -> list:
     return [sampler_cls.remote(cfg.model, model_path, device=device, **kw) for _ in range(cfg.rollout.num_samplers)]
 
 
-def _colocated(cfg, learner) -> list:
+def _colocated(cfg: ExperimentConfig, learner) -> list:
     """``placement: hybrid``: the one sampler object whose calls run on the learner workers."""
     from services.training.colocated import ColocatedRollouts
 

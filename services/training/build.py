@@ -9,12 +9,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.checkpoints import latest_intact
 from services.training.backends import Backend, backend_for
 from services.training.coordinator import Coordinator
 from services.training.evaluator import RunEvaluator
 from services.types import ScorerBuild
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["Built", "build_coordinator", "build_run", "prompt_embeddings"]
 
@@ -30,7 +34,7 @@ class Built:
     evaluator: RunEvaluator
 
 
-def _resolve(cfg):
+def _resolve(cfg: ExperimentConfig) -> tuple[str, dict[str, ScorerBuild], dict[str, ScorerBuild]]:
     """Model path and scorer specs (``services.prepare.resolve_model``; the embedded default's scorers
     come from its prepared directory)."""
     from services.prepare import resolve_model
@@ -46,7 +50,7 @@ def _resolve(cfg):
 
 
 def build_coordinator(
-    cfg, *, local: bool = False, checkpoint: Path | None | str = "latest"
+    cfg: ExperimentConfig, *, local: bool = False, checkpoint: Path | None | str = "latest"
 ) -> tuple[Coordinator, dict, dict]:
     """Actors (or plain objects with ``local``) and a Coordinator; resumes from ``checkpoint`` (the run
     directory's newest intact one when ``"latest"``, none when ``None``). Returns ``(coordinator, the
@@ -55,12 +59,12 @@ def build_coordinator(
     return built.coord, built.extra, eval_specs
 
 
-def build_run(cfg, *, backend: Backend, checkpoint: Path | None | str = "latest") -> Built:
+def build_run(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None | str = "latest") -> Built:
     """:func:`build_coordinator` on ``backend``, with the evaluator on the same workers."""
     return _build(cfg, backend=backend, checkpoint=checkpoint)[0]
 
 
-def _build(cfg, *, backend: Backend, checkpoint: Path | None | str) -> tuple[Built, dict]:
+def _build(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None | str) -> tuple[Built, dict]:
     from services.training.prompts import prompt_sets
 
     model_path, train_specs, eval_specs = _resolve(cfg)
@@ -95,7 +99,7 @@ def _build(cfg, *, backend: Backend, checkpoint: Path | None | str) -> tuple[Bui
     return Built(coord, extra, evaluator), eval_specs
 
 
-def prompt_embeddings(cfg, model_path: str, sets, *, backend: Backend) -> str | None:
+def prompt_embeddings(cfg: ExperimentConfig, model_path: str, sets, *, backend: Backend) -> str | None:
     """``model.prompt_embeddings: once`` (sd3 / flux): the table file of every prompt of the prompt ``sets``
     (training, evaluation) and ``""``, encoded by one pre-pass that loads only the text encoders
     (``services.models.prompt_embeddings``): in the driver on the local backend, else one Ray task on a

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.checkpoints import latest_intact
 from services.training.backends import Backend
@@ -40,6 +41,9 @@ from services.training.state import (
     RunState,
     check_transition,
 )
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["Attempt", "TrainController"]
 
@@ -69,7 +73,7 @@ class TrainController:
 
     def __init__(
         self,
-        cfg,
+        cfg: ExperimentConfig,
         *,
         backend: Backend,
         progress: bool = True,

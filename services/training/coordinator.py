@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.checkpoints import write_manifest
 from services.methods import get_method
@@ -37,6 +38,9 @@ from services.training.remote import CallStats, call_with_retries
 from services.training.shards import build_shards
 from services.training.workers import WorkerGroup
 from services.types import TrainBatch
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["Coordinator", "StepReport"]
 
@@ -55,7 +59,7 @@ class StepReport:
 class Coordinator:
     """Drives samplers, scorers and the learner through RL steps. Build with ``services.training.build``."""
 
-    def __init__(self, cfg, *, workers: WorkerGroup, start_step: int = 0, prompts=None) -> None:
+    def __init__(self, cfg: ExperimentConfig, *, workers: WorkerGroup, start_step: int = 0, prompts=None) -> None:
         """``prompts``: the ``(train, eval)`` prompt sets (``services.training.prompts.prompt_sets(cfg)`` when None),
         loaded once for the run."""
         from services.training.prompts import prompt_sets

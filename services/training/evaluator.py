@@ -7,7 +7,12 @@ build brings its own evaluator, calling its own workers through their pools.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from services.training.workers import Pool
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["RunEvaluator"]
 
@@ -16,7 +21,9 @@ class RunEvaluator:
     """Fixed-noise evaluation samples of ``data.eval_prompts`` (or the training prompts in file order),
     scored by the training scorers and the evaluation-only ones (``eval_names``)."""
 
-    def __init__(self, cfg, *, samplers: Pool, scorers: Pool, eval_set, eval_names: list[str]) -> None:
+    def __init__(
+        self, cfg: ExperimentConfig, *, samplers: Pool, scorers: Pool, eval_set, eval_names: list[str]
+    ) -> None:
         self.cfg, self.eval_set, self.eval_names = cfg, eval_set, list(eval_names)
         self.samplers, self.scorers = samplers, scorers
         self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}

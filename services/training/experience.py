@@ -35,6 +35,7 @@ from services.training.remote import CallStats, actor_gone, call_with_retries, u
 from services.types import RolloutBatch, RolloutRequest, ScoreRequest, ScoreResult
 
 if TYPE_CHECKING:
+    from services.config import ExperimentConfig
     from services.training.workers import Pool
 
 __all__ = ["Experience", "ExperienceSource", "ExperienceSpec", "PolicyRef", "concat_rollouts", "split_request"]
@@ -70,7 +71,7 @@ class ExperienceSpec:
     required: frozenset[str]
 
     @classmethod
-    def from_config(cls, cfg) -> ExperienceSpec:
+    def from_config(cls, cfg: ExperimentConfig) -> ExperienceSpec:
         ro, rw = cfg.rollout, cfg.reward
         return cls(
             prompts_per_step=ro.prompts_per_step,

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,9 @@ from services.training.learner_state import load_learner, save_learner
 from services.training.optim_step import OptimStep, all_reduce_via
 from services.training.policy_copies import PolicyCopies, swapped_in
 from services.types import TrainBatch
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["Learner", "LearnerSpec"]
 
@@ -149,7 +153,9 @@ class Learner:
         return cond.index(idx.to(dev)), null.index(idx.to(dev)) if null else None
 
     @classmethod
-    def from_config(cls, cfg, model_path: str, *, prompt_embeddings: str | None = None, **kw) -> Learner:
+    def from_config(
+        cls, cfg: ExperimentConfig, model_path: str, *, prompt_embeddings: str | None = None, **kw
+    ) -> Learner:
         """A learner of an ExperimentConfig (``LearnerSpec.from_config``)."""
         return cls(LearnerSpec.from_config(cfg, prompt_embeddings=prompt_embeddings), model_path, **kw)
 

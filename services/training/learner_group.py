@@ -24,13 +24,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from services.training.learner import Learner, LearnerSpec
 from services.training.probe import ActorProbe, probe_process
 from services.training.remote import LearnerLost, Unrecoverable
 from services.training.rollout import RolloutSampler, rollout_chunks
 from services.types import RolloutBatch, RolloutRequest, TrainBatch
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["LearnerFailed", "LearnerGroup", "LearnerLost", "LocalLearner"]
 
@@ -121,7 +124,12 @@ class LocalLearner:
     world_size = 1
 
     def __init__(
-        self, cfg, model_path: str, *, resume_from: str | None = None, prompt_embeddings: str | None = None
+        self,
+        cfg: ExperimentConfig,
+        model_path: str,
+        *,
+        resume_from: str | None = None,
+        prompt_embeddings: str | None = None,
     ) -> None:
         self.learner = Learner.from_config(cfg, model_path, prompt_embeddings=prompt_embeddings)
         self.extra = self.learner.load(resume_from) if resume_from else {}
@@ -244,7 +252,7 @@ class LearnerGroup:
 
     def __init__(
         self,
-        cfg,
+        cfg: ExperimentConfig,
         model_path: str,
         *,
         storage_path: str,

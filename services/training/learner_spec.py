@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from services.methods import get_method
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig, LearnerConfig, LossConfig, ModelConfig, NormGuardConfig, RolloutConfig
 
 __all__ = ["LearnerSpec"]
 
@@ -28,11 +31,11 @@ class LearnerSpec:
             (the worker loads the text encoders and encodes its prompts).
     """
 
-    model: Any
-    loss: Any
-    normguard: Any
-    learner: Any
-    rollout: Any
+    model: ModelConfig
+    loss: LossConfig
+    normguard: NormGuardConfig
+    learner: LearnerConfig
+    rollout: RolloutConfig
     seed: int
     threads: int
     timesteps: int
@@ -41,7 +44,7 @@ class LearnerSpec:
     prompt_embeddings: str | None = None
 
     @classmethod
-    def from_config(cls, cfg, *, prompt_embeddings: str | None = None) -> LearnerSpec:
+    def from_config(cls, cfg: ExperimentConfig, *, prompt_embeddings: str | None = None) -> LearnerSpec:
         method, lc, res = get_method(cfg.loss.name), cfg.learner, cfg.resources
         return cls(
             model=cfg.model,

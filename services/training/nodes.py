@@ -16,6 +16,10 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = [
     "NodeInfo",
@@ -107,7 +111,7 @@ class NodeWatch:
         return lost
 
 
-def run_demands(cfg) -> list[tuple[str, dict[str, float]]]:
+def run_demands(cfg: ExperimentConfig) -> list[tuple[str, dict[str, float]]]:
     """``(role #i, resources)`` of every actor the run starts (``services.training.build``)."""
     res = cfg.resources
 
@@ -139,7 +143,7 @@ def unplaced(demands: list[tuple[str, dict[str, float]]], nodes: list[NodeInfo])
     return missing
 
 
-def wait_for_placement(cfg, nodes: NodeWatch, *, timeout_s: float) -> None:
+def wait_for_placement(cfg: ExperimentConfig, nodes: NodeWatch, *, timeout_s: float) -> None:
     """Wait (bounded) until the alive nodes can hold every actor of the run; else :class:`NodeLost`, naming
     the run's nodes that are gone."""
     demands, deadline, waited = run_demands(cfg), time.monotonic() + timeout_s, False

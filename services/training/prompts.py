@@ -25,10 +25,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from normguard_core.seeding import prompt_order_seed
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["PromptSet", "load_prompt_file", "prompt_sets"]
 
@@ -112,7 +116,7 @@ def load_prompt_file(path: str | Path, *, shuffle: bool = False, seed: int = 0) 
     return PromptSet(tuple(prompts), tuple(meta) if has_meta else None, shuffle, seed)
 
 
-def prompt_sets(cfg) -> tuple[PromptSet, PromptSet]:
+def prompt_sets(cfg: ExperimentConfig) -> tuple[PromptSet, PromptSet]:
     """``(train, eval)`` prompt sets of an ExperimentConfig: ``data.train_prompts`` / ``data.eval_prompts``
     files when given, else the inline ``prompts`` (evaluation: the first ``eval.num_prompts`` of the
     training prompts, the behaviour before prompt files)."""

@@ -13,11 +13,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.report import MetricsWriter, grid_tensor, plot_ratio_per_step, plot_training, save_image_grid
 from services.training.guards import GuardMonitor
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["RunRecord", "RunSummary", "finished_summary", "reached", "window_mean"]
 
@@ -40,7 +44,7 @@ class RunRecord:
     """One attempt's record: opened after its build (``metrics.jsonl`` cut back to the checkpoint's step),
     closed when the attempt ends."""
 
-    def __init__(self, cfg, extra: dict, *, step: int, progress: bool, on_step) -> None:
+    def __init__(self, cfg: ExperimentConfig, extra: dict, *, step: int, progress: bool, on_step) -> None:
         from tqdm import tqdm
 
         self.cfg, self.on_step = cfg, on_step
@@ -148,7 +152,7 @@ def _renorm_keys(metrics: dict[str, float]) -> dict[str, float]:
     return {k.replace("eval/", "eval_renorm/"): v for k, v in metrics.items() if "norm_ratio" not in k}
 
 
-def finished_summary(cfg, ckpt: Path | None) -> RunSummary | None:
+def finished_summary(cfg: ExperimentConfig, ckpt: Path | None) -> RunSummary | None:
     """The stored summary when the run directory holds this config's finished run (its newest intact
     checkpoint ``ckpt`` is the final one), else ``None``."""
     path = cfg.run_dir / "summary.json"
@@ -174,7 +178,7 @@ def finished_summary(cfg, ckpt: Path | None) -> RunSummary | None:
     )
 
 
-def _open_writer(cfg) -> MetricsWriter:
+def _open_writer(cfg: ExperimentConfig) -> MetricsWriter:
     """config.json, metrics.jsonl and the configured trackers (``logging.backends``)."""
     from services.training.trackers import build_trackers
 
@@ -203,14 +207,16 @@ def reached(rewards: list[float], train) -> bool:
     return window_mean(rewards, train.stop_window) >= train.stop_at_reward
 
 
-def _save_grids(run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg, writer, step: int) -> None:
+def _save_grids(
+    run_dir: Path, images: dict[int, torch.Tensor], tag: str, cfg: ExperimentConfig, writer, step: int
+) -> None:
     per = cfg.eval.samples_per_prompt
     for n, imgs in images.items():
         save_image_grid(imgs, run_dir / "grids" / f"{tag}_{n}steps.png", nrow=per)
     _log_grids(writer, images, tag, cfg, step)
 
 
-def _log_grids(writer, images: dict[int, torch.Tensor], tag: str, cfg, step: int) -> None:
+def _log_grids(writer, images: dict[int, torch.Tensor], tag: str, cfg: ExperimentConfig, step: int) -> None:
     """The evaluation grids to the trackers as ``grids/<tag>_<N>steps``."""
     if writer.trackers is None or not cfg.logging.log_images:
         return

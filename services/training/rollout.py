@@ -8,6 +8,8 @@ the SDE trajectory when the loss needs log-probs (Flow-GRPO). Sampling is the on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,9 @@ from services.models import build_generator
 from services.models.sampling import sample
 from services.training.probe import ActorProbe, probe_process
 from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
 
 __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
 
@@ -130,7 +135,7 @@ class RolloutSampler:
         return {"latents": out.trajectory.x0.cpu(), "images": out.images.cpu(), "ratio": out.ratio.cpu()}
 
 
-def rollout_chunks(cfg) -> dict:
+def rollout_chunks(cfg: ExperimentConfig) -> dict:
     """A rollout's transformer / VAE chunk sizes (``rollout.micro_batch``, ``rollout.decode_batch``), as
     :class:`RolloutSampler` and :meth:`RolloutSampler.over` take them."""
     return {"micro_batch": cfg.rollout.micro_batch, "decode_batch": cfg.rollout.decode_batch}

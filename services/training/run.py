@@ -22,7 +22,9 @@ from services.training.record import RunSummary, window_mean
 __all__ = ["RunSummary", "build_coordinator", "run_training", "train_and_report", "window_mean"]
 
 
-def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=None, on_finish=None) -> RunSummary:
+def run_training(
+    cfg: ExperimentConfig, *, local: bool = False, progress: bool = True, on_step=None, on_finish=None
+) -> RunSummary:
     """Train one configuration end to end; resumable by rerunning with the same run name. ``on_finish(coord)``
     runs once training and the after-training evaluation are done, before the actors are released (e.g.
     ``benchmarks/gpu_check.py`` reads every actor's peak memory there); an error in it fails the run.
@@ -38,7 +40,7 @@ def run_training(cfg, *, local: bool = False, progress: bool = True, on_step=Non
     return TrainController(cfg, backend=backend, progress=progress, on_step=on_step, on_finish=on_finish).run()
 
 
-def train_and_report(cfg, *, local: bool = False) -> str:
+def train_and_report(cfg: ExperimentConfig, *, local: bool = False) -> str:
     """``normguard train``: the run (and, with ``train.compare_baseline``, the same config with NormGuard
     off), then their before / after table, run directories and the guards that fired."""
     summaries = {cfg.train.run_name: run_training(cfg, local=local)}

@@ -8,15 +8,23 @@ mini-batch's loss is the mean over its points on all ranks. A step with no unit 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from services.training.experience import Experience
 from services.types import TrainBatch
 
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
+    from services.methods import Method
+
 __all__ = ["build_shards"]
 
 
-def build_shards(method, exp: Experience, *, step: int, world: int, cfg) -> tuple[list[TrainBatch], dict[str, float]]:
+def build_shards(
+    method: Method, exp: Experience, *, step: int, world: int, cfg: ExperimentConfig
+) -> tuple[list[TrainBatch], dict[str, float]]:
     """The method's targets (``services.methods``), split over the learner ranks by training unit."""
     rollout, reward = exp.rollout, exp.rewards
     targets = method.targets(reward, rollout.group_ids, cfg)
