@@ -36,6 +36,8 @@ from services.points import PairPoints, PointSource, SamplePoints, TrajectoryPoi
 
 if TYPE_CHECKING:  # services.config imports this module (the method's cross-checks)
     from services.config import ExperimentConfig, RolloutConfig
+    from services.models.schedules import FlowSchedule
+    from services.training.learner_spec import LearnerSpec
 
 __all__ = ["Method", "Targets", "available_methods", "get_method", "register_method"]
 
@@ -68,7 +70,7 @@ class Method:
     points: ClassVar[type[PointSource]] = SamplePoints
     updates_per_step: ClassVar[int] = 1
 
-    def point_source(self, spec, schedule) -> PointSource:
+    def point_source(self, spec: LearnerSpec, schedule: FlowSchedule) -> PointSource:
         """The learner's source of training points (``spec``: a ``LearnerSpec``; ``schedule``: the
         generator's sigma schedule, ``gen.schedule``)."""
         return self.points(spec, self, schedule)
@@ -248,7 +250,7 @@ class FlowGRPO(Method):
     points = TrajectoryPoints
     updates_per_step = 2
 
-    def point_source(self, spec, schedule) -> PointSource:
+    def point_source(self, spec: LearnerSpec, schedule: FlowSchedule) -> PointSource:
         return TrajectoryPoints(spec, self, schedule, guard=spec.loss.guard)
 
     def train_guidance(self, loss_cfg: GRPOLoss, rollout: RolloutConfig) -> float:

@@ -32,7 +32,9 @@ from normguard_core.seeding import MINIBATCH_STREAM, rng
 from services.types import TrainBatch
 
 if TYPE_CHECKING:
+    from services.methods import Method
     from services.models.schedules import FlowSchedule
+    from services.training.learner_spec import LearnerSpec
 
 __all__ = ["LaggedVelocities", "PairPoints", "PointSource", "SamplePoints", "TrainingPoints", "TrajectoryPoints"]
 
@@ -91,7 +93,7 @@ class PointSource:
         schedule: the generator's sigma schedule (``gen.schedule``).
     """
 
-    def __init__(self, spec, method, schedule: FlowSchedule) -> None:
+    def __init__(self, spec: LearnerSpec, method: Method, schedule: FlowSchedule) -> None:
         self.schedule = schedule
         self.seed, self.rollout, self.learner_cfg = spec.seed, spec.rollout, spec.learner
         self.method, self.loss_cfg = method, spec.loss
@@ -221,7 +223,7 @@ class TrajectoryPoints(PointSource):
         guard: GRPO-Guard: also give the sampling policy's SDE mean at the same state (from ``v_old``).
     """
 
-    def __init__(self, spec, method, schedule: FlowSchedule, *, guard: bool = False) -> None:
+    def __init__(self, spec: LearnerSpec, method: Method, schedule: FlowSchedule, *, guard: bool = False) -> None:
         super().__init__(spec, method, schedule)
         self.guard, self.noise_level = guard, spec.rollout.sde_noise_level
 

@@ -38,7 +38,7 @@ import yaml
 from services.cluster.memory import Term, model_terms, peak_gb, pipeline_bytes
 
 if TYPE_CHECKING:
-    from services.config import ExperimentConfig
+    from services.config import ExperimentConfig, ScorerSpec
 
 __all__ = [
     "ActorDemand",
@@ -116,7 +116,7 @@ def _local_bytes(path: Path) -> float | None:
     return float(sum(f.stat().st_size for f in files)) if files else None
 
 
-def _scorer_gb(spec) -> float:
+def _scorer_gb(spec: ScorerSpec) -> float:
     if spec.name.startswith("digits_"):
         return 0.01
     if spec.path and Path(spec.path).exists():

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from normguard_core.constraint import bin_means, sigma_bins, update_log_multipliers
+
+if TYPE_CHECKING:
+    from services.config import NormGuardConfig
 
 __all__ = ["BinMultipliers"]
 
@@ -25,7 +29,7 @@ __all__ = ["BinMultipliers"]
 class BinMultipliers:
     """Per-bin ratio statistics of the current RL step and the constraint's multipliers (float64)."""
 
-    def __init__(self, ng) -> None:
+    def __init__(self, ng: NormGuardConfig) -> None:
         self.ng = ng
         self.log_lam = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)  # upper bound
         self.log_mu = torch.full((ng.bins,), math.log(ng.lambda_init), dtype=torch.float64)  # the floor side

@@ -18,6 +18,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.config.sections import GuardSpec
 
 __all__ = ["Firing", "GuardMonitor"]
 
@@ -46,7 +50,7 @@ class GuardMonitor:
     fired: list[Firing] = field(default_factory=list)
     last_ok_eval_step: int = 0  # the base model (step 0) was inside the bounds unless an eval said no
 
-    def _crossed(self, spec, value: float) -> str | None:
+    def _crossed(self, spec: GuardSpec, value: float) -> str | None:
         if spec.max is not None and value > spec.max:
             return f"> max {spec.max}"
         if spec.min is not None and value < spec.min:

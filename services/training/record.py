@@ -21,7 +21,7 @@ from services.report import MetricsWriter, grid_tensor, plot_ratio_per_step, plo
 from services.training.guards import GuardMonitor
 
 if TYPE_CHECKING:
-    from services.config import ExperimentConfig
+    from services.config import ExperimentConfig, TrainConfig
 
 __all__ = ["RunRecord", "RunSummary", "finished_summary", "reached", "window_mean"]
 
@@ -200,7 +200,7 @@ def window_mean(rewards: list[float], window: int) -> float:
     return sum(tail) / len(tail) if tail else float("nan")
 
 
-def reached(rewards: list[float], train) -> bool:
+def reached(rewards: list[float], train: TrainConfig) -> bool:
     """The early-stopping control's test: the windowed training reward reached ``stop_at_reward``."""
     if train.stop_at_reward is None or len(rewards) < train.stop_window:
         return False
