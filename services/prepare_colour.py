@@ -37,6 +37,7 @@ COLOUR_SCORERS = (
     "colour_contrast",
     "colour_texture",
 )
+SCORER_VERSION = "r2"  # r2: the realism detector's real class is VAE reconstructions of real scenes
 MEASURED_SECONDS = {"vae": 141.2, "transformer": 196.9, "scorers": 100.0}  # the run of the module docstring
 
 
@@ -54,6 +55,18 @@ def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
         out.append(images * 2.0 - 1.0)
     fake = torch.cat(out)
     return fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(seed))]
+
+
+def _vae_round_trip(gen) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> decode(encode(x))`` through the generator's VAE, in [-1, 1], batched, no grad."""
+    from services.models.colour_vae import decode_latents, encode_images
+
+    @torch.no_grad()
+    def round_trip(images: torch.Tensor) -> torch.Tensor:
+        parts = [decode_latents(gen.vae, encode_images(gen.vae, p)).clamp(-1, 1) for p in images.split(256)]
+        return torch.cat(parts)
+
+    return round_trip
 
 
 def prepare_colour(
@@ -74,13 +87,16 @@ def prepare_colour(
     model_path = load_or_pretrain_colour(
         vae_steps=vae_steps, steps=pretrain_steps, seed=seed, cache_dir=cache_dir, log=log
     )
-    scorer_path = model_path / f"scorers-{scorer_steps}-{num_fake}"
+    scorer_path = model_path / f"scorers-{scorer_steps}-{num_fake}-{SCORER_VERSION}"
     if not (scorer_path / "meta.json").is_file():
         log("training the colour scorers (CLIP proxy, judge, realism detector) ...")
         t0 = time.time()
-        fake = _base_samples(load_colour_generator(model_path), num=num_fake, seed=seed)
+        gen = load_colour_generator(model_path)
+        fake = _base_samples(gen, num=num_fake, seed=seed)
         log(f"  {num_fake} base-model samples ({time.time() - t0:.0f} s)")
-        train_colour_scorers(scorer_path, fake_images=fake, seed=seed, steps=scorer_steps, log=log)
+        train_colour_scorers(
+            scorer_path, fake_images=fake, reconstruct=_vae_round_trip(gen), seed=seed, steps=scorer_steps, log=log
+        )
         log(f"  scorers done ({time.time() - t0:.0f} s)")
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
 

@@ -51,7 +51,7 @@ _ARCH = dict(
     pooled_projection_dim=64,
     patch_size=2,
 )
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the VAE's colour term, batch 32, lr 1e-3 (colour_vae)
 NUM_TRAIN_IMAGES = 8192
 DEFAULT_GUIDANCE = 4.0  # the CFG scale at which the base model is recognisable (module docstring)
 
@@ -188,7 +188,7 @@ def _train_all(tmp: Path, *, vae_steps: int, steps: int, seed: int, log: Callabl
     t0 = time.time()
     torch.manual_seed(seed)
     vae = train_vae(
-        build_colour_vae(), images, steps=vae_steps, batch_size=16, lr=2e-3, seed=seed,
+        build_colour_vae(), images, steps=vae_steps, batch_size=32, lr=1e-3, seed=seed,
         progress=_logger("vae", vae_steps, log),
     )  # fmt: skip
     shift, scale = set_latent_normalisation(vae, images[:2048])
