@@ -140,7 +140,27 @@ def _first(axis: Axis) -> Any:
     return (axis.uniform or axis.loguniform)[0]
 
 
+PATH_KEYS = ("data.train_prompts", "data.eval_prompts")  # files a trial reads: made absolute at load time
+
+
+def _absolute_paths(layer: Any) -> None:
+    """Resolve the relative :data:`PATH_KEYS` of one override layer against the current directory, in place:
+    a trial runs in Tune's trial directory, where ``deploy/prompts/colour.txt`` does not exist."""
+    if isinstance(layer, dict):
+        for key in PATH_KEYS:
+            if isinstance(layer.get(key), str) and not Path(layer[key]).expanduser().is_absolute():
+                layer[key] = str(Path(layer[key]).expanduser().resolve())
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     data = yaml.safe_load(Path(path).read_text()) or {}
     apply_overrides(data, list(overrides or []))
+    _absolute_paths(data.get("base"))
+    for layer in (data.get("by_method") or {}).values():
+        _absolute_paths(layer)
+    for arm in (data.get("arms") or {}).values():
+        if isinstance(arm, dict):
+            _absolute_paths(arm.get("overrides"))
+            for layer in (arm.get("by_method") or {}).values():
+                _absolute_paths(layer)
     return SweepConfig.model_validate(data)
