@@ -14,9 +14,9 @@ rectified-flow loss ``||v(x_sigma, sigma, c) - (eps - x0)||^2`` on the normalise
 training set with logit-normal sigma, AdamW, gradient clipping and an EMA with warm-up (as the digits
 model). Everything is cached under ``$NORMGUARD_CACHE`` (default ``~/.cache/normguard``) keyed by the
 settings. Measured alone under the shared lock on the development machine's 2 CPU cores (torch threads
-2): VAE 800 steps at batch 16 in 141 s (final loss L1 + L2 about 0.09), latent shift -0.0152 and scale
-0.2303 (latent std 1.005 after normalisation); transformer 1200 steps at batch 128 in 197 s (loss 0.87 at
-step 120, 0.52 at 1200). ``services.prepare_colour`` has the scorers' and the total times.
+2): VAE 800 steps at batch 32 in 218 s (final loss, with its colour term, about 0.13), latent shift 0.698
+and scale 0.412 (latent std 1.002 after normalisation); transformer 1200 steps at batch 128 in 210 s (loss
+0.40 at step 1200). ``services.prepare_colour`` has the scorers' and the total times.
 """
 
 from __future__ import annotations

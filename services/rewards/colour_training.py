@@ -203,11 +203,8 @@ def train_colour_scorers(
     Args:
         out_dir: target directory (written via a temporary sibling and renamed).
         fake_images: ``(N, 3, 32, 32)`` base-model samples in [-1, 1] for the realism detector.
-        reconstruct: the task's VAE round trip, ``(N, 3, 32, 32) -> (N, 3, 32, 32)`` in [-1, 1]. Given, the
-            detector's real class is the reconstructions of real scenes, not the scenes themselves: a
-            detector trained on raw scenes separates anything decoded by the VAE (its blur) and scores
-            every sample, base or trained, near 0; against reconstructions it scores what the generator
-            adds beyond the decoder. None (the tests' tiny assets): raw scenes.
+        reconstruct: the VAE round trip (images in [-1, 1]); given, the detector's real class is VAE
+            reconstructions of real scenes (raw scenes made it score every decoded sample ~0). None: raw.
         seed: RNG seed (the judge uses ``seed + 1``, the detector ``seed + 2``).
         steps: optimiser steps of each network (batch 128).
         num_real: real training images (the training split's first ``num_real``).
@@ -235,8 +232,9 @@ def train_colour_scorers(
     xt, yt = colour_dataset(1024, TEST_SEED)
     acc = _held_out_accuracy(clip, judge, xt, yt)
     realism, acc["realism"] = _train_realism(x, xt, fake_images, reconstruct=reconstruct, steps=steps, seed=seed + 2)
-    acc["realism_real_is_reconstruction"] = float(reconstruct is not None)
-    acc["clip_logit_scale"] = float(clip.scale().detach())
+    acc.update(
+        realism_real_is_reconstruction=float(reconstruct is not None), clip_logit_scale=float(clip.scale().detach())
+    )
     log(f"colour scorers held-out: {acc}")
     _save(Path(out_dir), {"clip": clip, "judge": judge, "realism": realism}, dict(seed=seed, steps=steps, accuracy=acc))
     return acc

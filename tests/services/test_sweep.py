@@ -20,6 +20,20 @@ def test_shipped_sweeps_validate():
         assert load_sweep(p).axes
 
 
+def test_prompt_files_are_resolved_where_the_sweep_is_loaded(tmp_path, monkeypatch):
+    """A trial runs in Tune's trial directory: relative prompt files are made absolute at load time."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    monkeypatch.chdir(root)
+    sweep = load_sweep(root / "deploy" / "sweeps" / "colour_comparison.yaml")
+    path = Path(sweep.base["data.train_prompts"])
+    assert path.is_absolute() and path.is_file()
+    monkeypatch.chdir(tmp_path)  # the trial's directory: the config still finds its prompts
+    cfg = sweep.trial_config(sweep.grid_trials()[0], "t")
+    assert Path(cfg.data.train_prompts) == path
+
+
 def test_bad_axis_is_rejected():
     with pytest.raises(ValueError, match="exactly one"):
         Axis(key="normguard.weight", grid=[0.0], choice=[1.0])
