@@ -178,13 +178,13 @@ def _train_realism(
     real, real_test = real[:n_tr], real_test[:n_te]
     if reconstruct is not None:
         real, real_test = reconstruct(real), reconstruct(real_test)
-    rx = torch.cat([real[:n_tr], fake[:n_tr]])
+    rx = torch.cat([real, fake[:n_tr]])
     ry = torch.cat([torch.ones(n_tr), torch.zeros(n_tr)]).long()
     torch.manual_seed(seed)
     net = RealismCNN()
     _fit(net, lambda i: F.cross_entropy(net(rx[i]), ry[i]), len(rx), steps=steps, seed=seed)
     with torch.no_grad():
-        pred = net(torch.cat([real_test[:n_te], fake[n_tr:]])).argmax(1)
+        pred = net(torch.cat([real_test, fake[n_tr:]])).argmax(1)
     return net, float((pred == torch.cat([torch.ones(n_te), torch.zeros(n_te)]).long()).float().mean())
 
 

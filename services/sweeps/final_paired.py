@@ -15,30 +15,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
+from services.sweeps.comparison import mean_ci
+
 __all__ = ["load_trials", "paired_table"]
 
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # two-sided t quantiles by sample size
 PAIRS = (("constraint", "none"), ("penalty", "none"), ("kl", "none"), ("constraint", "kl"))
 METRICS = ("colour_clip", "frechet", "colour_judge", "colour_realism", "colour_saturation", "colour_brightness")
 
 
 def load_trials(sweep_dir: str | Path) -> dict[tuple[str, str, int], dict[str, float]]:
-    """``(method, arm, seed) -> the 'after' metrics`` of every finished trial (trial names ``arm-A_name-M_seed-S``)."""
+    """``(method, arm, seed) -> the 'after' metrics`` of every finished trial (its params from ``trial.json``,
+    as ``services.sweeps.comparison`` reads them)."""
     out = {}
     for f in sorted(Path(sweep_dir).glob("trials/*/summary.json")):
-        arm, rest = f.parent.name.removeprefix("arm-").split("_name-", 1)
-        method, seed = rest.rsplit("_seed-", 1)
-        out[(method, arm, int(seed))] = json.loads(f.read_text())["after"]
+        params = json.loads((f.parent / "trial.json").read_text())["params"]
+        key = (params["loss.name"], params["arm"], int(params["train.seed"]))
+        out[key] = json.loads(f.read_text())["after"]
     return out
 
 
 def _interval(xs: list[float]) -> str:
-    half = T95.get(len(xs), 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
-    return f"{statistics.mean(xs):+.4g} ± {half:.3g}"
+    mean, half, _ = mean_ci(xs)
+    return f"{mean:+.4g} ± {half:.3g}"
 
 
 def paired_table(trials: dict[tuple[str, str, int], dict[str, float]], method: str, steps: int) -> str:

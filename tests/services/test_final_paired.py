@@ -12,6 +12,8 @@ def _trial(root, arm, method, seed, fd, reward):
     after.update({f"eval/{k}_20steps": 0.5 for k in ("colour_clip", "colour_judge", "colour_realism", "norm_ratio")})
     after.update({f"eval/{k}_20steps": 0.0 for k in ("colour_saturation", "colour_brightness")})
     (d / "summary.json").write_text(json.dumps({"after": after}))
+    params = {"loss.name": method, "arm": arm, "train.seed": seed}
+    (d / "trial.json").write_text(json.dumps({"params": params}))
 
 
 def test_paired_differences_by_seed(tmp_path):
