@@ -75,7 +75,11 @@ def disagreements(pins: dict, reqs: list[Requirement]) -> list[str]:
         if not entries:
             bad.append(f"{req.name}: not in the lock")
             continue
-        bad += [f"{req.name}=={v} ({m or 'all'}) is outside {req.specifier}" for v, m in entries if not req.specifier.contains(v, prereleases=True)]
+        bad += [
+            f"{req.name}=={v} ({m or 'all'}) is outside {req.specifier}"
+            for v, m in entries
+            if not req.specifier.contains(v, prereleases=True)
+        ]
     return bad
 
 
