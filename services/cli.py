@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 __all__ = ["main"]
@@ -43,9 +44,19 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from services.training.run import train_and_report
+    """Exits 0, or 128 + the signal that stopped the run (143 SIGTERM, 130 SIGINT) after its checkpoint."""
+    from services.training.preemption import StepAbandoned, exit_code
+    from services.training.run import RunStopped, train_and_report
 
-    print("\n" + train_and_report(_load(args), local=args.local))
+    try:
+        print("\n" + train_and_report(_load(args), local=args.local))
+    except RunStopped as stopped:
+        again = shlex.join(["normguard", *sys.argv[1:]]) if sys.argv[1:2] == ["train"] else "the same command"
+        print(f"normguard train: {stopped}; rerun {again} to resume", file=sys.stderr)
+        return exit_code(stopped.state.request)
+    except StepAbandoned as abandoned:  # a deadline that fired as the run was already ending
+        print(f"normguard train: {abandoned}; rerun the same command to resume", file=sys.stderr)
+        return exit_code(abandoned.request)
     return 0
 
 

@@ -303,6 +303,12 @@ class TrainConfig(Section):
         "replacement node with the lost one's resources joining) before it stops, naming the lost node (with "
         "resources.check_cluster warn / off, an autoscaling cluster, it does not wait: pending actors ask for nodes)",
     )
+    stop_wait_s: float = Field(
+        20.0,
+        gt=0,
+        description="after SIGTERM / SIGINT, how long the step in flight may take to finish before it is abandoned "
+        "(its checkpoint is written after it; keep the two inside the pod's terminationGracePeriodSeconds)",
+    )
     rollout_timeout_s: float = Field(600.0, gt=0)
     learner_timeout_s: float = Field(900.0, gt=0)
     sampler_retries: int = Field(

@@ -6,7 +6,11 @@ controller.py``): the run is a sequence of states (``services.training.state``, 
 against the one transition table; policies return decisions the controller carries out: the failure policy
 (:meth:`~services.training.failure.FailurePolicy.decide`, Ray's ``FailurePolicy.make_decision``) turns an
 error into a restart or the end of the run, the guards (:class:`~services.training.guards.GuardMonitor`)
-into a stop or a rollback. Restarting and rolling back are states, not loops around the training loop.
+into a stop or a rollback. Restarting and rolling back are states, not loops around the training loop. So is preemption: a SIGTERM /
+SIGINT (:class:`~services.training.preemption.StopSignals`, installed once the backend has connected) is a
+request the controller reads after every transition; inside an attempt the run goes to :class:`Stopping`
+(the finished steps checkpointed, the workers released) and ends :class:`Preempted`, which ``run`` raises
+as :class:`RunStopped` (``normguard train`` exits 128 + the signal).
 
 An *attempt* is what one build made (the worker group from the injected backend, the coordinator, the
 evaluator, the run's record): a restart ends it and builds the next from the newest intact checkpoint,
@@ -26,6 +30,7 @@ from services.training.backends import Backend
 from services.training.build import Built, build_run
 from services.training.failure import FailureDecision, FailurePolicy
 from services.training.nodes import NodeLost
+from services.training.preemption import StepAbandoned, StopSignals
 from services.training.record import RunRecord, finished_summary
 from services.training.state import (
     Building,
@@ -35,20 +40,32 @@ from services.training.state import (
     Evaluating,
     Finished,
     Initializing,
+    Preempted,
     Restarting,
     RollingBack,
     Running,
     RunState,
+    Stopping,
     check_transition,
 )
 
 if TYPE_CHECKING:
     from services.config import ExperimentConfig
 
-__all__ = ["Attempt", "TrainController"]
+__all__ = ["Attempt", "RunStopped", "TrainController"]
 
 log = logging.getLogger(__name__)
 HALTS = ("stop", "rollback")  # the guard actions that end training
+
+
+class RunStopped(Exception):  # noqa: N818 - it is how a preempted run ends, not an error of it
+    """The run was stopped by a signal (``state``: the :class:`Preempted` it ended in); rerun it to resume."""
+
+    def __init__(self, state: Preempted, *, total_steps: int) -> None:
+        kept = f"checkpoint {state.checkpoint.name} holds them" if state.checkpoint else "no checkpoint yet"
+        lost = f"; the step in flight was abandoned ({state.abandoned})" if state.abandoned else ""
+        super().__init__(f"stopped by {state.request.name} after step {state.step} of {total_steps} ({kept}{lost})")
+        self.state = state
 
 
 @dataclass
@@ -80,8 +97,12 @@ class TrainController:
         on_step: Callable | None = None,
         on_finish: Callable | None = None,
         build: Callable[..., Built] = build_run,
+        stop: StopSignals | None = None,
     ) -> None:
         self.cfg, self.backend, self._build = cfg, backend, build
+        # injected: its owner (``train_and_report``, over both of its runs) installs and restores it
+        self.stop, self._owns_stop = stop or StopSignals(cfg.train.stop_wait_s), stop is None
+        self._saved_step = -1  # the step of the attempt's newest checkpoint (-1: none)
         self.progress, self.on_step, self.on_finish = progress, on_step, on_finish
         self.policy = FailurePolicy(cfg.train.max_failures)
         self.nodes = backend.node_watch()
@@ -90,12 +111,19 @@ class TrainController:
         self.state: ControllerState = Initializing()
 
     def run(self):
-        """Step until a terminal state; the run's summary, or its error raised."""
+        """Step until a terminal state; the run's summary, or its error (or :class:`RunStopped`) raised."""
         state = self.state
-        while not state.terminal:
-            state = self.step(state)
+        try:
+            while not state.terminal:
+                state = self.step(state)
+        finally:
+            self.stop.disarm()
+            if self._owns_stop:
+                self.stop.restore()
         if isinstance(state, Errored):
             raise state.error
+        if isinstance(state, Preempted):
+            raise RunStopped(state, total_steps=self.cfg.train.steps)
         return state.summary
 
     def step(self, state: ControllerState) -> ControllerState:
@@ -104,6 +132,8 @@ class TrainController:
             new = self._step(state)
         except BaseException as err:  # noqa: BLE001 - decided below: restart, or the run's error
             new = self._failed(state, err)
+        if self.stop.request is not None and not new.terminal:
+            new = self._stop_at(new)
         check_transition(state.kind, new.kind)
         self.state = new
         return new
@@ -117,12 +147,14 @@ class TrainController:
             RunState.CHECKPOINTING: self._checkpoint,
             RunState.ROLLING_BACK: self._roll_back,
             RunState.RESTARTING: self._restart,
+            RunState.STOPPING: self._stop_run,
         }
         return handlers[state.kind](state)
 
     # ---- the states ----------------------------------------------------------------------------
     def _initialize(self, _: Initializing) -> ControllerState:
         self.backend.connect()  # joined before the first attempt, so its nodes are known when one is lost
+        self.stop.install()  # after Ray's own SIGTERM handlers (ray.init's sys.exit, the core worker's stack dump)
         return Building()
 
     def _start_attempt(self, _: Building) -> ControllerState:
@@ -138,6 +170,7 @@ class TrainController:
         built.coord.count_learner_restarts(self.restarts)
         self.attempt = Attempt(built)
         step = built.coord.step_idx
+        self._saved_step = step if ckpt is not None else -1
         self.attempt.record = RunRecord(cfg, built.extra, step=step, progress=self.progress, on_step=self.on_step)
         return Evaluating("before")
 
@@ -184,6 +217,7 @@ class TrainController:
 
     def _checkpoint(self, state: Checkpointing) -> ControllerState:
         self.attempt.coord.checkpoint(self.cfg.run_dir, self.attempt.record.checkpoint_extra())
+        self._saved_step = self.attempt.coord.step_idx
         return self._training_ended() if state.done else Running()
 
     def _training_ended(self) -> ControllerState:
@@ -219,6 +253,42 @@ class TrainController:
         self.backend.await_placement(self.cfg, self.nodes)
         return Building()
 
+    # ---- stopping (services.training.preemption) --------------------------------------------------
+    def _stop_at(self, new: ControllerState) -> ControllerState:
+        """Where a stop request sends the run instead of ``new``: inside an attempt, to :class:`Stopping`
+        (a rollback under way restores its target first); with no attempt (joining, restarting), it ends."""
+        if new.kind is RunState.STOPPING or new.kind is RunState.ROLLING_BACK:
+            return new
+        if self.attempt is None or new.kind in (RunState.BUILDING, RunState.RESTARTING):
+            if self.attempt is not None:
+                self._end_attempt(failed=True)
+            return self._preempted()
+        return Stopping()
+
+    def _stop_run(self, _: Stopping) -> ControllerState:
+        """Checkpoint the steps finished since the newest checkpoint (experience made ahead is dropped, not
+        waited for: a rerun makes it again), release the workers, say where the run stopped."""
+        coord, record = self.attempt.coord, self.attempt.record
+        record.bar.close()
+        coord.fail()  # drops the rollout in flight (pipelined) without waiting for it
+        if coord.step_idx > self._saved_step:
+            self.stop.saving(True)
+            try:
+                self._checkpoint(Checkpointing())
+            finally:
+                self.stop.saving(False)
+        self._end_attempt()
+        return self._preempted()
+
+    def _preempted(self, abandoned: str | None = None) -> Preempted:
+        """The end state, naming the checkpoint ``checkpoints/latest`` points at (read, not verified: the
+        grace period is short, and the rerun verifies it)."""
+        latest = self.cfg.run_dir / "checkpoints" / "latest"
+        ckpt = latest.parent / latest.read_text().strip() if latest.is_file() else None
+        state = Preempted(self.stop.request, step=_step_of(ckpt), checkpoint=ckpt, abandoned=abandoned)
+        log.warning("%s; rerun the same command to resume", RunStopped(state, total_steps=self.cfg.train.steps))
+        return state
+
     # ---- failures --------------------------------------------------------------------------------
     def _failed(self, state: ControllerState, err: BaseException) -> ControllerState:
         """End the attempt; an error while joining or restarting ends the run, one inside an attempt is the
@@ -227,6 +297,8 @@ class TrainController:
             self._end_attempt(failed=True)
         except Exception as later:  # noqa: BLE001 - the teardown's error is the one raised, as a `finally`'s
             err = later
+        if isinstance(err, StepAbandoned):  # the stop's deadline passed, or a second signal came
+            return self._preempted(abandoned=str(err).split("(", 1)[-1].rstrip(")"))
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: out at once
             raise err
         if state.kind in (RunState.INITIALIZING, RunState.RESTARTING):
@@ -258,6 +330,11 @@ class TrainController:
         attempt.coord.shutdown()
         if attempt.record is not None:
             attempt.record.close()
+
+
+def _step_of(ckpt) -> int:
+    """The RL step a checkpoint directory holds (``step_000006`` -> 6); 0 without one."""
+    return int(ckpt.name.split("_")[-1]) if ckpt is not None else 0
 
 
 def _where(lost) -> str:

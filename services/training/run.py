@@ -16,14 +16,21 @@ import textwrap
 from services.config import ExperimentConfig
 from services.training.backends import backend_for
 from services.training.build import build_coordinator
-from services.training.controller import TrainController
+from services.training.controller import RunStopped, TrainController
+from services.training.preemption import StopSignals
 from services.training.record import RunSummary, window_mean
 
-__all__ = ["RunSummary", "build_coordinator", "run_training", "train_and_report", "window_mean"]
+__all__ = ["RunStopped", "RunSummary", "build_coordinator", "run_training", "train_and_report", "window_mean"]
 
 
 def run_training(
-    cfg: ExperimentConfig, *, local: bool = False, progress: bool = True, on_step=None, on_finish=None
+    cfg: ExperimentConfig,
+    *,
+    local: bool = False,
+    progress: bool = True,
+    on_step=None,
+    on_finish=None,
+    stop: StopSignals | None = None,
 ) -> RunSummary:
     """Train one configuration end to end; resumable by rerunning with the same run name. ``on_finish(coord)``
     runs once training and the after-training evaluation are done, before the actors are released (e.g.
@@ -35,20 +42,32 @@ def run_training(
     a rerun would resume, and redoing the steps since (``metrics.jsonl`` keeps each step once; the restart
     is counted as ``faults/learner_restarts``); after a lost node the restart first waits, up to
     ``train.node_wait_s``, for the alive nodes to hold the run again, and otherwise stops with
-    :class:`~services.training.nodes.NodeLost` naming the node. Any other error ends the run."""
+    :class:`~services.training.nodes.NodeLost` naming the node. Any other error ends the run.
+
+    SIGTERM / SIGINT (in the main thread: ``stop``, or the run's own :class:`StopSignals`) stop it at the next
+    state boundary with the finished steps checkpointed, raising :class:`RunStopped`; rerun to resume."""
     backend = backend_for(local)
-    return TrainController(cfg, backend=backend, progress=progress, on_step=on_step, on_finish=on_finish).run()
+    controller = TrainController(
+        cfg, backend=backend, progress=progress, on_step=on_step, on_finish=on_finish, stop=stop
+    )
+    return controller.run()
 
 
 def train_and_report(cfg: ExperimentConfig, *, local: bool = False) -> str:
     """``normguard train``: the run (and, with ``train.compare_baseline``, the same config with NormGuard
-    off), then their before / after table, run directories and the guards that fired."""
-    summaries = {cfg.train.run_name: run_training(cfg, local=local)}
-    if cfg.train.compare_baseline:
-        ng = cfg.normguard.model_copy(update={"weight": 0.0, "mode": "penalty"})
-        train = cfg.train.model_copy(update={"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False})
-        base = cfg.model_copy(update={"normguard": ng, "train": train})
-        summaries[base.train.run_name] = run_training(base, local=local)
+    off), then their before / after table, run directories and the guards that fired. A stop signal during
+    either run raises :class:`RunStopped` (one set of handlers over both: a signal during the first run's last
+    evaluation stops the second before it starts)."""
+    stop = StopSignals(cfg.train.stop_wait_s)
+    try:
+        summaries = {cfg.train.run_name: run_training(cfg, local=local, stop=stop)}
+        if cfg.train.compare_baseline:
+            ng = cfg.normguard.model_copy(update={"weight": 0.0, "mode": "penalty"})
+            update = {"run_name": cfg.train.run_name + "-baseline", "compare_baseline": False}
+            base = cfg.model_copy(update={"normguard": ng, "train": cfg.train.model_copy(update=update)})
+            summaries[base.train.run_name] = run_training(base, local=local, stop=stop)
+    finally:
+        stop.restore()
     lines = [*short_report(cfg, summaries), ""]
     for name, s in summaries.items():
         lines.append(f"{name}: run directory {s.run_dir}")

@@ -10,6 +10,8 @@ state is judged. :class:`~services.training.controller.TrainController` makes ev
     Initializing -> Building -> Evaluating(before) -> Running <-> Evaluating(along) / Checkpointing
         -> [RollingBack] -> Evaluating(after) -> Finished
     an error in an attempt -> Restarting -> Building (the failure policy said restart) | Errored
+    a stop signal (services.training.preemption) -> Stopping (the step in flight finished: its checkpoint)
+        -> Preempted; before an attempt is built, or with the step abandoned, -> Preempted at once
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ __all__ = [
     "Evaluating",
     "Finished",
     "Initializing",
+    "Preempted",
     "Restarting",
     "RollingBack",
     "RunState",
     "Running",
+    "Stopping",
     "check_transition",
 ]
 
@@ -45,18 +49,24 @@ class RunState(enum.Enum):
     CHECKPOINTING = "checkpointing"
     ROLLING_BACK = "rolling_back"  # a guard said rollback: restoring its target checkpoint
     RESTARTING = "restarting"  # the failure policy said restart: waiting until the cluster holds the run
+    STOPPING = "stopping"  # a stop signal: the finished steps checkpointed, the workers released
     FINISHED = "finished"
     ERRORED = "errored"
+    PREEMPTED = "preempted"  # stopped by a signal; the same command resumes from the newest checkpoint
 
     @property
     def terminal(self) -> bool:
-        return self in (RunState.FINISHED, RunState.ERRORED)
+        return self in (RunState.FINISHED, RunState.ERRORED, RunState.PREEMPTED)
 
 
 _ATTEMPT_ENDS = {RunState.RESTARTING, RunState.ERRORED}  # an error inside an attempt goes to the failure policy
+# a stop signal: inside an attempt the run stops at the next state boundary (its checkpoint first), elsewhere
+# (before an attempt, while restarting, or with the step in flight abandoned) it ends at once
+_STOPS = {RunState.STOPPING, RunState.PREEMPTED}
 ALLOWED: dict[RunState, set[RunState]] = {
-    RunState.INITIALIZING: {RunState.BUILDING, RunState.ERRORED},
-    RunState.BUILDING: {RunState.EVALUATING, RunState.FINISHED, *_ATTEMPT_ENDS},  # finished: a rerun of a done run
+    RunState.INITIALIZING: {RunState.BUILDING, RunState.ERRORED, RunState.PREEMPTED},
+    # finished: a rerun of a done run
+    RunState.BUILDING: {RunState.EVALUATING, RunState.FINISHED, *_ATTEMPT_ENDS, *_STOPS},
     RunState.EVALUATING: {
         RunState.RUNNING,
         RunState.EVALUATING,  # nothing left to train: the after-training evaluation follows the one before
@@ -64,13 +74,22 @@ ALLOWED: dict[RunState, set[RunState]] = {
         RunState.ROLLING_BACK,
         RunState.FINISHED,
         *_ATTEMPT_ENDS,
+        *_STOPS,
     },
-    RunState.RUNNING: {RunState.RUNNING, RunState.EVALUATING, RunState.CHECKPOINTING, *_ATTEMPT_ENDS},
-    RunState.CHECKPOINTING: {RunState.RUNNING, RunState.EVALUATING, RunState.ROLLING_BACK, *_ATTEMPT_ENDS},
-    RunState.ROLLING_BACK: {RunState.EVALUATING, *_ATTEMPT_ENDS},
-    RunState.RESTARTING: {RunState.BUILDING, RunState.ERRORED},
+    RunState.RUNNING: {RunState.RUNNING, RunState.EVALUATING, RunState.CHECKPOINTING, *_ATTEMPT_ENDS, *_STOPS},
+    RunState.CHECKPOINTING: {
+        RunState.RUNNING,
+        RunState.EVALUATING,
+        RunState.ROLLING_BACK,
+        *_ATTEMPT_ENDS,
+        *_STOPS,
+    },
+    RunState.ROLLING_BACK: {RunState.EVALUATING, *_ATTEMPT_ENDS, *_STOPS},
+    RunState.RESTARTING: {RunState.BUILDING, RunState.ERRORED, RunState.PREEMPTED},
+    RunState.STOPPING: {RunState.PREEMPTED, RunState.ERRORED},
     RunState.FINISHED: set(),
     RunState.ERRORED: set(),
+    RunState.PREEMPTED: set(),
 }
 
 
@@ -150,3 +169,23 @@ class Finished(ControllerState):
 class Errored(ControllerState):
     error: BaseException
     kind: ClassVar[RunState] = RunState.ERRORED
+
+
+@dataclass(frozen=True)
+class Stopping(ControllerState):
+    """A stop signal came (``services.training.preemption``): checkpoint the finished steps, release the workers."""
+
+    kind: ClassVar[RunState] = RunState.STOPPING
+
+
+@dataclass(frozen=True)
+class Preempted(ControllerState):
+    """Stopped by ``request`` (a :class:`~services.training.preemption.StopRequest`) with ``step`` steps kept in
+    ``checkpoint`` (None: no checkpoint yet, a rerun starts at step 0); ``abandoned``: why the step in flight
+    was not waited for (None: it finished and is in the checkpoint)."""
+
+    request: Any
+    step: int
+    checkpoint: Path | None
+    abandoned: str | None = None
+    kind: ClassVar[RunState] = RunState.PREEMPTED
