@@ -113,13 +113,8 @@ class TrainController:
     def run(self):
         """Step until a terminal state; the run's summary, or its error (or :class:`RunStopped`) raised."""
         state = self.state
-        try:
-            while not state.terminal:
-                state = self.step(state)
-        finally:
-            self.stop.disarm()
-            if self._owns_stop:
-                self.stop.restore()
+        while not state.terminal:
+            state = self.step(state)
         if isinstance(state, Errored):
             raise state.error
         if isinstance(state, Preempted):
@@ -129,14 +124,26 @@ class TrainController:
     def step(self, state: ControllerState) -> ControllerState:
         """One transition: do what ``state`` says; an error inside an attempt goes to the failure policy."""
         try:
-            new = self._step(state)
-        except BaseException as err:  # noqa: BLE001 - decided below: restart, or the run's error
-            new = self._failed(state, err)
-        if self.stop.request is not None and not new.terminal:
-            new = self._stop_at(new)
-        check_transition(state.kind, new.kind)
+            try:
+                new = self._step(state)
+            except BaseException as err:  # noqa: BLE001 - decided below: restart, or the run's error
+                new = self._failed(state, err)
+            if self.stop.request is not None and not new.terminal:
+                new = self._stop_at(new)
+            check_transition(state.kind, new.kind)
+        except BaseException:
+            self._release_signals()
+            raise
+        if new.terminal:
+            self._release_signals()
         self.state = new
         return new
+
+    def _release_signals(self) -> None:
+        """The run is over: no stop deadline interrupts what follows, and the handlers it installed go back."""
+        self.stop.disarm()
+        if self._owns_stop:
+            self.stop.restore()
 
     def _step(self, state: ControllerState) -> ControllerState:
         handlers = {
@@ -286,7 +293,7 @@ class TrainController:
         latest = self.cfg.run_dir / "checkpoints" / "latest"
         ckpt = latest.parent / latest.read_text().strip() if latest.is_file() else None
         state = Preempted(self.stop.request, step=_step_of(ckpt), checkpoint=ckpt, abandoned=abandoned)
-        log.warning("%s; rerun the same command to resume", RunStopped(state, total_steps=self.cfg.train.steps))
+        log.debug("%s", RunStopped(state, total_steps=self.cfg.train.steps))  # said once, by whoever catches it
         return state
 
     # ---- failures --------------------------------------------------------------------------------

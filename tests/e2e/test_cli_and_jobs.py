@@ -170,3 +170,46 @@ def test_submit_job_to_a_local_head(digits_assets, ray_head, tmp_path):
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     assert "SUCCEEDED" in out.stdout and "+renorm" in out.stdout
     assert (tmp_path / "job" / "summary.json").is_file()
+
+
+def test_sigterm_at_step_6_of_12_checkpoints_it_says_so_and_the_rerun_ends_as_the_calm_run(digits_assets, tmp_path):
+    """What Kubernetes, a spot reclaim and ``ray job stop`` send, through Ray (not ``--local``): SIGTERM while step
+    6 of 12 is in flight (checkpoints every 4). The step finishes and is checkpointed, one line names it and the
+    command that resumes, the exit status is 143 with no stack dump; the same command then ends with the calm
+    run's metrics and final evaluation, every step once."""
+    import json
+
+    inner = {"train.steps": 12, "train.checkpoint_every": 4, "resources.num_learners": 1, "logging.backends": "[]"}
+
+    def train(name: str, **popen) -> subprocess.Popen:
+        cmd = [str(BIN / "normguard"), "train", *tiny_overrides(tmp_path, name, **inner)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), **popen)
+
+    def rows(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    calm = train("calm")
+    assert calm.wait(timeout=600) == 0, calm.communicate()[1][-3000:]
+    proc, metrics = train("stopped"), tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # step 5 logged: step 6 is in flight
+        if metrics.is_file() and any(r.get("step") == 5 and "reward/mean" in r for r in rows("stopped")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    done = [r["step"] for r in rows("stopped") if "reward/mean" in r]
+    assert done == list(range(1, done[-1] + 1)) and 6 <= done[-1] < 12  # the step in flight finished
+    latest = (tmp_path / "stopped" / "checkpoints" / "latest").read_text()
+    assert latest == f"step_{done[-1]:06d}", (latest, done)  # it, not the periodic step 4
+    said = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert len(said) == 1 and f"after step {done[-1]} of 12" in said[0] and "normguard train" in said[0], said
+    assert "rerun" in said[0] and "Traceback" not in err and "SIGTERM received at" not in err  # no stack dump
+    again = train("stopped")
+    assert again.wait(timeout=600) == 0, again.communicate()[1][-3000:]
+    keys = ("step", "reward/mean", "loss/total", "normguard/ratio_mean")
+    steps = [{k: r[k] for k in keys} for r in rows("stopped") if "reward/mean" in r]
+    assert steps == [{k: r[k] for k in keys} for r in rows("calm") if "reward/mean" in r]  # every step once
+    after = [json.loads((tmp_path / n / "summary.json").read_text())["after"] for n in ("calm", "stopped")]
+    assert after[0] == after[1]

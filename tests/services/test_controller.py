@@ -3,6 +3,9 @@ real Coordinator and ExperienceSource over dummy in-process workers (no Ray, no 
 (start, steps, a lost learner restarted, a guard's rollback, the end) takes well under a second."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -11,10 +14,11 @@ from conftest import tiny_overrides
 from services.config import load_config
 from services.training.backends import LocalBackend
 from services.training.build import Built
-from services.training.controller import TrainController
+from services.training.controller import RunStopped, TrainController
 from services.training.coordinator import Coordinator
 from services.training.failure import FailureDecision, FailurePolicy
 from services.training.learner_group import LearnerLost
+from services.training.preemption import StepAbandoned, StopRequest, StopSignals, exit_code
 from services.training.state import (
     ALLOWED,
     Building,
@@ -23,10 +27,12 @@ from services.training.state import (
     Evaluating,
     Finished,
     Initializing,
+    Preempted,
     Restarting,
     RollingBack,
     Running,
     RunState,
+    Stopping,
     check_transition,
 )
 from services.training.workers import InlineExecutor, LocalPool, WorkerGroup
@@ -210,9 +216,120 @@ def test_a_keyboard_interrupt_releases_the_attempt_and_is_raised(tmp_path):
     assert ctl.attempt is None and builds.made[0][1].learner.stopped
 
 
+# ---- stop signals (services.training.preemption) -------------------------------------------------------
+def _trained(ctl, steps: int):
+    """Step ``ctl`` from the start until ``steps`` RL steps are done; the state it is in then."""
+    state = ctl.state
+    while not (isinstance(state, Running) and ctl.attempt and ctl.attempt.coord.step_idx == steps):
+        state = ctl.step(state)
+    return state
+
+
+def _steps(run_dir) -> list[int]:
+    return [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "reward/mean" in line
+    ]
+
+
+def test_sigterm_finishes_the_step_in_flight_checkpoints_it_and_a_rerun_ends_as_the_calm_run(tmp_path):
+    """A SIGTERM after step 3 (checkpoints every 2): step 4 finishes, is checkpointed, the run ends Preempted and
+    says so; the rerun resumes at step 4 and ends with the calm run's metrics, every step once."""
+    over = {"train.checkpoint_every": 2, "train.eval_every": 0}
+    calm_cfg = _cfg(tmp_path / "calm", **over)
+    calm_builds = Builds(bad_at=-1)
+    calm_builds.lost.append(None)  # no lost learner in these runs
+    calm = TrainController(calm_cfg, backend=LocalBackend(), progress=False, build=calm_builds).run()
+    cfg = _cfg(tmp_path / "stopped", **over)
+    builds = Builds(bad_at=-1)
+    builds.lost.append(None)
+    stop = StopSignals(wait_s=30.0)
+    ctl = TrainController(cfg, backend=LocalBackend(), progress=False, build=builds, stop=stop)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        state = _trained(ctl, 3)
+        assert stop.installed and (cfg.run_dir / "checkpoints" / "latest").read_text() == "step_000002"
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread at once: a request, no exit
+        assert stop.request is not None and stop.request.name == "SIGTERM"
+        assert ctl.step(state) == Stopping()  # step 4 ran to its end first
+        end = ctl.step(Stopping())
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert isinstance(end, Preempted) and end.step == 4 and end.abandoned is None
+    assert end.checkpoint == cfg.run_dir / "checkpoints" / "step_000004"
+    assert (cfg.run_dir / "checkpoints" / "latest").read_text() == "step_000004"
+    assert ctl.attempt is None and builds.made[0][1].learner.stopped and _steps(cfg.run_dir) == [1, 2, 3, 4]
+    assert "after step 4 of 5" in str(RunStopped(end, total_steps=5)) and exit_code(end.request) == 143
+    again = TrainController(cfg, backend=LocalBackend(), progress=False, build=Builds(bad_at=-1)).run()
+    assert builds.made[0][0] is None and _steps(cfg.run_dir) == [1, 2, 3, 4, 5]
+    keys = ("reward/mean", "loss/total", "step")
+    assert [{k: r[k] for k in keys} for r in again.history if "reward/mean" in r] == [
+        {k: r[k] for k in keys} for r in calm.history if "reward/mean" in r
+    ]
+    assert again.after == calm.after
+
+
+def test_a_step_past_the_stop_deadline_is_abandoned_and_the_run_ends_at_its_newest_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, **{"train.checkpoint_every": 2, "train.eval_every": 0})
+    builds = Builds(bad_at=-1)
+    builds.lost.append(None)
+    stop = StopSignals(wait_s=0.2)
+    ctl = TrainController(cfg, backend=LocalBackend(), progress=False, build=builds, stop=stop)
+    state = _trained(ctl, 2)
+
+    def hangs():  # a step stuck in Python (a remote wait polls for signals the same way)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(3000):
+            time.sleep(0.01)
+
+    ctl.attempt.coord.step = hangs
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RunStopped, match=r"after step 2 of 5 .*abandoned \(not finished 0 s after the signal"):
+            _run_from(ctl, state)
+    finally:
+        stop.restore()
+    assert time.monotonic() - t0 < 5, "the deadline did not interrupt the step"
+    assert isinstance(ctl.state, Preempted) and ctl.state.checkpoint.name == "step_000002"
+    assert (cfg.run_dir / "checkpoints" / "latest").read_text() == "step_000002" and ctl.attempt is None
+
+
+def _run_from(ctl, state):
+    ctl.state = state
+    return ctl.run()
+
+
+def test_a_second_signal_abandons_at_once_and_handlers_are_given_back():
+    stop = StopSignals(wait_s=60.0).install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.request.name == "SIGINT" and exit_code(stop.request) == 130
+        with pytest.raises(StepAbandoned, match="a second signal, SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_before_the_first_attempt_ends_the_run_with_nothing_built(tmp_path):
+    builds = Builds(bad_at=-1)
+    stop = StopSignals(wait_s=30.0)
+    stop.request = StopRequest(signal.SIGTERM, time.monotonic())
+    ctl = TrainController(_cfg(tmp_path), backend=LocalBackend(), progress=False, build=builds, stop=stop)
+    try:
+        with pytest.raises(RunStopped, match="after step 0 of 5 .no checkpoint yet"):
+            ctl.run()
+    finally:
+        stop.restore()
+    assert builds.made == [] and isinstance(ctl.state, Preempted) and ctl.state.checkpoint is None
+
+
 # ---- the state table and the failure policy on their own ---------------------------------------------
 def test_run_states_terminal_and_transitions():
-    assert {s for s in RunState if s.terminal} == {RunState.FINISHED, RunState.ERRORED}
+    assert {s for s in RunState if s.terminal} == {RunState.FINISHED, RunState.ERRORED, RunState.PREEMPTED}
     assert all(not ALLOWED[s] for s in RunState if s.terminal)
     assert set(ALLOWED) == set(RunState)
     check_transition(RunState.RUNNING, RunState.CHECKPOINTING)
