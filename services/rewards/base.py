@@ -88,6 +88,7 @@ BUILTIN_SCORERS: dict[str, str] = {
     "digits_realism": "services.rewards.digits:_realism",
     "hpsv2": "services.rewards.clip:_hpsv2",
     "http_judge": "services.rewards.judges:_http_judge",
+    "laion_aesthetic": "services.rewards.aesthetic:_laion_aesthetic",
     "pickscore": "services.rewards.clip:_pickscore",
     "realism_detector": "services.rewards.realism:_realism",
     "vlm_judge": "services.rewards.judges:_vlm_judge",

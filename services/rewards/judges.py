@@ -14,8 +14,10 @@ import base64
 import io
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -119,9 +121,12 @@ class HTTPJudge:
     """A judge behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, SGLang, ...).
 
     Each image is sent as a PNG data URL with ``max_tokens=1, logprobs=true``; the score is
-    read from ``top_logprobs`` of the first token. Timeouts per request, retries with
-    exponential backoff; a request that still fails raises (the reward actor counts and
-    reports it; a required scorer then fails the step).
+    read from ``top_logprobs`` of the first token. Up to ``concurrency`` requests are in flight
+    at once (one per image: the OpenAI chat API takes one conversation per request, and a
+    vLLM / SGLang server batches concurrent ones itself), so a step's images wait on about
+    ``B / concurrency`` round trips instead of ``B``; ``concurrency: 1`` sends them in turn.
+    Timeouts per request, retries with exponential backoff; a request that still fails raises
+    (the reward actor counts and reports it; a required scorer then fails the step).
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class HTTPJudge:
         retries: int = 3,
         backoff_s: float = 0.5,
         api_key: str | None = None,
+        concurrency: int = 8,
         transport=None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -144,11 +150,18 @@ class HTTPJudge:
 
         if not path:
             raise ValueError(f"{name}: needs path= the base URL, e.g. http://127.0.0.1:8000/v1")
+        if concurrency < 1:
+            raise ValueError(f"{name}: concurrency must be >= 1, got {concurrency}")
         self.name, self.model, self.mode, self.question = name, model, mode, question
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.concurrency = retries, backoff_s, concurrency
         self.answers = _answer_tokens(mode, num_ratings)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(base_url=path.rstrip("/"), timeout=timeout_s, headers=headers, transport=transport)
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        self.client = httpx.Client(
+            base_url=path.rstrip("/"), timeout=timeout_s, headers=headers, limits=limits, transport=transport
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name) if concurrency > 1 else None
+        self._lock = threading.Lock()
         self.failures = 0
 
     def _payload(self, image: Tensor, prompt: str) -> dict:
@@ -187,7 +200,8 @@ class HTTPJudge:
                             probs[a] += math.exp(entry["logprob"])
                 return float(probs_to_score(torch.tensor([[probs[a] for a in self.answers]]), mode=self.mode)[0])
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
-                self.failures += 1
+                with self._lock:  # counted from the request threads
+                    self.failures += 1
                 if attempt == self.retries:
                     raise RuntimeError(f"{self.name}: judge request failed after {attempt + 1} tries: {err}") from err
                 log.warning("%s: judge request failed (%s); retry %d/%d", self.name, err, attempt + 1, self.retries)
@@ -196,7 +210,9 @@ class HTTPJudge:
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         validate_images(images, prompts, scorer=self.name)
-        return torch.tensor([self._one(img, p) for img, p in zip(images, prompts)], dtype=torch.float32)
+        if self._pool is None:
+            return torch.tensor([self._one(img, p) for img, p in zip(images, prompts)], dtype=torch.float32)
+        return torch.tensor(list(self._pool.map(self._one, images, prompts)), dtype=torch.float32)
 
 
 def _vlm_judge(path: str | None = None, device: str | torch.device = "cpu", **options) -> LocalVLMJudge:

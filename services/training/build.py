@@ -44,9 +44,20 @@ def _resolve(cfg: ExperimentConfig) -> tuple[str, dict[str, ScorerBuild], dict[s
 
     def specs(items) -> dict[str, ScorerBuild]:
         embedded = lambda s: scorer_dir if s.name.startswith(("digits_", "colour_")) and not s.impl else None  # noqa: E731
-        return {s.name: ScorerBuild(path=s.path or embedded(s), options=dict(s.options), impl=s.impl) for s in items}
+        return {
+            s.name: _remote_build(s) if s.server else ScorerBuild(s.path or embedded(s), dict(s.options), s.impl)
+            for s in items
+        }
 
     return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
+
+
+def _remote_build(spec) -> ScorerBuild:
+    """A scorer on a reward server (``server:``): the scorer actor builds its client
+    (``services.rewards.remote.RemoteScorer``), which the worker calls like any scorer."""
+    return ScorerBuild(
+        options={"scorer": spec.name, **spec.server.model_dump()}, impl="services.rewards.remote:RemoteScorer"
+    )
 
 
 def build_coordinator(

@@ -46,6 +46,17 @@ def _save_tiny_vit(path: Path) -> Path:
     return path
 
 
+def _save_aesthetic_head(path: Path, clip: Path) -> Path:
+    """A random head of improved-aesthetic-predictor's layout, sized to the tiny CLIP's projection."""
+    from transformers import CLIPConfig
+
+    from services.rewards.aesthetic import AestheticHead
+
+    torch.manual_seed(0)
+    torch.save(AestheticHead(CLIPConfig.from_pretrained(clip).projection_dim).state_dict(), path)
+    return path
+
+
 def _openai_mock(p_yes: float):
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
@@ -70,6 +81,9 @@ def scorers(tmp_path_factory, digits_assets):
         ),
         "realism_detector": build_scorer("realism_detector", path=str(_save_tiny_vit(root / "vit"))),
         "http_judge": HTTPJudge("http_judge", "http://judge.test/v1", transport=_openai_mock(0.8)),
+        "laion_aesthetic": build_scorer(
+            "laion_aesthetic", path=str(_save_aesthetic_head(root / "head.pth", clip)), options={"clip": str(clip)}
+        ),
     }
     for name in ("digits_classifier", "digits_ink", "digits_judge", "digits_realism"):
         out[name] = build_scorer(name, path=str(digits_assets.scorer_path))
@@ -91,6 +105,7 @@ def test_every_registered_scorer_is_covered(scorers):
         "vlm_judge_rating",
         "realism_detector",
         "http_judge",
+        "laion_aesthetic",
         "digits_classifier",
         "digits_ink",
         "digits_judge",
@@ -191,6 +206,18 @@ def test_http_judge_reads_logprobs_and_retries():
     )
     with pytest.raises(RuntimeError, match="failed after 2 tries"):
         dead.score(torch.rand(1, 3, 8, 8), ["a cat"])
+
+
+def test_aesthetic_head_has_the_published_keys_and_refuses_others(tmp_path):
+    from services.rewards.aesthetic import AestheticHead, AestheticScorer
+
+    keys = set(AestheticHead(768).state_dict())
+    assert keys == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")}
+    assert AestheticHead(768).state_dict()["layers.0.weight"].shape == (1024, 768)
+    clip = tiny_models.save_tiny_clip(tmp_path / "clip")
+    torch.save({"fc.weight": torch.zeros(1, 4)}, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match="not the aesthetic head's layout"):
+        AestheticScorer("a", str(tmp_path / "bad.pth"), clip=str(clip))
 
 
 def test_registry_errors(tmp_path):
