@@ -96,6 +96,7 @@ def _load(sweep_dir: Path) -> list[dict[str, Any]]:
                 "ratio": data["ratio_per_step"].get("policy", []),
                 "margin": cfg["normguard"]["margin"],
                 "reward": cfg["reward"]["scorers"][0]["name"],
+                "reward_weights": {sc["name"]: float(sc.get("weight", 1.0)) for sc in cfg["reward"]["scorers"]},
                 "full_steps": cfg["eval"]["full_steps"],
                 "eval_scorers": [sc["name"] for sc in cfg["reward"].get("eval_scorers", [])],
             }
@@ -114,11 +115,20 @@ def _curves(run: dict, steps: int, *, renorm: bool = False, keys: tuple[str, ...
         if renorm and i > 0 and not any(k.startswith(prefix) for k in p):
             continue
         for k in keys:
-            name = run["reward"] if k == "reward" else k
-            v = src.get(f"eval/{name}_{steps}steps")
+            v = _reward_at(run, src, steps) if k == "reward" else src.get(f"eval/{k}_{steps}steps")
             if v is not None:
                 out[k].append(float(v))
     return out
+
+
+def _reward_at(run: dict, point: dict, steps: int) -> float | None:
+    """The training reward at an evaluation point: its one proxy, or the weighted sum of several (as
+    ``reward.scorers`` combines them), None unless every term was evaluated."""
+    weights = run.get("reward_weights") or {run["reward"]: 1.0}
+    values = [point.get(f"eval/{name}_{steps}steps") for name in weights]
+    if any(v is None for v in values):
+        return None
+    return sum(w * float(v) for w, v in zip(weights.values(), values))
 
 
 def _arms(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -81,3 +81,22 @@ def test_h3_is_the_per_seed_difference_of_the_two_paired_differences(tmp_path):
     assert r["h3"] == pytest.approx(-17.0) and r["seeds"] == 3 and r["seeds_h3_negative"] == 3  # -16 - s
     assert r["h3_ci95"] == pytest.approx(4.302653 / 3**0.5, rel=1e-5)  # sd 1 over 3 seeds
     assert not [x for x in h3_rows(tmp_path) if x["normguard"] == "penalty"]  # no penalty arm in this sweep
+
+
+def test_a_weighted_sum_of_proxies_is_the_reward_the_arms_are_matched_on(tmp_path):
+    for arm in ("none", "constraint"):
+        d = tmp_path / "trials" / f"{arm}-awm-0"
+        d.mkdir(parents=True)
+        rows = [
+            {"step": 0, "eval/colour_jpeg_20steps": 0.3, "eval/colour_clip_20steps": 0.1, "eval/frechet_20steps": 10},
+            {"step": 6, "eval/colour_jpeg_20steps": 0.5, "eval/colour_clip_20steps": 0.1, "eval/frechet_20steps": 30},
+        ]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        params = {"loss.name": "awm", "arm": arm, "train.seed": 0}
+        (d / "trial.json").write_text(json.dumps({"params": params, "ratio_per_step": {"policy": [1.0]}}))
+        scorers = [{"name": "colour_jpeg", "weight": 1.0}, {"name": "colour_clip", "weight": 2.0}]
+        cfg = {"normguard": {"margin": 0.0}, "reward": {"scorers": scorers}, "eval": {"full_steps": 20}}
+        (d / "config.json").write_text(json.dumps(cfg))
+    out = compare_sweep(tmp_path, tmp_path / "cmp", steps=20, rules=("all",))
+    assert {r["reward_level"] for r in out["matched"]} == {0.7}  # 0.5 + 2 x 0.1
+    assert {r["arm"]: r["reward"] for r in out["final"]} == {"constraint": 0.7, "none": 0.7}

@@ -40,18 +40,41 @@ def test_es_gradient_points_along_the_true_gradient():
     assert bool((cos > 0.9).all())
 
 
-def test_the_probe_runs_on_tiny_colour_assets(tmp_path, monkeypatch, capsys):
-    import services.prepare as prep
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
     from services.prepare_colour import prepare_colour
-    from services.probe_proxies import main
 
     torch.set_num_threads(2)
-    assets = prepare_colour(
-        vae_steps=2, pretrain_steps=2, scorer_steps=2, num_fake=8, cache_dir=tmp_path, log=lambda s: None
-    )
-    monkeypatch.setattr(prep, "prepare_task", lambda m, **kw: assets)
+    root = tmp_path_factory.mktemp("probe")
+    return prepare_colour(vae_steps=2, pretrain_steps=2, scorer_steps=2, num_fake=8, cache_dir=root, log=lambda s: None)
+
+
+def test_the_probe_runs_on_tiny_colour_assets(tiny_assets, monkeypatch, capsys):
+    import services.prepare as prep
+    from services.probe_proxies import main
+
+    monkeypatch.setattr(prep, "prepare_task", lambda m, **kw: tiny_assets)
     main(["deploy/configs/colour_nft.yaml", "--samples", "3", "--steps", "2", "--es-pairs", "2", "--print-every", "1"])
     out = capsys.readouterr().out
     for name in ("**colour_clip**", "**colour_pref**", "**colour_jpeg (ES gradient)**"):
         assert name in out
     assert out.count("| 2 | ") == 3  # the last step of each proxy's table
+
+
+def test_base_spread_evaluates_like_a_run_at_several_seeds(tiny_assets, monkeypatch, capsys):
+    import services.prepare as prep
+    from services.base_spread import main
+
+    monkeypatch.setattr(prep, "prepare_task", lambda m, **kw: tiny_assets)
+    small = ["eval.num_prompts=2", "eval.samples_per_prompt=2", "eval.few_steps=1", "eval.full_steps=2"]
+    main(["deploy/configs/colour_nft.yaml", *small, "--seeds", "2", "--extra", "colour_pref"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| eval/")}
+    for key in (
+        "eval/colour_clip_2steps",
+        "eval/colour_pref_1steps",
+        "eval/frechet_2steps",
+        "eval/colour_saturation_2steps",
+    ):
+        assert key in rows, key
+        assert len(rows[key].rstrip(" |").split(" | ")[-1].split(", ")) == 2  # one value per seed
