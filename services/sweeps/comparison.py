@@ -206,26 +206,25 @@ def compare_sweep(
     _write_csv(out / "final.csv", final)
     _write_csv(out / "bound.csv", bound)
     first = by_rule[rules[0]]
+    (out / "tables.md").write_text(_tables_md(by_rule, rules, final, bound, keys, steps))
+    plot_frontiers(by, methods, steps, out / "reward_vs_quality.png", keys, series=_series)
+    plot_ratios(by, methods, out / "ratio_per_step.png")
+    return {**first, "final": final, "bound": bound, "keys": keys, "out": out, "by_rule": by_rule}
+
+
+def _tables_md(by_rule: dict, rules: tuple[str, ...], final, bound, keys, steps: int) -> str:
+    """``tables.md``: the first rule's full tables, then the matched sections of every other rule."""
+    first = by_rule[rules[0]]
     text = markdown_tables(
-        first["matched"],
-        first["paired"],
-        final,
-        high=first["high"],
-        high_paired=first["high_paired"],
-        bound=bound,
-        keys=keys,
-        steps=steps,
-        rule=rules[0],
-    )
+        first["matched"], first["paired"], final, high=first["high"], high_paired=first["high_paired"],
+        bound=bound, keys=keys, steps=steps, rule=rules[0],
+    )  # fmt: skip
     for rule in rules[1:]:
         t = by_rule[rule]
         text += matched_markdown(
             t["matched"], t["paired"], t["high"], t["high_paired"], keys=keys, steps=steps, rule=rule
         )
-    (out / "tables.md").write_text(text)
-    plot_frontiers(by, methods, steps, out / "reward_vs_quality.png", keys, series=_series)
-    plot_ratios(by, methods, out / "ratio_per_step.png")
-    return {**first, "final": final, "bound": bound, "keys": keys, "out": out, "by_rule": by_rule}
+    return text
 
 
 _FILES = {"matched": "matched", "paired": "paired", "high": "matched_high", "high_paired": "paired_high"}
