@@ -3,7 +3,9 @@
 ``prepare_colour`` trains (or loads) the VAE, the generator and then the scorers: the CLIP proxy and the
 attribute judge on real images, the realism detector on real images vs. base-model samples at 4 and
 20 Euler steps (half at guidance 1, half at the task's default guidance 4), like the digits task's
-``services.prepare.prepare_embedded``. ``colour_preview`` writes sample grids and scores them through
+``services.prepare.prepare_embedded``; then the preference proxy ``colour_pref``
+(``services.rewards.colour_pref``, on preference pairs of real scenes), cached in its own directory
+under the scorers' so that adding it left the scorers' cache valid. ``colour_preview`` writes sample grids and scores them through
 the one evaluation path (``services.evaluation``) with the judge's features against held-out real data.
 
 Measured (alone under the shared lock, 2 CPU cores, torch threads 2, default settings, cache version 2):
@@ -30,6 +32,7 @@ __all__ = ["COLOUR_SCORERS", "colour_preview", "colour_scorers", "prepare_colour
 COLOUR_SCORERS = (
     "colour_clip",
     "colour_jpeg",
+    "colour_pref",
     "colour_judge",
     "colour_realism",
     "colour_brightness",
@@ -82,6 +85,7 @@ def prepare_colour(
     """Train / load the colour VAE + generator and its scorers (both cached; the scorers under ``scorers/``)."""
     import time
 
+    from services.rewards.colour_pref import build_colour_pref
     from services.rewards.colour_training import train_colour_scorers
 
     model_path = load_or_pretrain_colour(
@@ -98,6 +102,7 @@ def prepare_colour(
             scorer_path, fake_images=fake, reconstruct=_vae_round_trip(gen), seed=seed, steps=scorer_steps, log=log
         )
         log(f"  scorers done ({time.time() - t0:.0f} s)")
+    build_colour_pref(scorer_path, steps=scorer_steps, seed=seed, log=log)  # the preference proxy, issue #36
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
 
 

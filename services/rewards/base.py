@@ -79,6 +79,7 @@ BUILTIN_SCORERS: dict[str, str] = {
     "colour_contrast": "services.rewards.colour:_contrast",
     "colour_jpeg": "services.rewards.colour:_jpeg",
     "colour_judge": "services.rewards.colour:_judge",
+    "colour_pref": "services.rewards.colour_pref:_pref",
     "colour_realism": "services.rewards.colour:_realism",
     "colour_saturation": "services.rewards.colour:_saturation",
     "colour_texture": "services.rewards.colour:_texture",

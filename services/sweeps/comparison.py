@@ -18,6 +18,9 @@ Reads every trial's evaluation points along training (``metrics.jsonl``: before 
 * ``matched_high.csv`` / ``paired_high.csv`` - the same at the higher level that every arm but the
   strong regularisers (``kl``) reaches: a strong KL caps the common level where the hack has barely
   started, and NormGuard against no regulariser matters most where it is under way.
+* ``matched_majority.csv`` / ``paired_majority.csv`` (and ``*_high_majority.csv``) - the same under the
+  matched-reward rule that one weak run cannot collapse (:func:`matched_level`, rule ``majority``); the
+  files without a suffix keep the registered rule ``all``, so both sets of numbers stand side by side.
 * ``tables.md`` - all of it as markdown tables.
 * ``final.csv`` - every arm after its last step (no matching): reward, quality, and the minimum and
   maximum over sampling steps of the per-step norm ratio.
@@ -41,10 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from services.sweeps.keys import GAP_STATS, LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
-from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables
+from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables, matched_markdown
 from services.sweeps.plots import plot_frontiers, plot_ratios
 
-__all__ = ["compare_and_report", "compare_sweep", "interpolate_at", "mean_ci"]
+__all__ = ["MATCH_RULES", "compare_and_report", "compare_sweep", "interpolate_at", "matched_level", "mean_ci"]
+
+MATCH_RULES = ("all", "majority")
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, int]:
@@ -91,6 +96,7 @@ def _load(sweep_dir: Path) -> list[dict[str, Any]]:
                 "ratio": data["ratio_per_step"].get("policy", []),
                 "margin": cfg["normguard"]["margin"],
                 "reward": cfg["reward"]["scorers"][0]["name"],
+                "reward_weights": {sc["name"]: float(sc.get("weight", 1.0)) for sc in cfg["reward"]["scorers"]},
                 "full_steps": cfg["eval"]["full_steps"],
                 "eval_scorers": [sc["name"] for sc in cfg["reward"].get("eval_scorers", [])],
             }
@@ -109,11 +115,20 @@ def _curves(run: dict, steps: int, *, renorm: bool = False, keys: tuple[str, ...
         if renorm and i > 0 and not any(k.startswith(prefix) for k in p):
             continue
         for k in keys:
-            name = run["reward"] if k == "reward" else k
-            v = src.get(f"eval/{name}_{steps}steps")
+            v = _reward_at(run, src, steps) if k == "reward" else src.get(f"eval/{k}_{steps}steps")
             if v is not None:
                 out[k].append(float(v))
     return out
+
+
+def _reward_at(run: dict, point: dict, steps: int) -> float | None:
+    """The training reward at an evaluation point: its one proxy, or the weighted sum of several (as
+    ``reward.scorers`` combines them), None unless every term was evaluated."""
+    weights = run.get("reward_weights") or {run["reward"]: 1.0}
+    values = [point.get(f"eval/{name}_{steps}steps") for name in weights]
+    if any(v is None for v in values):
+        return None
+    return sum(w * float(v) for w, v in zip(weights.values(), values))
 
 
 def _arms(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -137,13 +152,41 @@ def _series(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> dic
     return out
 
 
-def _matched_level(series: dict) -> float:
-    """The highest reward every seed of every arm reaches at some evaluation point."""
-    return min(max(c["reward"]) for runs in series.values() for _, c in runs)
+def matched_level(series: dict, rule: str = "all") -> float:
+    """The reward level at which every arm is read, by ``rule``.
+
+    * ``all`` (the registered rule of docs/tasks/colour.md and the digits sweep): the highest reward
+      that every seed of every arm reaches, ``min over arms and seeds of max over points``. One run
+      that never rises above the base model sends the level back to step 0 for every arm: at 20
+      colour steps it did for DiffusionNFT, AWM and Flow-GRPO (issue #36).
+    * ``majority``: the highest reward that every arm reaches in a strict majority of its seeds, ``min
+      over arms of the (n // 2 + 1)-th largest per-seed best``. A seed whose run stays below the level
+      is left out of that arm's cell (the ``seeds`` column shows it) and out of the pairs it is in, so
+      no value is extrapolated. Chosen over a level per seed pair because it keeps one level per table:
+      every arm of a method is still read at the same reward, which is what a matched table claims,
+      while fewer than half of an arm's seeds cannot move the level. It still reads step 0 where most
+      seeds of some arm never rise, and then it should: that arm did not raise the proxy.
+    """
+    if rule not in MATCH_RULES:
+        raise ValueError(f"matched-reward rule must be one of {MATCH_RULES}, got {rule!r}")
+    bests = [sorted((max(c["reward"]) for _, c in runs), reverse=True) for runs in series.values() if runs]
+    if rule == "all":
+        return min(b[-1] for b in bests)
+    return min(b[len(b) // 2] for b in bests)
 
 
-def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, steps: int | None = None) -> dict:
-    """Write the comparison's CSVs and plots (see the module docstring); returns the rows."""
+def compare_sweep(
+    sweep_dir: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    steps: int | None = None,
+    rules: tuple[str, ...] = MATCH_RULES,
+) -> dict:
+    """Write the comparison's CSVs and plots (see the module docstring); returns the rows.
+
+    ``rules``: the matched-reward rules to read (:func:`matched_level`); the first one's rows are the
+    returned ``matched`` / ``paired`` / ``high`` / ``high_paired``, every rule's are under ``by_rule``.
+    """
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir else sweep_dir / "comparison"
     out.mkdir(parents=True, exist_ok=True)
@@ -153,44 +196,56 @@ def compare_sweep(sweep_dir: str | Path, out_dir: str | Path | None = None, *, s
     steps = steps or runs[0]["full_steps"]
     by, keys = _arms(runs), quality_keys(runs)
     methods = sorted({m for m, _ in by})
-    matched, paired, final, high, high_paired, bound = [], [], [], [], [], []
-    for method in methods:
-        series = _series(by, method, steps, keys)
-        rows, per_arm = _matched_rows(series, method, keys)
-        matched += rows
-        paired += _paired_rows(per_arm, method, keys)
-        final += _final_rows(by, method, steps, keys)
-        bound += _bound_rows(by, method)
-        # a strong regulariser caps the common level low; NormGuard vs the rest also where the hack is under way
-        strong = {a: v for a, v in series.items() if a not in HIGH_LEVEL_EXCLUDES}
-        if len(strong) < len(series):
-            rows, per_arm = _matched_rows(strong, method, keys)
-            high += rows
-            high_paired += _paired_rows(per_arm, method, keys)
-    for name, rows in (
-        ("matched.csv", matched),
-        ("paired.csv", paired),
-        ("final.csv", final),
-        ("matched_high.csv", high),
-        ("paired_high.csv", high_paired),
-        ("bound.csv", bound),
-    ):
-        _write_csv(out / name, rows)
-    (out / "tables.md").write_text(
-        markdown_tables(matched, paired, final, high=high, high_paired=high_paired, bound=bound, keys=keys, steps=steps)
-    )
+    final = [row for method in methods for row in _final_rows(by, method, steps, keys)]
+    bound = [row for method in methods for row in _bound_rows(by, method)]
+    by_rule = {rule: _matched_tables(by, methods, steps, keys, rule) for rule in rules}
+    for rule, tables in by_rule.items():
+        suffix = "" if rule == "all" else f"_{rule}"
+        for name, rows in tables.items():
+            _write_csv(out / f"{_FILES[name]}{suffix}.csv", rows)
+    _write_csv(out / "final.csv", final)
+    _write_csv(out / "bound.csv", bound)
+    first = by_rule[rules[0]]
+    (out / "tables.md").write_text(_tables_md(by_rule, rules, final, bound, keys, steps))
     plot_frontiers(by, methods, steps, out / "reward_vs_quality.png", keys, series=_series)
     plot_ratios(by, methods, out / "ratio_per_step.png")
-    return {
-        "matched": matched,
-        "paired": paired,
-        "final": final,
-        "high": high,
-        "high_paired": high_paired,
-        "bound": bound,
-        "keys": keys,
-        "out": out,
-    }
+    return {**first, "final": final, "bound": bound, "keys": keys, "out": out, "by_rule": by_rule}
+
+
+def _tables_md(by_rule: dict, rules: tuple[str, ...], final, bound, keys, steps: int) -> str:
+    """``tables.md``: the first rule's full tables, then the matched sections of every other rule."""
+    first = by_rule[rules[0]]
+    text = markdown_tables(
+        first["matched"], first["paired"], final, high=first["high"], high_paired=first["high_paired"],
+        bound=bound, keys=keys, steps=steps, rule=rules[0],
+    )  # fmt: skip
+    for rule in rules[1:]:
+        t = by_rule[rule]
+        text += matched_markdown(
+            t["matched"], t["paired"], t["high"], t["high_paired"], keys=keys, steps=steps, rule=rule
+        )
+    return text
+
+
+_FILES = {"matched": "matched", "paired": "paired", "high": "matched_high", "high_paired": "paired_high"}
+
+
+def _matched_tables(by, methods: list[str], steps: int, keys: tuple[str, ...], rule: str) -> dict[str, list[dict]]:
+    """The matched and paired rows of every method under ``rule``, at the common level and at the higher
+    level without the strong regularisers (a strong KL caps the common level where the hack has barely
+    started; NormGuard against the rest matters most where it is under way)."""
+    out: dict[str, list[dict]] = {"matched": [], "paired": [], "high": [], "high_paired": []}
+    for method in methods:
+        series = _series(by, method, steps, keys)
+        rows, per_arm = _matched_rows(series, method, keys, rule)
+        out["matched"] += rows
+        out["paired"] += _paired_rows(per_arm, method, keys)
+        strong = {a: v for a, v in series.items() if a not in HIGH_LEVEL_EXCLUDES}
+        if len(strong) < len(series):
+            rows, per_arm = _matched_rows(strong, method, keys, rule)
+            out["high"] += rows
+            out["high_paired"] += _paired_rows(per_arm, method, keys)
+    return out
 
 
 def compare_and_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, steps: int | None = None) -> str:
@@ -234,9 +289,11 @@ def _bound_rows(by, method: str) -> list[dict]:
     return rows
 
 
-def _matched_rows(series: dict, method: str, keys: tuple[str, ...] = QUALITY) -> tuple[list[dict], dict]:
+def _matched_rows(
+    series: dict, method: str, keys: tuple[str, ...] = QUALITY, rule: str = "all"
+) -> tuple[list[dict], dict]:
     """Every arm's quality at the method's matched reward level: rows (mean, CI) and the per-seed values."""
-    level = _matched_level(series)
+    level = matched_level(series, rule)
     rows, per_arm = [], {}
     for arm, seeds in series.items():
         per_arm[arm] = {k: {} for k in keys}
@@ -250,7 +307,8 @@ def _matched_rows(series: dict, method: str, keys: tuple[str, ...] = QUALITY) ->
         row: dict[str, Any] = {"method": method, "arm": label, "reward_level": round(level, 4)}
         for k in keys:
             m, h, n = mean_ci(list(per_arm[arm][k].values()))
-            row[k], row[f"{k}_ci95"], row["seeds"] = m, h, n
+            row[k], row[f"{k}_ci95"] = m, h
+            row["seeds"] = max(n, row.get("seeds", 0))  # seeds read at the level (a metric may be missing)
         rows.append(row)
     return rows, per_arm
 

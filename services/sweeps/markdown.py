@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from services.sweeps.keys import QUALITY, judge_key, paired_keys
 
-__all__ = ["markdown_tables"]
+__all__ = ["markdown_tables", "matched_markdown"]
 
 HIGH_LEVEL_EXCLUDES = ("kl",)  # arms left out of the second, higher matched level
 
@@ -59,6 +59,39 @@ def _matched_md(title: str, matched: list[dict], paired: list[dict], judge: str,
     return lines + [""]
 
 
+_RULE_TITLES = {
+    "all": "the level every seed of every arm reaches",
+    "majority": "the level every arm reaches in most of its seeds (rule majority)",
+}
+
+
+def _matched_sections(matched, paired, high, high_paired, judge, extra, at: str, rule: str) -> list[str]:
+    lines = _matched_md(f"At matched reward{at}: {_RULE_TITLES[rule]}", matched, paired, judge, extra)
+    if high:
+        excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
+        rule_note = "" if rule == "all" else f" (rule {rule})"
+        title = f"At a higher matched reward{at}: every arm but {excluded}{rule_note}"
+        lines += _matched_md(title, high, high_paired or [], judge, extra)
+    return lines
+
+
+def matched_markdown(
+    matched: list[dict],
+    paired: list[dict],
+    high: list[dict] | None = None,
+    high_paired: list[dict] | None = None,
+    *,
+    keys: tuple[str, ...] | None = None,
+    steps: int | None = None,
+    rule: str = "majority",
+) -> str:
+    """The matched-reward sections alone, under another rule than the first (``comparison.matched_level``)."""
+    keys = keys or QUALITY
+    at = f" ({steps} sampling steps)" if steps else ""
+    lines = _matched_sections(matched, paired, high, high_paired, judge_key(keys), paired_keys(keys)[5:], at, rule)
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def _span(r: dict, k: str) -> str:
     return f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-"
 
@@ -73,6 +106,7 @@ def markdown_tables(
     bound: list[dict] | None = None,
     keys: tuple[str, ...] | None = None,
     steps: int | None = None,
+    rule: str = "all",
 ) -> str:
     """The matched-reward tables (and the higher level's), the after-training table and the bound table, in
     the task's judges (``keys``: ``comparison.quality_keys``; default the digits task's) at ``steps``."""
@@ -80,13 +114,7 @@ def markdown_tables(
     judge = judge_key(keys)
     extra = paired_keys(keys)[5:]
     at = f" ({steps} sampling steps)" if steps else ""
-    lines = _matched_md(
-        f"At matched reward{at}: the level every seed of every arm reaches", matched, paired, judge, extra
-    )
-    if high:
-        excluded = ", ".join(HIGH_LEVEL_EXCLUDES)
-        title = f"At a higher matched reward{at}: every arm but {excluded}"
-        lines += _matched_md(title, high, high_paired or [], judge, extra)
+    lines = _matched_sections(matched, paired, high, high_paired, judge, extra, at, rule)
     lines += [f"### After the last step{at} (no matching)", ""]
     header = ["method", "arm", "reward", "FD", "KID", "diversity", "recall", "judge", *map(_label, extra)]
     lines += _table(

@@ -9,6 +9,9 @@ when the 95 % interval excludes 0, and "level" when it contains 0:
         docs/comparison/rerun_2026-12-03/steps20/paired.csv --metrics frechet,recall,digits_judge
 
 It prints, per metric, the cells whose verdict changed and how many of the shared cells kept it.
+Two intervals that both contain 0 "keep" the verdict "level", yet they say nothing decisive in either
+run; with ``--strict`` it also prints the stricter count (issue #36): agreement only where both
+intervals exclude 0 with the same sign, out of the cells where at least one of the two excludes 0.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import argparse
 import csv
 from pathlib import Path
 
-__all__ = ["verdict", "load_paired", "agreement"]
+__all__ = ["verdict", "load_paired", "agreement", "decisive_agreement"]
 
 Key = tuple[str, str, str, str]
 
@@ -43,11 +46,25 @@ def agreement(old: dict[Key, tuple[float, float]], new: dict[Key, tuple[float, f
     return len(shared), changed
 
 
+def decisive_agreement(old: dict[Key, tuple[float, float]], new: dict[Key, tuple[float, float]], metric: str):
+    """Agreement counted only where an interval excludes 0: ``(n_agree, n_decisive, n_both_level)``.
+
+    ``n_decisive`` is the number of shared cells of ``metric`` where at least one of the two intervals
+    excludes 0; ``n_agree`` those of them where both exclude 0 with the same sign; ``n_both_level``
+    the shared cells where both contain 0 (agreement in :func:`agreement`, not here).
+    """
+    shared = [k for k in old.keys() & new.keys() if k[3] == metric]
+    pairs = [(verdict(*old[k]), verdict(*new[k])) for k in shared]
+    decisive = [(a, b) for a, b in pairs if a != 0 or b != 0]
+    return sum(a == b for a, b in decisive), len(decisive), len(pairs) - len(decisive)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("old")
     ap.add_argument("new")
     ap.add_argument("--metrics", default="frechet", help="comma-separated metric names of paired.csv")
+    ap.add_argument("--strict", action="store_true", help="also count agreement only where an interval excludes 0")
     args = ap.parse_args(argv)
     old, new = load_paired(args.old), load_paired(args.new)
     for metric in args.metrics.split(","):
@@ -55,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{metric}: the same verdict in {n - len(changed)} / {n}")
         for (method, ng, vs, _), (om, oc), (nm, nc) in changed:
             print(f"  {method} {ng} - {vs}: {om:+.3g} ± {oc:.2g} -> {nm:+.3g} ± {nc:.2g}")
+        if args.strict:
+            agree, decisive, level = decisive_agreement(old, new, metric)
+            print(f"  where an interval excludes 0: the same sign, both excluding 0, in {agree} / {decisive}")
+            print(f"  ({level} / {n} cells have both intervals containing 0)")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_every_scorer_is_registered_with_shape_and_range(tiny_assets):
     scorers = colour_scorers(tiny_assets)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     prompts = all_prompts()[:3]
-    ranges = {"colour_clip": (-1, 1), "colour_jpeg": (-0.2, 1.5)}
+    ranges = {"colour_clip": (-1, 1), "colour_jpeg": (-0.2, 1.5), "colour_pref": (-1e4, 1e4)}  # pref: an open logit
     for name, scorer in scorers.items():
         s = scorer.score(images, prompts)
         lo, hi = ranges.get(name, (0, 1))
