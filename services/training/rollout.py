@@ -21,7 +21,7 @@ from services.training.probe import ActorProbe, probe_process
 from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
 
 if TYPE_CHECKING:
-    from services.config import ExperimentConfig
+    from services.config import ExperimentConfig, ModelConfig
 
 __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
 
@@ -31,7 +31,7 @@ class RolloutSampler:
 
     def __init__(
         self,
-        model_cfg,
+        model_cfg: ModelConfig,
         model_path: str,
         *,
         device: str = "cpu",
