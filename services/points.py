@@ -70,6 +70,9 @@ class PointMethod(Protocol):
 class PointSpec(Protocol):
     """The learner's frozen spec as a source reads it (``services.training.learner_spec.LearnerSpec``)."""
 
+    # read-only members (a frozen dataclass satisfies them), one property each: the six alike lines that
+    # ``duplicates`` pairs are the protocol's syntax, not logic to share
+
     @property
     def rollout(self) -> RolloutConfig: ...
     @property
