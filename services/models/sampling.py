@@ -41,13 +41,13 @@ class Samples:
     ratio: Tensor | None = None
 
 
-@torch.no_grad()
 def fixed_noise(gen: FlowGenerator, n: int, seed: int) -> Tensor:
     """``(n, *gen.latent_shape)`` initial noise from one CPU generator seeded ``seed``: the same noise for
     every model compared (evaluation, serving, the rollout's fixed-noise samples, the sensitivity probe)."""
     return torch.randn(n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
 
 
+@torch.no_grad()
 def sample(
     gen: FlowGenerator,
     prompts: Sequence[str],
