@@ -1,6 +1,6 @@
 """Every seed derived from a run's seed, in one place.
 
-A run has one seed (``ExperimentConfig.seed``, or a request's seed when serving). Every other random
+A run has one seed (``train.seed``, or a request's seed when serving). Every other random
 stream is drawn from a seed derived from it by one of the functions below, and the constants name
 the streams, so two streams never meet by accident and a new one is added here, next to the others.
 

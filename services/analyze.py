@@ -41,6 +41,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     from services.config import ExperimentConfig
     from services.data.digits import digit_prompt
     from services.models import build_generator
+    from services.models.sampling import fixed_noise
     from services.prepare import prepare_embedded
     from services.rewards import build_scorer
 
@@ -65,7 +66,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
         for p in gen.transformer.parameters():
             p.requires_grad_(False)
         cond = gen.encode_prompts(prompts)
-        noise = torch.randn(samples, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        noise = fixed_noise(gen, samples, seed)
         res = magnitude_sensitivity(
             lambda x, s, g=gen, c=cond: g.velocity(x, s, c),
             lambda x0, g=gen: scorer.differentiable_score(g.decode(x0), prompts),

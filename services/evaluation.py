@@ -117,12 +117,12 @@ def feature_metrics(fake: Tensor, real: Tensor, groups: Tensor, n: int) -> dict[
 def in_process(gen, scorers: Mapping[str, object], *, judge: str | None = None, real_images=None) -> Evaluator:
     """An :class:`Evaluator` on a generator and scorer objects in this process (``judge``: the scorer
     whose ``features`` the set-level metrics use)."""
-    from services.models.sampling import sample
+    from services.models.sampling import fixed_noise, sample
 
     def sample_fn(
         prompts: Sequence[str], n: int, guidance: float, shift: float | None, seed: int, renorm: bool
     ) -> dict:
-        noise = torch.randn(len(prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        noise = fixed_noise(gen, len(prompts), seed)
         out = sample(gen, prompts, noise=noise, num_steps=n, guidance_scale=guidance, shift=shift, renormalize=renorm)
         return {"images": out.images, "ratio": out.ratio}
 

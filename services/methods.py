@@ -11,8 +11,10 @@ A method is one objective in the core (``normguard_core/losses/<name>.py``) plus
 * its training-loop defaults as its source uses them (optimiser steps per RL step, training points
   per sample and how their sigmas are drawn, which lagged weight copies it keeps, whether it trains
   on the CFG velocity);
-* ``loss_kwargs``: the core objective's hyperparameters from its config section;
-* ``check``: config cross-checks.
+* ``loss_kwargs``: the core objective's hyperparameters from its config section.
+
+Its config cross-checks sit on its loss section (``services.config.losses``, ``check``), so that the
+config validates a run without importing this module, which imports the config.
 
 Only the plug-ins read their loss config section; the learner and the coordinator ask them the same
 questions for every method, and never which kind of data a method trains on. Adding a method is one
@@ -32,12 +34,10 @@ from normguard_core.lagged import LAG_SCHEDULES, LagSchedule
 from normguard_core.losses import elbo_kl_scale
 from normguard_core.samplers import sde_kl_scale
 from services.config.losses import ADV_CLIP_MAX, AWMLoss, DPOLoss, GRPOLoss, LossConfig, NFTLoss
-from services.points import PairPoints, PointSource, SamplePoints, TrajectoryPoints
+from services.points import PairPoints, PointSource, PointSpec, SamplePoints, SigmaSchedule, TrajectoryPoints
 
-if TYPE_CHECKING:  # services.config imports this module (the method's cross-checks)
+if TYPE_CHECKING:
     from services.config import ExperimentConfig, RolloutConfig
-    from services.models.schedules import FlowSchedule
-    from services.training.learner_spec import LearnerSpec
 
 __all__ = ["Method", "Targets", "available_methods", "get_method", "register_method"]
 
@@ -70,7 +70,7 @@ class Method:
     points: ClassVar[type[PointSource]] = SamplePoints
     updates_per_step: ClassVar[int] = 1
 
-    def point_source(self, spec: LearnerSpec, schedule: FlowSchedule) -> PointSource:
+    def point_source(self, spec: PointSpec, schedule: SigmaSchedule) -> PointSource:
         """The learner's source of training points (``spec``: a ``LearnerSpec``; ``schedule``: the
         generator's sigma schedule, ``gen.schedule``)."""
         return self.points(spec, self, schedule)
@@ -126,11 +126,6 @@ class Method:
             "advantages/zero_frac": float((adv == 0).double().mean()),
         }
         return Targets(advantages=adv, reward_prob=prob, train_idx=torch.arange(len(reward)), metrics=metrics)
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        """Raise ``ValueError`` for a config this method cannot train."""
-        if cfg.rollout.group_size < 2:
-            raise ValueError(f"loss {self.name} compares samples within a prompt group: rollout.group_size >= 2")
 
 
 _METHODS: dict[str, Method] = {}
@@ -250,7 +245,7 @@ class FlowGRPO(Method):
     points = TrajectoryPoints
     updates_per_step = 2
 
-    def point_source(self, spec: LearnerSpec, schedule: FlowSchedule) -> PointSource:
+    def point_source(self, spec: PointSpec, schedule: SigmaSchedule) -> PointSource:
         return TrajectoryPoints(spec, self, schedule, guard=spec.loss.guard)
 
     def train_guidance(self, loss_cfg: GRPOLoss, rollout: RolloutConfig) -> float:
@@ -274,8 +269,3 @@ class FlowGRPO(Method):
         keep = torch.nonzero(nonzero_advantage_mask(base.advantages)).flatten()
         metrics = {**base.metrics, "advantages/dropped": float(len(reward) - len(keep))}
         return Targets(base.advantages, base.reward_prob, keep, metrics=metrics)
-
-    def check(self, cfg: ExperimentConfig) -> None:
-        super().check(cfg)
-        if cfg.rollout.sde_noise_level <= 0:
-            raise ValueError("loss flow_grpo needs SDE rollouts: set rollout.sde_noise_level > 0 (e.g. 0.7)")

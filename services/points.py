@@ -21,7 +21,7 @@ This module sits in the plug-ins' layer (it imports no generator), so each plug-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
@@ -32,11 +32,59 @@ from normguard_core.seeding import MINIBATCH_STREAM, rng
 from services.types import TrainBatch
 
 if TYPE_CHECKING:
-    from services.methods import Method
-    from services.models.schedules import FlowSchedule
-    from services.training.learner_spec import LearnerSpec
+    from services.config import LearnerConfig, LossConfig, RolloutConfig
 
-__all__ = ["LaggedVelocities", "PairPoints", "PointSource", "SamplePoints", "TrainingPoints", "TrajectoryPoints"]
+__all__ = [
+    "LaggedVelocities",
+    "PairPoints",
+    "PointMethod",
+    "PointSource",
+    "PointSpec",
+    "SamplePoints",
+    "SigmaSchedule",
+    "TrainingPoints",
+    "TrajectoryPoints",
+]
+
+
+# What a source reads of the three objects it is built from, named here so that this layer imports neither
+# the method plug-ins (which import it), nor the generators, nor the training service above it.
+class SigmaSchedule(Protocol):
+    """The generator family's sigma grid (``services.models.schedules.FlowSchedule``, ``gen.schedule``)."""
+
+    def sigma_grid(self, num_steps: int, shift: float | None = None) -> Tensor: ...
+
+    def train_shift(self, shift: float | None = None) -> float: ...
+
+
+class PointMethod(Protocol):
+    """The two questions a source asks its method plug-in (``services.methods.Method``)."""
+
+    def train_sigmas(self, loss_cfg: LossConfig) -> str: ...
+
+    def kl_scale(
+        self, loss_cfg: LossConfig, *, sigma: Tensor, sigma_next: Tensor | None, noise_level: float
+    ) -> Tensor | None: ...
+
+
+class PointSpec(Protocol):
+    """The learner's frozen spec as a source reads it (``services.training.learner_spec.LearnerSpec``)."""
+
+    # read-only members (a frozen dataclass satisfies them), one property each: the six alike lines that
+    # ``duplicates`` pairs are the protocol's syntax, not logic to share
+
+    @property
+    def rollout(self) -> RolloutConfig: ...
+    @property
+    def learner(self) -> LearnerConfig: ...
+    @property
+    def loss(self) -> LossConfig: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def timesteps(self) -> int: ...
+    @property
+    def updates_per_step(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -88,12 +136,12 @@ class PointSource:
     """The training points of one kind of data; subclasses draw them and build a micro-batch's fields.
 
     Args:
-        spec: a :class:`~services.training.learner_spec.LearnerSpec`.
+        spec: the learner's spec (a :class:`PointSpec`: ``services.training.learner_spec.LearnerSpec``).
         method: the method plug-in (its ``kl_scale`` and ``train_sigmas``).
         schedule: the generator's sigma schedule (``gen.schedule``).
     """
 
-    def __init__(self, spec: LearnerSpec, method: Method, schedule: FlowSchedule) -> None:
+    def __init__(self, spec: PointSpec, method: PointMethod, schedule: SigmaSchedule) -> None:
         self.schedule = schedule
         self.seed, self.rollout, self.learner_cfg = spec.seed, spec.rollout, spec.learner
         self.method, self.loss_cfg = method, spec.loss
@@ -223,7 +271,7 @@ class TrajectoryPoints(PointSource):
         guard: GRPO-Guard: also give the sampling policy's SDE mean at the same state (from ``v_old``).
     """
 
-    def __init__(self, spec: LearnerSpec, method: Method, schedule: FlowSchedule, *, guard: bool = False) -> None:
+    def __init__(self, spec: PointSpec, method: PointMethod, schedule: SigmaSchedule, *, guard: bool = False) -> None:
         super().__init__(spec, method, schedule)
         self.guard, self.noise_level = guard, spec.rollout.sde_noise_level
 

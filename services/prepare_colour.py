@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
 from services.data.colour import all_prompts, real_colour_images
 from services.models.colour import DEFAULT_GUIDANCE, load_colour_generator, load_or_pretrain_colour
 from services.types import EmbeddedAssets
@@ -46,14 +47,14 @@ MEASURED_SECONDS = {"vae": 218.0, "transformer": 210.0, "scorers": 99.0}  # the 
 
 def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
     """``(num, 3, 32, 32)`` base-model samples in [-1, 1]: 4 / 20 steps x guidance 1 / default, shuffled."""
-    from services.models.sampling import sample
+    from services.models.sampling import fixed_noise, sample
 
     prompts = all_prompts()
     settings = [(4, 1.0), (20, 1.0), (4, DEFAULT_GUIDANCE), (20, DEFAULT_GUIDANCE)]
     out = []
     for i, (steps, guidance) in enumerate(settings):
         part = [prompts[j % len(prompts)] for j in range(i, num, len(settings))]
-        noise = torch.randn(len(part), *gen.latent_shape, generator=torch.Generator().manual_seed(seed + 100 + i))
+        noise = fixed_noise(gen, len(part), offset_seed(seed, FAKE_SAMPLES_STREAM, i))  # as the digits' fakes
         images = sample(gen, part, noise=noise, num_steps=steps, guidance_scale=guidance, measure_ratio=False).images
         out.append(images * 2.0 - 1.0)
     fake = torch.cat(out)

@@ -177,14 +177,3 @@ def plot_ratio_per_step(curves: Mapping[str, Sequence[float]], path: str | Path,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
-
-
-def tensor_stats(x: Tensor) -> dict[str, float]:
-    """Mean / std of a 1-D tensor as floats."""
-    x = x.float()
-    return {"mean": float(x.mean()), "std": float(x.std()) if x.numel() > 1 else 0.0}
-
-
-def as_float_dict(metrics: Mapping[str, Tensor | float]) -> dict[str, float]:
-    """Tensor metrics -> floats (one sync, at the logging edge)."""
-    return {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}

@@ -84,11 +84,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        from services.methods import (
-            get_method,
-        )  # the method's own cross-checks (no import cycle: it reads attributes)
-
-        get_method(self.loss.name).check(self)
+        self.loss.check(self.rollout)  # the method's own cross-checks, on its section
         if self.learner.sigma_min >= self.learner.sigma_max:
             raise ValueError("learner.sigma_min must be < learner.sigma_max")
         hybrid = self.resources.placement == "hybrid"

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
 from services.config.base import Section
+
+if TYPE_CHECKING:
+    from services.config.sections import RolloutConfig
 
 __all__ = ["ADV_CLIP_MAX", "AWMLoss", "DPOLoss", "GRPOLoss", "LossConfig", "NFTLoss"]
 
@@ -17,7 +20,20 @@ ADV_CLIP_MAX = 5.0  # the sources' advantage clip (NFT, AWM, Flow-GRPO); Flow-DP
 TrainSigmas = Literal["sampler_grid", "grid_stratified", "uniform", "logit_normal"]
 
 
-class NFTLoss(Section):
+class _LossSection(Section):
+    """What every method's section shares: its cross-checks against the rollout. They sit here, beside the
+    fields they read, so that the experiment config validates a run without importing a method plug-in
+    (``services.methods`` imports this module)."""
+
+    name: str
+
+    def check(self, rollout: RolloutConfig) -> None:
+        """Raise ``ValueError`` for a rollout this method cannot train on."""
+        if rollout.group_size < 2:
+            raise ValueError(f"loss {self.name} compares samples within a prompt group: rollout.group_size >= 2")
+
+
+class NFTLoss(_LossSection):
     """DiffusionNFT (NVlabs/DiffusionNFT ``train_nft_sd3.py``, ``config/nft.py``); defaults are the source's."""
 
     name: Literal["diffusion_nft"] = "diffusion_nft"
@@ -36,7 +52,7 @@ class NFTLoss(Section):
     train_sigmas: TrainSigmas = Field("sampler_grid", description="training sigmas: the sampler's grid (source)")
 
 
-class AWMLoss(Section):
+class AWMLoss(_LossSection):
     """AWM (scxue/advantage_weighted_matching ``train_sd3_awm.py``); defaults are ``config/dgx_awm.py``'s."""
 
     name: Literal["awm"] = "awm"
@@ -54,7 +70,7 @@ class AWMLoss(Section):
     )
 
 
-class DPOLoss(Section):
+class DPOLoss(_LossSection):
     """Flow-DPO (flow_grpo ``train_sd3_dpo.py``, ``config/dpo.py``)."""
 
     name: Literal["flow_dpo"] = "flow_dpo"
@@ -67,7 +83,7 @@ class DPOLoss(Section):
     train_sigmas: TrainSigmas = Field("logit_normal", description="logit-normal(0, 1), shifted by rollout.shift")
 
 
-class GRPOLoss(Section):
+class GRPOLoss(_LossSection):
     """Flow-GRPO (flow_grpo ``train_sd3.py``, ``config/grpo.py``)."""
 
     name: Literal["flow_grpo"] = "flow_grpo"
@@ -81,6 +97,11 @@ class GRPOLoss(Section):
         description="GRPO-Guard (arXiv 2510.22319): the ratio normalised per timestep (x step std, mean-shift "
         "corrected), as in Flow-Factory's grpo-guard trainer",
     )
+
+    def check(self, rollout: RolloutConfig) -> None:
+        super().check(rollout)
+        if rollout.sde_noise_level <= 0:
+            raise ValueError("loss flow_grpo needs SDE rollouts: set rollout.sde_noise_level > 0 (e.g. 0.7)")
 
 
 LossConfig = Annotated[NFTLoss | AWMLoss | DPOLoss | GRPOLoss, Field(discriminator="name")]

@@ -22,7 +22,7 @@ from normguard_core.samplers import RatioProbe, sample_trajectory
 from normguard_core.types import Trajectory
 from services.models.base import FlowGenerator
 
-__all__ = ["Samples", "sample"]
+__all__ = ["Samples", "fixed_noise", "sample"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,12 @@ class Samples:
     trajectory: Trajectory
     images: Tensor
     ratio: Tensor | None = None
+
+
+def fixed_noise(gen: FlowGenerator, n: int, seed: int) -> Tensor:
+    """``(n, *gen.latent_shape)`` initial noise from one CPU generator seeded ``seed``: the same noise for
+    every model compared (evaluation, serving, the rollout's fixed-noise samples, the sensitivity probe)."""
+    return torch.randn(n, *gen.latent_shape, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -223,13 +224,40 @@ def _realism(path: str | None = None, device: str | torch.device = "cpu") -> Dig
     return DigitScorer("digits_realism", net, kind="realism", resolution=res, device=device)
 
 
-def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
-    """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` between ``(N, F)`` feature sets."""
-    from scipy import linalg
+FD_EPS = 1e-6  # pytorch-fid's offset on the covariances' diagonal for a singular product
 
+
+def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
+    """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` between ``(N, F)`` feature sets.
+
+    As pytorch-fid (mseitzer/pytorch-fid ``fid_score.py``, ``calculate_frechet_distance``): when the
+    product of the covariances is singular, ``FD_EPS * I`` is added to both covariances' diagonal before
+    the square root. pytorch-fid tests a non-finite root; scipy's ``sqrtm`` also flags a singular input
+    (its "Matrix is singular" warning, with a finite root), which here takes the offset too, so that an
+    evaluation with fewer samples than features no longer prints it. Only then does the value change.
+    """
     a, b = feats_a.double().cpu().numpy(), feats_b.double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    covmean, singular = _sqrtm(s_a @ s_b)
+    if singular or not np.isfinite(covmean).all():
+        offset = np.eye(s_a.shape[0]) * FD_EPS
+        covmean, _ = _sqrtm((s_a + offset) @ (s_b + offset))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2.0 * covmean))
+
+
+def _sqrtm(m: np.ndarray) -> tuple[np.ndarray, bool]:
+    """scipy's ``sqrtm`` of ``m`` and whether it found ``m`` singular (that warning kept, others passed on)."""
+    from scipy import linalg
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        root, _ = linalg.sqrtm(m, disp=False)
+    singular = False
+    for w in caught:
+        if issubclass(w.category, linalg.LinAlgWarning) and str(w.message).startswith("Matrix is singular"):
+            singular = True
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return root, singular

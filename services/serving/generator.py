@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from services.checkpoints import load_weights
-from services.models.sampling import sample
+from services.models.sampling import fixed_noise, sample
 from services.serving.config import ServeConfig
 
 __all__ = ["BASE_ID", "GenerationItem", "GeneratorCore", "clip"]
@@ -78,12 +78,7 @@ class GeneratorCore:
         comes from its own seed, so its images do not depend on its batch neighbours."""
         first = items[0]
         prompts = [p for it in items for p in it.prompts]
-        noise = torch.cat(
-            [
-                torch.randn(len(it.prompts), *gen.latent_shape, generator=torch.Generator().manual_seed(it.seed))
-                for it in items
-            ]
-        )
+        noise = torch.cat([fixed_noise(gen, len(it.prompts), it.seed) for it in items])
         out = sample(
             gen,
             prompts,

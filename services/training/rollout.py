@@ -16,12 +16,12 @@ from torch import Tensor
 from normguard_core.samplers import per_sample_noise
 from normguard_core.seeding import sde_noise_offset
 from services.models import build_generator
-from services.models.sampling import sample
+from services.models.sampling import fixed_noise, sample
 from services.training.probe import ActorProbe, probe_process
 from services.types import RolloutBatch, RolloutRequest, StaleSamplerError
 
 if TYPE_CHECKING:
-    from services.config import ExperimentConfig
+    from services.config import ExperimentConfig, ModelConfig
 
 __all__ = ["RolloutSampler", "StaleSamplerError"]  # StaleSamplerError is defined in services.types
 
@@ -31,7 +31,7 @@ class RolloutSampler:
 
     def __init__(
         self,
-        model_cfg,
+        model_cfg: ModelConfig,
         model_path: str,
         *,
         device: str = "cpu",
@@ -121,7 +121,7 @@ class RolloutSampler:
         """Fixed-noise ODE samples (one generator seeded ``seed`` for the batch, the same for every model
         compared) on the generator's grid (``shift``: a static override) with the per-step norm ratio
         ``(T, B)`` against the reference."""
-        noise = torch.randn(len(prompts), *self.gen.latent_shape, generator=torch.Generator().manual_seed(seed))
+        noise = fixed_noise(self.gen, len(prompts), seed)
         out = sample(
             self.gen,
             prompts,

@@ -27,9 +27,12 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from services.config import LoggingConfig
 
 __all__ = ["Tracker", "Trackers", "build_trackers", "flatten_config"]
 
@@ -193,7 +196,7 @@ class Trackers:
 
 
 def build_trackers(
-    logging_cfg, *, run_dir: Path, output_dir: Path, run_name: str, config: Mapping[str, Any]
+    logging_cfg: LoggingConfig, *, run_dir: Path, output_dir: Path, run_name: str, config: Mapping[str, Any]
 ) -> Trackers:
     """The backends of ``logging.backends`` for one run (unknown names fail at config load)."""
     params = flatten_config(config)

@@ -1,7 +1,7 @@
-"""The import graph of services/ has no circle, counting imports inside functions too.
-
-Imports under ``if TYPE_CHECKING:`` are not counted: they never run, so they can close no circle at
-import time and pull no layer in; they only name the config types of annotations.
+"""The import graph of services/ and normguard_core/ has no circle and no import from a lower layer up to a
+higher one, counting every import: those inside functions and those under ``if TYPE_CHECKING:`` too (as
+``../shared/tools/import_cycles.py`` does). A deferred import hides a circle from Python at import time,
+not from a reader; an annotation that names a type from a layer above ties the layers as a call does.
 """
 
 import ast
@@ -12,41 +12,28 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).parents[2]
+PACKAGES = ("services", "normguard_core")
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child.test):
-                todo.extend(child.orelse)
-            else:
-                todo.append(child)
-
-
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
+def _imported(tree: ast.AST, files: set[str]) -> set[str]:
+    """Every module of ``files`` that ``tree`` imports, wherever the import sits (module level, a
+    function body, an ``if TYPE_CHECKING:`` block)."""
+    deps = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"line {node.lineno}: a relative import; the packages import absolutely")
+        if isinstance(node, ast.ImportFrom) and node.module:
+            deps.add(node.module)
+            deps |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            deps |= {a.name for a in node.names}
+    return deps & files
 
 
 def _graph() -> dict[str, set[str]]:
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "services").rglob("*.py")}  # fmt: skip
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        deps = set()
-        for node in _runtime_nodes(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("services"):
-                deps.add(node.module)
-                deps |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in files}
-            elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name in files}
-        graph[name] = {d for d in deps if d in files and d != name}
-    return graph
+    paths = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    return {name: _imported(ast.parse(path.read_text()), set(files)) - {name} for name, path in files.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -75,12 +62,12 @@ def test_services_has_no_import_circle():
     assert _cycles(graph) == []
 
 
-def test_imports_for_annotations_only_are_not_counted():
+def test_imports_in_functions_and_for_annotations_are_counted():
     tree = ast.parse(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\nimport c\n"
+        "def f():\n    from d import x\n"
     )
-    names = {a.name for n in _runtime_nodes(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert names == {"b", "c"}
+    assert _imported(tree, {"a", "b", "c", "d", "d.x", "e"}) == {"a", "b", "c", "d", "d.x"}
 
 
 def test_the_cycle_finder_finds_a_planted_circle():
@@ -88,8 +75,9 @@ def test_the_cycle_finder_finds_a_planted_circle():
     assert _cycles(graph) == [["a", "b", "c", "a"]]
 
 
-# services/ in layers: a module imports from its own layer or the ones below, never from above
+# services/ in layers above the core: a module imports from its own layer or the ones below, never from above
 LAYERS = (
+    ("normguard_core",),  # the algorithms: torch only, no service
     # messages, config, the RL methods' plug-ins, checkpoint files, plots, the checked from_pretrained,
     # the data sets that generators and scorers share
     (

@@ -308,3 +308,32 @@ def test_pickscore_takes_its_processor_from_a_separate_path(tmp_path):
     whole = build_scorer("pickscore", path=str(clip))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(split.score(images, ["a cat", "a dog"]), whole.score(images, ["a cat", "a dog"]))
+
+
+def test_frechet_distance_offsets_a_singular_covariance_product_without_a_warning():
+    """A dead feature makes both covariances singular: pytorch-fid's 1e-6 I on the diagonals, silently;
+    a well-posed product is left as it was (the value is the plain formula)."""
+    import warnings
+
+    import numpy as np
+    from scipy import linalg
+
+    from services.rewards.digits import FD_EPS, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 16, generator=g), torch.randn(50, 16, generator=g) + 0.3
+    a[:, 3], b[:, 3] = 0.0, 0.0
+    s_a, s_b = np.cov(a.double().numpy(), rowvar=False), np.cov(b.double().numpy(), rowvar=False)
+    off = np.eye(16) * FD_EPS
+    root = linalg.sqrtm((s_a + off) @ (s_b + off)).real
+    mu = (a.double().mean(0) - b.double().mean(0)).numpy()
+    expected = float((mu**2).sum() + np.trace(s_a + s_b - 2.0 * root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    c, d = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
+    s_c, s_d = np.cov(c.double().numpy(), rowvar=False), np.cov(d.double().numpy(), rowvar=False)
+    plain = ((c.double().mean(0) - d.double().mean(0)) ** 2).sum().item() + np.trace(
+        s_c + s_d - 2.0 * linalg.sqrtm(s_c @ s_d).real
+    )
+    assert frechet_distance(c, d) == pytest.approx(plain, rel=1e-12)
