@@ -63,16 +63,9 @@ class ColourPref(nn.Module):
 
     def __init__(self, dim: int = 64) -> None:
         super().__init__()
-        from services.rewards.colour_training import VOCAB
+        from services.rewards.colour_training import pair_encoders
 
-        self.image = nn.Sequential(
-            nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(24, 48, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(48, 96, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(96 * 16, 192), nn.ReLU(), nn.Linear(192, dim),
-        )  # fmt: skip
-        self.words = nn.EmbeddingBag(len(VOCAB), 64, mode="mean")
-        self.text = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, dim))
+        self.image, self.words, self.text = pair_encoders(24, dim)
 
     def forward(self, x: Tensor, ids: Tensor) -> Tensor:
         txt = F.normalize(self.text(self.words(ids)), dim=-1)

@@ -51,19 +51,27 @@ def tokenize(prompts: Sequence[str]) -> Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def pair_encoders(width: int, dim: int) -> tuple[nn.Sequential, nn.EmbeddingBag, nn.Sequential]:
+    """The image tower (three conv blocks of ``width``, ``2 width``, ``4 width`` channels on 32 x 32, then an MLP
+    to ``dim``), the bag of words and the text MLP that the colour task's CLIP-style models share (their state
+    dict keys: ``image.*``, ``words.*``, ``text.*``)."""
+    w = (width, 2 * width, 4 * width)
+    image = nn.Sequential(
+        nn.Conv2d(3, w[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w[0], w[1], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(w[1], w[2], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(w[2] * 16, 2 * w[2]), nn.ReLU(), nn.Linear(2 * w[2], dim),
+    )  # fmt: skip
+    words = nn.EmbeddingBag(len(VOCAB), 64, mode="mean")
+    return image, words, nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, dim))
+
+
 class ColourCLIP(nn.Module):
     """Image ``(B, 3, 32, 32)`` in [-1, 1] and word ids ``(B, L)`` -> normalised ``(B, 64)`` embeddings."""
 
     def __init__(self, dim: int = 64) -> None:
         super().__init__()
-        self.image = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(128 * 16, 256), nn.ReLU(), nn.Linear(256, dim),
-        )  # fmt: skip
-        self.words = nn.EmbeddingBag(len(VOCAB), 64, mode="mean")
-        self.text = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, dim))
+        self.image, self.words, self.text = pair_encoders(32, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, x: Tensor) -> Tensor:
