@@ -305,7 +305,7 @@ class TrainController:
         except Exception as later:  # noqa: BLE001 - the teardown's error is the one raised, as a `finally`'s
             err = later
         if isinstance(err, StepAbandoned):  # the stop's deadline passed, or a second signal came
-            return self._preempted(abandoned=str(err).split("(", 1)[-1].rstrip(")"))
+            return self._preempted(abandoned=err.why)
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: out at once
             raise err
         if state.kind in (RunState.INITIALIZING, RunState.RESTARTING):

@@ -49,7 +49,7 @@ class StepAbandoned(BaseException):  # noqa: N818 - raised like KeyboardInterrup
 
     def __init__(self, request: StopRequest, why: str) -> None:
         super().__init__(f"{request.name}: the step in flight was abandoned ({why})")
-        self.request = request
+        self.request, self.why = request, why
 
 
 def exit_code(request: StopRequest) -> int:
