@@ -77,6 +77,9 @@ class RewardServerConfig(Section):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime_env of each replica (env_vars, pip, working_dir), merged over the job's"
+    )
     torch_threads: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1, description="requests merged into one scorer call")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="longest wait for a batch to fill")
@@ -259,6 +262,8 @@ def reward_app(cfg: RewardServerConfig):
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": dict(cfg.resources)},
         "max_ongoing_requests": cfg.max_ongoing_requests,
     }
+    if cfg.runtime_env:
+        options["ray_actor_options"]["runtime_env"] = dict(cfg.runtime_env)
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:

@@ -1,4 +1,4 @@
-"""The reward server on Ray Serve, on its own 2-CPU local Ray: scores by handle and over HTTP equal the
+"""The reward server on Ray Serve, on the session's 2-CPU local Ray: scores by handle and over HTTP equal the
 scorer's in-process scores, requests are batched, unauthenticated and pickle bodies are refused with 4xx,
 and a replica SIGKILLed during a call costs no score (the call is resent to the live replica).
 About 25 s on 2 cores (Ray and Serve start once for the module)."""
@@ -30,42 +30,35 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served():
-    import ray
+def served(ray_local):
+    """The three test applications on the session's local Ray (a second ``ray.init`` in one process fails);
+    each replica gets the test scorers' path and the token through its own runtime_env."""
     from ray import serve
 
     from services.rewards.server import RewardServerConfig, deploy
 
     root = Path(__file__).parents[2]
     os.environ["NORMGUARD_REWARD_KEY"] = KEY
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}", "NORMGUARD_REWARD_KEY": KEY}},
-    )
+    env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}", "NORMGUARD_REWARD_KEY": KEY}}
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"num_cpus": 0.25, "runtime_env": env}
     apps = (
-        RewardServerConfig(scorer="mean", impl="served_scorers:MeanScorer", num_replicas=2, num_cpus=0.25),
-        RewardServerConfig(
-            scorer="batch", impl="served_scorers:BatchSizeScorer", num_cpus=0.25, batch_wait_timeout_s=0.3
-        ),
+        RewardServerConfig(scorer="mean", impl="served_scorers:MeanScorer", num_replicas=2, **common),
+        RewardServerConfig(scorer="batch", impl="served_scorers:BatchSizeScorer", batch_wait_timeout_s=0.3, **common),
         RewardServerConfig(
             scorer="slow",
             impl="served_scorers:MeanScorer",
             options={"delay_s": 1.0},
             num_replicas=2,
-            num_cpus=0.25,
             max_batch_size=1,
+            **common,
         ),
     )
     for cfg in apps:
         deploy(cfg)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def _expected(images):
