@@ -73,8 +73,7 @@ def cmd_serve(args) -> int:
     override the YAML's only when given."""
     from services.serving.app import serve_forever
 
-    serve_forever(args.target, host=args.host, port=args.port, num_cpus=args.num_cpus)
-    return 0
+    return serve_forever(args.target, host=args.host, port=args.port, num_cpus=args.num_cpus)
 
 
 def cmd_sweep(args) -> int:

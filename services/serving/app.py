@@ -37,18 +37,21 @@ from typing import Any
 
 import torch
 from fastapi import HTTPException
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from services.serving.catalog import model_cards
 from services.serving.config import ServeConfig, load_serve_config
+from services.serving.drain import DrainCut, DrainGate, DrainResult, StopLatch, drain
 from services.serving.failover import forward_with_failover
 from services.serving.generator import BASE_ID, GenerationItem, GeneratorCore, clip
 from services.serving.http import GenerateRequest, build_fastapi, validate
+from services.signals import exit_code
 
 __all__ = ["GenerateRequest", "build_app", "app_from_env"]
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+APP = "normguard"  # the application name `normguard serve` runs
 
 
 class Replica:
@@ -121,6 +124,7 @@ class Frontend:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg, self.known = cfg, [BASE_ID, *cfg.checkpoints]
         self.cards = model_cards(cfg)  # read once: the served checkpoints do not change under a replica
+        self.gate = DrainGate(serve.get_replica_context().app_name, cfg.retry_after_s)  # `normguard serve`'s drain
 
     async def forward(self, item: GenerationItem) -> dict:
         raise NotImplementedError
@@ -194,7 +198,10 @@ GENERATE_RESPONSES = {
     404: {"description": "unknown checkpoint"},
     413: {"description": "request body too large"},
     500: {"description": "generation failed for this request (other requests are unaffected)"},
-    503: {"description": "the request's model replica was lost and no live one could take it; see Retry-After"},
+    503: {
+        "description": "the request's model replica was lost and no live one could take it, or the server is "
+        "shutting down (`normguard serve` after SIGTERM); see Retry-After"
+    },
     504: {"description": "the model did not answer within request_timeout_s (the gateway layout)"},
 }
 
@@ -206,7 +213,10 @@ def _ingress(api, base: type, name: str):
     @serve.ingress(api)
     class Ingress(base):
         @api.get("/healthz")
-        async def healthz(self) -> dict:
+        async def healthz(self) -> Any:
+            self.gate.watch()
+            if self.gate.draining:  # a readiness probe / load balancer stops sending
+                return JSONResponse({"status": "draining"}, status_code=503, headers={"Connection": "close"})
             return {"status": "ok"}
 
         @api.get("/v1/models")
@@ -219,7 +229,8 @@ def _ingress(api, base: type, name: str):
 
         @api.post("/v1/generate", responses=GENERATE_RESPONSES)
         async def generate(self, req: GenerateRequest) -> Any:
-            return await self.handle(req)
+            async with self.gate.admit():  # 503 once the drain began; counted while in flight
+                return await self.handle(req)
 
     return Ingress
 
@@ -280,18 +291,46 @@ def serve_config_for(target: str | None, *, host: str | None = None, port: int |
 
 def serve_forever(
     target: str | None, *, host: str | None = None, port: int | None = None, num_cpus: int | None = None
-) -> None:
-    """``normguard serve``: start Ray and the app on ``host:port``, serve until Ctrl-C."""
+) -> int:
+    """``normguard serve``: start Ray and the app on ``host:port`` and serve until SIGTERM / SIGINT; then stop
+    taking requests, finish those in flight (at most ``drain_timeout_s``) and shut down
+    (``services.serving.drain``). The exit code: 0 when every admitted request was answered, else 128 + the
+    signal (the bound ran out, or a second signal came)."""
     import ray
+
+    from services.serving.drain import NAMESPACE, DrainBoard, board_name
 
     cfg = serve_config_for(target, host=host, port=port)
     model_path = resolve_for_serving(cfg)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # before the app, so its replicas find it; the handle keeps it alive (an unreferenced actor is collected)
+    board = DrainBoard.options(name=board_name(APP), namespace=NAMESPACE).remote()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg, model_path), name="normguard", route_prefix="/")
+    serve.run(build_app(cfg, model_path), name=APP, route_prefix="/")
+    latch = StopLatch().install()  # after ray.init and serve.start: their SIGTERM handlers dump a stack
     print(f"serving {['base', *cfg.checkpoints]} on http://{cfg.host}:{cfg.port}  (Ctrl-C to stop)", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+        return _stop(latch, cfg, board)
+    finally:
+        latch.restore()
+        ray.shutdown()
+
+
+def _stop(latch: StopLatch, cfg: ServeConfig, board) -> int:
+    request = latch.wait()
+    print(
+        f"normguard serve: {request.name}: taking no new requests; finishing those in flight "
+        f"(at most {cfg.drain_timeout_s:g} s, serve.drain_timeout_s; a second signal stops now)",
+        flush=True,
+    )
+    try:
+        result = drain(board, cfg.drain_timeout_s)
+    except DrainCut as second:
+        result = DrainResult(time.monotonic() - request.at, -1, f"a second signal, {second}")
+    latch.cut_on_second = False  # serve.shutdown is not to be cut half-way
+    serve.shutdown()
+    if result.why:
+        print(f"normguard serve: stopped after {result.seconds:.1f} s: {result.why}; requests were cut", flush=True)
+        return exit_code(request)
+    print(f"normguard serve: stopped; every admitted request was answered ({result.seconds:.1f} s)", flush=True)
+    return 0

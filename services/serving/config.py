@@ -47,6 +47,12 @@ class ServeConfig(BaseModel):
         1, ge=0, le=3, description="with failover and num_replicas >= 2: resends of a request whose replica died"
     )
     retry_after_s: int = Field(15, ge=1, description="Retry-After of a 503 (about a replica's restart time)")
+    drain_timeout_s: float = Field(
+        20.0,
+        ge=0,
+        description="normguard serve on SIGTERM / SIGINT: the longest wait for the requests in flight "
+        "(under Kubernetes' 30 s terminationGracePeriodSeconds, with time left to shut down)",
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="with failover: the gateway's bound on one model call; past it the client gets 504"
     )

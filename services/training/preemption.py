@@ -24,24 +24,12 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+
+from services.signals import SIGNALS, StopRequest, exit_code
 
 __all__ = ["StepAbandoned", "StopRequest", "StopSignals", "exit_code"]
 
 log = logging.getLogger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-@dataclass(frozen=True)
-class StopRequest:
-    """A signal asked the run to stop: which one, and when (``time.monotonic``)."""
-
-    signum: int
-    at: float
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 class StepAbandoned(BaseException):  # noqa: N818 - raised like KeyboardInterrupt, so no `except Exception` retries it
@@ -50,11 +38,6 @@ class StepAbandoned(BaseException):  # noqa: N818 - raised like KeyboardInterrup
     def __init__(self, request: StopRequest, why: str) -> None:
         super().__init__(f"{request.name}: the step in flight was abandoned ({why})")
         self.request, self.why = request, why
-
-
-def exit_code(request: StopRequest) -> int:
-    """The shell's convention for a process ended by a signal: 128 + its number (SIGTERM 143, SIGINT 130)."""
-    return 128 + request.signum
 
 
 class StopSignals:

@@ -82,6 +82,7 @@ LAYERS = (
     # the data sets that generators and scorers share
     (
         "services.types",
+        "services.signals",
         "services.config",
         "services.methods",
         "services.points",
