@@ -18,6 +18,8 @@ sweep's run directory, the second (which rebuilds the Pilot log's tables) on the
 
     python -m services.sweeps.pilot collect runs/sweeps/colour_pilot --out docs/tasks/colour_pilots/b0.json
     python -m services.sweeps.pilot table docs/tasks/colour_pilots/b0.json
+
+``margins`` turns ``services.base_spread``'s printed table into such a margins file (``--margins`` of ``table``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JUDGES", "collect", "method_verdict", "seed_verdict", "verdict_tables"]
+__all__ = ["JUDGES", "collect", "margins_from_spread", "method_verdict", "seed_verdict", "verdict_tables"]
 
 # judge -> how "worse" reads: +1 higher is worse, -1 lower is worse, 0 a larger |gap| to the data is worse
 JUDGES = {
@@ -175,6 +177,18 @@ def verdict_tables(trials: list[dict[str, Any]], margins: dict[str, float], plan
     return "\n".join(lines)
 
 
+def margins_from_spread(text: str, steps: int = 20) -> dict[str, float]:
+    """``metric -> margin`` at ``steps`` sampling steps from ``services.base_spread``'s markdown table
+    (rows ``| eval/<metric>_<steps>steps | mean | SD | margin | values |``)."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        key = cells[0]
+        if len(cells) >= 4 and key.startswith("eval/") and key.endswith(f"_{steps}steps"):
+            out[key[len("eval/") : -len(f"_{steps}steps")]] = float(cells[3])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -186,7 +200,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("data")
     t.add_argument("--margins", default=str(DEFAULT_MARGINS))
     t.add_argument("--planned", type=int, default=3, help="pilot seeds planned per method")
+    m = sub.add_parser("margins", help="a margins file from services.base_spread's printed table")
+    m.add_argument("spread_output")
+    m.add_argument("--out", required=True)
+    m.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)
+    if args.cmd == "margins":
+        margins = margins_from_spread(Path(args.spread_output).read_text(), args.steps)
+        Path(args.out).write_text(json.dumps({"source": args.spread_output, "margins": margins}, indent=1) + "\n")
+        print(f"wrote {len(margins)} margins to {args.out}")
+        return
     if args.cmd == "collect":
         trials = collect(args.sweep_dir, args.steps)
         Path(args.out).write_text(json.dumps(trials, indent=1) + "\n")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.sweeps.pilot import collect, main, method_verdict, seed_verdict, verdict_tables
+from services.sweeps.pilot import collect, main, margins_from_spread, method_verdict, seed_verdict, verdict_tables
 
 MARGINS = {
     "colour_pref": 0.5,
@@ -142,3 +142,16 @@ def test_collect_reads_a_trial_directory_and_table_rebuilds_from_it(tmp_path, ca
     printed = capsys.readouterr().out
     assert "| awm | 90 | 100 | 6 → 8 (+2, > margin) |" in printed
     assert "**awm**: 0 of 1 seeds run hack" in printed
+
+
+def test_margins_from_the_base_spread_table():
+    text = """base model, 5 evaluation seeds; margin = 3 x SD
+
+| metric | mean | SD over seeds | margin | values |
+|---|---|---|---|---|
+| eval/frechet_20steps | 84.37 | 2.22 | 6.65 | 84.6, 81.77 |
+| eval/frechet_4steps | 99 | 3 | 9 | 99, 98 |
+| eval/colour_pref_20steps | 6.254 | 0.14 | 0.419 | 6.3, 6.2 |
+"""
+    assert margins_from_spread(text) == {"frechet": 6.65, "colour_pref": 0.419}
+    assert margins_from_spread(text, steps=4) == {"frechet": 9.0}
