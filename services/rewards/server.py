@@ -78,7 +78,8 @@ class RewardServerConfig(Section):
     num_gpus: float = Field(0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
     runtime_env: dict[str, Any] = Field(
-        default_factory=dict, description="Ray runtime_env of each replica (env_vars, pip, working_dir), merged over the job's"
+        default_factory=dict,
+        description="Ray runtime_env of each replica (env_vars, pip, working_dir), merged over the job's",
     )
     torch_threads: int = Field(1, ge=1)
     max_batch_size: int = Field(8, ge=1, description="requests merged into one scorer call")
