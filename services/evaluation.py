@@ -91,7 +91,8 @@ def evaluate(plan: EvalPlan, ev: Evaluator, *, renormalize: bool = False) -> Eva
         scores = ev.score(out["images"], prompts, groups, meta)
         result.images[n] = out["images"]
         for name in plan.scorers:
-            result.metrics[eval_key(name, n)] = float(scores[name].mean())
+            if name in scores:  # an optional training scorer that failed every try is left out (logged)
+                result.metrics[eval_key(name, n)] = float(scores[name].mean())
         result.ratio_per_step[n] = out["ratio"].mean(dim=1).tolist()
         result.metrics[eval_key("norm_ratio", n)] = float(out["ratio"].mean())
         if real is not None:

@@ -83,11 +83,14 @@ class ScorerBuild:
         path: its checkpoint directory (the embedded default's: the prepared scorers), or ``None``.
         options: scorer-specific keyword arguments.
         impl: ``module:Class`` of a user scorer, or ``None`` for a registered one.
+        required: ``reward.scorers[].required``: its failure fails the call (and, after ``reward.retries``,
+            the step); an optional scorer's failure leaves it out of the reply (``ScoreResult.failed``).
     """
 
     path: str | None = None
     options: dict = field(default_factory=dict)
     impl: str | None = None
+    required: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,12 @@ class ScoreResult:
     Attributes:
         scores: ``{scorer name: (B,) scores}``.
         seconds: wall time the worker spent scoring.
+        failed: ``{optional scorer name: its last error}`` for those left out of ``scores``.
     """
 
     scores: dict[str, Tensor]
     seconds: float
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,18 @@ class PromptLengthScorer:
     def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[dict | None] | None = None) -> Tensor:
         bonus = [float((m or {}).get("bonus", 0.0)) for m in (metadata or [None] * len(prompts))]
         return torch.tensor([len(p) + b for p, b in zip(prompts, bonus)], dtype=torch.float32)
+
+
+class QuantisedInk:
+    """``digits_ink`` on the images a reward server sees (each pixel quantised to uint8, as its PNGs are): the
+    in-process twin of a served ``digits_ink``, so the two runs' rewards can be compared exactly."""
+
+    def __init__(self, path: str | None = None, device: str = "cpu") -> None:
+        from services.rewards import build_scorer
+
+        self.name, self.inner = "digits_ink", build_scorer("digits_ink", path=path, device=device)
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        from services.rewards.wire import to_uint8
+
+        return self.inner.score(to_uint8(images).float() / 255.0, prompts)

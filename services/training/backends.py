@@ -76,7 +76,8 @@ class LocalBackend:
         from services.training.scoring import ScorerWorker
 
         res = cfg.resources
-        scorers = [ScorerWorker(scorer_specs, torch_threads=res.torch_threads, score_batch=cfg.reward.score_batch)]
+        kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch, "retries": cfg.reward.retries}
+        scorers = [ScorerWorker(scorer_specs, **kw)]
         learner = LocalLearner(cfg, model_path, resume_from=resume, prompt_embeddings=embeddings)
         if res.placement == "hybrid":
             samplers = _colocated(cfg, learner)
@@ -173,7 +174,7 @@ def _scorer_actors(cfg: ExperimentConfig, scorer_specs: dict) -> list:
     scorer_cls = ray.remote(ScorerWorker).options(
         num_cpus=res.scorer_cpus, num_gpus=res.scorer_gpus, resources=dict(res.scorer_resources), **_ACTOR_OPTIONS
     )
-    kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch}
+    kw = {"torch_threads": res.torch_threads, "score_batch": cfg.reward.score_batch, "retries": cfg.reward.retries}
     device = "cuda" if res.scorer_gpus else "cpu"
     return [scorer_cls.remote(scorer_specs, device=device, **kw) for _ in range(cfg.reward.num_actors)]
 

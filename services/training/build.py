@@ -42,21 +42,28 @@ def _resolve(cfg: ExperimentConfig) -> tuple[str, dict[str, ScorerBuild], dict[s
     resolved = resolve_model(cfg.model, log=log.info)
     model_path, scorer_dir = resolved.path, resolved.scorer_dir
 
-    def specs(items) -> dict[str, ScorerBuild]:
+    def specs(items, *, train: bool) -> dict[str, ScorerBuild]:
+        """``train``: the training scorers, whose ``required`` the worker reads (every evaluation judge is
+        required: an evaluation has no step to go on with)."""
         embedded = lambda s: scorer_dir if s.name.startswith(("digits_", "colour_")) and not s.impl else None  # noqa: E731
+        required = lambda s: s.required or not train  # noqa: E731
         return {
-            s.name: _remote_build(s) if s.server else ScorerBuild(s.path or embedded(s), dict(s.options), s.impl)
+            s.name: _remote_build(s, required(s))
+            if s.server
+            else ScorerBuild(s.path or embedded(s), dict(s.options), s.impl, required(s))
             for s in items
         }
 
-    return model_path, specs(cfg.reward.scorers), specs(cfg.reward.eval_scorers or ())
+    return model_path, specs(cfg.reward.scorers, train=True), specs(cfg.reward.eval_scorers or (), train=False)
 
 
-def _remote_build(spec) -> ScorerBuild:
+def _remote_build(spec, required: bool = True) -> ScorerBuild:
     """A scorer on a reward server (``server:``): the scorer actor builds its client
     (``services.rewards.remote.RemoteScorer``), which the worker calls like any scorer."""
     return ScorerBuild(
-        options={"scorer": spec.name, **spec.server.model_dump()}, impl="services.rewards.remote:RemoteScorer"
+        options={"scorer": spec.name, **spec.server.model_dump()},
+        impl="services.rewards.remote:RemoteScorer",
+        required=required,
     )
 
 

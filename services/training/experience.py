@@ -228,16 +228,30 @@ class ExperienceSource:
         )
         weights = dict(self.spec.train_weights)
         scores = {k: torch.cat([p.scores[k] for p in parts]) for k in weights if all(k in p.scores for p in parts)}
-        missing = self.spec.required - set(scores)
-        if missing:
-            raise RuntimeError(
-                f"required scorers {sorted(missing)} returned nothing: refusing to train on made-up rewards"
-            )
-        reward = combine_scores(scores, weights)
+        skipped = self._skipped(weights, scores, parts)
+        reward = combine_scores(scores, {k: w for k, w in weights.items() if k in scores})
         metrics = {"reward/mean": float(reward.mean()), "reward/std": float(reward.std())}
+        metrics["reward/skipped_scorers"] = float(len(skipped))
         metrics.update({f"reward/{k}": float(v.mean()) for k, v in scores.items()})
         metrics["perf/reward_busy_s"] = float(sum(p.seconds for p in parts))
         return reward, metrics
+
+    def _skipped(self, weights: dict, scores: dict, parts: list[ScoreResult]) -> list[str]:
+        """The training scorers without scores for the whole batch: a required one fails the step, an
+        optional one (``required: false``, which failed every try in its worker) is left out of this step's
+        reward, its weight with it, logged and counted (``reward/skipped_scorers``)."""
+        skipped = sorted(set(weights) - set(scores))
+        why = {k: v for p in parts for k, v in p.failed.items()}
+        missing = sorted(self.spec.required & set(skipped))
+        if missing or not scores:
+            detail = "; ".join(f"{k}: {why[k]}" for k in (missing or skipped) if k in why)
+            raise RuntimeError(
+                f"required scorers {missing or skipped} returned nothing: refusing to train on made-up rewards"
+                + (f" ({detail})" if detail else "")
+            )
+        for k in skipped:
+            log.warning("reward: optional scorer %s left out of this step's reward (%s)", k, why.get(k, "no scores"))
+        return skipped
 
     # ---- fan-out with the retry policy --------------------------------------------------------
     def _fan_out(self, method: str, pool: Pool, payloads: list, *, name: str, timeout_s: float) -> list[_Share]:

@@ -5,10 +5,16 @@ A worker builds its scorers once, then scores batches: :meth:`ScorerWorker.score
 ``(B,)`` scores and the wall time), a per-image scorer ``reward.score_batch`` images per call. Timeouts,
 retries with backoff and failure counting live in the coordinator's ``call_with_retries`` (one policy for
 every remote call).
+
+A required scorer's error fails the call, for that policy. An optional one (``required: false``) is tried
+``reward.retries`` more times here, with the same backoff, and then left out of the reply
+(``ScoreResult.failed`` says why), so the step trains on the others: the same for a scorer in this process
+and one on a reward server (``services.rewards.remote``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 
@@ -20,6 +26,8 @@ from services.training.probe import ActorProbe, probe_process
 from services.types import ScorerBuild, ScoreRequest, ScoreResult
 
 __all__ = ["ScorerWorker"]
+
+log = logging.getLogger(__name__)
 
 
 def _takes_metadata(scorer) -> bool:
@@ -41,10 +49,16 @@ class ScorerWorker:
         device: str = "cpu",
         torch_threads: int = 1,
         score_batch: int | None = None,
+        retries: int = 0,
+        backoff_s: float = 0.5,
     ):
-        """``score_batch``: ``reward.score_batch``, images per call of a per-image scorer (``None``: all)."""
+        """``score_batch``: ``reward.score_batch``, images per call of a per-image scorer (``None``: all);
+        ``retries``: ``reward.retries``, the tries an optional scorer gets after its first."""
         torch.set_num_threads(torch_threads)
         self._chunk = score_batch  # not self.score_batch: that is the request method
+        self.retries, self.backoff_s = retries, backoff_s
+        self.optional = frozenset(name for name, b in specs.items() if not b.required)
+        self.failed: dict[str, str] = {}  # the last score() call's optional scorers left out
         self.scorers = {
             name: build_scorer(name, path=b.path, device=device, options=dict(b.options), impl=b.impl)
             for name, b in specs.items()
@@ -66,18 +80,47 @@ class ScorerWorker:
         to the scorers whose ``score`` takes a ``metadata`` argument (rule-based rewards).
         """
         groups = group_ids if group_ids is not None else torch.zeros(len(prompts), dtype=torch.long)
-        out = {}
+        out, self.failed = {}, {}
         for n in names or self.scorers:
-            scorer = self.scorers[n]
-            kw = {"metadata": list(metadata)} if metadata is not None and self._takes_metadata[n] else {}
-            if is_groupwise(scorer):  # a group is scored whole
-                out[n] = scorer.score(images, list(prompts), groups, **kw)
-            else:
-                out[n] = self._chunked(scorer, images, list(prompts), kw.get("metadata"))
-        for n, s in out.items():
-            if s.shape != (len(prompts),) or not torch.isfinite(s).all():
-                raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
+            if n not in self.optional:
+                out[n] = self._one(n, images, list(prompts), groups, metadata)
+            elif (got := self._optional(n, images, list(prompts), groups, metadata)) is not None:
+                out[n] = got
         return out
+
+    def _optional(self, n: str, images: Tensor, prompts: list[str], groups: Tensor, metadata) -> Tensor | None:
+        """An optional scorer's scores, tried ``1 + retries`` times with backoff; ``None`` (and the error in
+        ``self.failed``) when every try failed."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._one(n, images, prompts, groups, metadata)
+            except Exception as err:  # noqa: BLE001 - an optional scorer: retried, then left out, logged
+                self.failed[n] = f"{type(err).__name__}: {err}"
+                last = attempt == self.retries
+                log.warning(
+                    "optional scorer %s failed (try %d/%d): %s%s",
+                    n,
+                    attempt + 1,
+                    self.retries + 1,
+                    self.failed[n],
+                    "; left out of this batch's reward" if last else "",
+                    exc_info=last,
+                )
+                if not last:
+                    time.sleep(self.backoff_s * 2**attempt)
+        return None
+
+    def _one(self, n: str, images: Tensor, prompts: list[str], groups: Tensor, metadata) -> Tensor:
+        """Scorer ``n``'s ``(B,)`` scores, checked."""
+        scorer = self.scorers[n]
+        kw = {"metadata": list(metadata)} if metadata is not None and self._takes_metadata[n] else {}
+        if is_groupwise(scorer):  # a group is scored whole
+            s = scorer.score(images, prompts, groups, **kw)
+        else:
+            s = self._chunked(scorer, images, prompts, kw.get("metadata"))
+        if s.shape != (len(prompts),) or not torch.isfinite(s).all():
+            raise ValueError(f"scorer {n} returned {tuple(s.shape)} / non-finite scores for {len(prompts)} images")
+        return s
 
     def _chunked(self, scorer, images: Tensor, prompts: list[str], metadata: list | None) -> Tensor:
         """A per-image scorer's ``(B,)`` scores, ``score_batch`` images per call, concatenated."""
@@ -92,7 +135,7 @@ class ScorerWorker:
         """:meth:`score` of one request (one argument, for the coordinator's fan-out), with its wall time."""
         t0 = time.perf_counter()
         scores = self.score(req.images, req.prompts, group_ids=req.group_ids, metadata=req.metadata)
-        return ScoreResult(scores=scores, seconds=time.perf_counter() - t0)
+        return ScoreResult(scores=scores, seconds=time.perf_counter() - t0, failed=dict(self.failed))
 
     def features(self, name: str, images: Tensor) -> Tensor:
         """Feature vectors of a scorer that has them (Frechet distance)."""
