@@ -283,3 +283,31 @@ def save_tiny_llava(path: Path) -> Path:
         image_token="<image>",
     ).save_pretrained(path)
     return path
+
+
+def save_tiny_trocr(path: Path) -> Path:
+    """A tiny TrOCR-layout VisionEncoderDecoderModel (ViT encoder, TrOCR decoder) and a tokenizer."""
+    from transformers import TrOCRConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+
+    torch.manual_seed(0)
+    tok = clip_tokenizer()
+    enc = ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    dec = TrOCRConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        decoder_layers=2,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        decoder_start_token_id=0,
+    )
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 0, 1, 1
+    VisionEncoderDecoderModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -90,6 +90,7 @@ BUILTIN_SCORERS: dict[str, str] = {
     "hpsv2": "services.rewards.clip:_hpsv2",
     "http_judge": "services.rewards.judges:_http_judge",
     "laion_aesthetic": "services.rewards.aesthetic:_laion_aesthetic",
+    "ocr": "services.rewards.ocr:_ocr",
     "pickscore": "services.rewards.clip:_pickscore",
     "realism_detector": "services.rewards.realism:_realism",
     "vlm_judge": "services.rewards.judges:_vlm_judge",

@@ -84,6 +84,9 @@ def scorers(tmp_path_factory, digits_assets):
         "laion_aesthetic": build_scorer(
             "laion_aesthetic", path=str(_save_aesthetic_head(root / "head.pth", clip)), options={"clip": str(clip)}
         ),
+        "ocr": build_scorer(
+            "ocr", path=str(tiny_models.save_tiny_trocr(root / "trocr")), options={"max_new_tokens": 6}
+        ),
     }
     for name in ("digits_classifier", "digits_ink", "digits_judge", "digits_realism"):
         out[name] = build_scorer(name, path=str(digits_assets.scorer_path))
@@ -106,6 +109,7 @@ def test_every_registered_scorer_is_covered(scorers):
         "realism_detector",
         "http_judge",
         "laion_aesthetic",
+        "ocr",
         "digits_classifier",
         "digits_ink",
         "digits_judge",
