@@ -107,3 +107,24 @@ def train_worker_pids() -> list[int]:
 
     procs = (p for p in Path("/proc").iterdir() if p.name.isdigit())
     return [int(p.name) for p in procs if cmdline(p).startswith("ray::RayTrainWorker")]
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env() -> dict:
+    """The environment of a ``normguard`` console-script subprocess: this virtualenv's ``bin`` first on
+    PATH, Ray's token auth off, the hub offline, unbuffered output and no inherited ``RAY_ADDRESS``."""
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.pop("RAY_ADDRESS", None)
+    return env

@@ -4,7 +4,6 @@ SDK to a local Ray head that the test starts on its own ports and stops by PID."
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import cli_env, free_port, tiny_overrides
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
@@ -28,25 +27,17 @@ AGENT_PORT_FLAGS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 def test_normguard_train_cli(digits_assets, tmp_path):
     # a relative output dir, as in the shipped configs: the learner actors must not write checkpoints
     # relative to their own working directory
     over = tiny_overrides("runs", "cli", **{"resources.num_learners": 1, "train.checkpoint_every": 1})
     out = subprocess.run(
-        [str(BIN / "normguard"), "train", *over], capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path
+        [str(BIN / "normguard"), "train", *over],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cli_env(),
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "+renorm" in out.stdout and "|v|/|vref|" in out.stdout and "What it shows" in out.stdout
@@ -62,7 +53,7 @@ def test_normguard_train_cli(digits_assets, tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env=_env(),
+        env=cli_env(),
         cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
@@ -84,7 +75,7 @@ def test_a_killed_driver_resumes_and_ends_identical_to_the_uninterrupted_run(dig
     )
     over = tiny_overrides(tmp_path, "killed", **inner)
     cmd = [str(BIN / "normguard"), "train", "--local", *over]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     manifest = tmp_path / "killed" / "checkpoints" / "step_000002" / "manifest.json"
     deadline = time.monotonic() + 300
     while not manifest.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -92,7 +83,7 @@ def test_a_killed_driver_resumes_and_ends_identical_to_the_uninterrupted_run(dig
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert manifest.is_file() and not (tmp_path / "killed" / "summary.json").is_file()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=cli_env())
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "reward/mean" in r]
@@ -110,7 +101,7 @@ def test_unknown_override_fails_fast_with_the_field_name(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(),
+        env=cli_env(),
         cwd=ROOT,
     )
     assert out.returncode != 0 and "wieght" in out.stderr
@@ -118,7 +109,7 @@ def test_unknown_override_fails_fast_with_the_field_name(tmp_path):
 
 @pytest.fixture
 def ray_head():
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Ray puts its Unix sockets under the temp dir; pytest's tmp_path is too long for the 107-byte
     # socket-path limit, so the head gets its own short directory (kept apart from other clusters).
     temp_dir = tempfile.mkdtemp(prefix="ngray-", dir="/tmp")
@@ -136,10 +127,10 @@ def ray_head():
         f"--temp-dir={temp_dir}",
         # fixed-default ports of the head's agents, taken by any other Ray on the machine (e.g. the
         # service tests' cluster): without its own, the job agent never comes up
-        *(f"--{flag}={_free_port()}" for flag in AGENT_PORT_FLAGS),
+        *(f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS),
     ]
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     url = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 90
@@ -166,7 +157,7 @@ def ray_head():
 def test_submit_job_to_a_local_head(digits_assets, ray_head, tmp_path):
     over = tiny_overrides(tmp_path, "job", **{"resources.num_learners": 1, "rollout.num_samplers": 1})
     cmd = [str(BIN / "normguard"), "submit", *over, "--address", ray_head]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(), cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=cli_env(), cwd=ROOT)
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     assert "SUCCEEDED" in out.stdout and "+renorm" in out.stdout
     assert (tmp_path / "job" / "summary.json").is_file()
@@ -183,7 +174,7 @@ def test_sigterm_at_step_6_of_12_checkpoints_it_says_so_and_the_rerun_ends_as_th
 
     def train(name: str, **popen) -> subprocess.Popen:
         cmd = [str(BIN / "normguard"), "train", *tiny_overrides(tmp_path, name, **inner)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), **popen)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), **popen)
 
     def rows(name: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

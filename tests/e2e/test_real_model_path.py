@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import cli_env, free_port
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
@@ -35,13 +36,6 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 SEED, STEPS, PROMPT = 7, 3, "a photo of a cat"
 SHIFT = {"sd3": 3.0, "flux": 1.0}  # the tiny pipelines' scheduler shift (static: the serve config needs a number)
-
-
-def _env() -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +75,7 @@ def _write_config(assets, kind: str, root: Path) -> Path:
 def _serve_one_image(run: Path, port: int) -> torch.Tensor:
     proc = subprocess.Popen(
         [str(BIN / "normguard"), "serve", str(run), "--port", str(port), "--num-cpus", "2"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -143,7 +137,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
 def test_train_serve_export_and_load_in_stock_diffusers(assets, kind, tmp_path):
     config = _write_config(assets, kind, tmp_path)
     out = subprocess.run(
-        [str(BIN / "normguard"), "train", str(config)], capture_output=True, text=True, timeout=900, env=_env()
+        [str(BIN / "normguard"), "train", str(config)], capture_output=True, text=True, timeout=900, env=cli_env()
     )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     run = tmp_path / kind
@@ -153,12 +147,12 @@ def test_train_serve_export_and_load_in_stock_diffusers(assets, kind, tmp_path):
     ckpt = run / "checkpoints" / "step_000002"
     assert (ckpt / "weights.safetensors").is_file() and not list(ckpt.glob("*.pkl"))
 
-    served = _serve_one_image(run, port=_free_port())
+    served = _serve_one_image(run, port=free_port())
 
     export_dir = tmp_path / f"export-{kind}"
     ex = subprocess.run(
         [str(BIN / "normguard"), "export", str(run), "--out", str(export_dir)],
-        capture_output=True, text=True, timeout=600, env=_env(),
+        capture_output=True, text=True, timeout=600, env=cli_env(),
     )  # fmt: skip
     assert ex.returncode == 0, ex.stderr[-3000:]
     assert (export_dir / "pytorch_lora_weights.safetensors").is_file()
@@ -206,11 +200,3 @@ def test_sampler_equals_stock_pipeline_with_the_published_scheduler(tmp_path, mo
         ).images
         assert torch.equal(ours.sigmas, pipe.scheduler.sigmas)
         torch.testing.assert_close(ours.x0, stock, rtol=1e-5, atol=1e-6)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

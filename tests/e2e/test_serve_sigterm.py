@@ -5,7 +5,6 @@ process says so in one line, prints no stack dump and exits 0. The requests wait
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,24 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import TINY_PRETRAIN_STEPS
+from conftest import TINY_PRETRAIN_STEPS, cli_env, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BIN = Path(sys.executable).parent
 IN_FLIGHT = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env.pop("RAY_ADDRESS", None)
-    return env
 
 
 def _up(proc: subprocess.Popen, url: str, timeout_s: float = 240) -> None:
@@ -49,7 +35,7 @@ def _up(proc: subprocess.Popen, url: str, timeout_s: float = 240) -> None:
 
 
 def test_sigterm_under_load_answers_the_requests_in_flight_refuses_new_ones_and_exits_0(digits_assets, tmp_path):
-    port = _free_port()
+    port = free_port()
     cfg = {
         "model": {"kind": "digits", "pretrain_steps": TINY_PRETRAIN_STEPS},  # the session's tiny cached model
         "port": port,
@@ -61,7 +47,7 @@ def test_sigterm_under_load_answers_the_requests_in_flight_refuses_new_ones_and_
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [str(BIN / "normguard"), "serve", str(tmp_path / "serve.yaml"), "--num-cpus", "2"]
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,7 +6,6 @@ About 25 s on 2 cores (Ray and Serve start once for the module)."""
 import os
 import pickle
 import signal
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import free_port
 
 from services.rewards.remote import RemoteScorer
 from services.rewards.wire import request_body, to_uint8
@@ -21,12 +21,6 @@ from services.rewards.wire import request_body, to_uint8
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 KEY = "test-token-38"
 WAIT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def served(ray_local):
     root = Path(__file__).parents[2]
     os.environ["NORMGUARD_REWARD_KEY"] = KEY
     env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}", "NORMGUARD_REWARD_KEY": KEY}}
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"num_cpus": 0.25, "runtime_env": env}
     apps = (

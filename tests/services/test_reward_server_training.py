@@ -4,11 +4,10 @@ local Ray: both give the metrics of the same run scoring in-process on the pixel
 its PNGs carry them). About a minute on 2 cores."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 
 from services.config import load_config
 from services.training.run import run_training
@@ -16,12 +15,6 @@ from services.training.run import run_training
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 KEY = "test-token-38-training"
 KEYS = ("reward/mean", "reward/std", "reward/digits_ink", "loss/total", "normguard/ratio_mean")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def ink_server(ray_local, digits_assets):
     from services.rewards.server import RewardServerConfig, deploy
 
     root = Path(__file__).parents[2]
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     env = {"env_vars": {"PYTHONPATH": f"{root}:{root / 'tests'}", "NORMGUARD_REWARD_KEY": KEY}}
     cfg = RewardServerConfig(

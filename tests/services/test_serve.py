@@ -4,14 +4,13 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import skip_unless
+from conftest import free_port, skip_unless
 
 from services.config import ModelConfig, load_config
 from services.serving.config import ServeConfig
@@ -19,12 +18,6 @@ from services.training.learner import Learner
 
 pytestmark = [pytest.mark.service, pytest.mark.slow]
 TIMEOUT_S = 120.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def server(ray_local, digits_assets, tmp_path_factory):
         for p in learner.params:
             p.add_(0.05 * torch.randn_like(p))
     learner.save(ckpt)
-    port = _free_port()
+    port = free_port()
     cfg = ServeConfig(
         model=ModelConfig(kind="digits", pretrain_steps=5),
         checkpoints={"trained": str(ckpt)},

@@ -3,13 +3,13 @@
 ones to the live replica, with the same seed); with one replica the lost
 requests get 503 with Retry-After, never 500, and the service recovers."""
 
-import socket
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from services.config import ModelConfig
 from services.serving.config import ServeConfig
@@ -24,19 +24,13 @@ def _bench():
     return load_benchmark("serve_faults")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def apps(ray_local, digits_assets):
     from ray import serve
 
     from services.serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, replicas in (("two", 2), ("one", 1)):
         cfg = ServeConfig(
