@@ -37,7 +37,6 @@ Reads every trial's evaluation points along training (``metrics.jsonl``: before 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -46,6 +45,7 @@ from typing import Any
 from services.sweeps.keys import GAP_STATS, LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
 from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables, matched_markdown
 from services.sweeps.plots import plot_frontiers, plot_ratios
+from services.sweeps.trials import load_runs as _load
 
 __all__ = ["MATCH_RULES", "compare_and_report", "compare_sweep", "interpolate_at", "matched_level", "mean_ci"]
 
@@ -76,32 +76,6 @@ def interpolate_at(xs: list[float], ys: list[float], level: float) -> float | No
             x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             return y0 + (y1 - y0) * (level - x0) / (x1 - x0) if x1 != x0 else y1
     return None
-
-
-def _load(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per finished trial: params, evaluation points (step order), ratio curve, config."""
-    runs = []
-    for trial in sorted((sweep_dir / "trials").glob("*/trial.json")):
-        data = json.loads(trial.read_text())
-        rows = [json.loads(line) for line in (trial.parent / "metrics.jsonl").read_text().splitlines() if line]
-        points: dict[int, dict[str, float]] = defaultdict(dict)
-        for r in rows:
-            if any(k.startswith("eval/") for k in r):
-                points[r["step"]].update(r)
-        cfg = json.loads((trial.parent / "config.json").read_text())
-        runs.append(
-            {
-                "params": data["params"],
-                "points": [points[s] for s in sorted(points)],
-                "ratio": data["ratio_per_step"].get("policy", []),
-                "margin": cfg["normguard"]["margin"],
-                "reward": cfg["reward"]["scorers"][0]["name"],
-                "reward_weights": {sc["name"]: float(sc.get("weight", 1.0)) for sc in cfg["reward"]["scorers"]},
-                "full_steps": cfg["eval"]["full_steps"],
-                "eval_scorers": [sc["name"] for sc in cfg["reward"].get("eval_scorers", [])],
-            }
-        )
-    return runs
 
 
 def _curves(run: dict, steps: int, *, renorm: bool = False, keys: tuple[str, ...] = QUALITY) -> dict[str, list[float]]:
@@ -358,7 +332,8 @@ def _final_rows(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) ->
         last = [_curves(r, steps, keys=keys) for r in rs]
         for k in ("reward", *keys):
             mm, h, n = mean_ci([c[k][-1] for c in last if c.get(k)])
-            row[k], row[f"{k}_ci95"], row["seeds"] = mm, h, n
+            row[k], row[f"{k}_ci95"] = mm, h
+            row["seeds"] = max(n, row.get("seeds", 0))  # a metric the task lacks reads n = 0
         lo = mean_ci([min(r["ratio"]) for r in rs if r["ratio"]])
         hi = mean_ci([max(r["ratio"]) for r in rs if r["ratio"]])
         row["ratio_min_step"], row["ratio_min_step_ci95"] = lo[0], lo[1]

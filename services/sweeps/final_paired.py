@@ -19,6 +19,7 @@ import statistics
 from pathlib import Path
 
 from services.sweeps.comparison import mean_ci
+from services.sweeps.trials import whole_seeds
 
 __all__ = ["load_trials", "paired_table"]
 
@@ -27,14 +28,15 @@ METRICS = ("colour_clip", "frechet", "colour_judge", "colour_realism", "colour_s
 
 
 def load_trials(sweep_dir: str | Path) -> dict[tuple[str, str, int], dict[str, float]]:
-    """``(method, arm, seed) -> the 'after' metrics`` of every finished trial (its params from ``trial.json``,
-    as ``services.sweeps.comparison`` reads them)."""
+    """``(method, arm, seed) -> the 'after' metrics`` of every finished trial of a whole seed (its params from
+    ``trial.json``, as ``services.sweeps.comparison`` reads them; ``comparison.whole_seeds``)."""
     out = {}
     for f in sorted(Path(sweep_dir).glob("trials/*/summary.json")):
         params = json.loads((f.parent / "trial.json").read_text())["params"]
         key = (params["loss.name"], params["arm"], int(params["train.seed"]))
         out[key] = json.loads(f.read_text())["after"]
-    return out
+    keep = whole_seeds(list(out))
+    return {k: v for k, v in out.items() if k[2] in keep}
 
 
 def _interval(xs: list[float]) -> str:

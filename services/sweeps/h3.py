@@ -23,8 +23,9 @@ import argparse
 import csv
 from pathlib import Path
 
-from services.sweeps.comparison import MATCH_RULES, _arms, _load, _matched_rows, _series, mean_ci
+from services.sweeps.comparison import MATCH_RULES, _arms, _matched_rows, _series, mean_ci
 from services.sweeps.keys import quality_keys
+from services.sweeps.trials import load_runs as _load
 
 __all__ = ["h3_rows"]
 

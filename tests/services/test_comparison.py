@@ -6,6 +6,7 @@ import json
 import pytest
 
 from services.sweeps.comparison import compare_sweep, interpolate_at, mean_ci
+from services.sweeps.trials import whole_seeds
 
 
 def test_interpolation_reads_the_polyline_where_it_first_reaches_the_level():
@@ -62,3 +63,17 @@ def test_compare_matches_reward_pairs_seeds_and_writes_plots(tmp_path):
     assert bound["arm"] == "constraint" and bound["max_step"] == pytest.approx(1.0)
     assert bound["worst_deficit"] == pytest.approx(0.01) and bound["mean_deficit"] == pytest.approx(0.005)
     assert "How each arm holds the bound" in (tmp_path / "cmp" / "tables.md").read_text()
+
+
+def test_a_part_run_seed_is_left_out_of_every_arm(tmp_path):
+    """docs/tasks/colour.md registers that a seed enters the tables only when all its trials finished."""
+    assert whole_seeds([("awm", "none", 0), ("awm", "kl", 0), ("awm", "none", 1), ("nft", "none", 0)]) == {0}
+    for seed in range(3):
+        _trial(tmp_path, "awm", "none", seed, [0.5, 0.8], [10, 20 + seed], [1.1])
+        if seed < 2:  # seed 2: the constraint arm never finished (the clock stopped the sweep)
+            _trial(tmp_path, "awm", "constraint", seed, [0.5, 0.8], [10, 12], [1.0])
+    out = compare_sweep(tmp_path, tmp_path / "cmp")
+    pair = next(p for p in out["paired"] if p["vs"] == "none" and p["metric"] == "frechet")
+    assert pair["seeds"] == 2
+    final = {r["arm"]: r for r in out["final"]}
+    assert final["none"]["seeds"] == 2 and final["none"]["frechet"] == pytest.approx(20.5)
