@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from services.sweeps.archive import archive_sweep
 from services.sweeps.comparison import compare_sweep, interpolate_at, mean_ci
 from services.sweeps.trials import whole_seeds
 
@@ -77,3 +78,19 @@ def test_a_part_run_seed_is_left_out_of_every_arm(tmp_path):
     assert pair["seeds"] == 2
     final = {r["arm"]: r for r in out["final"]}
     assert final["none"]["seeds"] == 2 and final["none"]["frechet"] == pytest.approx(20.5)
+
+
+def test_the_archive_keeps_what_the_comparison_reads(tmp_path):
+    for seed in range(2):
+        _trial(tmp_path / "sweep", "awm", "none", seed, [0.5, 0.6, 0.8], [10, 20, 30 + seed], [1.1])
+        _trial(tmp_path / "sweep", "awm", "kl", seed, [0.5, 0.7], [10, 11 + seed], [1.0])
+    with (tmp_path / "sweep" / "trials" / "none-awm-0" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 7, "train/loss": 0.3}) + "\n")  # a training row: not analysed, not kept
+    (tmp_path / "sweep" / "trials" / "unfinished").mkdir()
+    assert len(archive_sweep(tmp_path / "sweep", tmp_path / "arch")) == 4
+    kept = (tmp_path / "arch" / "trials" / "none-awm-0" / "metrics.jsonl").read_text()
+    assert "train/loss" not in kept and kept.count("\n") == 3
+    a = compare_sweep(tmp_path / "sweep", tmp_path / "c1")
+    b = compare_sweep(tmp_path / "arch", tmp_path / "c2")
+    for table in ("matched", "paired", "final", "bound"):  # json: a missing metric reads NaN in both
+        assert json.dumps(a[table]) == json.dumps(b[table]) and a[table]
