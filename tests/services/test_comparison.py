@@ -83,7 +83,7 @@ def test_a_part_run_seed_is_left_out_of_every_arm(tmp_path):
 def test_the_archive_keeps_what_the_comparison_reads(tmp_path):
     for seed in range(2):
         _trial(tmp_path / "sweep", "awm", "none", seed, [0.5, 0.6, 0.8], [10, 20, 30 + seed], [1.1])
-        _trial(tmp_path / "sweep", "awm", "kl", seed, [0.5, 0.7], [10, 11 + seed], [1.0])
+        _trial(tmp_path / "sweep", "awm", "constraint", seed, [0.5, 0.7], [10, 11 + seed], [1.0])
     with (tmp_path / "sweep" / "trials" / "none-awm-0" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 7, "train/loss": 0.3}) + "\n")  # a training row: not analysed, not kept
     (tmp_path / "sweep" / "trials" / "unfinished").mkdir()
