@@ -311,3 +311,88 @@ def save_tiny_trocr(path: Path) -> Path:
     VisionEncoderDecoderModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def bert_tokenizer():
+    """A word-level BERT (WordPiece) tokenizer over WORDS, built in memory (bert-base-uncased's special tokens)."""
+    from transformers import BertTokenizer
+
+    vocab = {t: i for i, t in enumerate(("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))}
+    for w in (*WORDS, "red", "blue", "sign", "open", "late"):
+        vocab.setdefault(w, len(vocab))
+    return BertTokenizer(vocab=vocab, model_max_length=512)
+
+
+def image_reward_state(*, vit=(32, 2, 8, 32), bert=(32, 2, 64), vocab: int, max_pos: int = 40) -> dict:
+    """Random tensors under ImageReward.pt's key names (THUDM/ImageReward: ImageReward.py, models/BLIP/vit.py,
+    med.py), written from those modules' attribute names, not from any converter's output.
+
+    ``vit``: (hidden, layers, patch, image size); ``bert``: (hidden, layers, intermediate).
+    """
+    g = torch.Generator().manual_seed(0)
+    dv, nv, patch, size = vit
+    dt, nt, inter = bert
+    out: dict[str, torch.Tensor] = {}
+
+    def lin(name, n_out, n_in):
+        out[f"{name}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+        out[f"{name}.bias"] = torch.randn(n_out, generator=g) * 0.1
+
+    def norm(name, d):
+        out[f"{name}.weight"] = 1 + 0.1 * torch.randn(d, generator=g)
+        out[f"{name}.bias"] = 0.1 * torch.randn(d, generator=g)
+
+    v = "blip.visual_encoder"
+    out[f"{v}.cls_token"] = torch.randn(1, 1, dv, generator=g) * 0.02
+    out[f"{v}.pos_embed"] = torch.randn(1, (size // patch) ** 2 + 1, dv, generator=g) * 0.02
+    out[f"{v}.patch_embed.proj.weight"] = torch.randn(dv, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    out[f"{v}.patch_embed.proj.bias"] = torch.zeros(dv)
+    for i in range(nv):
+        b = f"{v}.blocks.{i}"
+        norm(f"{b}.norm1", dv), lin(f"{b}.attn.qkv", 3 * dv, dv), lin(f"{b}.attn.proj", dv, dv)
+        norm(f"{b}.norm2", dv), lin(f"{b}.mlp.fc1", 4 * dv, dv), lin(f"{b}.mlp.fc2", dv, 4 * dv)
+    norm(f"{v}.norm", dv)
+    t = "blip.text_encoder"
+    out[f"{t}.embeddings.word_embeddings.weight"] = torch.randn(vocab, dt, generator=g)
+    out[f"{t}.embeddings.position_embeddings.weight"] = torch.randn(max_pos, dt, generator=g) * 0.1
+    out[f"{t}.embeddings.position_ids"] = torch.arange(max_pos).expand(1, -1)  # a persistent buffer in med.py
+    norm(f"{t}.embeddings.LayerNorm", dt)
+    for i in range(nt):
+        b = f"{t}.encoder.layer.{i}"
+        for att, kv_in in (("attention", dt), ("crossattention", dv)):
+            lin(f"{b}.{att}.self.query", dt, dt), lin(f"{b}.{att}.self.key", dt, kv_in)
+            lin(f"{b}.{att}.self.value", dt, kv_in), lin(f"{b}.{att}.output.dense", dt, dt)
+            norm(f"{b}.{att}.output.LayerNorm", dt)
+        (
+            lin(f"{b}.intermediate.dense", inter, dt),
+            lin(f"{b}.output.dense", dt, inter),
+            norm(f"{b}.output.LayerNorm", dt),
+        )
+    lin("blip.vision_proj", 16, dv), lin("blip.text_proj", 16, dt)  # BLIP_Pretrain's ITC projections (unused)
+    for i, (n_out, n_in) in zip((0, 2, 4, 6, 7), ((1024, dt), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        lin(f"mlp.layers.{i}", n_out, n_in)
+    return out
+
+
+def save_tiny_image_reward(path: Path) -> Path:
+    """A directory like THUDM/ImageReward's: ImageReward.pt (tiny, random), med_config.json, and a tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    tok = bert_tokenizer()
+    tok.save_pretrained(path / "tokenizer")
+    vocab = len(tok) + 2  # ImageReward adds [DEC] and [ENC] (blip.py init_tokenizer)
+    torch.save(image_reward_state(vocab=vocab), path / "ImageReward.pt")
+    med = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 40,
+        "vocab_size": vocab,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "pad_token_id": 0,
+        "encoder_width": 32,
+        "add_cross_attention": True,
+    }
+    (path / "med_config.json").write_text(json.dumps(med))
+    return path

@@ -89,10 +89,12 @@ BUILTIN_SCORERS: dict[str, str] = {
     "digits_realism": "services.rewards.digits:_realism",
     "hpsv2": "services.rewards.clip:_hpsv2",
     "http_judge": "services.rewards.judges:_http_judge",
+    "image_reward": "services.rewards.image_reward:_image_reward",
     "laion_aesthetic": "services.rewards.aesthetic:_laion_aesthetic",
     "ocr": "services.rewards.ocr:_ocr",
     "pickscore": "services.rewards.clip:_pickscore",
     "realism_detector": "services.rewards.realism:_realism",
+    "unified_reward": "services.rewards.unified_reward:_unified_reward",
     "vlm_judge": "services.rewards.judges:_vlm_judge",
 }
 

@@ -183,6 +183,17 @@ class HTTPJudge:
             "temperature": 0.0,
         }
 
+    def _read(self, body: dict) -> float:
+        """The score in a ``/chat/completions`` reply: the answer tokens' probabilities in ``top_logprobs``."""
+        top = body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        probs = {a: 0.0 for a in self.answers}
+        for entry in top:
+            tok = entry["token"].strip()
+            for a in self.answers:
+                if tok.lower() == a.lower():
+                    probs[a] += math.exp(entry["logprob"])
+        return float(probs_to_score(torch.tensor([[probs[a] for a in self.answers]]), mode=self.mode)[0])
+
     def _one(self, image: Tensor, prompt: str) -> float:
         import httpx
 
@@ -191,14 +202,7 @@ class HTTPJudge:
             try:
                 resp = self.client.post("/chat/completions", json=payload)
                 resp.raise_for_status()
-                top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-                probs = {a: 0.0 for a in self.answers}
-                for entry in top:
-                    tok = entry["token"].strip()
-                    for a in self.answers:
-                        if tok.lower() == a.lower():
-                            probs[a] += math.exp(entry["logprob"])
-                return float(probs_to_score(torch.tensor([[probs[a] for a in self.answers]]), mode=self.mode)[0])
+                return self._read(resp.json())
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
                 with self._lock:  # counted from the request threads
                     self.failures += 1

@@ -112,7 +112,12 @@ def _build(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None |
         workers.shutdown()
         raise
     evaluator = RunEvaluator(
-        cfg, samplers=workers.samplers, scorers=workers.scorers, eval_set=eval_prompts, eval_names=list(eval_specs)
+        cfg,
+        samplers=workers.samplers,
+        scorers=workers.scorers,
+        eval_set=eval_prompts,
+        eval_names=list(eval_specs),
+        stats=coord.stats,  # an evaluation's retried reward calls count with the steps'
     )
     return Built(coord, extra, evaluator), eval_specs
 

@@ -2,13 +2,17 @@
 
 Built with the worker group (``services.training.build``) and handed to the controller, so the run's
 reporting never reaches into the coordinator's samplers or scorers: after a restart or a rollback the new
-build brings its own evaluator, calling its own workers through their pools.
+build brings its own evaluator, calling its own workers through their pools. Its scorer calls (the scores,
+the judge's features) follow ``reward.retries`` with backoff as a step's reward calls do
+(``services.training.remote.call_with_retries``), counted in the run's fault counters; the sampling call is
+not retried (a restarted sampler would hold its initial weights, not the policy under evaluation).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from services.training.remote import CallStats, call_with_retries
 from services.training.workers import Pool
 
 if TYPE_CHECKING:
@@ -22,10 +26,18 @@ class RunEvaluator:
     scored by the training scorers and the evaluation-only ones (``eval_names``)."""
 
     def __init__(
-        self, cfg: ExperimentConfig, *, samplers: Pool, scorers: Pool, eval_set, eval_names: list[str]
+        self,
+        cfg: ExperimentConfig,
+        *,
+        samplers: Pool,
+        scorers: Pool,
+        eval_set,
+        eval_names: list[str],
+        stats: CallStats | None = None,
     ) -> None:
         self.cfg, self.eval_set, self.eval_names = cfg, eval_set, list(eval_names)
         self.samplers, self.scorers = samplers, scorers
+        self.stats = stats if stats is not None else CallStats()  # the coordinator's, from the build
         self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}
 
     def __call__(self, *, renormalize: bool = False) -> tuple[dict, dict, dict]:
@@ -55,8 +67,22 @@ class RunEvaluator:
 
     def _score(self, images, prompts, groups, meta):
         kw = dict(group_ids=groups, metadata=meta)
+        return self._scorer_call("score", images, prompts, timeout_s=self.cfg.reward.timeout_s, **kw)
+
+    def _scorer_call(self, method: str, *args, timeout_s: float, **kwargs):
+        """Scorer 0's ``method`` with ``reward.retries`` retries, as a step's reward calls (``experience``)."""
         scorer = self.scorers.members[0]
-        return self.scorers.call(scorer, "score", images, prompts, timeout_s=self.cfg.reward.timeout_s, **kw)
+        return call_with_retries(
+            scorer,
+            method,
+            *args,
+            timeout_s=timeout_s,
+            retries=self.cfg.reward.retries,
+            stats=self.stats,
+            name="eval_reward",
+            caller=self.scorers.call,
+            **kwargs,
+        )
 
     def _features(self):
         """The embedded task's judge features and its held-out real images (digits: ``digits_judge`` against
@@ -72,9 +98,9 @@ class RunEvaluator:
             from services.data.colour import real_colour_images
 
             real = real_colour_images(1024, split="test")
-        scorer, timeout = self.scorers.members[0], self.cfg.train.rollout_timeout_s
+        timeout = self.cfg.train.rollout_timeout_s
 
         def features(images):
-            return self.scorers.call(scorer, "features", judge, images, timeout_s=timeout)
+            return self._scorer_call("features", judge, images, timeout_s=timeout)
 
         return features, real

@@ -67,6 +67,11 @@ def _openai_mock(p_yes: float):
     return httpx.MockTransport(handler)
 
 
+def _unified_mock():
+    answer = {"choices": [{"message": {"content": "Final Score: 4"}}]}
+    return httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+
+
 @pytest.fixture(scope="module")
 def scorers(tmp_path_factory, digits_assets):
     root = tmp_path_factory.mktemp("scorers")
@@ -83,6 +88,14 @@ def scorers(tmp_path_factory, digits_assets):
         "http_judge": HTTPJudge("http_judge", "http://judge.test/v1", transport=_openai_mock(0.8)),
         "laion_aesthetic": build_scorer(
             "laion_aesthetic", path=str(_save_aesthetic_head(root / "head.pth", clip)), options={"clip": str(clip)}
+        ),
+        "image_reward": build_scorer(
+            "image_reward",
+            path=str(tiny_models.save_tiny_image_reward(root / "image_reward")),
+            options={"tokenizer": str(root / "image_reward" / "tokenizer"), "vision_heads": 4},
+        ),
+        "unified_reward": build_scorer(
+            "unified_reward", path="http://judge.test/v1", options={"transport": _unified_mock(), "concurrency": 2}
         ),
         "ocr": build_scorer(
             "ocr", path=str(tiny_models.save_tiny_trocr(root / "trocr")), options={"max_new_tokens": 6}
@@ -109,6 +122,8 @@ def test_every_registered_scorer_is_covered(scorers):
         "realism_detector",
         "http_judge",
         "laion_aesthetic",
+        "image_reward",
+        "unified_reward",
         "ocr",
         "digits_classifier",
         "digits_ink",
