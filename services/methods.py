@@ -128,6 +128,8 @@ class Method:
         return Targets(advantages=adv, reward_prob=prob, train_idx=torch.arange(len(reward)), metrics=metrics)
 
 
+# a registry by name as normguard_core.losses.registry's (``duplicates`` pairs the two): issue #39 item 1
+# makes the method own its loss, one registry; until then each layer keeps its own
 _METHODS: dict[str, Method] = {}
 
 

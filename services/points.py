@@ -105,6 +105,8 @@ class TrainingPoints:
 
     unit: Tensor
     sample: Tensor
+    # optional tensors declared alike, as normguard_core.types.SampleResult's (``duplicates`` pairs them):
+    # other fields; issue #39 item 1 gives each source its own batch type without the optionals
     sigma: Tensor | None = None
     noise: Tensor | None = None
     loser: Tensor | None = None

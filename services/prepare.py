@@ -40,7 +40,7 @@ def prepare_embedded(
     log: Callable[[str], None] = print,
 ) -> EmbeddedAssets:
     """Pretrain / load the digits generator and train / load its scorers (both cached)."""
-    from services.models.sampling import sample
+    from services.models.sampling import fixed_noise, sample
     from services.rewards.digits import train_digit_scorers
 
     model_path = load_or_pretrain_digits(
@@ -54,8 +54,7 @@ def prepare_embedded(
         fakes = []
         for i, steps in enumerate((4, 20)):  # the detector sees both few- and full-step samples
             half = prompts[i::2]
-            g = torch.Generator().manual_seed(offset_seed(seed, FAKE_SAMPLES_STREAM, i))
-            noise = torch.randn(len(half), *gen.latent_shape, generator=g)
+            noise = fixed_noise(gen, len(half), offset_seed(seed, FAKE_SAMPLES_STREAM, i))
             fakes.append(
                 sample(gen, half, noise=noise, num_steps=steps, measure_ratio=False).trajectory.x0.clamp(-1, 1)
             )

@@ -73,6 +73,8 @@ def _vae_round_trip(gen) -> Callable[[torch.Tensor], torch.Tensor]:
     return round_trip
 
 
+# ``duplicates`` pairs this with prepare.prepare_embedded: the two embedded tasks share the outline (keyword
+# settings, the generator cached, its scorers trained if missing) and no step (each trains its own models)
 def prepare_colour(
     *,
     vae_steps: int = 800,

@@ -100,7 +100,7 @@ def _setup(config_path: str, samples: int):
     from services.config import load_config
     from services.data.colour import all_prompts
     from services.models.colour import load_colour_generator
-    from services.models.sampling import sample
+    from services.models.sampling import fixed_noise, sample
     from services.prepare import prepare_task
 
     cfg = load_config(config_path)
@@ -109,7 +109,7 @@ def _setup(config_path: str, samples: int):
     assets = prepare_task(cfg.model)
     gen = load_colour_generator(assets.model_path)
     prompts = [all_prompts()[(k * 5) % 96] for k in range(samples)]  # every shape, colour and background
-    noise = torch.randn(samples, *gen.latent_shape, generator=torch.Generator().manual_seed(1234))
+    noise = fixed_noise(gen, samples, 1234)
     base = sample(
         gen, prompts, noise=noise, num_steps=cfg.eval.full_steps, guidance_scale=cfg.eval.guidance_scale
     ).trajectory.x0

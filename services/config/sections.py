@@ -251,6 +251,8 @@ class ResourcesConfig(Section):
             raise ValueError(f"custom Ray resources >= 0 only (CPUs / GPUs have their own fields), got {v}")
         return v
 
+    # ``duplicates`` pairs these field declarations with RewardConfig's (an int with a bound, an optional one
+    # with a description): alike in shape, different fields; a declaration is not logic to share
     torch_threads: int = Field(1, ge=1, description="torch threads per actor (avoid oversubscription)")
     learner_threads: int | None = Field(
         None,

@@ -225,16 +225,21 @@ def _realism(path: str | None = None, device: str | torch.device = "cpu") -> Dig
 
 
 FD_EPS = 1e-6  # pytorch-fid's offset on the covariances' diagonal for a singular product
+FD_IMAG_ATOL = 1e-3  # pytorch-fid's bound on the root's imaginary diagonal (numerical error below it)
 
 
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` between ``(N, F)`` feature sets.
 
-    As pytorch-fid (mseitzer/pytorch-fid ``fid_score.py``, ``calculate_frechet_distance``): when the
-    product of the covariances is singular, ``FD_EPS * I`` is added to both covariances' diagonal before
-    the square root. pytorch-fid tests a non-finite root; scipy's ``sqrtm`` also flags a singular input
-    (its "Matrix is singular" warning, with a finite root), which here takes the offset too, so that an
-    evaluation with fewer samples than features no longer prints it. Only then does the value change.
+    As pytorch-fid (mseitzer/pytorch-fid ``src/pytorch_fid/fid_score.py``, ``calculate_frechet_distance``):
+    when the root of the covariances' product is not finite, ``FD_EPS * I`` is added to both covariances'
+    diagonals and the root taken again; a complex root keeps its real part when its diagonal's imaginary
+    part is within ``FD_IMAG_ATOL`` of 0, else ``ValueError`` (as there). Two differences, both for the
+    scipy this runs on (>= 1.16, whose ``sqrtm`` was rewritten): it flags a singular product with a finite
+    root and a "Matrix is singular" warning, which here takes the offset too, so that an evaluation with
+    fewer samples than features no longer prints it (only then does the value differ from the plain
+    formula); and its ``disp`` argument is deprecated, so the root is asked for without it (the same root:
+    pytorch-fid's ``disp=False`` only asked for the error estimate, which is not used).
     """
     a, b = feats_a.double().cpu().numpy(), feats_b.double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -243,7 +248,10 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     if singular or not np.isfinite(covmean).all():
         offset = np.eye(s_a.shape[0]) * FD_EPS
         covmean, _ = _sqrtm((s_a + offset) @ (s_b + offset))
-    covmean = covmean.real
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=FD_IMAG_ATOL):
+            raise ValueError(f"the Frechet distance's matrix root has an imaginary part {np.abs(covmean.imag).max()}")
+        covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2.0 * covmean))
 
 
@@ -253,7 +261,7 @@ def _sqrtm(m: np.ndarray) -> tuple[np.ndarray, bool]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", linalg.LinAlgWarning)
-        root, _ = linalg.sqrtm(m, disp=False)
+        root = linalg.sqrtm(m)
     singular = False
     for w in caught:
         if issubclass(w.category, linalg.LinAlgWarning) and str(w.message).startswith("Matrix is singular"):

@@ -46,6 +46,7 @@ class ServeConfig(BaseModel):
     replica_loss_retries: int = Field(
         1, ge=0, le=3, description="with failover and num_replicas >= 2: resends of a request whose replica died"
     )
+    # alike in shape to the batching fields above (``duplicates`` pairs them): other fields, not shared logic
     retry_after_s: int = Field(15, ge=1, description="Retry-After of a 503 (about a replica's restart time)")
     drain_timeout_s: float = Field(
         20.0,

@@ -96,6 +96,7 @@ def _span(r: dict, k: str) -> str:
     return f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]" if k in r else "-"
 
 
+# the same keyword parameters as matched_markdown (``duplicates`` pairs the signatures): it passes them on
 def markdown_tables(
     matched: list[dict],
     paired: list[dict],

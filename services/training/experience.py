@@ -175,6 +175,7 @@ class ExperienceSource:
     def _submit_rollout(self, step: int, min_version: int) -> tuple[list[_Share], list[int], list | None, float]:
         sp = self.spec
         prompts, groups, seeds, meta = self.prompts(step)
+        # a RolloutRequest by keyword (``duplicates`` pairs it with serving's GenerationItem: other messages)
         whole = RolloutRequest(
             prompts=prompts,
             group_ids=groups,

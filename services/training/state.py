@@ -111,6 +111,10 @@ class ControllerState:
         return self.kind.terminal
 
 
+# One frozen dataclass per state, as Ray Train v2's controller states: the alike declarations that
+# ``duplicates`` pairs (a field, then ``kind``) are the shape of a state type, not logic to share.
+
+
 @dataclass(frozen=True)
 class Initializing(ControllerState):
     kind: ClassVar[RunState] = RunState.INITIALIZING

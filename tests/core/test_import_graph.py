@@ -2,6 +2,9 @@
 higher one, counting every import: those inside functions and those under ``if TYPE_CHECKING:`` too (as
 ``../shared/tools/import_cycles.py`` does). A deferred import hides a circle from Python at import time,
 not from a reader; an annotation that names a type from a layer above ties the layers as a call does.
+The same reading keeps the frameworks in their layers: the core names none of them anywhere (the run-time
+check of ``test_import_boundary.py`` cannot see an import inside a function that no test calls), and Ray
+is imported below the services' layer only where a module's one job is to talk to it, each listed below.
 """
 
 import ast
@@ -132,3 +135,63 @@ def test_training_and_serving_do_not_import_each_other():
         f"{u} imports {v}" for u, deps in graph.items() for v in deps if owner(u) and owner(v) and owner(u) != owner(v)
     )
     assert crossing == []
+
+
+FRAMEWORKS = ("ray", "diffusers", "pydantic", "transformers", "peft", "wandb")  # as test_import_boundary.py
+
+
+def _third_party(tree: ast.AST) -> list[tuple[str, int, bool]]:
+    """``(top-level package, line, inside a function)`` of every import of ``FRAMEWORKS`` in ``tree``."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                names = [child.module]
+            found.extend((n.split(".")[0], child.lineno, in_function) for n in names if n.split(".")[0] in FRAMEWORKS)
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(tree, False)
+    return found
+
+
+def _framework_imports() -> dict[str, list[tuple[str, int, bool]]]:
+    paths = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    named = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in paths}
+    return {name: _third_party(ast.parse(path.read_text())) for name, path in named.items()}
+
+
+def test_the_core_names_no_framework_even_inside_a_function():
+    core = {m: found for m, found in _framework_imports().items() if _layer(m) == 0 and found}
+    assert core == {}
+
+
+# Below the services' layer, Ray is imported only here, and only inside the function that needs it (a
+# deferred import of an optional framework: loading a config, planning on a file, or scoring in process
+# runs without Ray). Each is the module's job, not a reach upward.
+RAY_BELOW_SERVICES = {
+    "services.cluster.connect": "joining (or starting) the cluster a command runs on is what the module is for",
+    "services.cluster.plan": "reads the connected cluster's nodes when no node file is given",
+    "services.cluster.submit": "submits a Ray job through Ray's job-submission client",
+    "services.rewards.remote": "a remote scorer reached by a Serve handle calls Serve and names its actor error",
+}
+
+
+def test_ray_below_the_services_layer_only_where_listed_and_deferred():
+    services_layer = _layer("services.training")
+    found = sorted(
+        f"{m}:{line}{'' if deferred else ' (module level)'}"
+        for m, imports in _framework_imports().items()
+        for pkg, line, deferred in imports
+        if pkg == "ray" and _layer(m) < services_layer and not (m in RAY_BELOW_SERVICES and deferred)
+    )
+    assert found == []
+    assert all(any(p == "ray" for p, _, _ in _framework_imports()[m]) for m in RAY_BELOW_SERVICES)  # none stale
+
+
+def test_framework_imports_are_found_inside_functions():
+    tree = ast.parse("import os\nfrom ray import serve\ndef f():\n    import diffusers.models\n    import numpy\n")
+    assert _third_party(tree) == [("ray", 2, False), ("diffusers", 4, True)]

@@ -349,6 +349,7 @@ def test_frechet_distance_offsets_a_singular_covariance_product_without_a_warnin
     expected = float((mu**2).sum() + np.trace(s_a + s_b - 2.0 * root))
     with warnings.catch_warnings():
         warnings.simplefilter("error", linalg.LinAlgWarning)
+        warnings.simplefilter("error", DeprecationWarning)  # sqrtm's disp argument is deprecated: not passed
         assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
     c, d = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
     s_c, s_d = np.cov(c.double().numpy(), rowvar=False), np.cov(d.double().numpy(), rowvar=False)
@@ -356,3 +357,24 @@ def test_frechet_distance_offsets_a_singular_covariance_product_without_a_warnin
         s_c + s_d - 2.0 * linalg.sqrtm(s_c @ s_d).real
     )
     assert frechet_distance(c, d) == pytest.approx(plain, rel=1e-12)
+
+
+def test_frechet_distance_keeps_a_negligible_imaginary_part_and_refuses_a_large_one(monkeypatch):
+    """pytorch-fid's rule on a complex root: its real part when the diagonal's imaginary part is within
+    1e-3 of 0, else a ValueError naming the imaginary part."""
+    import numpy as np
+    from scipy import linalg
+
+    from services.rewards.digits import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    c, d = torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g)
+    real = frechet_distance(c, d)
+    root = linalg.sqrtm
+    for imag, ok in ((1e-5, True), (1e-1, False)):
+        monkeypatch.setattr(linalg, "sqrtm", lambda m, imag=imag: root(m) + 1j * imag * np.eye(len(m)))
+        if ok:
+            assert frechet_distance(c, d) == pytest.approx(real, rel=1e-12)
+        else:
+            with pytest.raises(ValueError, match="imaginary part 0.1"):
+                frechet_distance(c, d)
