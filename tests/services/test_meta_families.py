@@ -14,11 +14,18 @@ under ``torch.device("meta")`` (no storage; ~12 s for all eight on the shared 2-
   second FFN Linear is ``net.2`` itself; verl-omni's list names it ``img_mlp.net.2``), and FLUX.2's
   ``attn.to_out.0`` does not reach the single-stream blocks' output projection (``attn.to_out``, a bare
   Linear), so those blocks get only ``to_qkv_mlp_proj`` adapted;
-* the activation shapes a memory plan needs (width, blocks, heads, image tokens at the recipe's resolution).
+* the activation shapes a memory plan needs (width, blocks, heads, image tokens at the recipe's resolution);
+* two grid facts of the published scheduler configs a sampler must reproduce (Qwen-Image's ``shift_terminal``,
+  Wan's integer UniPC timesteps and the expert boundary).
 """
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 
 from benchmarks import meta_families as mf
 
@@ -106,3 +113,25 @@ def test_qwen_image_second_ffn_linear_is_net_2(built):
 def test_activation_shapes(built, name):
     s = mf.shapes(name, built[name])
     assert (s["hidden"], s["blocks"], s["heads"], s["image_tokens"]) == SHAPES[name]
+
+
+def test_qwen_image_grid_ends_at_shift_terminal():
+    """Qwen-Image's published scheduler stretches the shifted grid so that its last non-zero sigma is 0.02."""
+    c = json.loads((mf.ARCH / "qwen-image" / "scheduler_config.json").read_text())
+    s = FlowMatchEulerDiscreteScheduler.from_config(c)
+    mu = calculate_shift(1024, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / 10, 10), mu=mu)
+    assert s.sigmas[0] == 1.0 and s.sigmas[-1] == 0.0
+    assert abs(float(s.sigmas[-2]) - 0.02) < 1e-6
+
+
+def test_wan22_grid_is_integer_and_hits_the_boundary():
+    """UniPC's flow grid: int64 timesteps (truncated sigma * 1000), a first sigma of 1 - 1e-6, and at the published
+    shift 3 / 10 steps a timestep exactly at the 0.875 boundary, which WanPipeline gives the high-noise expert."""
+    c = json.loads((mf.ARCH / "wan2.2-t2v-a14b" / "scheduler_config.json").read_text())
+    s = UniPCMultistepScheduler.from_config(c)
+    s.set_timesteps(10)
+    assert s.timesteps.dtype == torch.int64
+    assert s.timesteps[0] == 999 and float(s.sigmas[0]) < 1.0
+    assert 875 in s.timesteps.tolist()
+    assert (s.timesteps == (s.sigmas[:-1].double() * 1000).floor().long()).all()
