@@ -48,9 +48,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
 
     run_dir = Path(run_dir)
     cfg = ExperimentConfig.model_validate_json((run_dir / "config.json").read_text())
-    require(
-        cfg.model.kind, "digits", "analyze uses the differentiable digits reward proxy; model.kind must be 'digits'"
-    )
+    require(cfg.model.kind, "digits", "analyze uses the differentiable digits reward proxy; model.kind: 'digits'")
     assets = prepare_embedded(
         resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
     )
