@@ -144,7 +144,7 @@ def check_family(kind: str, root: Path, *, num_gpus: int, steps: int = 2, learne
     ensure_ray()
     res = resources(num_gpus, learners)
     result = FamilyCheck(kind, "cuda" if num_gpus else "cpu", res["num_learners"], steps)
-    save = tiny_models.save_tiny_sd3 if kind == "sd3" else tiny_models.save_tiny_flux
+    save = getattr(tiny_models, f"save_tiny_{kind}")  # save_tiny_sd3, save_tiny_flux
     model, clip = save(root / f"{kind}-pipeline"), tiny_models.save_tiny_clip(root / "clip")
     cfg = load_config(write_config(kind, root, model=model, clip=clip, res=res, steps=steps))
     t0 = time.perf_counter()
@@ -216,16 +216,16 @@ def table(results: list[FamilyCheck]) -> str:
 
 def _run_all(args, num_gpus: int, root: Path) -> list[FamilyCheck]:
     results = []
-    for kind in args.models:
+    for name in args.models:
         try:
-            res = check_family(kind, root / kind, num_gpus=num_gpus, steps=args.steps, learners=args.learners)
+            res = check_family(name, root / name, num_gpus=num_gpus, steps=args.steps, learners=args.learners)
         except Exception as err:  # noqa: BLE001 - reported, the other family still runs, the exit status says it
             traceback.print_exc()
-            res = FamilyCheck(kind, "cuda" if num_gpus else "cpu", 0, args.steps, problems=[f"run failed: {err!r}"])
+            res = FamilyCheck(name, "cuda" if num_gpus else "cpu", 0, args.steps, problems=[f"run failed: {err!r}"])
         results.append(res)
         backend = "NCCL" if num_gpus else "gloo"
         print(
-            f"{kind}: {len(res.steps)}/{args.steps} steps in {res.wall_s:.1f} s on {res.device}, "
+            f"{name}: {len(res.steps)}/{args.steps} steps in {res.wall_s:.1f} s on {res.device}, "
             f"{res.learners} learner worker(s) ({backend})",
             flush=True,
         )

@@ -15,6 +15,7 @@ import torch
 
 from normguard_core.analysis import magnitude_sensitivity
 from normguard_core.conventions import sigma_grid
+from services.config.families import require
 from services.report import format_table
 
 __all__ = ["adjoint_report"]
@@ -47,8 +48,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
 
     run_dir = Path(run_dir)
     cfg = ExperimentConfig.model_validate_json((run_dir / "config.json").read_text())
-    if cfg.model.kind != "digits":
-        raise ValueError("analyze uses the differentiable digits reward proxy; model.kind must be 'digits'")
+    require(cfg.model.kind, "digits", "analyze uses the differentiable digits reward proxy; model.kind: 'digits'")
     assets = prepare_embedded(
         resolution=cfg.model.resolution, pretrain_steps=cfg.model.pretrain_steps, cache_dir=cfg.model.cache_dir
     )

@@ -40,13 +40,13 @@ def base_spread(cfg, *, seeds: int = 5, extra: Sequence[str] = ()) -> dict[str, 
     """``eval/<metric>_<steps>steps`` -> its values over ``seeds`` evaluation seeds of the base model."""
     from pathlib import Path
 
+    from services.config.families import require
     from services.data.colour import real_colour_images
     from services.evaluation import EVAL_SEED, EvalPlan, evaluate, in_process
     from services.models.colour import load_colour_generator
     from services.prepare import prepare_task
 
-    if cfg.model.kind != "colour":
-        raise ValueError(f"base_spread is built for the colour task; model.kind is {cfg.model.kind!r}")
+    require(cfg.model.kind, "colour", f"base_spread is built for the colour task; model.kind is {cfg.model.kind!r}")
     assets = prepare_task(cfg.model)
     gen = load_colour_generator(assets.model_path)
     scorers = _scorers(cfg, str(assets.scorer_path), extra)

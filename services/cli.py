@@ -31,10 +31,11 @@ def _load(args):
 
 
 def cmd_prepare(args) -> int:
+    from services.config.families import spec
     from services.prepare import prepare_and_preview
 
     cfg = _load(args)
-    if cfg.model.kind not in ("digits", "colour"):
+    if not spec(cfg.model.kind).embedded:
         print(
             f"`prepare` builds the embedded tasks (digits, colour); model.kind is {cfg.model.kind!r}", file=sys.stderr
         )

@@ -15,12 +15,13 @@ import torch
 
 from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
 from services.config import ExperimentConfig, ModelConfig
+from services.config.families import EMBEDDED_KINDS, spec
 from services.data.digits import digit_prompt, digits_dataset, split_indices
 from services.models.digits import load_digits_generator, load_or_pretrain_digits
 from services.rewards import build_scorer
 from services.types import EmbeddedAssets
 
-__all__ = ["EmbeddedAssets", "prepare_embedded", "real_test_images"]
+__all__ = ["EmbeddedAssets", "EmbeddedTask", "embedded_task", "prepare_embedded", "real_test_images"]
 
 
 def real_test_images(resolution: int = 16) -> torch.Tensor:
@@ -115,24 +116,28 @@ def preview(
 
 def prepare_and_preview(cfg: ExperimentConfig, out: str | None = None) -> EmbeddedAssets:
     """``normguard prepare``: build (or load) the embedded generator and scorers of ``cfg.model``, and
-    write preview grids at guidance 1 (the RL setting) and 3 to ``out`` (default: beside the runs)."""
-    m = cfg.model
-    out = out or str(cfg.run_dir.parent / "preview")
-    if m.kind == "colour":
-        from services.prepare_colour import colour_preview
+    write the task's preview grids to ``out`` (default: beside the runs; digits: guidance 1, the RL setting,
+    and 3)."""
+    return embedded_task(cfg.model.kind).preview(cfg, out or str(cfg.run_dir.parent / "preview"))
 
-        assets = prepare_task(m)
-        print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
-        colour_preview(
-            assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=cfg.eval.guidance_scale
-        )
-        return assets
+
+def _digits_preview(cfg: ExperimentConfig, out: str) -> EmbeddedAssets:
+    m = cfg.model
     assets = prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir)
     print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
     print("\nguidance 1.0 (the RL setting):")
     preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=1.0)
     print("\nguidance 3.0:")
     preview(assets, Path(out) / "cfg3", steps=(cfg.eval.full_steps,), guidance_scale=3.0)
+    return assets
+
+
+def _colour_preview(cfg: ExperimentConfig, out: str) -> EmbeddedAssets:
+    from services.prepare_colour import colour_preview
+
+    assets = prepare_task(cfg.model)
+    print(f"generator: {assets.model_path}\nscorers:   {assets.scorer_path}")
+    colour_preview(assets, out, steps=(cfg.eval.few_steps, cfg.eval.full_steps), guidance_scale=cfg.eval.guidance_scale)
     return assets
 
 
@@ -148,7 +153,7 @@ def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print)
     """The one model-path resolver (training, serving, export): SD3 / FLUX load from ``model.path``; the
     embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
     unless ``model.path`` names a prepared directory."""
-    if model_cfg.kind not in EMBEDDED_KINDS:
+    if not spec(model_cfg.kind).embedded:
         return ResolvedModel(model_cfg.path)
     if model_cfg.path:
         # digits keeps its scorers in scorers/, colour in scorers-<steps>-<fakes>/
@@ -158,15 +163,54 @@ def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print)
     return ResolvedModel(str(assets.model_path), str(assets.scorer_path))
 
 
-EMBEDDED_KINDS = ("digits", "colour")  # built here from seeds and packaged data, nothing downloaded
-
-
 def prepare_task(model_cfg: ModelConfig, *, log: Callable[[str], None] = print) -> EmbeddedAssets:
     """The embedded task's generator and scorers, built once and cached: digits (``prepare_embedded``) or
     colour (``services.prepare_colour.prepare_colour``, its transformer trained ``model.pretrain_steps``)."""
-    m = model_cfg
-    if m.kind == "colour":
-        from services.prepare_colour import prepare_colour
+    return embedded_task(model_cfg.kind).prepare(model_cfg, log)
 
-        return prepare_colour(pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+
+def _prepare_digits(m: ModelConfig, log: Callable[[str], None]) -> EmbeddedAssets:
     return prepare_embedded(resolution=m.resolution, pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+
+
+def _prepare_colour(m: ModelConfig, log: Callable[[str], None]) -> EmbeddedAssets:
+    from services.prepare_colour import prepare_colour
+
+    return prepare_colour(pretrain_steps=m.pretrain_steps, cache_dir=m.cache_dir, log=log)
+
+
+def _real_colour_images(resolution: int) -> torch.Tensor:
+    """1024 held-out scenes (the colour task's own resolution)."""
+    from services.data.colour import real_colour_images
+
+    return real_colour_images(1024, split="test")
+
+
+@dataclass(frozen=True)
+class EmbeddedTask:
+    """The assets half of an embedded family (``FamilySpec.embedded``), in the layer above the generators and
+    scorers it builds: ``prepare`` (generator and scorers, cached), ``preview`` (``normguard prepare``'s grids),
+    ``real_images`` (the held-out images its judge's features are compared with, by resolution)."""
+
+    kind: str
+    prepare: Callable[[ModelConfig, Callable[[str], None]], EmbeddedAssets]
+    preview: Callable[[ExperimentConfig, str], EmbeddedAssets]
+    real_images: Callable[[int], torch.Tensor]
+
+
+EMBEDDED_TASKS = {
+    t.kind: t
+    for t in (
+        EmbeddedTask("digits", _prepare_digits, _digits_preview, real_test_images),
+        EmbeddedTask("colour", _prepare_colour, _colour_preview, _real_colour_images),
+    )
+}
+if set(EMBEDDED_TASKS) != EMBEDDED_KINDS:
+    raise ImportError(f"embedded tasks {sorted(EMBEDDED_TASKS)} are not the embedded families {sorted(EMBEDDED_KINDS)}")
+
+
+def embedded_task(kind: str) -> EmbeddedTask:
+    """The embedded task of ``model.kind``; ``TypeError`` for a family loaded from ``model.path``."""
+    if not spec(kind).embedded:
+        raise TypeError(f"model.kind={kind!r} loads from model.path; `prepare` builds the embedded tasks")
+    return EMBEDDED_TASKS[kind]

@@ -98,14 +98,14 @@ def ascend(
 def _setup(config_path: str, samples: int):
     """The cached generator and scorers of the config's task, and base samples' latents and prompts."""
     from services.config import load_config
+    from services.config.families import require
     from services.data.colour import all_prompts
     from services.models.colour import load_colour_generator
     from services.models.sampling import fixed_noise, sample
     from services.prepare import prepare_task
 
     cfg = load_config(config_path)
-    if cfg.model.kind != "colour":
-        raise ValueError(f"the proxy probe is built for the colour task; model.kind is {cfg.model.kind!r}")
+    require(cfg.model.kind, "colour", f"the proxy probe is built for the colour task; model.kind is {cfg.model.kind!r}")
     assets = prepare_task(cfg.model)
     gen = load_colour_generator(assets.model_path)
     prompts = [all_prompts()[(k * 5) % 96] for k in range(samples)]  # every shape, colour and background

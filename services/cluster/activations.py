@@ -35,6 +35,7 @@ a real CPU forward and backward of a tiny SD3 (float32, real storages, dedup by 
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import weakref
@@ -46,6 +47,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
+
+from services.config.families import architecture
 
 __all__ = [
     "CudaAutocast",
@@ -178,10 +181,9 @@ def _config(family: str, what: str, model_dir: str | None = None) -> dict:
     local = Path(model_dir) / what / "config.json" if model_dir else None
     if local is not None and local.is_file():
         return json.loads(local.read_text())
-    directory = {"sd3": "sd3.5-medium", "flux": "flux1-dev"}.get(family, family)
+    directory, overrides = architecture(family, what)  # services.config.families: the published folder
     config = json.loads((ARCH / directory / f"{what}_config.json").read_text())
-    if family == "sd3" and what == "transformer":
-        config.update(dual_attention_layers=[], qk_norm=None, pos_embed_max_size=192)
+    config.update(copy.deepcopy(dict(overrides)))
     return config
 
 
@@ -264,7 +266,7 @@ def transformer_bytes(
 @functools.lru_cache(maxsize=8)
 def vae_decode_bytes(family: str, *, resolution: int, dtype: str, model_dir: str | None = None) -> int:
     """Peak live bytes of decoding one latent at ``resolution`` px with the family's VAE (``AutoencoderKL``,
-    weights in ``dtype``, no autocast, as ``services.models.pipelines._vae_decode`` runs it)."""
+    weights in ``dtype``, no autocast, as ``services.models.families.pipeline.vae_decode`` runs it)."""
     from diffusers import AutoencoderKL
 
     torch_dtype = getattr(torch, dtype)

@@ -25,34 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.config import families
+
 if TYPE_CHECKING:
     from services.cluster.activations import TransformerBytes
     from services.config import ExperimentConfig, ModelConfig
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Published parameter counts (billions) of the components a pipeline loads.
-_CLIP_L, _CLIP_G, _T5_XXL, _VAE = 0.123, 0.695, 4.76, 0.084
-_ENCODERS_B = {"sd3": _CLIP_L + _CLIP_G + _T5_XXL + _VAE, "flux": _CLIP_L + _T5_XXL + _VAE}
-# Transformer parameters and LoRA parameters per unit of rank (the family targets, services.config.families),
-# counted on the transformers built from the published configs in deploy/architectures (meta device;
-# tests/e2e/test_real_architectures.py recounts them). SD3-medium (2.03 B, no config there) has SD3.5-M's
-# adapted blocks: 24 joint blocks of width 1536, the last without the context stream's output projection.
-_TRANSFORMER_PARAMS = {
-    "sd3": 2_030_000_000,
-    "sd3.5-medium": 2_243_171_520,
-    "sd3.5-large": 8_056_627_520,
-    "flux": 11_901_408_320,
-}
-_LORA_PER_RANK = {"sd3": 586_752, "sd3.5-medium": 586_752, "sd3.5-large": 1_473_792, "flux": 2_801_664}
+# Published parameter counts (transformer, LoRA per unit of rank, text encoders + VAE) per family and variant:
+# services.config.families, where their sources are cited.
 
 
 def _family(kind: str, path: str | None) -> str:
-    p = (path or "").lower()
-    if kind == "sd3":
-        if "3.5" in p or "3-5" in p:
-            return "sd3.5-large" if "large" in p else "sd3.5-medium"
-        return "sd3"
-    return kind
+    """The plan variant (``sd3.5-large``, ``flux``, ...) that ``model.path`` names."""
+    return families.spec(kind).variant(path).name
 
 
 __all__ = [
@@ -67,7 +53,6 @@ __all__ = [
 ]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_CLIP_TOKENS = 77  # CLIP's context, the first part of SD3's prompt embedding (StableDiffusion3Pipeline)
 
 
 @dataclass(frozen=True)
@@ -99,14 +84,13 @@ def peak_gb(terms: list[Term]) -> float:
 
 def _loads_text_encoders(cfg: ExperimentConfig) -> bool:
     """Whether samplers and learners load the text encoders: not with ``model.prompt_embeddings: once`` (a
-    pre-pass encodes the prompts once); True where the field is absent."""
-    return getattr(cfg.model, "prompt_embeddings", "per_actor") != "once"
+    pre-pass encodes the prompts once; the field's default)."""
+    return cfg.model.prompt_embeddings != "once"
 
 
 def text_tokens(cfg: ExperimentConfig) -> int:
-    """Text length of a transformer call: SD3 77 CLIP + T5 tokens, FLUX the T5 tokens."""
-    t5 = getattr(cfg.model, "max_sequence_length", 128)
-    return _CLIP_TOKENS + t5 if cfg.model.kind == "sd3" else t5
+    """Text length of a transformer call, the family's: SD3 77 CLIP + T5 tokens, FLUX the T5 tokens."""
+    return families.spec(cfg.model.kind).text_tokens(cfg.model.max_sequence_length)
 
 
 def _folder_bytes(folder: Path) -> float:
@@ -183,7 +167,7 @@ def _weights(model: ModelConfig) -> tuple[float, float, float, float]:
     """``(transformer GB, text encoders GB, the rest GB (VAE, ...), trainable params)`` at the model's dtype."""
 
     width = _BYTES[model.dtype]
-    fam = _family(model.kind, model.path)
+    variant = families.spec(model.kind).variant(model.path)
     comps = pipeline_bytes(Path(model.path)) if model.path and Path(model.path).is_dir() else None
     if comps and "transformer" in comps:
         tr = comps.pop("transformer") / 1e9
@@ -191,10 +175,10 @@ def _weights(model: ModelConfig) -> tuple[float, float, float, float]:
         rest = sum(comps.values()) / 1e9 - enc
         params = tr * 1e9 / width
     else:
-        params = _TRANSFORMER_PARAMS[fam]
-        tr, rest = params * width / 1e9, _VAE * width
-        enc = (_ENCODERS_B[model.kind] - _VAE) * width
-    trainable = float(_LORA_PER_RANK[fam] * model.lora_rank) if model.lora_rank else params
+        params = variant.transformer_params
+        tr, rest = params * width / 1e9, families.VAE_B * width
+        enc = (families.spec(model.kind).components_b - families.VAE_B) * width
+    trainable = float(variant.lora_per_rank * model.lora_rank) if model.lora_rank else params
     return tr, enc, rest, trainable
 
 

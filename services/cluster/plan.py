@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from services.cluster.memory import Term, model_terms, peak_gb, pipeline_bytes
+from services.config.families import spec
 
 if TYPE_CHECKING:
     from services.config import ExperimentConfig, ScorerSpec
@@ -132,7 +133,7 @@ def _scorer_gb(spec: ScorerSpec) -> float:
 def run_demand(cfg: ExperimentConfig) -> list[ActorDemand]:
     """The actors of one training run (``services.training.run.build_coordinator``) with their resources."""
     res = cfg.resources
-    if cfg.model.kind in ("digits", "colour"):  # the embedded tasks' generators: a few MB
+    if spec(cfg.model.kind).embedded:  # the embedded tasks' generators: a few MB
         learner_terms = sampler_terms = [Term(f"{cfg.model.kind} generator", 0.01)]
     else:
         learner_terms, sampler_terms = model_terms(cfg)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from services.config.base import ConfigError, Section
+from services.config.families import FAMILIES
 from services.config.losses import *  # noqa: F403 - the loss sections are part of the config's names
 from services.config.losses import LossConfig, NFTLoss
 from services.config.sections import *  # noqa: F403 - and so are the other sections
@@ -33,8 +34,6 @@ from services.config.sections import (
 )
 
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config"]
-
-DIGITS_SHIFT = 1.0  # the embedded digits model's grid: diffusers' set_timesteps grid, unshifted
 
 
 class ExperimentConfig(Section):
@@ -74,12 +73,14 @@ class ExperimentConfig(Section):
             return data
         model, rollout = data.get("model") or {}, data.get("rollout") or {}
         kind = model.get("kind", "digits") if isinstance(model, dict) else model.kind
-        if kind not in ("digits", "colour"):  # the colour generator integrates on the digits grid too
+        fam = FAMILIES.get(kind)  # an unknown kind: the model section's own validation says so
+        shift = fam.grid_shift if fam is not None else None  # digits, colour: no scheduler config
+        if shift is None:
             return data
         if isinstance(rollout, dict) and rollout.get("shift") is None:
-            return {**data, "rollout": {**rollout, "shift": DIGITS_SHIFT}}
+            return {**data, "rollout": {**rollout, "shift": shift}}
         if isinstance(rollout, RolloutConfig) and rollout.shift is None:
-            return {**data, "rollout": rollout.model_copy(update={"shift": DIGITS_SHIFT})}
+            return {**data, "rollout": rollout.model_copy(update={"shift": shift})}
         return data
 
     @model_validator(mode="after")

@@ -17,13 +17,13 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from services.config.base import Section
-from services.config.families import LORA_DEFAULTS
+from services.config.families import KINDS, LORA_DEFAULTS, spec
 
 __all__ = ["ModelConfig"]
 
 
 class ModelConfig(Section):
-    kind: Literal["digits", "colour", "sd3", "flux"] = Field("digits", description="generator family")
+    kind: Literal[KINDS] = Field("digits", description="generator family (services.config.families)")  # type: ignore[valid-type]
     path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
     lora_rank: int | None = Field(
         None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
@@ -71,6 +71,6 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _needs_path(self) -> ModelConfig:
-        if self.kind in ("sd3", "flux") and not self.path:
+        if not spec(self.kind).embedded and not self.path:
             raise ValueError(f"model.path is required for model.kind={self.kind!r} (a local dir or hub id)")
         return self

@@ -1,4 +1,5 @@
-"""Generators behind one interface: the embedded digits default, SD3 / SD3.5 and FLUX."""
+"""Generators behind one interface: the embedded digits default, SD3 / SD3.5 and FLUX, one family module each
+(``services.models.families``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import torch
 
 from services.config import ModelConfig
 from services.models.base import Condition, FlowGenerator
+from services.models.families import FAMILIES, family
 
 __all__ = ["Condition", "FlowGenerator", "build_generator"]
 
-KNOWN_KINDS = ("digits", "colour", "sd3", "flux")
+KNOWN_KINDS = tuple(FAMILIES)  # one module each in services.models.families
 
 
 def build_generator(
@@ -28,26 +30,6 @@ def build_generator(
     path = path or model_cfg.path
     if path is None:  # the embedded default is prepared (pretrained and cached) by services.prepare
         raise ValueError("no model path: pass path=services.prepare.resolve_model(model_cfg).path")
-    if model_cfg.kind == "digits":
-        if prompt_embeddings is not None:
-            raise ValueError("the digits generator has no text encoder: its prompts are not precomputed")
-        from services.models.digits import load_digits_generator
-
-        return load_digits_generator(path, device=device, **lora)
-    if model_cfg.kind == "colour":
-        if prompt_embeddings is not None:
-            raise ValueError("the colour generator has no text encoder: its prompts are not precomputed")
-        from services.models.colour import load_colour_generator
-
-        return load_colour_generator(path, device=device, **lora)
-    text = dict(max_sequence_length=model_cfg.max_sequence_length, prompt_embeddings=prompt_embeddings)
-    common = dict(resolution=model_cfg.resolution, device=device, dtype=model_cfg.dtype, **text, **lora)
-    if model_cfg.kind == "sd3":
-        from services.models.pipelines import SD3Generator
-
-        return SD3Generator(path, **common)
-    if model_cfg.kind == "flux":
-        from services.models.pipelines import FluxGenerator
-
-        return FluxGenerator(path, **common)
-    raise KeyError(f"unknown model kind {model_cfg.kind!r}; known: {list(KNOWN_KINDS)}")
+    return family(model_cfg.kind).build_generator(
+        model_cfg, path, device=device, prompt_embeddings=prompt_embeddings, lora=lora
+    )

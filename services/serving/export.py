@@ -23,6 +23,8 @@ from pathlib import Path
 
 from services.checkpoints import load_weights, resolve_checkpoint
 from services.config import ExperimentConfig
+from services.config.families import spec
+from services.models.families import family
 
 __all__ = ["export_run"]
 
@@ -42,10 +44,10 @@ def _lora_state(weights: dict) -> dict:
 
 
 def _export_lora(cfg: ExperimentConfig, weights: dict, out: Path) -> list[str]:
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    import diffusers
 
-    pipe_cls = StableDiffusion3Pipeline if cfg.model.kind == "sd3" else FluxPipeline
     m = cfg.model
+    pipe_cls = getattr(diffusers, spec(m.kind).lora_writer)  # the family's LoRA file writer
     metadata = {
         "r": m.lora_rank,
         "lora_alpha": m.lora_alpha or m.lora_rank,
@@ -59,23 +61,13 @@ def _export_lora(cfg: ExperimentConfig, weights: dict, out: Path) -> list[str]:
 
 
 def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, out: Path) -> list[str]:
-    """The base transformer with the trained weights loaded, saved with ``save_pretrained``."""
+    """The base transformer with the trained weights loaded, saved with ``save_pretrained`` (the family's own
+    files where it has them: digits adds its class conditioner)."""
     import diffusers
 
-    if cfg.model.kind == "digits":
-        from services.models.digits import load_digits_generator
-
-        gen = load_digits_generator(model_path)
-        gen.load_trainable_state_dict(weights)
-        gen.transformer.save_pretrained(out / "transformer")
-        cond = Path(model_path) / "conditioner.pt"
-        if cond.is_file():
-            import torch
-            from safetensors.torch import save_file
-
-            state = torch.load(cond, map_location="cpu", weights_only=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, out / "conditioner.safetensors")
-        return ["transformer/", "conditioner.safetensors"]
+    files = family(cfg.model.kind).export_transformer(model_path, weights, out)
+    if files is not None:
+        return files
     config = json.loads((Path(model_path) / "transformer" / "config.json").read_text())
     cls = getattr(diffusers, config["_class_name"])
     transformer = cls.from_pretrained(model_path, subfolder="transformer")
@@ -91,20 +83,15 @@ def _usage(cfg: ExperimentConfig, base: str) -> str:
     """How to load the export with stock diffusers (the model card's "Use"), and the text length it
     was trained at (diffusers' default is 256 for SD3, 512 for FLUX)."""
     call = f"image = pipe(prompt, max_sequence_length={cfg.model.max_sequence_length}).images[0]  # as trained"
-    if cfg.model.kind == "sd3" and cfg.model.lora_rank:
-        load = f'pipe = StableDiffusion3Pipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
-    elif cfg.model.kind == "flux" and cfg.model.lora_rank:
-        load = f'pipe = FluxPipeline.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")'
-    elif cfg.model.kind in ("sd3", "flux"):
-        cls = "SD3Transformer2DModel" if cfg.model.kind == "sd3" else "FluxTransformer2DModel"
-        pipe = "StableDiffusion3Pipeline" if cfg.model.kind == "sd3" else "FluxPipeline"
+    fam = spec(cfg.model.kind)
+    pipe, cls = fam.pipeline_class, fam.transformer_class
+    if pipe is not None and cfg.model.lora_rank:
+        return f'pipe = {pipe}.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")\n{call}'
+    if pipe is not None:
         load = (
             f'transformer = {cls}.from_pretrained("<this directory>", subfolder="transformer")\n'
             f'pipe = {pipe}.from_pretrained("{base}", transformer=transformer)'
         )
-    else:
-        load = None
-    if load is not None:
         return f"{load}\n{call}"
     return "from services.models.digits import load_digits_generator  # the transformer/ folder + conditioner"
 
@@ -175,8 +162,10 @@ def export_run(run: str | Path, out: str | Path, *, step: int | None = None, ove
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     model_path = resolve_model(cfg.model).path
-    if cfg.model.lora_rank and cfg.model.kind == "digits":
-        raise ValueError("a LoRA run of the digits model has no LoRA format to export to; train it without lora_rank")
+    if cfg.model.lora_rank and spec(cfg.model.kind).lora_writer is None:
+        raise ValueError(
+            f"a LoRA run of the {cfg.model.kind} model has no LoRA format to export to; train it without lora_rank"
+        )
     if cfg.model.lora_rank:
         files = _export_lora(cfg, weights, out)
     else:

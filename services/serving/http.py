@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.models.families import family
 from services.serving.config import ServeConfig
 from services.serving.generator import BASE_ID, GenerationItem, clip
 
@@ -61,13 +62,10 @@ def validate(cfg: ServeConfig, req: GenerateRequest) -> GenerationItem:
         problems.append(f"each prompt must have at most {cfg.max_prompt_chars} characters")
     if problems:
         raise _unprocessable(problems)
-    if cfg.model.kind == "digits":
-        from services.data.digits import parse_digit_prompt
-
-        try:
-            [parse_digit_prompt(p) for p in prompts]
-        except ValueError as err:
-            raise _unprocessable([clip(str(err))]) from None
+    try:
+        family(cfg.model.kind).check_prompts(prompts)  # digits: a prompt names a digit
+    except ValueError as err:
+        raise _unprocessable([clip(str(err))]) from None
     seed = req.seed if req.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
     return GenerationItem(
         prompts=tuple(prompts),

@@ -129,9 +129,10 @@ def prompt_embeddings(cfg: ExperimentConfig, model_path: str, sets, *, backend: 
     sampler's resources (a learner's with ``placement: hybrid``), waited for up to ``train.learner_timeout_s``
     (the budget of a learner's start-up, which it replaces for the text encoders). An existing file is reused
     (a resume, a restart, a rollback). ``None``: digits or ``per_actor``, every actor encodes its own prompts."""
+    from services.config.families import spec
     from services.models.prompt_embeddings import embeddings_file, unique_prompts
 
-    if cfg.model.kind in ("digits", "colour") or cfg.model.prompt_embeddings != "once":
+    if not spec(cfg.model.kind).has_text_encoder or cfg.model.prompt_embeddings != "once":
         return None
     prompts = unique_prompts(*(s.prompts for s in sets))
     out = embeddings_file(cfg.run_dir, cfg.model, model_path, prompts)

@@ -87,17 +87,13 @@ class RunEvaluator:
     def _features(self):
         """The embedded task's judge features and its held-out real images (digits: ``digits_judge`` against
         the held-out digits; colour: ``colour_judge`` against 1024 held-out scenes); else ``(None, None)``."""
-        judge = {"digits": "digits_judge", "colour": "colour_judge"}.get(self.cfg.model.kind)
+        from services.config.families import spec
+        from services.prepare import embedded_task
+
+        judge = spec(self.cfg.model.kind).judge
         if judge is None or judge not in self.eval_names:
             return None, None
-        if judge == "digits_judge":
-            from services.prepare import real_test_images
-
-            real = real_test_images(self.cfg.model.resolution)
-        else:
-            from services.data.colour import real_colour_images
-
-            real = real_colour_images(1024, split="test")
+        real = embedded_task(self.cfg.model.kind).real_images(self.cfg.model.resolution)
         timeout = self.cfg.train.rollout_timeout_s
 
         def features(images):

@@ -1,6 +1,6 @@
 """The real SD3.5-M / SD3.5-L / FLUX.1-dev transformers without weights (deploy/architectures).
 
-* On the meta device: parameter counts equal what ``normguard plan`` assumes (``services.cluster.memory``),
+* On the meta device: parameter counts equal what ``normguard plan`` assumes (``services.config.families``),
   transformer and LoRA (the family targets of ``services.config.families``; that they resolve is
   ``tests/services/test_models.py``'s test).
 * ``slow``: SD3.5-M at its real depth and width (24 joint blocks, 13 with the dual attention, qk RMS-norm) in
@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.cluster import memory  # the counts normguard plan uses
-from services.config.families import LORA_DEFAULTS
+from services.config.families import LORA_DEFAULTS, VARIANTS  # the counts normguard plan uses
 
 pytestmark = pytest.mark.e2e
 
@@ -43,10 +42,10 @@ def test_meta_parameter_counts_are_the_plans(model):
     kind, fam = MODELS[model]
     with torch.device("meta"):
         tr = _build(model)
-    assert sum(p.numel() for p in tr.parameters()) == memory._TRANSFORMER_PARAMS[fam]
+    assert sum(p.numel() for p in tr.parameters()) == VARIANTS[fam].transformer_params
     tr.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_DEFAULTS[kind].targets)))
     lora = sum(p.numel() for n, p in tr.named_parameters() if "lora_" in n)
-    assert lora == 4 * memory._LORA_PER_RANK[fam]
+    assert lora == 4 * VARIANTS[fam].lora_per_rank
 
 
 def _generator(transformer, rank: int):

@@ -1,0 +1,35 @@
+"""The model-family registry, behaviour half: ``model.kind`` -> :class:`~services.models.families.base.ModelFamily`.
+
+A family is one behaviour module here (its generator: loading, prompt encoding, latent packing, the grid from its
+scheduler config, the transformer call) and one :class:`~services.config.families.FamilySpec` (its data: LoRA
+defaults, plan figures, packing facts) registered under the same name, which the config and the plan read without
+importing torch. Everything that differs between families is asked of these two objects, never decided by testing
+the name (``tests/services/test_families.py`` fails on a model-kind comparison outside them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from services.config.families import FAMILIES as SPECS
+from services.models.families.base import ModelFamily
+from services.models.families.colour import COLOUR
+from services.models.families.digits import DIGITS
+from services.models.families.flux import FLUX
+from services.models.families.pipeline import PipelineFamily
+from services.models.families.sd3 import SD3
+
+__all__ = ["FAMILIES", "ModelFamily", "PipelineFamily", "family"]
+
+FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.name: f for f in (DIGITS, COLOUR, SD3, FLUX)})
+if set(FAMILIES) != set(SPECS) or any(FAMILIES[n].spec is not SPECS[n] for n in SPECS):
+    raise ImportError(f"behaviour families {sorted(FAMILIES)} do not match the data ones {sorted(SPECS)}")
+
+
+def family(kind: str) -> ModelFamily:
+    """The family of ``model.kind``; a ``KeyError`` naming the known ones otherwise."""
+    try:
+        return FAMILIES[kind]
+    except KeyError:
+        raise KeyError(f"unknown model kind {kind!r}; known: {list(FAMILIES)}") from None
