@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from normguard_core.conventions import velocity_target
-from normguard_core.losses.registry import register_loss
+from normguard_core.losses.batches import SampleBatch
 from normguard_core.types import LossOutput
 
-__all__ = ["awm_loss", "elbo_kl_scale", "matching_log_prob"]
+__all__ = ["awm_loss", "awm_objective", "elbo_kl_scale", "matching_log_prob"]
 
 _WEIGHTINGS = ("uniform", "sigma", "sigma2", "huber", "ghuber")
 
@@ -89,7 +89,6 @@ def _ppo_clipped(log_p: Tensor, log_p_old: Tensor, adv: Tensor, *, clip_range: f
     return torch.maximum(-adv * ratio, -adv * clipped).mean()
 
 
-@register_loss("awm", required=("v_theta", "x0", "noise", "sigma", "advantages"), optional=("v_old", "v_ema"))
 def awm_loss(
     *,
     v_theta: Tensor,
@@ -156,3 +155,31 @@ def awm_loss(
         loss = loss + ema_kl_weight * ema_kl
         metrics["loss/awm_ema_kl"] = ema_kl.detach()
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def awm_objective(
+    batch: SampleBatch,
+    *,
+    weighting: str = "uniform",
+    ghuber_power: float = 0.25,
+    clip_range: float | None = None,
+    adv_clip_max: float = 5.0,
+    advantage_max: float | None = None,
+    ema_kl_weight: float = 0.0,
+) -> LossOutput:
+    """:func:`awm_loss` on a :class:`SampleBatch` (its ``v_old`` / ``v_ema`` where the options read them)."""
+    return awm_loss(
+        v_theta=batch.v_theta,
+        x0=batch.x0,
+        noise=batch.noise,
+        sigma=batch.sigma,
+        advantages=batch.advantages,
+        v_old=batch.v_old,
+        v_ema=batch.v_ema,
+        weighting=weighting,
+        ghuber_power=ghuber_power,
+        clip_range=clip_range,
+        adv_clip_max=adv_clip_max,
+        advantage_max=advantage_max,
+        ema_kl_weight=ema_kl_weight,
+    )

@@ -37,10 +37,10 @@ import torch
 from torch import Tensor
 
 from normguard_core.conventions import interpolate, velocity_target, x0_from_velocity
-from normguard_core.losses.registry import register_loss
+from normguard_core.losses.batches import SampleBatch
 from normguard_core.types import LossOutput
 
-__all__ = ["diffusion_nft_loss"]
+__all__ = ["diffusion_nft_loss", "nft_objective"]
 
 
 def _per_sample_error(
@@ -56,7 +56,6 @@ def _per_sample_error(
     return ((x0_hat - x0).pow(2) / w.to(x0_hat.dtype)).mean(dim=dims)
 
 
-@register_loss("diffusion_nft", required=("v_theta", "v_old", "x0", "noise", "sigma", "reward_prob"))
 def diffusion_nft_loss(
     *,
     v_theta: Tensor,
@@ -107,3 +106,22 @@ def diffusion_nft_loss(
         "loss/nft_old_deviation": (v_theta.detach() - v_old).pow(2).mean(),
     }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def nft_objective(
+    batch: SampleBatch, *, beta: float, adaptive_weighting: bool = True, loss_scale: float = 1.0
+) -> LossOutput:
+    """:func:`diffusion_nft_loss` on a :class:`SampleBatch` (which must carry ``v_old``)."""
+    if batch.v_old is None:
+        raise ValueError("diffusion_nft needs v_old (the sampling policy's velocity) in its SampleBatch")
+    return diffusion_nft_loss(
+        v_theta=batch.v_theta,
+        v_old=batch.v_old,
+        x0=batch.x0,
+        noise=batch.noise,
+        sigma=batch.sigma,
+        reward_prob=batch.reward_prob,
+        beta=beta,
+        adaptive_weighting=adaptive_weighting,
+        loss_scale=loss_scale,
+    )

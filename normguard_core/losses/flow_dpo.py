@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normguard_core.conventions import velocity_target
-from normguard_core.losses.registry import register_loss
+from normguard_core.losses.batches import PairBatch
 from normguard_core.types import LossOutput
 
-__all__ = ["flow_dpo_loss"]
+__all__ = ["dpo_objective", "flow_dpo_loss"]
 
 
-@register_loss("flow_dpo", required=("v_theta", "v_ref", "x0", "noise", "sigma", "winners", "losers"))
 def flow_dpo_loss(
     *,
     v_theta: Tensor,
@@ -83,3 +82,17 @@ def flow_dpo_loss(
         "loss/dpo_mse_l": e_theta[losers].mean().detach(),
     }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def dpo_objective(batch: PairBatch, *, beta: float = 100.0) -> LossOutput:
+    """:func:`flow_dpo_loss` on a :class:`PairBatch`."""
+    return flow_dpo_loss(
+        v_theta=batch.v_theta,
+        v_ref=batch.v_ref,
+        x0=batch.x0,
+        noise=batch.noise,
+        sigma=batch.sigma,
+        winners=batch.winners,
+        losers=batch.losers,
+        beta=beta,
+    )

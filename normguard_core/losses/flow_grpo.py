@@ -26,7 +26,7 @@ current and the sampling policy at the stored state::
 The first factor undoes the ``1 / s^2`` scale of the log-density difference, which makes late steps
 (small ``s``) dominate the gradient (the 1/dt reweighting); the second removes the mean shift that
 leaves the plain ratio left of 1, so the clip acts symmetrically. Pass ``mean``, ``old_mean`` and
-``step_std`` to get it (``loss.guard: true`` in the service).
+``step_std`` (a ``StepBatch``'s ``GuardTerms``) to get it (``loss.guard: true`` in the service).
 """
 
 from __future__ import annotations
@@ -34,15 +34,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normguard_core.losses.registry import register_loss
+from normguard_core.losses.batches import StepBatch
 from normguard_core.types import LossOutput
 
-__all__ = ["flow_grpo_loss"]
+__all__ = ["flow_grpo_loss", "grpo_objective"]
 
 
-@register_loss(
-    "flow_grpo", required=("log_prob", "old_log_prob", "advantages"), optional=("mean", "old_mean", "step_std")
-)
 def flow_grpo_loss(
     *,
     log_prob: Tensor,
@@ -91,3 +88,18 @@ def flow_grpo_loss(
         "loss/grpo_approx_kl": (ratio - 1.0 - log_ratio).mean().detach(),
     }
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def grpo_objective(batch: StepBatch, *, clip_range: float = 1e-4, adv_clip_max: float = 5.0) -> LossOutput:
+    """:func:`flow_grpo_loss` on a :class:`StepBatch` (GRPO-Guard's ratio when it carries ``guard``)."""
+    g = batch.guard
+    return flow_grpo_loss(
+        log_prob=batch.log_prob,
+        old_log_prob=batch.old_log_prob,
+        advantages=batch.advantages,
+        clip_range=clip_range,
+        adv_clip_max=adv_clip_max,
+        mean=g.mean if g is not None else None,
+        old_mean=g.old_mean if g is not None else None,
+        step_std=g.step_std if g is not None else None,
+    )

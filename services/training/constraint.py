@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from normguard_core.constraint import bin_means, sigma_bins, update_log_multipliers
+from normguard_core.losses import BinWeights
 
 if TYPE_CHECKING:
     from services.config import NormGuardConfig
@@ -41,22 +42,20 @@ class BinMultipliers:
     def constrained(self) -> bool:
         return self.ng.mode == "constraint"
 
-    def weights(self, sigma: Tensor, device: torch.device | str) -> dict[str, Tensor]:
-        """Constraint mode: each point's multipliers, those of its sigma bin: ``normguard_weight`` and,
-        with a floor, ``floor_weight`` (``(N,)`` float32 on ``device``, the ``LossBatch`` fields); else
-        none. They depend only on ``sigma``, so they are looked up before the objective is computed.
+    def weights(self, sigma: Tensor, device: torch.device | str) -> BinWeights | None:
+        """Constraint mode: each point's multipliers, those of its sigma bin: ``normguard`` and, with a
+        floor, ``floor`` (``(N,)`` float32 on ``device``, a ``normguard_core.losses.BinWeights``); else
+        ``None``. They depend only on ``sigma``, so they are looked up before the objective is computed.
 
         Args:
             sigma: ``(N,)`` the points' sigmas.
             device: where the objective is computed.
         """
         if not self.constrained:
-            return {}
+            return None
         bins = sigma_bins(sigma.detach().cpu(), self.ng.bins)
-        out = {"normguard_weight": self.log_lam.exp().float()[bins].to(device)}
-        if self.ng.floor is not None:
-            out["floor_weight"] = self.log_mu.exp().float()[bins].to(device)
-        return out
+        floor = self.log_mu.exp().float()[bins].to(device) if self.ng.floor is not None else None
+        return BinWeights(normguard=self.log_lam.exp().float()[bins].to(device), floor=floor)
 
     def accumulate(self, ratio: Tensor, sigma: Tensor, *, training: bool = True) -> None:
         """Add the points' norm ratios to their bins' statistics (``training=False``: a probe, which

@@ -69,7 +69,7 @@ class Coordinator:
         self.workers, learner = workers, workers.learner
         # the members themselves (actor handles or objects), for callers that reach one (tests, probes)
         self.samplers, self.scorers, self.learner = workers.samplers.members, workers.scorers.members, learner
-        self.method = get_method(cfg.loss.name)
+        self.method = get_method(cfg.loss)
         self.step_idx = start_step
         self.version = learner.version
         self.stats = CallStats()

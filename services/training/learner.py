@@ -28,7 +28,7 @@ learner keeps the old copy of the previous version too, and each row's ``v_old``
 the version that sampled it (:meth:`Learner.old_policy`).
 
 Beside this file: ``services.points`` (the method's point source: which training points each optimiser step
-sees, and a micro-batch's loss fields, so this file never asks which kind of data a method trains on),
+sees, and a micro-batch's typed loss batch, so this file never asks which kind of data a method trains on),
 ``epoch`` (what the loop over one RL step carries), ``optim_step``,
 ``policy_copies`` (old / EMA), ``constraint`` (NormGuard's per-sigma-bin ratios and multipliers),
 ``learner_state`` (the checkpoint files).
@@ -37,6 +37,7 @@ sees, and a micro-batch's loss fields, so this file never asks which kind of dat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,13 +47,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from normguard_core.conventions import interpolate
-from normguard_core.losses import LossBatch, NormGuardParams, compose_objective, normguard_objective
+from normguard_core.losses import NormGuardParams, Reference, compose_objective, normguard_objective
 from normguard_core.metrics import norm_ratio, velocity_norm
 from normguard_core.samplers import cfg_combine
 from normguard_core.seeding import PROBE_STREAM, rng
 from services.methods import get_method
 from services.models import build_generator
-from services.points import LaggedVelocities, TrainingPoints
+from services.points import Evaluated, LaggedVelocities, TrainingPoints
 from services.training.constraint import BinMultipliers
 from services.training.epoch import EpochData, StepTally
 from services.training.learner_spec import LearnerSpec
@@ -73,7 +74,7 @@ class Learner:
     def __init__(self, spec: LearnerSpec, model_path: str, *, device: str = "cpu", distributed: bool = False) -> None:
         torch.set_num_threads(spec.threads)
         self.cfg = cfg = spec  # the spec's sections carry the experiment config's names
-        self.method = get_method(cfg.loss.name)
+        self.method = get_method(cfg.loss)  # bound to its section once
         with torch.random.fork_rng():  # LoRA's random init (peft's A) from train.seed, not the process's
             torch.manual_seed(spec.seed)  # history: same seed, same initial policy, in any process
             self.gen = build_generator(
@@ -96,12 +97,12 @@ class Learner:
         # the old (sampling) policy and AWM's EMA; the pipelined loop trains one version behind: keep two
         self.copies = PolicyCopies(
             self.params,
-            old_schedule=self.method.old_schedule(cfg.loss),
-            ema_schedule=self.method.ema_schedule(cfg.loss),
+            old_schedule=self.method.old_schedule(),
+            ema_schedule=self.method.ema_schedule(),
             keep_versions=spec.keep_versions,
         )
         self.version = 0  # policy versions shipped to the samplers (one per RL step with an update)
-        ng, loss = cfg.normguard, cfg.loss
+        ng = cfg.normguard
         self.normguard = NormGuardParams(
             weight=ng.weight,
             margin=ng.margin,
@@ -109,15 +110,14 @@ class Learner:
             scale=ng.scale,
             floor=ng.floor if ng.mode == "constraint" else None,
         )
-        self.loss_kwargs = self.method.loss_kwargs(loss)
         self.updates_per_step, self.timesteps = spec.updates_per_step, spec.timesteps
         self.points = self.method.point_source(spec, self.gen.schedule)  # on the samplers' grid
         # the frozen reference forward is skipped only when nothing reads it (benchmarks)
-        self._needs_ref = ng.active or self.method.needs_ref(loss) or lc.track_norm_ratio
+        self._needs_ref = ng.active or self.method.needs_ref() or lc.track_norm_ratio
         self.bins = BinMultipliers(ng)  # NormGuard's per-sigma-bin ratios and multipliers
-        self._needs_old = self.method.reads_v_old(loss) or lc.track_old_policy_gap
+        self._needs_old = self.method.reads_v_old() or lc.track_old_policy_gap
         self.copies.remember(self.version)
-        self._guidance = self.method.train_guidance(loss, cfg.rollout)
+        self._guidance = self.method.train_guidance(cfg.rollout)
 
     # ---- training points (services.points: the method's point source) ----------------
     def _points(self, batch: TrainBatch, epoch: int) -> TrainingPoints:
@@ -207,22 +207,19 @@ class Learner:
     # ---- the objective of one micro-batch -------------------------------------------------
     def _micro_loss(self, data: EpochData, rows: Tensor) -> tuple[Tensor, dict[str, Tensor], dict]:
         """``(loss, its named terms, metrics)`` of one micro-batch (``compose_objective``'s terms)."""
-        dev, loss_cfg, batch = self.gen.device, self.cfg.loss, data.batch
+        dev, batch = self.gen.device, data.batch
         x, sigma, idx = self.points.inputs(batch, data.points, rows, dev)
         c, nc = self._conditions(data.cond, data.null, idx)
         v_theta = self._velocity(x, sigma, c, nc)
         v_ref = self._velocity(x, sigma, c, nc, reference=True) if self._needs_ref else None
-        fields: dict = dict(v_theta=v_theta, v_ref=v_ref, sigma=sigma)
-        at = dict(x=x, sigma=sigma, idx=idx, v_theta=v_theta, device=dev)
-        fields.update(self.points.fields(batch, data.points, data.lagged, rows, **at))
+        at = Evaluated(x=x, sigma=sigma, idx=idx, v_theta=v_theta, v_ref=v_ref, device=dev)
+        micro = self.points.micro(batch, data.points, data.lagged, rows, at)
+        ref = None
         if v_ref is not None:  # the constraint's multipliers depend only on each point's sigma bin
-            fields.update(self.bins.weights(sigma, v_theta.device))
+            bins = self.bins.weights(sigma, v_theta.device)
+            ref = Reference(v_theta=v_theta, v_ref=v_ref, kl_scale=micro.kl_scale, bins=bins)
         out = compose_objective(
-            loss_cfg.name,
-            LossBatch(**fields),
-            loss_kwargs=self.loss_kwargs,
-            normguard=self.normguard,
-            kl_weight=loss_cfg.kl_weight,
+            self.method.loss, micro.batch, ref, normguard=self.normguard, kl_weight=self.method.kl_weight
         )
         if out.norm_ratio is not None:
             self.bins.accumulate(out.norm_ratio, sigma)
@@ -257,10 +254,10 @@ class Learner:
         v_theta = self._velocity(x, sigma.to(dev), c, nc)
         with torch.no_grad():
             v_ref = self._velocity(x, sigma.to(dev), c, nc, reference=True)
-        weights = self.bins.weights(sigma, v_theta.device)
-        if not self.cfg.normguard.probe_floor:  # the published figures' probes held the bound only
-            weights.pop("floor_weight", None)
-        out = normguard_objective(LossBatch(v_theta=v_theta, v_ref=v_ref, **weights), normguard=self.normguard)
+        bins = self.bins.weights(sigma, v_theta.device)
+        if bins is not None and not self.cfg.normguard.probe_floor:  # the published probes held the bound only
+            bins = dataclasses.replace(bins, floor=None)
+        out = normguard_objective(v_theta=v_theta, v_ref=v_ref, bins=bins, normguard=self.normguard)
         self.bins.accumulate(out.norm_ratio, sigma, training=False)
         force = out.loss * (len(units) * self.timesteps / global_rows)  # the mini-batch mean over its units
         if float(force.detach()) <= 0:  # neither side of the hinge acts: no gradient, no pass

@@ -45,7 +45,7 @@ class LearnerSpec:
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, *, prompt_embeddings: str | None = None) -> LearnerSpec:
-        method, lc, res = get_method(cfg.loss.name), cfg.learner, cfg.resources
+        method, lc, res = get_method(cfg.loss), cfg.learner, cfg.resources
         return cls(
             model=cfg.model,
             loss=cfg.loss,
@@ -54,7 +54,7 @@ class LearnerSpec:
             rollout=cfg.rollout,
             seed=cfg.train.seed,
             threads=res.learner_threads or res.torch_threads,
-            timesteps=lc.timesteps_per_sample or method.timesteps_per_sample(cfg),
+            timesteps=lc.timesteps_per_sample or method.timesteps_per_sample(cfg.rollout),
             updates_per_step=lc.updates_per_step or method.updates_per_step,
             keep_versions=2 if cfg.train.pipeline == "async" and cfg.rollout.max_staleness > 0 else 1,
             prompt_embeddings=prompt_embeddings,

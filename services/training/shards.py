@@ -27,7 +27,7 @@ def build_shards(
 ) -> tuple[list[TrainBatch], dict[str, float]]:
     """The method's targets (``services.methods``), split over the learner ranks by training unit."""
     rollout, reward = exp.rollout, exp.rewards
-    targets = method.targets(reward, rollout.group_ids, cfg)
+    targets = method.targets(reward, rollout.group_ids, cfg.advantages)
     adv, prob = targets.advantages.float(), targets.reward_prob
     sde = rollout.states is not None
 

@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from normguard_core.advantages import nft_reward_prob
-from normguard_core.losses import LossBatch, awm_loss, compute_loss, diffusion_nft_loss, flow_dpo_loss, flow_grpo_loss
+from normguard_core.losses import (
+    GuardTerms,
+    Reference,
+    SampleBatch,
+    StepBatch,
+    awm_loss,
+    diffusion_nft_loss,
+    flow_dpo_loss,
+    flow_grpo_loss,
+    grpo_objective,
+    nft_objective,
+)
 
 pytestmark = pytest.mark.unit
 B, SHAPE = 6, (6, 2, 3, 3)
@@ -196,15 +207,29 @@ def test_flow_grpo_matches_formula(gen):
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_registry_names_missing_fields(data):
-    batch = LossBatch(v_theta=data["v_theta"], x0=data["x0"])
-    with pytest.raises(ValueError, match=r"diffusion_nft.*\['v_old', 'noise', 'sigma', 'reward_prob'\]"):
-        compute_loss("diffusion_nft", batch)
-
-
-def test_registry_unknown_name_lists_known():
-    with pytest.raises(KeyError, match="awm.*diffusion_nft.*flow_dpo.*flow_grpo"):
-        compute_loss("ppo", LossBatch())
+def test_typed_objectives_are_the_keyword_losses(data):
+    """A loss of its typed batch is the keyword function on the batch's fields (NFT; GRPO with its guard)."""
+    r = nft_reward_prob(data["adv"])
+    kw = dict(v_theta=data["v_theta"], x0=data["x0"], noise=data["noise"], sigma=data["sigma"])
+    batch = SampleBatch(**kw, advantages=data["adv"], reward_prob=r, v_old=data["v_old"], v_ema=None)
+    typed = nft_objective(batch, beta=0.5, loss_scale=5.0)
+    direct = diffusion_nft_loss(**kw, v_old=data["v_old"], reward_prob=r, beta=0.5, loss_scale=5.0)
+    assert torch.equal(typed.loss, direct.loss)
+    lp, adv = data["v_theta"].flatten(1).mean(1), data["adv"]
+    mean, old = data["v_theta"] * 0.5, data["v_old"] * 0.5
+    std = data["sigma"] * 0.1 + 0.01
+    guard = GuardTerms(mean=mean, old_mean=old, step_std=std)
+    typed = grpo_objective(StepBatch(lp, lp.detach() + 0.01, adv, guard), clip_range=0.2)
+    direct = flow_grpo_loss(
+        log_prob=lp,
+        old_log_prob=lp.detach() + 0.01,
+        advantages=adv,
+        clip_range=0.2,
+        mean=mean,
+        old_mean=old,
+        step_std=std,
+    )
+    assert torch.equal(typed.loss, direct.loss)
 
 
 @pytest.mark.parametrize("weighting", ["huber", "ghuber"])
@@ -253,19 +278,13 @@ def test_nft_loss_scale_is_a_plain_factor(data):
 
 
 def test_kl_scale_weights_the_composed_kl(data):
-    from normguard_core.losses import compose_objective, elbo_kl_scale
+    from normguard_core.losses import awm_objective, compose_objective, elbo_kl_scale
 
     scale = elbo_kl_scale(data["sigma"])
-    batch = LossBatch(
-        v_theta=data["v_theta"],
-        v_ref=data["v_ref"],
-        x0=data["x0"],
-        noise=data["noise"],
-        sigma=data["sigma"],
-        advantages=data["adv"],
-        kl_scale=scale,
-    )
-    out = compose_objective("awm", batch, kl_weight=0.1)
+    kw = dict(v_theta=data["v_theta"], x0=data["x0"], noise=data["noise"], sigma=data["sigma"])
+    batch = SampleBatch(**kw, advantages=data["adv"], reward_prob=data["adv"], v_old=None, v_ema=None)
+    ref = Reference(v_theta=data["v_theta"], v_ref=data["v_ref"], kl_scale=scale)
+    out = compose_objective(awm_objective, batch, ref, kl_weight=0.1)
     d = {k: v.double() for k, v in data.items()}
     std_t = 0.7 * torch.sqrt(d["sigma"] / (1 - d["sigma"].clamp(0, 0.99)))
     kl = (_mean_d((d["v_theta"] - d["v_ref"]) ** 2) / (2 * std_t**2)).mean()

@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from normguard_core.losses import (
-    LossBatch,
+    BinWeights,
     NormGuardParams,
+    Reference,
+    SampleBatch,
+    awm_objective,
     compose_objective,
     normguard_objective,
     normguard_penalty,
@@ -13,6 +16,14 @@ from normguard_core.losses import (
 from normguard_core.metrics import norm_ratio, velocity_norm
 
 pytestmark = pytest.mark.unit
+
+
+def _awm_batch(v_theta, v_ref, x0, noise, sigma, adv) -> tuple[SampleBatch, Reference]:
+    """An AWM micro-batch and its reference (plain KL weight)."""
+    batch = SampleBatch(
+        v_theta=v_theta, x0=x0, noise=noise, sigma=sigma, advantages=adv, reward_prob=adv, v_old=None, v_ema=None
+    )
+    return batch, Reference(v_theta=v_theta, v_ref=v_ref, kl_scale=torch.ones_like(sigma))
 
 
 def _vel(norms, dim=4):
@@ -77,8 +88,8 @@ def test_the_penalty_returns_the_ratios_it_measured():
     assert out.metrics["normguard/ratio_mean"].item() == out.norm_ratio.mean().item()
     assert torch.equal(out.norm_ratio, norm_ratio(velocity_norm(v_theta.detach()), velocity_norm(v_ref)))
     sigma, adv = torch.full((2,), 0.5), torch.zeros(2)
-    batch = LossBatch(v_theta=v_theta, v_ref=v_ref, x0=v_ref, noise=v_ref, sigma=sigma, advantages=adv)
-    composed = compose_objective("awm", batch, loss_kwargs={}, normguard=None)
+    batch, ref = _awm_batch(v_theta, v_ref, v_ref, v_ref, sigma, adv)
+    composed = compose_objective(awm_objective, batch, ref, normguard=None)
     assert torch.equal(composed.norm_ratio, out.norm_ratio)  # measured also without the penalty
 
 
@@ -88,8 +99,7 @@ def test_normguard_objective_is_the_penalty_with_its_floor():
     v_theta = _vel([2.4, 2.0, 1.0]).requires_grad_(True)  # ratios 1.2 (over), 1.0, 0.5 (under the floor)
     lam, mu = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 0.5, 4.0])
     params = NormGuardParams(weight=0.0, power=1, floor=0.9)
-    batch = LossBatch(v_theta=v_theta, v_ref=v_ref, normguard_weight=lam, floor_weight=mu)
-    out = normguard_objective(batch, normguard=params)
+    out = normguard_objective(v_theta=v_theta, v_ref=v_ref, bins=BinWeights(lam, mu), normguard=params)
     # (1 * 0.2 + 0 + 0) / 3 over the bound, (0 + 0 + 4 * 0.4) / 3 under the floor
     assert out.loss.item() == pytest.approx((0.2 + 1.6) / 3, rel=1e-5)
     assert torch.equal(out.terms["normguard"], out.loss)
@@ -101,9 +111,9 @@ def test_normguard_objective_is_the_penalty_with_its_floor():
     g = v_theta.grad[:, 0]
     assert g[0] > 0 and g[1] == 0 and g[2] < 0  # descent shrinks the inflated norm, grows the deflated one
     with pytest.raises(ValueError, match="active"):
-        normguard_objective(LossBatch(v_theta=v_theta, v_ref=v_ref), normguard=params)
-    with pytest.raises(ValueError, match="v_ref"):
-        normguard_objective(LossBatch(v_theta=v_theta), normguard=params)
+        normguard_objective(v_theta=v_theta, v_ref=v_ref, bins=None, normguard=params)
+    no_floor = normguard_objective(v_theta=v_theta, v_ref=v_ref, bins=BinWeights(lam, None), normguard=params)
+    assert no_floor.loss.item() == pytest.approx(0.2 / 3, rel=1e-5)  # the bound alone: the probes' default
 
 
 def test_lambda_zero_leaves_base_loss_bit_identical(gen):
@@ -115,8 +125,8 @@ def test_lambda_zero_leaves_base_loss_bit_identical(gen):
 
     def run(normguard):
         v_theta = (2.0 * w).requires_grad_(True)  # norms well above the reference: hinge would be active
-        batch = LossBatch(v_theta=v_theta, v_ref=v_ref, x0=x0, noise=noise, sigma=sigma, advantages=adv)
-        out = compose_objective("awm", batch, normguard=normguard)
+        batch, ref = _awm_batch(v_theta, v_ref, x0, noise, sigma, adv)
+        out = compose_objective(awm_objective, batch, ref, normguard=normguard)
         out.loss.backward()
         return out, v_theta.grad
 

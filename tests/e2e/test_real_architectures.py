@@ -94,7 +94,7 @@ def _random_bf16_sd35m():
 @pytest.mark.slow
 def test_real_depth_sd35m_lora_forward_backward_through_the_loss():
     from normguard_core.conventions import interpolate
-    from normguard_core.losses import LossBatch, NormGuardParams, compose_objective
+    from normguard_core.losses import NormGuardParams, Reference, SampleBatch, compose_objective
     from services.config import load_config
     from services.methods import get_method
     from services.models.base import Condition
@@ -128,11 +128,12 @@ def test_real_depth_sd35m_lora_forward_backward_through_the_loss():
     v_ref = gen.velocity(x, sigma, cond, reference=True)
     assert v_theta.dtype == torch.float32 and v_theta.requires_grad and not v_ref.requires_grad
     assert torch.isfinite(v_theta).all() and not torch.equal(v_theta, v_ref)
-    batch = LossBatch(v_theta=v_theta, v_ref=v_ref, v_old=v_ref, x0=x0, noise=noise, sigma=sigma,
-                      advantages=torch.tensor([1.0]), reward_prob=torch.tensor([0.8]))  # fmt: skip
+    batch = SampleBatch(v_theta=v_theta, x0=x0, noise=noise, sigma=sigma, advantages=torch.tensor([1.0]),
+                        reward_prob=torch.tensor([0.8]), v_old=v_ref, v_ema=None)  # fmt: skip
+    ref = Reference(v_theta=v_theta, v_ref=v_ref, kl_scale=torch.ones(b))
     ng = NormGuardParams(weight=cfg.normguard.weight, margin=cfg.normguard.margin, power=cfg.normguard.power)
-    kwargs = get_method(cfg.loss.name).loss_kwargs(cfg.loss)
-    out = compose_objective(cfg.loss.name, batch, loss_kwargs=kwargs, normguard=ng, kl_weight=cfg.loss.kl_weight)
+    method = get_method(cfg.loss)
+    out = compose_objective(method.loss, batch, ref, normguard=ng, kl_weight=method.kl_weight)
     assert cfg.loss.name == "diffusion_nft" and "normguard" in out.terms and torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for p in lora]

@@ -58,7 +58,7 @@ def _batch(cfg, assets, step: int) -> TrainBatch:
             sde_noise_level=ro.sde_noise_level,
         )
     )
-    tg = get_method(cfg.loss.name).targets(REWARDS, rb.group_ids, cfg)
+    tg = get_method(cfg.loss).targets(REWARDS, rb.group_ids, cfg.advantages)
     if tg.winners is not None:
         idx = torch.cat([tg.winners, tg.losers])
         units, pairs = (len(tg.winners),), len(tg.winners)

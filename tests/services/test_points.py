@@ -5,14 +5,18 @@ from dataclasses import FrozenInstanceError, fields
 import pytest
 import torch
 
+from normguard_core.losses import PairBatch, SampleBatch, StepBatch
 from services.config import load_config
 from services.methods import get_method
 from services.models.schedules import FlowSchedule
 from services.points import (
+    Evaluated,
     LaggedVelocities,
+    PairDraw,
     PairPoints,
+    SampleDraw,
     SamplePoints,
-    TrainingPoints,
+    StepDraw,
     TrajectoryPoints,
 )
 from services.training.learner_spec import LearnerSpec
@@ -34,7 +38,7 @@ def _source(name: str, *extra: str):
     if name == "flow_grpo":
         over.append("rollout.sde_noise_level=0.7")
     spec = LearnerSpec.from_config(load_config(None, over))
-    return spec, get_method(name).point_source(spec, FlowSchedule())  # the digits grid
+    return spec, get_method(spec.loss).point_source(spec, FlowSchedule())  # the digits grid
 
 
 def _batch(name: str, step: int = 0) -> TrainBatch:
@@ -66,19 +70,20 @@ def test_each_method_names_its_point_source_and_its_shapes_hold(name):
     m = units * K
     assert pts.size == m and pts.unit.tolist() == torch.arange(units).repeat_interleave(K).tolist()
     assert torch.equal(pts.sample, pts.unit)
-    if isinstance(source, TrajectoryPoints):
-        assert pts.sigma is None and pts.noise is None and pts.loser is None
+    assert type(pts) is {SamplePoints: SampleDraw, PairPoints: PairDraw, TrajectoryPoints: StepDraw}[type(source)]
+    if isinstance(pts, StepDraw):
         assert pts.step_k.shape == (m,) and int(pts.step_k.min()) >= 0 and int(pts.step_k.max()) < T
         for u in range(units):  # K distinct steps per sample
             assert len(set(pts.step_k[u * K : (u + 1) * K].tolist())) == K
     else:
-        assert pts.sigma.shape == (m,) and pts.noise.shape == (m, *D) and pts.step_k is None
+        assert pts.sigma.shape == (m,) and pts.noise.shape == (m, *D)
         assert bool(((pts.sigma > 0) & (pts.sigma <= 1)).all())
-    if isinstance(source, PairPoints):
-        assert torch.equal(pts.loser, pts.unit + batch.num_pairs) and pts.adv is None and pts.r is None
+    if isinstance(pts, PairDraw):
+        assert torch.equal(pts.loser, pts.unit + batch.num_pairs)
     else:
-        assert torch.equal(pts.adv, batch.advantages[pts.unit]) and pts.loser is None
-    assert (pts.r is not None) == (type(source) is SamplePoints)
+        assert torch.equal(pts.adv, batch.advantages[pts.unit])
+    if isinstance(pts, SampleDraw):
+        assert torch.equal(pts.r, batch.reward_prob[pts.unit])
 
 
 @pytest.mark.parametrize("name", list(SOURCES))
@@ -86,11 +91,10 @@ def test_points_are_frozen_and_drawn_deterministically(name):
     _, source = _source(name)
     batch = _batch(name)
     a, b = source.draw(batch, 0), source.draw(batch, 0)
-    for f in fields(TrainingPoints):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        assert (x is None and y is None) or torch.equal(x, y), f.name
+    for f in fields(a):
+        assert torch.equal(getattr(a, f.name), getattr(b, f.name)), f.name
     with pytest.raises(FrozenInstanceError):
-        a.sigma = None
+        a.unit = None
     with pytest.raises(FrozenInstanceError):
         LaggedVelocities().v_old = torch.zeros(1)
     other = source.draw(batch, 1) if name != "flow_grpo" else source.draw(_batch(name, step=1), 0)
@@ -110,7 +114,7 @@ def test_minibatches_cover_every_row_once(name):
 
 
 @pytest.mark.parametrize("name", list(SOURCES))
-def test_inputs_and_fields_of_a_micro_batch(name):
+def test_inputs_and_typed_batch_of_a_micro_batch(name):
     _, source = _source(name)
     batch = _batch(name)
     pts = source.draw(batch, 0)
@@ -121,22 +125,24 @@ def test_inputs_and_fields_of_a_micro_batch(name):
     assert all(t.shape[0] == len(rows) for t in source.lagged_inputs(batch, pts, rows, "cpu"))
     v_old = torch.randn((pts.size, *D))
     lagged = LaggedVelocities(v_old=v_old)
-    v_theta = torch.randn((r, *D))
-    got = source.fields(batch, pts, lagged, rows, x=x, sigma=sigma, idx=idx, v_theta=v_theta, device="cpu")
-    expected = {
-        "diffusion_nft": {"x0", "noise", "v_old", "v_ema", "kl_scale", "advantages", "reward_prob"},
-        "awm": {"x0", "noise", "v_old", "v_ema", "kl_scale", "advantages", "reward_prob"},
-        "flow_dpo": {"x0", "noise", "v_old", "v_ema", "kl_scale", "winners", "losers"},
-        "flow_grpo": {"log_prob", "old_log_prob", "advantages", "kl_scale", "sigma"},
-    }[name]
-    assert set(got) == expected
+    v_theta, v_ref = torch.randn((r, *D)), torch.randn((r, *D))
+    at = Evaluated(x=x, sigma=sigma, idx=idx, v_theta=v_theta, v_ref=v_ref, device="cpu")
+    micro = source.micro(batch, pts, lagged, rows, at)
+    got = micro.batch
+    assert type(got) is {"flow_dpo": PairBatch, "flow_grpo": StepBatch}.get(name, SampleBatch)
+    assert micro.kl_scale.shape == (r,)
     if name == "flow_dpo":
-        assert got["v_old"] is None and got["winners"].tolist() == [0, 1, 2] and got["losers"].tolist() == [3, 4, 5]
+        assert got.winners.tolist() == [0, 1, 2] and got.losers.tolist() == [3, 4, 5] and got.v_ref is v_ref
+        assert torch.equal(got.x0, batch.latents[idx]) and torch.equal(got.sigma, sigma)
     elif name == "flow_grpo":
-        assert got["sigma"] is None and got["log_prob"].shape == (len(rows),)
+        assert got.log_prob.shape == (len(rows),) and got.guard is None
+        assert torch.equal(got.old_log_prob, batch.log_probs[pts.step_k[rows], pts.sample[rows]])
     else:
-        assert torch.equal(got["v_old"], v_old[rows]) and torch.equal(got["x0"], batch.latents[idx])
-        assert torch.equal(x, (1 - sigma.view(-1, 1, 1, 1)) * got["x0"] + sigma.view(-1, 1, 1, 1) * got["noise"])
+        assert torch.equal(got.v_old, v_old[rows]) and torch.equal(got.x0, batch.latents[idx]) and got.v_ema is None
+        assert torch.equal(got.reward_prob, pts.r[rows]) and torch.equal(got.sigma, sigma)
+        assert torch.equal(x, (1 - sigma.view(-1, 1, 1, 1)) * got.x0 + sigma.view(-1, 1, 1, 1) * got.noise)
+    if name in ("diffusion_nft", "flow_dpo"):
+        assert torch.equal(micro.kl_scale, torch.ones(r))  # the plain KL
 
 
 def test_grpo_guard_adds_the_sampling_policys_sde_mean():
@@ -146,6 +152,8 @@ def test_grpo_guard_adds_the_sampling_policys_sde_mean():
     rows = torch.tensor([1, 3])
     x, sigma, idx = source.inputs(batch, pts, rows, "cpu")
     lagged = LaggedVelocities(v_old=torch.randn((pts.size, *D)))
-    at = dict(x=x, sigma=sigma, idx=idx, v_theta=torch.randn((2, *D)), device="cpu")
-    got = source.fields(batch, pts, lagged, rows, **at)
-    assert {"mean", "old_mean", "step_std"} <= set(got) and got["old_mean"].shape == (2, *D)
+    at = Evaluated(x=x, sigma=sigma, idx=idx, v_theta=torch.randn((2, *D)), v_ref=None, device="cpu")
+    guard = source.micro(batch, pts, lagged, rows, at).batch.guard
+    assert guard is not None and guard.old_mean.shape == (2, *D) and guard.step_std.shape == (2,)
+    with pytest.raises(ValueError, match="v_old"):
+        source.micro(batch, pts, LaggedVelocities(), rows, at)
