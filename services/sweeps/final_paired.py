@@ -24,7 +24,15 @@ from services.sweeps.trials import whole_seeds
 __all__ = ["load_trials", "paired_table"]
 
 PAIRS = (("constraint", "none"), ("penalty", "none"), ("kl", "none"), ("constraint", "kl"))
-METRICS = ("colour_clip", "frechet", "colour_judge", "colour_realism", "colour_saturation", "colour_brightness")
+METRICS = (
+    "colour_pref",
+    "colour_clip",
+    "frechet",
+    "colour_judge",
+    "colour_realism",
+    "colour_saturation",
+    "colour_brightness",
+)
 
 
 def load_trials(sweep_dir: str | Path) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -46,8 +54,10 @@ def _interval(xs: list[float]) -> str:
 
 def paired_table(trials: dict[tuple[str, str, int], dict[str, float]], method: str, steps: int) -> str:
     """The markdown table of one method at ``steps`` sampling steps (arm means, then the paired differences)."""
-    keys = ["train/final_reward"] + [f"eval/{m}_{steps}steps" for m in (*METRICS, "norm_ratio")]
-    heads = ["final_reward", *METRICS, "norm_ratio"]
+    ran = [after for (m, _, _), after in trials.items() if m == method]
+    metrics = [m for m in (*METRICS, "norm_ratio") if all(f"eval/{m}_{steps}steps" in a for a in ran)]
+    keys = ["train/final_reward"] + [f"eval/{m}_{steps}steps" for m in metrics]  # those every trial evaluated
+    heads = ["final_reward", *metrics]
     lines = ["| | " + " | ".join(heads) + " |", "|---" * (len(keys) + 1) + "|"]
     for arm in ("none", "penalty", "constraint", "kl", "grpo_guard"):
         seeds = sorted(s for m, a, s in trials if (m, a) == (method, arm))
