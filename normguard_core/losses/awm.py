@@ -31,6 +31,8 @@ with p = 0.25, ``advantage_max = 1``, ``clip_range = 1``, ``ema_beta = 1``) are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -157,17 +159,9 @@ def awm_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def awm_objective(
-    batch: SampleBatch,
-    *,
-    weighting: str = "uniform",
-    ghuber_power: float = 0.25,
-    clip_range: float | None = None,
-    adv_clip_max: float = 5.0,
-    advantage_max: float | None = None,
-    ema_kl_weight: float = 0.0,
-) -> LossOutput:
-    """:func:`awm_loss` on a :class:`SampleBatch` (its ``v_old`` / ``v_ema`` where the options read them)."""
+def awm_objective(batch: SampleBatch, **options: Any) -> LossOutput:
+    """:func:`awm_loss` on a :class:`SampleBatch` (its ``v_old`` / ``v_ema`` where the options read them);
+    ``options`` are :func:`awm_loss`'s keyword options, whose defaults stay there alone."""
     return awm_loss(
         v_theta=batch.v_theta,
         x0=batch.x0,
@@ -176,10 +170,5 @@ def awm_objective(
         advantages=batch.advantages,
         v_old=batch.v_old,
         v_ema=batch.v_ema,
-        weighting=weighting,
-        ghuber_power=ghuber_power,
-        clip_range=clip_range,
-        adv_clip_max=adv_clip_max,
-        advantage_max=advantage_max,
-        ema_kl_weight=ema_kl_weight,
+        **options,
     )

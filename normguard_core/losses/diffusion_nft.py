@@ -33,6 +33,8 @@ At beta -> 0 the gradient of L reduces to the reward-weighted flow-matching grad
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -108,10 +110,9 @@ def diffusion_nft_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def nft_objective(
-    batch: SampleBatch, *, beta: float, adaptive_weighting: bool = True, loss_scale: float = 1.0
-) -> LossOutput:
-    """:func:`diffusion_nft_loss` on a :class:`SampleBatch` (which must carry ``v_old``)."""
+def nft_objective(batch: SampleBatch, **options: Any) -> LossOutput:
+    """:func:`diffusion_nft_loss` on a :class:`SampleBatch` (which must carry ``v_old``); ``options`` are
+    :func:`diffusion_nft_loss`'s keyword options (``beta``, ...), whose defaults stay there alone."""
     if batch.v_old is None:
         raise ValueError("diffusion_nft needs v_old (the sampling policy's velocity) in its SampleBatch")
     return diffusion_nft_loss(
@@ -121,7 +122,5 @@ def nft_objective(
         noise=batch.noise,
         sigma=batch.sigma,
         reward_prob=batch.reward_prob,
-        beta=beta,
-        adaptive_weighting=adaptive_weighting,
-        loss_scale=loss_scale,
+        **options,
     )

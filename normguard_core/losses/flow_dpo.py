@@ -23,6 +23,8 @@ pairing (best vs worst per prompt; ties skipped, or flow_grpo's index pairing as
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,8 +86,8 @@ def flow_dpo_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def dpo_objective(batch: PairBatch, *, beta: float = 100.0) -> LossOutput:
-    """:func:`flow_dpo_loss` on a :class:`PairBatch`."""
+def dpo_objective(batch: PairBatch, **options: Any) -> LossOutput:
+    """:func:`flow_dpo_loss` on a :class:`PairBatch`; ``options`` are its keyword options (``beta``)."""
     return flow_dpo_loss(
         v_theta=batch.v_theta,
         v_ref=batch.v_ref,
@@ -94,5 +96,5 @@ def dpo_objective(batch: PairBatch, *, beta: float = 100.0) -> LossOutput:
         sigma=batch.sigma,
         winners=batch.winners,
         losers=batch.losers,
-        beta=beta,
+        **options,
     )

@@ -31,6 +31,8 @@ leaves the plain ratio left of 1, so the clip acts symmetrically. Pass ``mean``,
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -90,16 +92,16 @@ def flow_grpo_loss(
     return LossOutput(loss=loss, metrics=metrics)
 
 
-def grpo_objective(batch: StepBatch, *, clip_range: float = 1e-4, adv_clip_max: float = 5.0) -> LossOutput:
-    """:func:`flow_grpo_loss` on a :class:`StepBatch` (GRPO-Guard's ratio when it carries ``guard``)."""
+def grpo_objective(batch: StepBatch, **options: Any) -> LossOutput:
+    """:func:`flow_grpo_loss` on a :class:`StepBatch` (GRPO-Guard's ratio when it carries ``guard``);
+    ``options`` are its keyword options (``clip_range``, ``adv_clip_max``)."""
     g = batch.guard
     return flow_grpo_loss(
         log_prob=batch.log_prob,
         old_log_prob=batch.old_log_prob,
         advantages=batch.advantages,
-        clip_range=clip_range,
-        adv_clip_max=adv_clip_max,
         mean=g.mean if g is not None else None,
         old_mean=g.old_mean if g is not None else None,
         step_std=g.step_std if g is not None else None,
+        **options,
     )
