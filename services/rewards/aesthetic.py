@@ -14,15 +14,14 @@ flow_grpo's ``aesthetic_score`` trains on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from services.hub import load_pretrained_checked
-from services.rewards.base import validate_images
+from services.rewards.base import load_state_file, validate_images
 
-__all__ = ["AestheticHead", "AestheticScorer", "load_head_state"]
+__all__ = ["AestheticHead", "AestheticScorer"]
 
 
 class AestheticHead(nn.Module):
@@ -43,18 +42,6 @@ class AestheticHead(nn.Module):
 
     def forward(self, emb: Tensor) -> Tensor:
         return self.layers(emb)
-
-
-def load_head_state(path: str | Path) -> dict[str, Tensor]:
-    """The head's state dict, never unpickled (safetensors, or ``torch.load(weights_only=True)``)."""
-    p = Path(path).expanduser()
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    raw = torch.load(p, map_location="cpu", weights_only=True)
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 class AestheticScorer:
@@ -79,7 +66,7 @@ class AestheticScorer:
         self.clip = load_pretrained_checked(CLIPModel, clip, what=f"{name} CLIP").to(self.device).eval()
         self.processor = load_pretrained_checked(CLIPImageProcessor, clip, what=f"{name} processor")
         self.head = AestheticHead(self.clip.config.projection_dim)
-        missing, unexpected = self.head.load_state_dict(load_head_state(path), strict=False)
+        missing, unexpected = self.head.load_state_dict(load_state_file(path, what=name), strict=False)
         if missing or unexpected:
             raise KeyError(f"{name}: {path} is not the aesthetic head's layout: missing {missing}, extra {unexpected}")
         self.head.to(self.device).eval()

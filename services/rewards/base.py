@@ -15,12 +15,14 @@ A user's scorer need not live in this package: ``reward.scorers: [{name: mine, i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "load_state_file",
     "GroupRewardScorer",
     "RewardScorer",
     "available_scorers",
@@ -190,3 +192,26 @@ def combine_scores(scores: Mapping[str, Tensor], weights: Mapping[str, float]) -
     if missing:
         raise KeyError(f"no scores for {missing}; have {sorted(scores)}")
     return torch.stack([weights[k] * scores[k].float() for k in weights]).sum(dim=0)
+
+
+def load_state_file(path: str | Path, *, what: str) -> dict[str, Tensor]:
+    """A scorer's weight file as its tensors, never unpickled: safetensors, or ``torch.load(weights_only=True)``.
+
+    A checkpoint that wraps its tensors in ``{"state_dict": ...}`` is unwrapped and DataParallel's ``module.``
+    prefix dropped; a file that holds anything but tensors raises naming ``what`` (the scorer).
+    """
+    import pickle
+
+    p = Path(path).expanduser()
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{what}: {p} holds objects other than tensors; it is not unpickled: {err}") from err
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what}: {p} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -31,7 +31,6 @@ not next to the weights (default: the published one). The ViT's head count is no
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,9 +39,9 @@ from torch import Tensor, nn
 
 from services.hub import load_pretrained_checked
 from services.rewards.aesthetic import AestheticHead
-from services.rewards.base import validate_images
+from services.rewards.base import load_state_file, validate_images
 
-__all__ = ["ImageRewardModel", "ImageRewardScorer", "load_image_reward_state", "preprocess", "to_hf_keys"]
+__all__ = ["ImageRewardModel", "ImageRewardScorer", "preprocess", "to_hf_keys"]
 
 SCORE_MEAN, SCORE_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward.py's self.mean / self.std
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -67,23 +66,6 @@ _VIT_RENAMES = (  # transformers' convert_blip_original_pytorch_to_hf.py rename_
     (".norm1.", ".layer_norm1."),
     (".norm2.", ".layer_norm2."),
 )
-
-
-def load_image_reward_state(path: str | Path, *, what: str = "image_reward") -> dict[str, Tensor]:
-    """The checkpoint's tensors, never unpickled: safetensors, or ``torch.load(weights_only=True)``."""
-    p = Path(path).expanduser()
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{what}: {p} holds objects other than tensors; it is not unpickled: {err}") from err
-    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{what}: {p} is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def to_hf_keys(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
@@ -260,7 +242,7 @@ class ImageRewardScorer:
         weights = _weights_file(path)
         med_file = Path(med_config).expanduser() if med_config else weights.parent / "med_config.json"
         med = json.loads(med_file.read_text()) if med_file.is_file() else PUBLISHED_MED_CONFIG
-        state = load_image_reward_state(weights, what=name)
+        state = load_state_file(weights, what=name)
         self.model = build_image_reward(state, med, vision_heads=vision_heads).to(self.device)
         self.image_size = self.model.visual.config.image_size
         self.tokenizer = load_pretrained_checked(BertTokenizer, tokenizer, what=f"{name} tokenizer")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from services.rewards import build_scorer
-from services.rewards.image_reward import SCORE_MEAN, SCORE_STD, load_image_reward_state, preprocess, to_hf_keys
+from services.rewards.base import load_state_file
+from services.rewards.image_reward import SCORE_MEAN, SCORE_STD, preprocess, to_hf_keys
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
@@ -121,14 +122,14 @@ def _reference_score(sd, pixels, ids, mask, heads=4):
 
 
 def test_checkpoint_has_the_published_key_names(ckpt):
-    state = load_image_reward_state(ckpt / "ImageReward.pt")
+    state = load_state_file(ckpt / "ImageReward.pt", what="image_reward")
     assert set(PUBLISHED_KEYS) <= set(state)
     assert state["blip.visual_encoder.blocks.0.attn.qkv.weight"].shape == (96, 32)  # fused q, k, v
     assert state["blip.text_encoder.encoder.layer.0.crossattention.self.key.weight"].shape == (32, 32)  # from the ViT
 
 
 def test_every_key_is_consumed_and_none_missing(ckpt, scorer):
-    state = load_image_reward_state(ckpt / "ImageReward.pt")
+    state = load_state_file(ckpt / "ImageReward.pt", what="image_reward")
     vision, text, head = to_hf_keys(state)
     unused = {k for k in state if k.startswith(("blip.vision_proj.", "blip.text_proj."))}
     unused.add("blip.text_encoder.embeddings.position_ids")
@@ -144,7 +145,7 @@ def test_every_key_is_consumed_and_none_missing(ckpt, scorer):
 
 
 def test_score_equals_the_reference_computation(ckpt, scorer):
-    sd = load_image_reward_state(ckpt / "ImageReward.pt")
+    sd = load_state_file(ckpt / "ImageReward.pt", what="image_reward")
     images = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(1))
     got = scorer.score(images, PROMPTS)
     tok = scorer.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -182,7 +183,7 @@ class Payload:
 def test_loading_refuses_a_pickled_payload(tmp_path, ckpt):
     torch.save({"blip.visual_encoder.cls_token": torch.zeros(1), "x": Payload()}, tmp_path / "ImageReward.pt")
     with pytest.raises(ValueError, match="not unpickled"):
-        load_image_reward_state(tmp_path / "ImageReward.pt")
+        load_state_file(tmp_path / "ImageReward.pt", what="image_reward")
     with pytest.raises(ValueError, match="not unpickled"):
         build_scorer(
             "image_reward", path=str(tmp_path / "ImageReward.pt"), options={"tokenizer": str(ckpt / "tokenizer")}
