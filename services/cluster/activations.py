@@ -188,12 +188,12 @@ def _config(family: str, what: str, model_dir: str | None = None) -> dict:
 
 
 def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, targets: tuple[str, ...]):
-    """The transformer of ``config`` as ``FlowGenerator`` holds it, on the current default device: the base in
-    ``dtype``, the LoRA adapters (or, without LoRA, the whole transformer: it trains) in float32."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    """The transformer of ``config`` (its ``_class_name``) as ``FlowGenerator`` holds it, on the current default
+    device: the base in ``dtype``, the LoRA adapters (or, without LoRA, the whole transformer: it trains) in
+    float32."""
+    import diffusers
 
-    cls = FluxTransformer2DModel if config.get("_class_name", "").startswith("Flux") else SD3Transformer2DModel
-    tr = cls.from_config(config).to(dtype)
+    tr = getattr(diffusers, config["_class_name"]).from_config(config).to(dtype)
     if lora_rank:
         from peft import LoraConfig
 
@@ -206,19 +206,11 @@ def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, t
 
 
 def transformer_inputs(tr, latent_side: int, text_tokens: int, device: str | torch.device = "meta") -> dict:
-    """One sample's keyword arguments, as ``SD3Generator`` / ``FluxGenerator._call_backbone`` pass them."""
-    c = tr.config
-    f32 = dict(device=device, dtype=torch.float32)
-    common = dict(encoder_hidden_states=torch.zeros(1, text_tokens, c.joint_attention_dim, **f32),
-                  pooled_projections=torch.zeros(1, c.pooled_projection_dim, **f32), return_dict=False)  # fmt: skip
-    if "guidance_embeds" not in c:  # SD3: (B, C, h, w) latents, timestep = 1000 sigma
-        return dict(hidden_states=torch.zeros(1, c.in_channels, latent_side, latent_side, **f32),
-                    timestep=torch.full((1,), 700.0, **f32), **common)  # fmt: skip
-    side = latent_side // 2  # FLUX: packed 2x2 patches, timestep = sigma
-    guidance = torch.full((1,), 3.5, **f32) if c.guidance_embeds else None
-    return dict(hidden_states=torch.zeros(1, side * side, c.in_channels, **f32), timestep=torch.full((1,), 0.7, **f32),
-                guidance=guidance, txt_ids=torch.zeros(text_tokens, 3, **f32), img_ids=torch.zeros(side * side, 3, **f32),
-                **common)  # fmt: skip
+    """One sample's keyword arguments, as the generator of the family whose ``transformer_class`` ``tr`` is passes
+    them (``ModelFamily.plan_inputs``)."""
+    from services.models.families import family_of_transformer
+
+    return family_of_transformer(type(tr).__name__).plan_inputs(tr, latent_side, text_tokens, device)
 
 
 @dataclass(frozen=True)
@@ -265,15 +257,19 @@ def transformer_bytes(
 
 @functools.lru_cache(maxsize=8)
 def vae_decode_bytes(family: str, *, resolution: int, dtype: str, model_dir: str | None = None) -> int:
-    """Peak live bytes of decoding one latent at ``resolution`` px with the family's VAE (``AutoencoderKL``,
-    weights in ``dtype``, no autocast, as ``services.models.families.pipeline.vae_decode`` runs it)."""
-    from diffusers import AutoencoderKL
+    """Peak live bytes of decoding one latent at ``resolution`` px with the VAE of ``family`` (``model.kind``; the
+    config's ``_class_name``, ``AutoencoderKL`` by default; the latent ``ModelFamily.plan_vae_latent``), weights
+    in ``dtype``, no autocast, as ``services.models.families.pipeline.vae_decode`` runs it."""
+    import diffusers
+
+    from services.models.families import family as family_of
 
     torch_dtype = getattr(torch, dtype)
+    config = _config(family, "vae", model_dir)
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(_config(family, "vae", model_dir)).to(torch_dtype).eval()
-    side = resolution // 8
-    z = torch.zeros(1, vae.config.latent_channels, side, side, device="meta", dtype=torch_dtype)
+        vae = getattr(diffusers, config.get("_class_name", "AutoencoderKL")).from_config(config)
+        vae = vae.to(torch_dtype).eval()
+    z = family_of(family).plan_vae_latent(vae, resolution // 8, torch_dtype)
     exclude = [*vae.parameters(), *vae.buffers(), z]
     with CudaAutocast(torch_dtype):  # only the SDPA redirect acts: every tensor is already in dtype
         return _peak(lambda: vae.decode(z, return_dict=False)[0], exclude=exclude)

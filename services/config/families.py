@@ -28,8 +28,9 @@ recounts them). SD3-medium (2.03 B, no config there) has SD3.5-M's adapted block
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from services.config.family_spec import CLIP_G_B, CLIP_L_B, T5_XXL_B, VAE_B, FamilySpec, LoraDefaults, Variant
 
 __all__ = [
     "EMBEDDED_KINDS",
@@ -45,105 +46,6 @@ __all__ = [
     "require",
     "spec",
 ]
-
-# Published parameter counts (billions) of the components the pipelines share.
-CLIP_L_B, CLIP_G_B, T5_XXL_B, VAE_B = 0.123, 0.695, 4.76, 0.084
-
-
-@dataclass(frozen=True)
-class LoraDefaults:
-    """A family's LoRA defaults.
-
-    Attributes:
-        targets: peft ``target_modules``.
-        rank: the source's rank (documentation: ``model.lora_rank`` stays the user's choice, null = full
-            fine-tuning).
-        alpha_per_rank: ``lora_alpha / r`` of the source, applied when ``model.lora_alpha`` is null.
-        source: where the values come from.
-    """
-
-    targets: tuple[str, ...]
-    rank: int | None
-    alpha_per_rank: float
-    source: str
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A published model of a family (the plan's parameter counts and architecture folder).
-
-    Attributes:
-        name: the plan's name for it (``sd3.5-large``).
-        match: groups of substrings of the lower-cased ``model.path``; it matches when each group has one.
-        folder: its ``deploy/architectures`` folder.
-        transformer_params / lora_per_rank: counted on the published config (meta device).
-        overrides: changes to the folder's transformer config (SD3-medium: SD3.5-M's blocks without the second
-            attention and the qk-norm, its ``pos_embed_max_size`` 192).
-    """
-
-    name: str
-    match: tuple[tuple[str, ...], ...]
-    folder: str
-    transformer_params: int
-    lora_per_rank: int
-    overrides: Mapping[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """One family's data (its behaviour: ``services.models.families``).
-
-    Attributes:
-        name: ``model.kind``.
-        lora: the LoRA defaults of the family's source.
-        embedded: built here from seeds and packaged data (nothing downloaded, no ``model.path``, no text
-            encoder; ``normguard prepare`` builds it).
-        grid_shift: the shift ``rollout.shift: null`` means where the family has no scheduler config (the
-            embedded tasks); None = the scheduler config's own.
-        text_parts: the pipeline's tokenizers and text encoders (not loaded when prompts come from a table).
-        text_prefix_tokens: rows of ``prompt_embeds`` before the T5 rows (SD3: CLIP's 77).
-        pipeline_class / transformer_class: the diffusers classes (loading, export, the model card).
-        lora_writer: the diffusers pipeline whose ``save_lora_weights`` writes a LoRA export; None = no format.
-        judge: the embedded task's judge scorer, whose features evaluation compares with held-out real images.
-        latent_patch: side of the patches packed into one latent row (FLUX 2: ``(L, 4 C)``); 1 = unpacked.
-        timestep_scale: the transformer's ``timestep`` per unit of sigma (SD3 1000, FLUX 1).
-        components_b: published parameters (billions) of the text encoders plus the VAE (:data:`VAE_B`).
-        variants: the published models, most specific first; the last one is the default.
-    """
-
-    name: str
-    lora: LoraDefaults
-    embedded: bool = False
-    grid_shift: float | None = None
-    text_parts: tuple[str, ...] = ()
-    text_prefix_tokens: int = 0
-    pipeline_class: str | None = None
-    transformer_class: str | None = None
-    lora_writer: str | None = None
-    judge: str | None = None
-    latent_patch: int = 1
-    timestep_scale: float = 1.0
-    components_b: float = 0.0
-    variants: tuple[Variant, ...] = ()
-
-    @property
-    def has_text_encoder(self) -> bool:
-        return bool(self.text_parts)
-
-    def text_tokens(self, max_sequence_length: int) -> int:
-        """Rows of ``prompt_embeds`` a transformer call sees."""
-        return self.text_prefix_tokens + max_sequence_length
-
-    def variant(self, path: str | None) -> Variant:
-        """The published model ``model.path`` names (the last variant when none matches)."""
-        p = (path or "").lower()
-        for v in self.variants:
-            if all(any(s in p for s in group) for group in v.match):
-                return v
-        if not self.variants:
-            raise TypeError(f"model.kind={self.name!r} has no published variant (an embedded task)")
-        return self.variants[-1]
-
 
 _EMBEDDED_LORA = LoraDefaults(("to_q", "to_k", "to_v", "to_out.0"), None, 1.0, "ours (the image stream's attention)")
 _DIGITS_SHIFT = 1.0  # the embedded digits model's grid: diffusers' set_timesteps grid, unshifted

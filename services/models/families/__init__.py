@@ -20,7 +20,7 @@ from services.models.families.flux import FLUX
 from services.models.families.pipeline import PipelineFamily
 from services.models.families.sd3 import SD3
 
-__all__ = ["FAMILIES", "ModelFamily", "PipelineFamily", "family"]
+__all__ = ["FAMILIES", "ModelFamily", "PipelineFamily", "family", "family_of_transformer"]
 
 FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.name: f for f in (DIGITS, COLOUR, SD3, FLUX)})
 if set(FAMILIES) != set(SPECS) or any(FAMILIES[n].spec is not SPECS[n] for n in SPECS):
@@ -33,3 +33,11 @@ def family(kind: str) -> ModelFamily:
         return FAMILIES[kind]
     except KeyError:
         raise KeyError(f"unknown model kind {kind!r}; known: {list(FAMILIES)}") from None
+
+
+def family_of_transformer(class_name: str) -> ModelFamily:
+    """The family whose ``spec.transformer_class`` is ``class_name`` (a diffusers transformer class)."""
+    found = [f for f in FAMILIES.values() if f.spec.transformer_class == class_name]
+    if not found:
+        raise KeyError(f"no family has the transformer class {class_name!r}")
+    return found[0]

@@ -51,6 +51,19 @@ class ModelFamily:
     def check_prompts(self, prompts: Sequence[str]) -> None:
         """Raise ``ValueError`` for a prompt the family cannot condition on (serving's 422); any text by default."""
 
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
+        """One sample's keyword arguments for ``tr`` (the family's transformer, built from a config) as the
+        family's generator passes them, latents ``latent_side`` VAE pixels square and ``text_tokens`` text rows
+        (``normguard plan`` measures activations on them, ``services.cluster.activations``)."""
+        raise NotImplementedError(f"{self.name}: no transformer to plan")
+
+    def plan_vae_latent(self, vae: Any, latent_side: int, dtype: Any) -> Any:
+        """One latent ``vae.decode`` takes, ``latent_side`` square, on the meta device (the plan's decode peak);
+        4-D ``(1, latent_channels, side, side)`` by default."""
+        import torch
+
+        return torch.zeros(1, vae.config.latent_channels, latent_side, latent_side, device="meta", dtype=dtype)
+
     def export_transformer(self, model_path: str, weights: dict, out: Path) -> list[str] | None:
         """A full fine-tune's files under ``out`` where the family has its own; None = the diffusers
         ``transformer/`` folder (``normguard export``)."""

@@ -82,6 +82,19 @@ class FluxGenerator(PipelineGenerator):
 class FluxFamily(PipelineFamily):
     generator = FluxGenerator
 
+    def plan_inputs(self, tr, latent_side, text_tokens, device):
+        c, f32, side = tr.config, dict(device=device, dtype=torch.float32), latent_side // _PATCH
+        return dict(
+            hidden_states=torch.zeros(1, side * side, c.in_channels, **f32),
+            timestep=torch.full((1,), 0.7, **f32),
+            guidance=torch.full((1,), 3.5, **f32) if c.guidance_embeds else None,
+            encoder_hidden_states=torch.zeros(1, text_tokens, c.joint_attention_dim, **f32),
+            pooled_projections=torch.zeros(1, c.pooled_projection_dim, **f32),
+            txt_ids=torch.zeros(text_tokens, 3, **f32),
+            img_ids=torch.zeros(side * side, 3, **f32),
+            return_dict=False,
+        )
+
     def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length

@@ -72,6 +72,16 @@ class SD3Generator(PipelineGenerator):
 class SD3Family(PipelineFamily):
     generator = SD3Generator
 
+    def plan_inputs(self, tr, latent_side, text_tokens, device):
+        c, f32 = tr.config, dict(device=device, dtype=torch.float32)
+        return dict(
+            hidden_states=torch.zeros(1, c.in_channels, latent_side, latent_side, **f32),
+            timestep=torch.full((1,), 0.7 * _SPEC.timestep_scale, **f32),
+            encoder_hidden_states=torch.zeros(1, text_tokens, c.joint_attention_dim, **f32),
+            pooled_projections=torch.zeros(1, c.pooled_projection_dim, **f32),
+            return_dict=False,
+        )
+
     def text_needs_transformer(self, pipe) -> bool:
         return pipe.text_encoder_3 is None  # T5-less: encode_prompt reads the transformer's config
 
