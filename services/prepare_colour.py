@@ -25,6 +25,7 @@ import torch
 
 from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
 from services.data.colour import all_prompts, real_colour_images
+from services.models.cache import BUILD_THREADS, pinned_threads
 from services.models.colour import DEFAULT_GUIDANCE, load_colour_generator, load_or_pretrain_colour
 from services.types import EmbeddedAssets
 
@@ -85,7 +86,22 @@ def prepare_colour(
     num_fake: int = 1024,
     log: Callable[[str], None] = print,
 ) -> EmbeddedAssets:
-    """Train / load the colour VAE + generator and its scorers (both cached; the scorers under ``scorers/``)."""
+    """Train / load the colour VAE + generator and its scorers (both cached; the scorers under ``scorers/``), built
+    on ``BUILD_THREADS`` torch threads whatever the machine (``services.models.cache``: the same base model on any
+    core count)."""
+    with pinned_threads(BUILD_THREADS):
+        return _prepare_colour(vae_steps, pretrain_steps, scorer_steps, seed, cache_dir, num_fake, log)
+
+
+def _prepare_colour(
+    vae_steps: int,
+    pretrain_steps: int,
+    scorer_steps: int,
+    seed: int,
+    cache_dir: str | Path | None,
+    num_fake: int,
+    log: Callable[[str], None],
+) -> EmbeddedAssets:
     import time
 
     from services.rewards.colour_pref import build_colour_pref

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["build_once", "default_cache_dir"]
+__all__ = ["BUILD_THREADS", "build_once", "default_cache_dir", "pinned_threads"]
+
+# The colour task's assets are built on one torch thread: a CPU reduction splits over the threads, so 2 000
+# pretraining steps on two threads end in another base model than on one (docs/tasks/colour.md, the sweep's run
+# log: FD 86.5 against 78.8 at step 0). One thread gives the same model on any core count.
+BUILD_THREADS = 1
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block, the previous count restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_cache_dir() -> Path:

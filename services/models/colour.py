@@ -51,7 +51,7 @@ _ARCH = dict(
     pooled_projection_dim=64,
     patch_size=2,
 )
-CACHE_VERSION = 2  # 2: the VAE's colour term, batch 32, lr 1e-3 (colour_vae)
+CACHE_VERSION = 3  # 2: the VAE's colour term, batch 32, lr 1e-3 (colour_vae); 3: built on one thread (BUILD_THREADS)
 NUM_TRAIN_IMAGES = 8192
 DEFAULT_GUIDANCE = 4.0  # the CFG scale at which the base model is recognisable (module docstring)
 
@@ -219,7 +219,9 @@ def load_or_pretrain_colour(
     def build(tmp: Path) -> dict:
         log(f"pretraining the colour task's VAE ({vae_steps} steps) and generator ({steps} steps) into {target} ...")
         times = _train_all(tmp, vae_steps=vae_steps, steps=steps, seed=seed, log=log)
-        return dict(vae_steps=vae_steps, steps=steps, seed=seed, v=CACHE_VERSION, **times)
+        return dict(
+            vae_steps=vae_steps, steps=steps, seed=seed, v=CACHE_VERSION, torch_threads=torch.get_num_threads(), **times
+        )
 
     return build_once(target, build)
 

@@ -81,6 +81,16 @@ def tiny_assets(tmp_path_factory):
     )
 
 
+def test_assets_are_built_on_one_thread_whatever_the_process_runs(tiny_assets):
+    """The fixture's process runs two torch threads; the build pins one (services.models.cache.BUILD_THREADS: on
+    two threads the colour base model differs) and restores the process's count after."""
+    import json
+
+    meta = json.loads((tiny_assets.model_path / "meta.json").read_text())
+    assert meta["torch_threads"] == 1 and meta["v"] == 3
+    assert torch.get_num_threads() == 2
+
+
 def test_vae_normalisation_is_set_and_used(tiny_assets):
     from services.models.colour import load_colour_generator
 
