@@ -51,7 +51,7 @@ __all__ = ["ENCODE_BATCH", "PromptEmbeddings", "embeddings_file", "unique_prompt
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 32  # prompts per text-encoder call of the pre-pass (memory only; the rows do not interact)
-FIELDS = ("prompt_embeds", "pooled")  # the Condition tensors of the sd3 / flux generators
+FIELDS = ("prompt_embeds", "pooled")  # sd3 / flux's Condition tensors (a family's own: what its encode returns)
 
 
 def unique_prompts(*prompt_lists: Sequence[str]) -> tuple[str, ...]:
@@ -117,7 +117,7 @@ class PromptEmbeddings:
         slot = {p: i for i, p in enumerate(distinct)}
         where = torch.tensor([slot[p] for p in prompts], dtype=torch.long)  # (B,) row of each in `distinct`
         out = {}
-        for name in FIELDS:
+        for name in self._file.keys():  # the family's Condition tensors (FIELDS for sd3 / flux)
             table = self._file.get_slice(name)
             rows = torch.cat([table[self.rows[p] : self.rows[p] + 1] for p in distinct])
             out[name] = rows[where].to(device)
