@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import sigma_grid
+from normguard_core.conventions import shift_sigma, sigma_grid
 
 __all__ = ["FlowSchedule", "calculate_shift"]
 
@@ -132,11 +132,13 @@ class FlowSchedule:
             )
         static = shift if shift is not None else (self.shift if self.mu is None else None)
         if self.base == "scheduler" and static is not None:
-            grid = sigma_grid(num_steps, shift=static, num_train_timesteps=self.num_train_timesteps)
             if self.shift_terminal is None:
-                return grid
-            sigmas = self._stretched(grid[:-1].numpy())
-            return torch.cat([torch.from_numpy(np.asarray(sigmas)).to(torch.float32), grid.new_zeros(1)])
+                return sigma_grid(num_steps, shift=static, num_train_timesteps=self.num_train_timesteps)
+            # sigma_grid's float64 sigmas, stretched before the float32 cast as set_timesteps does
+            lo = shift_sigma(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64), static)
+            base = shift_sigma(torch.linspace(1.0, float(lo), num_steps, dtype=torch.float64), static)
+            out = torch.from_numpy(self._stretched(base.numpy())).to(torch.float32)
+            return torch.cat([out, out.new_zeros(1)])
         if self.base == "flux":  # FluxPipeline's sigmas, cast to float32 as set_timesteps does
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
         else:  # set_timesteps(N) of a dynamic-shifting scheduler: its unshifted training sigmas' range
@@ -158,6 +160,8 @@ class FlowSchedule:
         """``set_timesteps``' ``stretch_shift_to_terminal`` (float32 as there), or ``sigmas`` without one."""
         if self.shift_terminal is None:
             return sigmas
+        if len(sigmas) < 2:  # the stretch divides by 1 - sigma_last = 0: the stock scheduler returns NaN
+            raise ValueError(f"a grid stretched to shift_terminal={self.shift_terminal} needs >= 2 steps")
         one_minus = 1 - sigmas
         return 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
 
