@@ -32,7 +32,11 @@ encodes :data:`ENCODE_BATCH` prompts per call, with the same ``encode_prompt`` c
 its fixed length): a batch encoded on the fly equals the table's rows of the same batch bit for bit,
 and in another batch the matrix kernels may round differently (CLIP's pooled projection does on CPU:
 about 1e-7 at float32; tested), exactly as on-the-fly encoding of one prompt in two different batches
-differs. Sweeps: each trial has its own run directory, so each encodes its prompts once.
+differs. Qwen-Image's tokenizer pads to the batch's longest prompt (masked, so the rows still do not
+interact beyond rounding); its table holds the family's own tensors, ``prompt_embeds`` zero-padded to
+``max_sequence_length`` and ``prompt_embeds_mask`` (``services.models.families.qwen_image``): the file's
+tensors are what the family's ``encode`` returns. Sweeps: each trial has its own run directory, so each encodes
+its prompts once.
 """
 
 from __future__ import annotations
