@@ -74,6 +74,7 @@ class FlowGenerator:
     name = "base"
     schedule = FlowSchedule()  # the digits grid; the pipelines' comes from their scheduler config
     compute_dtype = torch.float32  # the frozen weights' dtype and the autocast dtype of the forwards
+    batched_cfg = True  # CFG's conditional and null rows in one transformer call; False: two calls
 
     def __init__(
         self,
@@ -226,17 +227,30 @@ class FlowGenerator:
 
         return fn
 
+    def combine_guidance(self, v_cond: Tensor, v_uncond: Tensor, guidance_scale: float) -> Tensor:
+        """The family's guidance from its conditional and null velocities: CFG's ``v_u + w (v_c - v_u)``
+        (``cfg_combine``) unless the family's pipeline does something else (Qwen-Image's norm rescale)."""
+        return cfg_combine(v_cond, v_uncond, guidance_scale)
+
     def _guided(
         self, cond: Condition, null_cond: Condition | None, guidance_scale: float, reference: bool
     ) -> VelocityFn:
         if guidance_scale == 1.0 or null_cond is None:
             return lambda x, sigma: self.velocity(x, sigma, cond, reference=reference)
+        if not self.batched_cfg:  # two transformer calls, as the family's pipeline makes them
+
+            def apart(x: Tensor, sigma: Tensor) -> Tensor:
+                v_cond = self.velocity(x, sigma, cond, reference=reference)
+                v_uncond = self.velocity(x, sigma, null_cond, reference=reference)
+                return self.combine_guidance(v_cond, v_uncond, guidance_scale)
+
+            return apart
         both = cond.cat(null_cond)
 
         def fn(x: Tensor, sigma: Tensor) -> Tensor:
             v = self.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both, reference=reference)
             v_cond, v_uncond = v.chunk(2)
-            return cfg_combine(v_cond, v_uncond, guidance_scale)
+            return self.combine_guidance(v_cond, v_uncond, guidance_scale)
 
         return fn
 

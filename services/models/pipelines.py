@@ -27,7 +27,7 @@ from services.config import ModelConfig
 from services.models.families import PipelineFamily, family
 from services.models.families.flux import FluxGenerator
 from services.models.families.sd3 import SD3Generator
-from services.models.prompt_embeddings import ENCODE_BATCH, FIELDS
+from services.models.prompt_embeddings import ENCODE_BATCH
 
 __all__ = ["FluxGenerator", "SD3Generator", "encode_prompt_file", "encode_with_pipeline", "load_pipeline"]
 
@@ -72,13 +72,13 @@ def encode_prompt_file(
     torch.set_num_threads(threads)
     kind, prompts = model_cfg.kind, list(prompts)
     pipe = load_pipeline(kind, model_path, model_cfg.dtype, parts="text").to(device)
-    parts: dict[str, list[Tensor]] = {name: [] for name in FIELDS}
+    parts: dict[str, list[Tensor]] = {}
     for i in range(0, len(prompts), ENCODE_BATCH):
         rows = encode_with_pipeline(
             pipe, kind, prompts[i : i + ENCODE_BATCH], max_sequence_length=model_cfg.max_sequence_length, device=device
         )
-        for name in FIELDS:
-            parts[name].append(rows[name].cpu())
+        for name, value in rows.items():  # the family's Condition tensors (FIELDS for sd3 / flux)
+            parts.setdefault(name, []).append(value.cpu())
     tables = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
     meta = {"prompts": json.dumps(prompts), "kind": kind, "max_sequence_length": str(model_cfg.max_sequence_length)}
     out = Path(out)

@@ -32,7 +32,11 @@ encodes :data:`ENCODE_BATCH` prompts per call, with the same ``encode_prompt`` c
 its fixed length): a batch encoded on the fly equals the table's rows of the same batch bit for bit,
 and in another batch the matrix kernels may round differently (CLIP's pooled projection does on CPU:
 about 1e-7 at float32; tested), exactly as on-the-fly encoding of one prompt in two different batches
-differs. Sweeps: each trial has its own run directory, so each encodes its prompts once.
+differs. Qwen-Image's tokenizer pads to the batch's longest prompt (masked, so the rows still do not
+interact beyond rounding); its table holds the family's own tensors, ``prompt_embeds`` zero-padded to
+``max_sequence_length`` and ``prompt_embeds_mask`` (``services.models.families.qwen_image``): the file's
+tensors are what the family's ``encode`` returns. Sweeps: each trial has its own run directory, so each encodes
+its prompts once.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ __all__ = ["ENCODE_BATCH", "PromptEmbeddings", "embeddings_file", "unique_prompt
 
 FORMAT_VERSION = 1
 ENCODE_BATCH = 32  # prompts per text-encoder call of the pre-pass (memory only; the rows do not interact)
-FIELDS = ("prompt_embeds", "pooled")  # the Condition tensors of the sd3 / flux generators
+FIELDS = ("prompt_embeds", "pooled")  # sd3 / flux's Condition tensors (a family's own: what its encode returns)
 
 
 def unique_prompts(*prompt_lists: Sequence[str]) -> tuple[str, ...]:
@@ -117,7 +121,7 @@ class PromptEmbeddings:
         slot = {p: i for i, p in enumerate(distinct)}
         where = torch.tensor([slot[p] for p in prompts], dtype=torch.long)  # (B,) row of each in `distinct`
         out = {}
-        for name in FIELDS:
+        for name in self._file.keys():  # the family's Condition tensors (FIELDS for sd3 / flux)
             table = self._file.get_slice(name)
             rows = torch.cat([table[self.rows[p] : self.rows[p] + 1] for p in distinct])
             out[name] = rows[where].to(device)

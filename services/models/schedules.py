@@ -11,11 +11,18 @@
   ``use_dynamic_shifting`` (``time_shift_type`` exponential: ``e^mu / (e^mu + 1/sigma - 1)``, linear:
   ``mu / (mu + 1/sigma - 1)``), otherwise the static shift.
 
+* Qwen-Image (``QwenImagePipeline.__call__``, ``pipelines/qwenimage/pipeline_qwenimage.py``): FLUX's sigmas and
+  ``mu`` (its config's ``max_image_seq_len`` 8192, ``max_shift`` 0.9), then the config's ``shift_terminal``:
+  ``set_timesteps`` stretches the shifted sigmas so that the last one is ``shift_terminal``
+  (``stretch_shift_to_terminal``: ``1 - (1 - sigma) / ((1 - sigma_last) / (1 - shift_terminal))``).
+
 Both time shifts equal the static shift ``s sigma / (1 + (s - 1) sigma)`` with ``s = e^mu`` (linear:
 ``s = mu``), which :meth:`FlowSchedule.train_shift` gives to the training-time sigma schemes. The
 arithmetic follows diffusers' ``scheduling_flow_match_euler_discrete.py`` (numpy, float32 where it
 casts) so that the grids match the stock pipelines' exactly; the configs we cannot reproduce
-(Karras / exponential / beta sigmas, ``shift_terminal``, inverted sigmas, stochastic sampling) are refused.
+(Karras / exponential / beta sigmas, inverted sigmas, stochastic sampling) are refused. With a
+``shift_terminal`` the grid is no static shift: :meth:`FlowSchedule.train_shift` is then that of the unstretched
+shift (the training-time sigma schemes do not stretch).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from normguard_core.conventions import sigma_grid
+from normguard_core.conventions import shift_sigma, sigma_grid
 
 __all__ = ["FlowSchedule", "calculate_shift"]
 
@@ -38,7 +45,6 @@ _UNSUPPORTED = (
     "use_karras_sigmas",
     "use_exponential_sigmas",
     "use_beta_sigmas",
-    "shift_terminal",
     "invert_sigmas",
     "stochastic_sampling",
 )
@@ -67,6 +73,7 @@ class FlowSchedule:
         mu: the dynamic shift for this generator's image size (``use_dynamic_shifting``), or ``None``.
         time_shift_type: ``"exponential"`` or ``"linear"`` (how ``mu`` shifts).
         num_train_timesteps: the scheduler's training discretisation.
+        shift_terminal: the last non-zero sigma the shifted grid is stretched to (Qwen-Image 0.02), or ``None``.
     """
 
     base: Literal["scheduler", "flux"] = "scheduler"
@@ -74,6 +81,7 @@ class FlowSchedule:
     mu: float | None = None
     time_shift_type: Literal["exponential", "linear"] = "exponential"
     num_train_timesteps: int = 1000
+    shift_terminal: float | None = None
 
     @classmethod
     def from_scheduler_config(
@@ -103,6 +111,7 @@ class FlowSchedule:
             mu=mu,
             time_shift_type=config.get("time_shift_type", "exponential"),
             num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+            shift_terminal=float(config["shift_terminal"]) if config.get("shift_terminal") else None,
         )
 
     def sigma_grid(self, num_steps: int, shift: float | None = None) -> Tensor:
@@ -123,14 +132,20 @@ class FlowSchedule:
             )
         static = shift if shift is not None else (self.shift if self.mu is None else None)
         if self.base == "scheduler" and static is not None:
-            return sigma_grid(num_steps, shift=static, num_train_timesteps=self.num_train_timesteps)
+            if self.shift_terminal is None:
+                return sigma_grid(num_steps, shift=static, num_train_timesteps=self.num_train_timesteps)
+            # sigma_grid's float64 sigmas, stretched before the float32 cast as set_timesteps does
+            lo = shift_sigma(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64), static)
+            base = shift_sigma(torch.linspace(1.0, float(lo), num_steps, dtype=torch.float64), static)
+            out = torch.from_numpy(self._stretched(base.numpy())).to(torch.float32)
+            return torch.cat([out, out.new_zeros(1)])
         if self.base == "flux":  # FluxPipeline's sigmas, cast to float32 as set_timesteps does
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps).astype(np.float32)
         else:  # set_timesteps(N) of a dynamic-shifting scheduler: its unshifted training sigmas' range
             sigma_min = float(np.float32(1.0) / np.float32(self.num_train_timesteps))
             t = np.linspace(self.num_train_timesteps, sigma_min * self.num_train_timesteps, num_steps)
             sigmas = t / self.num_train_timesteps
-        sigmas = self._shifted(sigmas, static)
+        sigmas = self._stretched(self._shifted(sigmas, static))
         out = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
         return torch.cat([out, out.new_zeros(1)])
 
@@ -140,6 +155,15 @@ class FlowSchedule:
         if self.time_shift_type == "exponential":
             return math.exp(self.mu) / (math.exp(self.mu) + (1 / sigmas - 1) ** 1.0)
         return self.mu / (self.mu + (1 / sigmas - 1) ** 1.0)
+
+    def _stretched(self, sigmas: np.ndarray) -> np.ndarray:
+        """``set_timesteps``' ``stretch_shift_to_terminal`` (float32 as there), or ``sigmas`` without one."""
+        if self.shift_terminal is None:
+            return sigmas
+        if len(sigmas) < 2:  # the stretch divides by 1 - sigma_last = 0: the stock scheduler returns NaN
+            raise ValueError(f"a grid stretched to shift_terminal={self.shift_terminal} needs >= 2 steps")
+        one_minus = 1 - sigmas
+        return 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
 
     def train_shift(self, shift: float | None = None) -> float:
         """The static shift equal to this schedule's (for shifted training-sigma schemes): ``shift`` when

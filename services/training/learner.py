@@ -49,7 +49,6 @@ from torch import Tensor
 from normguard_core.conventions import interpolate
 from normguard_core.losses import NormGuardParams, Reference, compose_objective, normguard_objective
 from normguard_core.metrics import norm_ratio, velocity_norm
-from normguard_core.samplers import cfg_combine
 from normguard_core.seeding import PROBE_STREAM, rng
 from services.methods import get_method
 from services.models import build_generator
@@ -145,7 +144,7 @@ class Learner:
             return self.gen.velocity(x, sigma, cond, reference=reference)
         v_c = self.gen.velocity(x, sigma, cond, reference=reference)
         v_u = self.gen.velocity(x, sigma, null, reference=reference).detach()
-        return cfg_combine(v_c, v_u, self._guidance)
+        return self.gen.combine_guidance(v_c, v_u, self._guidance)
 
     def _conditions(self, cond, null, idx: Tensor):
         """The (conditional, null) prompt embeddings of the shard rows ``idx``."""

@@ -1,6 +1,7 @@
-"""The real-model path end to end: tiny SD3 / FLUX pipelines through the Ray service, served, exported.
+"""The real-model path end to end: tiny SD3 / FLUX / Qwen-Image pipelines through the Ray service, served, exported.
 
-For each of a tiny SD3 and a tiny FLUX pipeline (random init, saved with ``save_pretrained``):
+For each of a tiny SD3, FLUX and Qwen-Image pipeline (random init, saved with ``save_pretrained``; Qwen-Image's
+carries its published scheduler config, ``tests/tiny_qwen_image.py``):
 ``normguard train`` through Ray for 2 RL steps with LoRA, a tiny CLIP-preference reward (PickScore's
 loader) and a tiny VLM judge in the evaluation; ``normguard serve`` of that run, one image over HTTP;
 ``normguard export``; then the export loaded into a stock diffusers pipeline
@@ -30,12 +31,20 @@ from conftest import cli_env, free_port
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
+import tiny_qwen_image  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 SEED, STEPS, PROMPT = 7, 3, "a photo of a cat"
-SHIFT = {"sd3": 3.0, "flux": 1.0}  # the tiny pipelines' scheduler shift (static: the serve config needs a number)
+# the tiny pipelines' grid: their scheduler's static shift, or None: the family's (Qwen-Image's dynamic mu, stretched)
+SHIFT = {"sd3": 3.0, "flux": 1.0, "qwen_image": None}
+# the stock pipeline's guidance as the service samples: none (SD3; Qwen-Image's true CFG off), FLUX.1's embedding
+STOCK_GUIDANCE = {
+    "sd3": dict(guidance_scale=1.0),
+    "flux": dict(guidance_scale=3.5),
+    "qwen_image": dict(true_cfg_scale=1.0),
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +53,7 @@ def assets(tmp_path_factory):
     return {
         "sd3": tiny_models.save_tiny_sd3(root / "sd3"),
         "flux": tiny_models.save_tiny_flux(root / "flux"),
+        "qwen_image": tiny_qwen_image.save_tiny_qwen_image(root / "qwen_image"),
         "clip": tiny_models.save_tiny_clip(root / "clip"),
         "vlm": tiny_models.save_tiny_llava(root / "llava"),
     }
@@ -108,14 +118,15 @@ def _serve_one_image(run: Path, port: int) -> torch.Tensor:
 
 def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
     """The stock diffusers pipeline, with the exported LoRA, from the service's noise and grid."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    import diffusers
 
     from services.config import ModelConfig
+    from services.config.families import spec
     from services.models import build_generator
 
     shape = build_generator(ModelConfig(kind=kind, path=str(base), resolution=64)).latent_shape
     latents = torch.randn(1, *shape, generator=torch.Generator().manual_seed(SEED))  # the service's noise
-    pipe = (StableDiffusion3Pipeline if kind == "sd3" else FluxPipeline).from_pretrained(str(base))
+    pipe = getattr(diffusers, spec(kind).pipeline_class).from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipe.load_lora_weights(str(lora_dir))
@@ -123,7 +134,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
     out = pipe(
         PROMPT,
         num_inference_steps=STEPS,
-        guidance_scale=1.0 if kind == "sd3" else 3.5,  # FLUX.1-dev's guidance embedding (the generator's 3.5)
+        **STOCK_GUIDANCE[kind],
         latents=latents,
         max_sequence_length=ModelConfig().max_sequence_length,  # the service's T5 length (128, the sources')
         height=64,
@@ -133,7 +144,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image"])
 def test_train_serve_export_and_load_in_stock_diffusers(assets, kind, tmp_path):
     config = _write_config(assets, kind, tmp_path)
     out = subprocess.run(
