@@ -8,8 +8,10 @@
   Flow-Factory's Wan 2.1 GRPO recipe (``examples/grpo/lora/wan21/t2v.yaml``: 256 px, 5 frames, 10 steps).
 * Timestep: the transformer takes the scheduler's ``t`` in [0, 1000) (``timestep_scale`` 1000).
 * Counts: the published configs in ``deploy/architectures`` on the meta device
-  (``tests/services/test_meta_families.py``). Text encoder umt5-xxl's encoder 5.68 B, Wan VAE 0.127 B (published
-  figures, Wan-Video/Wan2.1 README's model sizes; U in ``docs/wip/families.md`` terms: not recounted here).
+  (``tests/services/test_meta_families.py``); the text encoder umt5-xxl's encoder (google/umt5-xxl's config:
+  vocab 256384, width 4096, 24 layers, gated-GELU 10240) builds 5,680,910,336 parameters on meta, the Wan VAE
+  (``deploy/architectures/wan2.1-t2v-14b/vae_config.json``, Wan-Video/Wan2.1 ``wan/modules/vae.py``
+  ``_video_vae``'s sizes) 126,892,531.
 * Wan 2.2 A14B's two experts (``transformer`` / ``transformer_2`` switched at ``boundary_ratio``) are **not
   supported**: the generator refuses such a pipeline, and no plan variant counts it.
 """
@@ -20,7 +22,7 @@ from services.config.family_spec import FamilySpec, LoraDefaults, Variant
 
 __all__ = ["WAN"]
 
-_UMT5_XXL_B, _WAN_VAE_B = 5.68, 0.127
+_UMT5_XXL_B, _WAN_VAE_B = 5.681, 0.127
 _TARGETS = (
     "attn1.to_q",
     "attn1.to_k",

@@ -130,19 +130,17 @@ class WanFamily(PipelineFamily):
             path, resolution=m.resolution, num_frames=m.num_frames, device=device, dtype=m.dtype, **text, **lora
         )
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device, latent_frames: int | None = None):
+    def plan_inputs(self, tr, latent_side, text_tokens, device, latent_frames: int = 1):
         c, f32 = tr.config, dict(device=device, dtype=torch.float32)
-        frames = latent_frames or _SPEC.latent_frames(None)
         return dict(
-            hidden_states=torch.zeros(1, c.in_channels, frames, latent_side, latent_side, **f32),
+            hidden_states=torch.zeros(1, c.in_channels, latent_frames, latent_side, latent_side, **f32),
             timestep=torch.full((1,), 0.7 * _SPEC.timestep_scale, **f32),
             encoder_hidden_states=torch.zeros(1, text_tokens, c.text_dim, **f32),
             return_dict=False,
         )
 
-    def plan_vae_latent(self, vae, latent_side, dtype, latent_frames: int | None = None):
-        frames = latent_frames or _SPEC.latent_frames(None)
-        return torch.zeros(1, vae.config.z_dim, frames, latent_side, latent_side, device="meta", dtype=dtype)
+    def plan_vae_latent(self, vae, latent_side, dtype, latent_frames: int = 1):
+        return torch.zeros(1, vae.config.z_dim, latent_frames, latent_side, latent_side, device="meta", dtype=dtype)
 
     def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
         embeds, _ = pipe.encode_prompt(
