@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from tiny_models import t5_tokenizer
 
 __all__ = ["save_tiny_wan"]
@@ -50,7 +49,9 @@ def save_tiny_wan(path: Path, scheduler_config: dict | None = None) -> Path:
     )
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     text = UMT5EncoderModel(
-        UMT5Config(vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+        UMT5Config(
+            vocab_size=256, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+        )
     )
     pipe = WanPipeline(
         tokenizer=t5_tokenizer(), text_encoder=text, vae=vae, scheduler=_scheduler(scheduler_config),

@@ -117,7 +117,9 @@ class ScorerWorker:
         """Scorer ``n``'s ``(B,)`` scores, checked. Videos ``(B, F, 3, H, W)``: whole clips to a scorer that
         takes them (``takes_clips``), else frame ``f`` of every sample per call and the mean over frames."""
         if images.ndim == 5 and not takes_clips(self.scorers[n]):
-            return torch.stack([self._images(n, images[:, f], prompts, groups, metadata) for f in range(images.shape[1])]).mean(0)
+            return torch.stack(
+                [self._images(n, images[:, f], prompts, groups, metadata) for f in range(images.shape[1])]
+            ).mean(0)
         return self._images(n, images, prompts, groups, metadata)
 
     def _images(self, n: str, images: Tensor, prompts: list[str], groups: Tensor, metadata) -> Tensor:

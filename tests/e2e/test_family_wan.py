@@ -38,7 +38,11 @@ pytestmark = [pytest.mark.e2e]
 BIN = Path(sys.executable).parent
 SEED, STEPS, PROMPT, RES, FRAMES, TOKENS = 7, 3, "a photo of a cat", 32, 5, 16
 PUBLISHED = tiny_models.published_config("wan2.2-t2v-a14b", "scheduler")  # UniPC, flow_shift 3.0
-EULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": PUBLISHED["flow_shift"], "num_train_timesteps": 1000}
+EULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "shift": PUBLISHED["flow_shift"],
+    "num_train_timesteps": 1000,
+}
 
 
 def _model(path: Path, **extra):
@@ -184,7 +188,10 @@ def _stock_frames(base: Path, lora_dir: Path | None) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_train_serve_export_and_load_in_stock_wan_pipeline(tmp_path):
-    assets = {"wan": tiny_wan.save_tiny_wan(tmp_path / "wan-base"), "clip": tiny_models.save_tiny_clip(tmp_path / "clip")}
+    assets = {
+        "wan": tiny_wan.save_tiny_wan(tmp_path / "wan-base"),
+        "clip": tiny_models.save_tiny_clip(tmp_path / "clip"),
+    }
     out = subprocess.run(
         [str(BIN / "normguard"), "train", str(_config(assets, tmp_path))],
         capture_output=True, text=True, timeout=900, env=cli_env(),
