@@ -26,14 +26,10 @@ def _scheduler(config: dict | None):
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
-def save_tiny_wan(path: Path, scheduler_config: dict | None = None) -> Path:
-    """A tiny ``WanPipeline`` at ``path``; ``scheduler_config``: a scheduler config (its ``_class_name`` is
-    built), default ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the published ``flow_shift``)."""
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+def _transformer():
+    from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
+    return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
@@ -47,6 +43,18 @@ def save_tiny_wan(path: Path, scheduler_config: dict | None = None) -> Path:
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     )
+
+
+def save_tiny_wan(path: Path, scheduler_config: dict | None = None, *, boundary_ratio: float | None = None) -> Path:
+    """A tiny ``WanPipeline`` at ``path``; ``scheduler_config``: a scheduler config (its ``_class_name`` is
+    built), default ``FlowMatchEulerDiscreteScheduler(shift=3.0)`` (the published ``flow_shift``);
+    ``boundary_ratio``: Wan 2.2 A14B's layout, a second expert ``transformer_2`` below that ratio."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = _transformer()
+    second = _transformer() if boundary_ratio is not None else None
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
     text = UMT5EncoderModel(
         UMT5Config(
@@ -55,7 +63,7 @@ def save_tiny_wan(path: Path, scheduler_config: dict | None = None) -> Path:
     )
     pipe = WanPipeline(
         tokenizer=t5_tokenizer(), text_encoder=text, vae=vae, scheduler=_scheduler(scheduler_config),
-        transformer=transformer,
+        transformer=transformer, transformer_2=second, boundary_ratio=boundary_ratio,
     )  # fmt: skip
     pipe.save_pretrained(path)
     return path

@@ -12,8 +12,10 @@
   vocab 256384, width 4096, 24 layers, gated-GELU 10240) builds 5,680,910,336 parameters on meta, the Wan VAE
   (``deploy/architectures/wan2.1-t2v-14b/vae_config.json``, Wan-Video/Wan2.1 ``wan/modules/vae.py``
   ``_video_vae``'s sizes) 126,892,531.
-* Wan 2.2 A14B's two experts (``transformer`` / ``transformer_2`` switched at ``boundary_ratio``) are **not
-  supported**: the generator refuses such a pipeline, and no plan variant counts it.
+* Wan 2.2 A14B: two experts (``transformer`` / ``transformer_2`` switched at ``boundary_ratio``), both held and
+  both adapted (Flow-Factory ``examples/grpo/lora/wan22/t2v.yaml``: ``target_components: ['transformer',
+  'transformer_2']``), so its
+  plan variant counts twice one expert's published config (the activations: one expert's, one runs per call).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from services.config.family_spec import FamilySpec, LoraDefaults, Variant
 __all__ = ["WAN"]
 
 _UMT5_XXL_B, _WAN_VAE_B = 5.681, 0.127
+_EXPERT, _EXPERT_LORA = 14_288_491_584, 4_792_320  # Wan 2.1 14B = each Wan 2.2 A14B expert
 _TARGETS = (
     "attn1.to_q",
     "attn1.to_k",
@@ -50,6 +53,7 @@ WAN = FamilySpec(
     default_frames=5,
     variants=(
         Variant("wan2.1-t2v-1.3b", (("1.3b", "1_3b", "1-3b"),), "wan2.1-t2v-1.3b", 1_418_996_800, 1_367_040),
-        Variant("wan2.1-t2v-14b", (), "wan2.1-t2v-14b", 14_288_491_584, 4_792_320),
+        Variant("wan2.2-t2v-a14b", (("2.2", "2_2", "a14b"),), "wan2.2-t2v-a14b", 2 * _EXPERT, 2 * _EXPERT_LORA),
+        Variant("wan2.1-t2v-14b", (), "wan2.1-t2v-14b", _EXPERT, _EXPERT_LORA),
     ),
 )

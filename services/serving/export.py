@@ -54,10 +54,12 @@ def _export_lora(cfg: ExperimentConfig, weights: dict, out: Path) -> list[str]:
         "target_modules": list(m.lora_targets),
         "init_lora_weights": True,
     }
-    pipe_cls.save_lora_weights(
-        out, transformer_lora_layers=_lora_state(weights), transformer_lora_adapter_metadata=metadata
-    )
-    return [LORA_FILE]
+    parts = family(m.kind).lora_files(weights, LORA_FILE)  # {file name: its transformer's weights}
+    for name, part in parts.items():
+        pipe_cls.save_lora_weights(
+            out, transformer_lora_layers=_lora_state(part), transformer_lora_adapter_metadata=metadata, weight_name=name
+        )
+    return list(parts)
 
 
 def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, out: Path) -> list[str]:

@@ -83,6 +83,54 @@ def test_sampler_equals_stock_pipeline_with_the_published_shift(tmp_path):
         torch.testing.assert_close(ours.images, frames, rtol=1e-5, atol=1e-5)
 
 
+def test_wan22_two_experts_equal_the_stock_pipeline_and_export_one_lora_each(tmp_path):
+    """Wan 2.2 A14B's layout (``transformer`` for ``t >= 875``, ``transformer_2`` below): latents equal the stock
+    pipeline's (4 steps: the first on the high-noise expert, three on the low; 10 steps with CFG 4.0, both experts
+    at that scale, the pipeline's ``guidance_scale_2`` default). With LoRA on both experts (random ``lora_B``, as
+    after training), ``normguard export``'s writer gives two files that the stock pipeline loads
+    (``load_into_transformer_2`` for the second) into the same frames."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from services.config import ExperimentConfig
+    from services.models import build_generator
+    from services.models.families import family
+    from services.models.sampling import sample
+    from services.serving.export import LORA_FILE, _export_lora
+
+    path = tiny_wan.save_tiny_wan(tmp_path / "wan22", EULER, boundary_ratio=0.875)
+    pipe = WanPipeline.from_pretrained(str(path))
+    pipe.set_progress_bar_config(disable=True)
+    gen = build_generator(_model(path))
+    noise = torch.randn(1, *gen.latent_shape, generator=torch.Generator().manual_seed(SEED))
+    for steps, guidance in ((4, 1.0), (10, 4.0)):
+        ours = sample(gen, [PROMPT], noise=noise, num_steps=steps, guidance_scale=guidance, measure_ratio=False)
+        torch.testing.assert_close(
+            ours.trajectory.x0, _stock(pipe, noise, steps, guidance, "latent"), rtol=1e-5, atol=1e-6
+        )
+
+    model = _model(path, lora_rank=4)
+    gen = build_generator(model)
+    torch.manual_seed(1)
+    state = {k: torch.randn_like(v) * 0.1 if "lora_B" in k else v for k, v in gen.trainable_state_dict().items()}
+    gen.load_trainable_state_dict(state)
+    assert {k.split(".")[0] for k in state} == {"transformer", "transformer_2"}
+    ours = sample(gen, [PROMPT], noise=noise, num_steps=4, measure_ratio=False).images
+    files = _export_lora(ExperimentConfig(model=model.model_dump()), state, tmp_path / "export")
+    assert files == [LORA_FILE, "pytorch_lora_weights_transformer_2.safetensors"]
+    base = _stock(pipe, noise, 4, 1.0, "pt")
+    pipe.load_lora_weights(str(tmp_path / "export"))
+    pipe.load_lora_weights(str(tmp_path / "export"), weight_name=files[1], load_into_transformer_2=True)
+    stock = _stock(pipe, noise, 4, 1.0, "pt")
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+    assert (stock - base).abs().max().item() > 1e-3  # the LoRA (of both experts) changes the frames
+
+    full = build_generator(_model(path))  # a full fine-tune exports both experts' folders
+    state = {k: v + 0.01 for k, v in full.trainable_state_dict().items()}
+    assert family("wan").export_transformer(str(path), state, tmp_path / "full") == ["transformer/", "transformer_2/"]
+    low = WanTransformer3DModel.from_pretrained(str(tmp_path / "full"), subfolder="transformer_2")
+    torch.testing.assert_close(low.state_dict()["proj_out.weight"], state["transformer_2.proj_out.weight"])
+
+
 def test_the_published_unipc_scheduler_gives_the_euler_grid_at_its_shift(tmp_path):
     """What the equality above does not cover: with the published UniPC config our grid is Euler's at
     ``flow_shift``; the stock pipeline's UniPC grid is another (so its samples differ)."""

@@ -39,6 +39,13 @@ def test_plan_counts_are_the_published_configs_on_meta(name):
     assert mf.lora_per_rank(model, LORA_DEFAULTS["wan"].targets) == VARIANTS[name].lora_per_rank
 
 
+def test_the_wan22_plan_variant_holds_both_experts():
+    model = mf.build("wan2.2-t2v-a14b")  # one expert's published config
+    v = spec("wan").variant("/mnt/checkpoints/models/Wan2.2-T2V-A14B-Diffusers")
+    assert v.name == "wan2.2-t2v-a14b" and v.transformer_params == 2 * mf.parameters(model)
+    assert v.lora_per_rank == 2 * mf.lora_per_rank(model, LORA_DEFAULTS["wan"].targets)
+
+
 def test_family_facts():
     wan = spec("wan")
     assert wan.variant("/models/Wan2.1-T2V-1.3B-Diffusers").name == "wan2.1-t2v-1.3b"

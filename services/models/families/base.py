@@ -65,6 +65,11 @@ class ModelFamily:
 
         return torch.zeros(1, vae.config.latent_channels, latent_side, latent_side, device="meta", dtype=dtype)
 
+    def lora_files(self, weights: dict, name: str) -> dict[str, dict]:
+        """A LoRA export's files: ``{file name: the LoRA weights of one transformer}`` (``normguard export``
+        writes each with the pipeline's ``save_lora_weights``); one file ``name`` by default."""
+        return {name: weights}
+
     def export_transformer(self, model_path: str, weights: dict, out: Path) -> list[str] | None:
         """A full fine-tune's files under ``out`` where the family has its own; None = the diffusers
         ``transformer/`` folder (``normguard export``)."""

@@ -1,4 +1,4 @@
-"""Wan 2.1 text-to-video: ``WanPipeline`` components (diffusers ``pipelines/wan/pipeline_wan.py``).
+"""Wan 2.1 / 2.2 text-to-video: ``WanPipeline`` components (diffusers ``pipelines/wan/pipeline_wan.py``).
 
 Frames are a latent axis: a sample is ``(C, F', h, w)`` with ``F' = (num_frames - 1) / 4 + 1`` latent frames
 (``AutoencoderKLWan``'s 4x temporal, 8x spatial compression) and ``WanTransformer3DModel`` patchifies ``(1, 2, 2)``
@@ -19,8 +19,10 @@ static shift of the Euler grid (as Flow-Factory's Wan recipes set ``flow_shift 3
 on its causal cache, so one sample's decode peak is one latent frame's; ``rollout.decode_batch`` bounds the
 samples per call. Videos are ``(B, F, 3, H, W)`` in [0, 1], the pipeline's ``output_type="pt"`` layout.
 
-Wan 2.2 A14B (two experts, ``transformer_2`` below ``boundary_ratio``) and Wan 2.2 TI2V (``expand_timesteps``)
-are refused: not done.
+Wan 2.2 A14B: its two experts are one trainable module (:class:`WanExperts`): ``transformer`` where
+``t >= boundary_ratio * 1000``, ``transformer_2`` below, each with the LoRA, one guidance scale for both (the
+pipeline's ``guidance_scale_2`` default: ``guidance_scale``); a LoRA export writes one file per expert. Wan 2.2
+TI2V (``expand_timesteps``) is refused.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from services.config.families import spec
+from services.hub import load_pretrained_checked
 from services.models.base import Condition
-from services.models.families.pipeline import PipelineFamily, PipelineGenerator
+from services.models.families.pipeline import DTYPES, PipelineFamily, PipelineGenerator
 from services.models.schedules import FlowSchedule
 
-__all__ = ["WAN", "WanFamily", "WanGenerator", "wan_schedule"]
+__all__ = ["WAN", "WanExperts", "WanFamily", "WanGenerator", "wan_schedule"]
 
 _SPEC = spec("wan")
 
@@ -54,8 +57,47 @@ def wan_schedule(config, *, image_seq_len: int) -> FlowSchedule:
     return FlowSchedule.from_scheduler_config(config, base="scheduler", image_seq_len=image_seq_len)
 
 
+class WanExperts(nn.Module):
+    """Wan 2.2 A14B's two experts as one trainable module: ``transformer`` (high noise) for the samples whose
+    ``timestep >= boundary`` (``boundary_ratio * num_train_timesteps``), ``transformer_2`` (low noise) for the
+    others, as ``WanPipeline.__call__`` switches them (per sample here: a learner's batch mixes sigmas). LoRA is
+    added to both, as Flow-Factory's ``apply_lora(components=['transformer', 'transformer_2'])``."""
+
+    def __init__(self, high: nn.Module, low: nn.Module, boundary: float) -> None:
+        super().__init__()
+        self.transformer, self.transformer_2, self.boundary = high, low, boundary
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def add_adapter(self, config) -> None:
+        self.transformer.add_adapter(config)
+        self.transformer_2.add_adapter(config)
+
+    def disable_adapters(self) -> None:
+        self.transformer.disable_adapters()
+        self.transformer_2.disable_adapters()
+
+    def enable_adapters(self) -> None:
+        self.transformer.enable_adapters()
+        self.transformer_2.enable_adapters()
+
+    def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict=False):
+        high = timestep >= self.boundary
+        parts, rows = [], []
+        for expert, mask in ((self.transformer, high), (self.transformer_2, ~high)):
+            if mask.any():
+                idx = mask.nonzero().squeeze(1)
+                kw = dict(timestep=timestep[idx], encoder_hidden_states=encoder_hidden_states[idx], return_dict=False)
+                parts.append(expert(hidden_states=hidden_states[idx], **kw)[0])
+                rows.append(idx)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(rows).argsort()]
+        return (out,)
+
+
 class WanGenerator(PipelineGenerator):
-    """Wan 2.1 T2V (1.3B, 14B) on ``(C, F', h, w)`` latents."""
+    """Wan 2.1 T2V (1.3B, 14B) and Wan 2.2 T2V A14B on ``(C, F', h, w)`` latents."""
 
     name = "wan"
 
@@ -76,12 +118,8 @@ class WanGenerator(PipelineGenerator):
         self.latent_frames = _SPEC.latent_frames(num_frames)
         self.num_frames = (self.latent_frames - 1) * _SPEC.frame_stride + 1
         pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
-        if pipe.transformer_2 is not None or pipe.config.boundary_ratio is not None or pipe.config.expand_timesteps:
-            raise NotImplementedError(
-                f"{path}: a Wan 2.2 pipeline (two experts at boundary_ratio, or expand_timesteps) is not supported; "
-                "only single-transformer Wan 2.1 T2V pipelines are"
-            )
-        patch = pipe.transformer.config.patch_size
+        transformer = self._backbone(pipe, path)
+        patch = transformer.config.patch_size
         multiple = pipe.vae_scale_factor_spatial * patch[1]
         if resolution % multiple:
             raise ValueError(f"wan: resolution must be a multiple of {multiple} (VAE x patch), got {resolution}")
@@ -89,7 +127,19 @@ class WanGenerator(PipelineGenerator):
         side = resolution // self.vae_scale
         tokens = self.latent_frames * (side // patch[1]) * (side // patch[2])
         self.schedule = wan_schedule(pipe.scheduler.config, image_seq_len=tokens)
-        super().__init__(pipe.transformer, device=device, **kwargs)
+        super().__init__(transformer, device=device, **kwargs)
+
+    @staticmethod
+    def _backbone(pipe, path: str) -> nn.Module:
+        """The transformer, or Wan 2.2 A14B's two experts (:class:`WanExperts`)."""
+        ratio = pipe.config.boundary_ratio
+        if pipe.config.expand_timesteps or (pipe.transformer_2 is not None) != (ratio is not None):
+            raise NotImplementedError(f"{path}: expand_timesteps (Wan 2.2 TI2V) or one expert alone is not supported")
+        if pipe.transformer_2 is None:
+            return pipe.transformer
+        if pipe.transformer is None or not 0 < ratio < 1:
+            raise NotImplementedError(f"{path}: boundary_ratio {ratio} with one expert is not supported")
+        return WanExperts(pipe.transformer, pipe.transformer_2, ratio * pipe.scheduler.config.num_train_timesteps)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -141,6 +191,41 @@ class WanFamily(PipelineFamily):
 
     def plan_vae_latent(self, vae, latent_side, dtype, latent_frames: int = 1):
         return torch.zeros(1, vae.config.z_dim, latent_frames, latent_side, latent_side, device="meta", dtype=dtype)
+
+    def load_pipeline(self, path, dtype, *, parts="all"):
+        """As the other pipelines'; a text-only load also leaves out Wan 2.2's second expert."""
+        if parts != "text":
+            return super().load_pipeline(path, dtype, parts=parts)
+        skip = dict.fromkeys(("transformer", "transformer_2", "vae"))
+        pipe = load_pretrained_checked(self.pipeline_class(), path, what=self.name, torch_dtype=DTYPES[dtype], **skip)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def lora_files(self, weights, name):
+        """Wan 2.2's two experts: ``name`` for ``transformer``'s LoRA and ``*_transformer_2.safetensors`` for
+        ``transformer_2``'s (load it with ``load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)``)."""
+        low = {k.removeprefix("transformer_2."): v for k, v in weights.items() if k.startswith("transformer_2.")}
+        if not low:
+            return {name: weights}
+        high = {k.removeprefix("transformer."): v for k, v in weights.items() if k.startswith("transformer.")}
+        return {name: high, name.replace(".safetensors", "_transformer_2.safetensors"): low}
+
+    def export_transformer(self, model_path, weights, out):
+        """A full fine-tune of Wan 2.2's experts: ``transformer/`` and ``transformer_2/`` (None for Wan 2.1: the
+        one ``transformer/`` folder, as every pipeline family's)."""
+        if not any(k.startswith("transformer_2.") for k in weights):
+            return None
+        from diffusers import WanTransformer3DModel
+
+        for part in ("transformer", "transformer_2"):
+            expert = WanTransformer3DModel.from_pretrained(model_path, subfolder=part)
+            state = {k.removeprefix(f"{part}."): v for k, v in weights.items() if k.startswith(f"{part}.")}
+            unknown = set(state) - set(expert.state_dict())
+            if unknown:
+                raise KeyError(f"weights for unknown {part} parameters: {sorted(unknown)[:5]}")
+            expert.load_state_dict(state, strict=False)
+            expert.save_pretrained(out / part)
+        return ["transformer/", "transformer_2/"]
 
     def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
         embeds, _ = pipe.encode_prompt(
