@@ -54,7 +54,10 @@ def save_image_grid(
 
 def grid_tensor(images: Tensor, *, nrow: int, pad: int = 2, scale: int | None = None) -> Tensor:
     """``(N, 3, H, W)`` in [0, 1] -> one ``(3, H', W')`` grid on white, each image upscaled ``scale``
-    times (nearest; default: small images to >= 64 px)."""
+    times (nearest; default: small images to >= 64 px). Videos ``(N, F, 3, H, W)``: each video's frames side
+    by side, ``nrow`` videos a row."""
+    if images.ndim == 5:
+        nrow, images = nrow * images.shape[1], images.flatten(0, 1)
     scale = scale or max(1, 64 // images.shape[-1])
     images = images.float().clamp(0, 1).repeat_interleave(scale, -1).repeat_interleave(scale, -2)
     n, c, h, w = images.shape

@@ -205,12 +205,20 @@ def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, t
     return tr.train()
 
 
-def transformer_inputs(tr, latent_side: int, text_tokens: int, device: str | torch.device = "meta") -> dict:
+def _frames(latent_frames: int) -> dict:
+    """The hooks' ``latent_frames`` keyword, given to a video family's hooks only (an image family's take none)."""
+    return {"latent_frames": latent_frames} if latent_frames != 1 else {}
+
+
+def transformer_inputs(
+    tr, latent_side: int, text_tokens: int, device: str | torch.device = "meta", *, latent_frames: int = 1
+) -> dict:
     """One sample's keyword arguments, as the generator of the family whose ``transformer_class`` ``tr`` is passes
-    them (``ModelFamily.plan_inputs``)."""
+    them (``ModelFamily.plan_inputs``; ``latent_frames``: a video family's)."""
     from services.models.families import family_of_transformer
 
-    return family_of_transformer(type(tr).__name__).plan_inputs(tr, latent_side, text_tokens, device)
+    fam = family_of_transformer(type(tr).__name__)
+    return fam.plan_inputs(tr, latent_side, text_tokens, device, **_frames(latent_frames))
 
 
 @dataclass(frozen=True)
@@ -247,16 +255,20 @@ def transformer_bytes(
     lora_rank: int | None,
     targets: tuple[str, ...],
     model_dir: str | None = None,
+    latent_frames: int = 1,
 ) -> TransformerBytes:
     """One sample of ``family`` (``sd3`` / ``sd3.5-medium`` / ``sd3.5-large`` / ``flux``), measured on meta
-    (SD3.5-M at 512 px: ~30 s on two busy cores, FLUX ~15 s; cached per process)."""
+    (SD3.5-M at 512 px: ~30 s on two busy cores, FLUX ~15 s; cached per process); ``latent_frames``: a video's."""
     with torch.device("meta"):
         tr = build_transformer(_config(family, "transformer", model_dir), getattr(torch, dtype), lora_rank, targets)
-    return measure(tr, transformer_inputs(tr, resolution // 8, text_tokens), getattr(torch, dtype))
+    inputs = transformer_inputs(tr, resolution // 8, text_tokens, latent_frames=latent_frames)
+    return measure(tr, inputs, getattr(torch, dtype))
 
 
 @functools.lru_cache(maxsize=8)
-def vae_decode_bytes(family: str, *, resolution: int, dtype: str, model_dir: str | None = None) -> int:
+def vae_decode_bytes(
+    family: str, *, resolution: int, dtype: str, model_dir: str | None = None, latent_frames: int = 1
+) -> int:
     """Peak live bytes of decoding one latent at ``resolution`` px with the VAE of ``family`` (``model.kind``; the
     config's ``_class_name``, ``AutoencoderKL`` by default; the latent ``ModelFamily.plan_vae_latent``), weights
     in ``dtype``, no autocast, as ``services.models.families.pipeline.vae_decode`` runs it."""
@@ -269,7 +281,7 @@ def vae_decode_bytes(family: str, *, resolution: int, dtype: str, model_dir: str
     with torch.device("meta"):
         vae = getattr(diffusers, config.get("_class_name", "AutoencoderKL")).from_config(config)
         vae = vae.to(torch_dtype).eval()
-    z = family_of(family).plan_vae_latent(vae, resolution // 8, torch_dtype)
+    z = family_of(family).plan_vae_latent(vae, resolution // 8, torch_dtype, **_frames(latent_frames))
     exclude = [*vae.parameters(), *vae.buffers(), z]
     with CudaAutocast(torch_dtype):  # only the SDPA redirect acts: every tensor is already in dtype
         return _peak(lambda: vae.decode(z, return_dict=False)[0], exclude=exclude)

@@ -126,7 +126,8 @@ def _measured(cfg: ExperimentConfig, family: str) -> TransformerBytes:
     m = cfg.model
     local = m.path if m.path and Path(m.path).is_dir() else None
     return transformer_bytes(family, resolution=m.resolution, text_tokens=text_tokens(cfg), dtype=m.dtype,
-                             lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local)  # fmt: skip
+                             lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local,
+                             latent_frames=families.spec(m.kind).latent_frames(m.num_frames))  # fmt: skip
 
 
 def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
@@ -149,8 +150,13 @@ def rollout_terms(cfg: ExperimentConfig, family: str, share: int) -> list[Term]:
     call = min(r.micro_batch or share, share)
     decode = min(r.decode_batch or share, share)
     local = m.path if m.path and Path(m.path).is_dir() else None
-    per_image = vae_decode_bytes(m.kind, resolution=m.resolution, dtype=m.dtype, model_dir=local)
-    images = share * 3 * m.resolution**2 * 4  # the share's float32 images, kept until they ship
+    fam = families.spec(m.kind)
+    latent_frames = fam.latent_frames(m.num_frames)
+    frames = (latent_frames - 1) * fam.frame_stride + 1  # 1 for an image family
+    per_image = vae_decode_bytes(
+        m.kind, resolution=m.resolution, dtype=m.dtype, model_dir=local, latent_frames=latent_frames
+    )
+    images = share * frames * 3 * m.resolution**2 * 4  # the share's float32 images (videos), kept until they ship
     transformer = per.no_grad_peak * call * _rows(cfg) / 1e9
     return [
         Term(f"transformer call of {call} samples", transformer, "rollout", "set rollout.micro_batch"),

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from services.config.families_qwen_image import QWEN_IMAGE
+from services.config.families_wan import WAN
 from services.config.family_spec import CLIP_G_B, CLIP_L_B, T5_XXL_B, VAE_B, FamilySpec, LoraDefaults, Variant
 
 __all__ = [
@@ -121,6 +122,7 @@ _SPECS = (
         variants=(Variant("flux", (), "flux1-dev", 11_901_408_320, 2_801_664),),
     ),
     QWEN_IMAGE,
+    WAN,
 )
 
 FAMILIES: Mapping[str, FamilySpec] = MappingProxyType({s.name: s for s in _SPECS})

@@ -74,6 +74,9 @@ class FamilySpec:
         latent_patch: side of the patches packed into one latent row (FLUX 2: ``(L, 4 C)``); 1 = unpacked.
         timestep_scale: the transformer's ``timestep`` per unit of sigma (SD3 1000, FLUX 1).
         components_b: published parameters (billions) of the text encoders plus the VAE (:data:`VAE_B`).
+        frame_stride: a video family's VAE temporal compression (Wan: 4, ``num_frames = 4 k + 1``, latent frames
+            ``k + 1``); 0 = an image family (``model.num_frames`` must stay unset).
+        default_frames: a video family's ``num_frames`` when ``model.num_frames`` is unset.
         variants: the published models, most specific first; the last one is the default.
     """
 
@@ -90,6 +93,8 @@ class FamilySpec:
     latent_patch: int = 1
     timestep_scale: float = 1.0
     components_b: float = 0.0
+    frame_stride: int = 0
+    default_frames: int = 1
     variants: tuple[Variant, ...] = ()
 
     @property
@@ -99,6 +104,22 @@ class FamilySpec:
     def text_tokens(self, max_sequence_length: int) -> int:
         """Rows of ``prompt_embeds`` a transformer call sees."""
         return self.text_prefix_tokens + max_sequence_length
+
+    @property
+    def is_video(self) -> bool:
+        return self.frame_stride > 0
+
+    def latent_frames(self, num_frames: int | None) -> int:
+        """Latent frames of ``num_frames`` video frames (``None``: :attr:`default_frames`); 1 for an image family.
+        ``ValueError`` unless ``num_frames = frame_stride * k + 1``."""
+        if not self.is_video:
+            if num_frames not in (None, 1):
+                raise ValueError(f"model.kind={self.name!r} makes images: model.num_frames must be unset")
+            return 1
+        n = self.default_frames if num_frames is None else num_frames
+        if n < 1 or (n - 1) % self.frame_stride:
+            raise ValueError(f"{self.name}: num_frames must be {self.frame_stride} k + 1 (the VAE's), got {n}")
+        return (n - 1) // self.frame_stride + 1
 
     def variant(self, path: str | None) -> Variant:
         """The published model ``model.path`` names (the last variant when none matches)."""

@@ -38,6 +38,12 @@ class ModelConfig(Section):
         description="peft target module names; omitted = the family's source list (services.config.families)",
     )
     resolution: int = Field(16, ge=8, le=4096, description="image side in pixels")
+    num_frames: int | None = Field(
+        None,
+        ge=1,
+        description="video families (wan): frames per sample, 4 k + 1 (the VAE's temporal compression); unset = "
+        "the family's default (wan: 5, Flow-Factory's recipe); image families: must stay unset",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype on the device")
     pretrain_steps: int = Field(600, ge=0, description="digits only: steps of the embedded pretraining")
     cache_dir: str | None = Field(None, description="digits only: where pretrained weights are cached")
@@ -73,4 +79,5 @@ class ModelConfig(Section):
     def _needs_path(self) -> ModelConfig:
         if not spec(self.kind).embedded and not self.path:
             raise ValueError(f"model.path is required for model.kind={self.kind!r} (a local dir or hub id)")
+        spec(self.kind).latent_frames(self.num_frames)  # a ValueError unless 4 k + 1 (video) / unset (images)
         return self

@@ -7,6 +7,9 @@ A **group-wise** scorer (``groupwise = True``) scores a whole prompt group at on
 ``score(images, prompts, group_ids) -> (B,)``, e.g. a rank within the group or a pairwise judge
 (Flow-Factory's group-wise rewards). The coordinator never splits a group across scorer actors.
 
+A video family's samples are ``(B, F, 3, H, W)``: a scorer is given one frame of each sample per call and its
+scores are averaged over the frames, unless it sets ``takes_clips = True``, when it gets the clips whole.
+
 A user's scorer need not live in this package: ``reward.scorers: [{name: mine, impl:
 "my_pkg.rewards:MyScorer"}]`` imports ``MyScorer`` and calls it like a registered factory,
 ``MyScorer(path=..., device=..., **options)``; the result is checked against the protocol.
@@ -29,6 +32,7 @@ __all__ = [
     "build_scorer",
     "combine_scores",
     "is_groupwise",
+    "takes_clips",
     "register_scorer",
     "validate_images",
 ]
@@ -51,6 +55,13 @@ class GroupRewardScorer(Protocol):
     groupwise: bool
 
     def score(self, images: Tensor, prompts: Sequence[str], group_ids: Tensor) -> Tensor: ...
+
+
+def takes_clips(scorer: object) -> bool:
+    """Whether ``scorer`` scores videos ``(B, F, 3, H, W)`` whole (``takes_clips = True``); every other scorer
+    gets a video family's samples frame by frame, its scores averaged over the frames
+    (``services.training.scoring``)."""
+    return bool(getattr(scorer, "takes_clips", False))
 
 
 def is_groupwise(scorer: object) -> bool:

@@ -54,10 +54,12 @@ def _export_lora(cfg: ExperimentConfig, weights: dict, out: Path) -> list[str]:
         "target_modules": list(m.lora_targets),
         "init_lora_weights": True,
     }
-    pipe_cls.save_lora_weights(
-        out, transformer_lora_layers=_lora_state(weights), transformer_lora_adapter_metadata=metadata
-    )
-    return [LORA_FILE]
+    parts = family(m.kind).lora_files(weights, LORA_FILE)  # {file name: its transformer's weights}
+    for name, part in parts.items():
+        pipe_cls.save_lora_weights(
+            out, transformer_lora_layers=_lora_state(part), transformer_lora_adapter_metadata=metadata, weight_name=name
+        )
+    return list(parts)
 
 
 def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, out: Path) -> list[str]:
@@ -82,8 +84,12 @@ def _export_transformer(cfg: ExperimentConfig, model_path: str, weights: dict, o
 def _usage(cfg: ExperimentConfig, base: str) -> str:
     """How to load the export with stock diffusers (the model card's "Use"), and the text length it
     was trained at (diffusers' default is 256 for SD3, 512 for FLUX)."""
-    call = f"image = pipe(prompt, max_sequence_length={cfg.model.max_sequence_length}).images[0]  # as trained"
-    fam = spec(cfg.model.kind)
+    fam, m = spec(cfg.model.kind), cfg.model
+    call = f"image = pipe(prompt, max_sequence_length={m.max_sequence_length}).images[0]  # as trained"
+    if fam.is_video:  # frames (F, H, W, 3), e.g. diffusers.utils.export_to_video(video, "out.mp4", fps=16)
+        frames = (fam.latent_frames(m.num_frames) - 1) * fam.frame_stride + 1
+        size = f"height={m.resolution}, width={m.resolution}, num_frames={frames}"
+        call = f"video = pipe(prompt, {size}, max_sequence_length={m.max_sequence_length}).frames[0]  # as trained"
     pipe, cls = fam.pipeline_class, fam.transformer_class
     if pipe is not None and cfg.model.lora_rank:
         return f'pipe = {pipe}.from_pretrained("{base}")\npipe.load_lora_weights("<this directory>")\n{call}'

@@ -47,11 +47,21 @@ class GenerationItem:
         return (self.checkpoint, self.num_steps, self.guidance_scale, self.renormalize)
 
 
+_FPS = 16  # a video's frame rate: Wan's (diffusers' Wan examples, export_to_video(..., fps=16))
+
+
 def _png_b64(image: torch.Tensor) -> str:
+    """One sample as a base64 PNG: an image ``(3, H, W)``, or a video ``(F, 3, H, W)`` as an animated PNG (APNG:
+    lossless, every frame; browsers play it, other viewers show frame 0), looping at :data:`_FPS`."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(buf, "PNG")
+    frames = [image] if image.ndim == 3 else list(image)
+    pil = [Image.fromarray((f.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()) for f in frames]
+    if len(pil) == 1:
+        pil[0].save(buf, "PNG")
+    else:
+        pil[0].save(buf, "PNG", save_all=True, append_images=pil[1:], duration=1000 / _FPS, loop=0)
     return base64.b64encode(buf.getvalue()).decode()
 
 

@@ -2,7 +2,10 @@
 
 A worker builds its scorers once, then scores batches: :meth:`ScorerWorker.score_batch` takes a
 :class:`~services.types.ScoreRequest` and returns a :class:`~services.types.ScoreResult` (per-scorer
-``(B,)`` scores and the wall time), a per-image scorer ``reward.score_batch`` images per call. Timeouts,
+``(B,)`` scores and the wall time), a per-image scorer ``reward.score_batch`` images per call. Videos
+``(B, F, 3, H, W)`` (a video family's samples) are scored frame by frame and averaged over the frames, one frame
+index per call (so a call holds ``B`` frames, chunked as images are), unless the scorer takes clips
+(``takes_clips = True``: :func:`services.rewards.base.takes_clips`), which gets them whole. Timeouts,
 retries with backoff and failure counting live in the coordinator's ``call_with_retries`` (one policy for
 every remote call).
 
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from services.rewards import build_scorer, is_groupwise
+from services.rewards import build_scorer, is_groupwise, takes_clips
 from services.training.probe import ActorProbe, probe_process
 from services.types import ScorerBuild, ScoreRequest, ScoreResult
 
@@ -111,7 +114,15 @@ class ScorerWorker:
         return None
 
     def _one(self, n: str, images: Tensor, prompts: list[str], groups: Tensor, metadata) -> Tensor:
-        """Scorer ``n``'s ``(B,)`` scores, checked."""
+        """Scorer ``n``'s ``(B,)`` scores, checked. Videos ``(B, F, 3, H, W)``: whole clips to a scorer that
+        takes them (``takes_clips``), else frame ``f`` of every sample per call and the mean over frames."""
+        if images.ndim == 5 and not takes_clips(self.scorers[n]):
+            return torch.stack(
+                [self._images(n, images[:, f], prompts, groups, metadata) for f in range(images.shape[1])]
+            ).mean(0)
+        return self._images(n, images, prompts, groups, metadata)
+
+    def _images(self, n: str, images: Tensor, prompts: list[str], groups: Tensor, metadata) -> Tensor:
         scorer = self.scorers[n]
         kw = {"metadata": list(metadata)} if metadata is not None and self._takes_metadata[n] else {}
         if is_groupwise(scorer):  # a group is scored whole

@@ -54,15 +54,21 @@ class ModelFamily:
     def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         """One sample's keyword arguments for ``tr`` (the family's transformer, built from a config) as the
         family's generator passes them, latents ``latent_side`` VAE pixels square and ``text_tokens`` text rows
-        (``normguard plan`` measures activations on them, ``services.cluster.activations``)."""
+        (``normguard plan`` measures activations on them, ``services.cluster.activations``). A video family's
+        takes a keyword ``latent_frames`` too (passed only when not 1, so an image family's hook needs none)."""
         raise NotImplementedError(f"{self.name}: no transformer to plan")
 
     def plan_vae_latent(self, vae: Any, latent_side: int, dtype: Any) -> Any:
         """One latent ``vae.decode`` takes, ``latent_side`` square, on the meta device (the plan's decode peak);
-        4-D ``(1, latent_channels, side, side)`` by default."""
+        4-D ``(1, latent_channels, side, side)`` by default (a video family's: ``latent_frames`` too, as above)."""
         import torch
 
         return torch.zeros(1, vae.config.latent_channels, latent_side, latent_side, device="meta", dtype=dtype)
+
+    def lora_files(self, weights: dict, name: str) -> dict[str, dict]:
+        """A LoRA export's files: ``{file name: the LoRA weights of one transformer}`` (``normguard export``
+        writes each with the pipeline's ``save_lora_weights``); one file ``name`` by default."""
+        return {name: weights}
 
     def export_transformer(self, model_path: str, weights: dict, out: Path) -> list[str] | None:
         """A full fine-tune's files under ``out`` where the family has its own; None = the diffusers
