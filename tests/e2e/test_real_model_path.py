@@ -1,7 +1,7 @@
-"""The real-model path end to end: tiny SD3 / FLUX / Qwen-Image pipelines through the Ray service, served, exported.
+"""The real-model path end to end: tiny SD3 / FLUX / Qwen-Image / Z-Image pipelines through the Ray service.
 
-For each of a tiny SD3, FLUX and Qwen-Image pipeline (random init, saved with ``save_pretrained``; Qwen-Image's
-carries its published scheduler config, ``tests/tiny_qwen_image.py``):
+For each of a tiny SD3, FLUX, Qwen-Image and Z-Image pipeline (random init, saved with ``save_pretrained``;
+Qwen-Image's carries its published scheduler config, ``tests/tiny_qwen_image.py``):
 ``normguard train`` through Ray for 2 RL steps with LoRA, a tiny CLIP-preference reward (PickScore's
 loader) and a tiny VLM judge in the evaluation; ``normguard serve`` of that run, one image over HTTP;
 ``normguard export``; then the export loaded into a stock diffusers pipeline
@@ -32,18 +32,20 @@ from conftest import cli_env, free_port
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
 import tiny_qwen_image  # noqa: E402
+import tiny_z_image  # noqa: E402
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 SEED, STEPS, PROMPT = 7, 3, "a photo of a cat"
 # the tiny pipelines' grid: their scheduler's static shift, or None: the family's (Qwen-Image's dynamic mu, stretched)
-SHIFT = {"sd3": 3.0, "flux": 1.0, "qwen_image": None}
+SHIFT = {"sd3": 3.0, "flux": 1.0, "qwen_image": None, "z_image": 3.0}
 # the stock pipeline's guidance as the service samples: none (SD3; Qwen-Image's true CFG off), FLUX.1's embedding
 STOCK_GUIDANCE = {
     "sd3": dict(guidance_scale=1.0),
     "flux": dict(guidance_scale=3.5),
     "qwen_image": dict(true_cfg_scale=1.0),
+    "z_image": dict(guidance_scale=0.0),  # ZImagePipeline's s = w - 1 (its __call__ default is 5.0)
 }
 
 
@@ -54,6 +56,7 @@ def assets(tmp_path_factory):
         "sd3": tiny_models.save_tiny_sd3(root / "sd3"),
         "flux": tiny_models.save_tiny_flux(root / "flux"),
         "qwen_image": tiny_qwen_image.save_tiny_qwen_image(root / "qwen_image"),
+        "z_image": tiny_z_image.save_tiny_z_image(root / "z_image"),
         "clip": tiny_models.save_tiny_clip(root / "clip"),
         "vlm": tiny_models.save_tiny_llava(root / "llava"),
     }
@@ -144,7 +147,7 @@ def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image"])
+@pytest.mark.parametrize("kind", ["sd3", "flux", "qwen_image", "z_image"])
 def test_train_serve_export_and_load_in_stock_diffusers(assets, kind, tmp_path):
     config = _write_config(assets, kind, tmp_path)
     out = subprocess.run(
