@@ -47,7 +47,7 @@ def test_the_cadence_evaluates_checkpoints_drains_and_ends():
     assert [s for s in range(1, 7) if cadence.drains_after(s)] == [2, 3, 4, 6]
     assert cadence.end_after(5, [0.1] * 5) is None and cadence.end_after(6, [0.1] * 6) == TrainingEnd("steps")
     early = Cadence(_train("train.steps=6", "train.stop_at_reward=0.5", "train.stop_window=2"))
-    assert early.end_after(2, [0.9, 0.2]) is None and early.end_after(3, [0.9, 0.2, 0.9]) == TrainingEnd("reward")
+    assert early.end_after(2, [0.6, 0.2]) is None and early.end_after(3, [0.6, 0.2, 0.9]) == TrainingEnd("reward")
 
 
 def test_the_store_writes_points_latest_and_finds_a_rollback_target(tmp_path):
