@@ -6,6 +6,12 @@ state, and ``checkpoints/latest`` is switched to the directory only after that. 
 checkpoint ``latest`` names is verified; a partial or corrupt one (a truncated ``weights.safetensors``, a lost
 file) is reported by path and the run falls back to the newest intact checkpoint, or stops with the
 same message when ``train.on_corrupt_checkpoint: stop``.
+
+:class:`CheckpointStore` is the one writer and reader of a run's ``checkpoints/`` (the role of Ray Train v2's
+``CheckpointManager``, ``python/ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py``: one
+object registers each checkpoint and knows the latest): it writes a checkpoint (the learner's files, then
+``coordinator.json``, the manifest last, then the ``latest`` pointer, switched atomically), moves the
+pointer (a rollback), and finds the checkpoint to resume from and a rollback's target.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = [
     "CheckpointError",
+    "CheckpointStore",
     "MANIFEST",
     "WEIGHTS",
     "latest_intact",
@@ -28,6 +36,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+STATE = "coordinator.json"  # the run's state at the checkpoint (its step first): what a resume starts from
 WEIGHTS = "weights.safetensors"  # the trainable weights: the only file serving and export read
 
 
@@ -138,3 +147,54 @@ def load_weights(path: str | Path, step: int | None = None) -> dict:
         return load_file(weights)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights} is not a valid safetensors file: {err}") from None
+
+
+class CheckpointStore:
+    """A run directory's ``checkpoints/``: every write of a checkpoint and of the ``latest`` pointer goes
+    through it. ``on_corrupt``: ``train.on_corrupt_checkpoint`` (see :func:`latest_intact`)."""
+
+    def __init__(self, run_dir: Path, *, on_corrupt: str = "fallback") -> None:
+        self.run_dir, self.root, self.on_corrupt = Path(run_dir), Path(run_dir) / "checkpoints", on_corrupt
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:06d}"
+
+    def save(self, step: int, state: dict, write: Callable[[str, dict], object]) -> Path:
+        """``write(path, state)`` (the learner's files), then ``state`` as ``coordinator.json``, the manifest
+        last (a checkpoint without a matching manifest is not complete), then ``latest`` points at it."""
+        path = self.path(step)
+        write(str(path), state)
+        (path / STATE).write_text(json.dumps(state))
+        write_manifest(path)
+        self.point_latest(path)
+        return path
+
+    def point_latest(self, ckpt: Path) -> None:
+        """``checkpoints/latest`` names ``ckpt``, switched atomically (a reader sees the old name or the new)."""
+        latest = self.root / "latest"
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(ckpt.name)
+        tmp.replace(latest)
+
+    def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, read, not verified (a stop's short grace period; a rerun verifies)."""
+        latest = self.root / "latest"
+        return self.root / latest.read_text().strip() if latest.is_file() else None
+
+    def latest_intact(self) -> Path | None:
+        """The checkpoint to resume from (:func:`latest_intact`: verified, every byte read)."""
+        return latest_intact(self.run_dir, on_corrupt=self.on_corrupt)
+
+    @staticmethod
+    def state(ckpt: Path) -> dict:
+        """The run's state a checkpoint keeps (``coordinator.json``)."""
+        return json.loads((ckpt / STATE).read_text())
+
+    def rollback_target(self, max_step: int) -> Path | None:
+        """The newest intact checkpoint of a step at or before ``max_step``; ``None`` when there is none."""
+        for cand in sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True):
+            if verify_checkpoint(cand) is not None:
+                continue
+            if self.state(cand)["step"] <= max_step:
+                return cand
+        return None

@@ -2,6 +2,10 @@
 (Ray actors and the Ray Train learner, or their plain-object twins: ``services.training.backends``), a
 checkpoint resumed, and a :class:`Coordinator` and a :class:`~services.training.evaluator.RunEvaluator`
 over them.
+
+A build takes the :class:`~services.training.resume.ResumeState` it resumes (the controller's, made once
+from the checkpoint it verified) and the :class:`~services.training.cadence.Cadence` the coordinator drains
+its pipeline at; the backend is joined by the caller (the controller, once per run).
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.checkpoints import latest_intact
+from services.checkpoints import CheckpointStore
 from services.training.backends import Backend, backend_for
+from services.training.cadence import Cadence
 from services.training.coordinator import Coordinator
 from services.training.evaluator import RunEvaluator
+from services.training.resume import ResumeState
 from services.types import ScorerBuild
 
 if TYPE_CHECKING:
@@ -27,10 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Built:
-    """What one build made: the coordinator, the checkpoint's extra state, the evaluator on its workers."""
+    """What one build made: the coordinator and the evaluator on its workers."""
 
     coord: Coordinator
-    extra: dict
     evaluator: RunEvaluator
 
 
@@ -73,38 +78,41 @@ def build_coordinator(
     """Actors (or plain objects with ``local``) and a Coordinator; resumes from ``checkpoint`` (the run
     directory's newest intact one when ``"latest"``, none when ``None``). Returns ``(coordinator, the
     checkpoint's extra state, the evaluation-only scorer specs)``."""
-    built, eval_specs = _build(cfg, backend=backend_for(local), checkpoint=checkpoint)
-    return built.coord, built.extra, eval_specs
+    if checkpoint == "latest":
+        checkpoint = CheckpointStore(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint).latest_intact()
+    resume = ResumeState.of(checkpoint)
+    backend = backend_for(local)
+    backend.connect()
+    built, eval_specs = _build(cfg, backend=backend, resume=resume, cadence=Cadence(cfg.train))
+    return built.coord, dict(resume.state), eval_specs
 
 
-def build_run(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None | str = "latest") -> Built:
-    """:func:`build_coordinator` on ``backend``, with the evaluator on the same workers."""
-    return _build(cfg, backend=backend, checkpoint=checkpoint)[0]
+def build_run(cfg: ExperimentConfig, *, backend: Backend, resume: ResumeState, cadence: Cadence) -> Built:
+    """:func:`build_coordinator` on ``backend`` (joined), with the evaluator on the same workers."""
+    return _build(cfg, backend=backend, resume=resume, cadence=cadence)[0]
 
 
-def _build(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None | str) -> tuple[Built, dict]:
+def _build(cfg: ExperimentConfig, *, backend: Backend, resume: ResumeState, cadence: Cadence) -> tuple[Built, dict]:
     from services.training.prompts import prompt_sets
 
     model_path, train_specs, eval_specs = _resolve(cfg)
-    ckpt = (
-        latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint) if checkpoint == "latest" else checkpoint
-    )
-    resume = str(ckpt) if ckpt else None
+    ckpt = str(resume.checkpoint) if resume.checkpoint else None
     train_prompts, eval_prompts = prompt_sets(cfg)
-    backend.connect()
+    _check_prompts(resume.prompt_fingerprint, train_prompts.fingerprint, ckpt)
     backend.check_cluster(cfg)  # before the prompt pre-pass's task asks for a sampler's resources
     embeddings = prompt_embeddings(cfg, model_path, (train_prompts, eval_prompts), backend=backend)
     scorer_specs = {**train_specs, **eval_specs}
-    workers = backend.start_workers(cfg, model_path, scorer_specs, resume, embeddings=embeddings)
+    workers = backend.start_workers(cfg, model_path, scorer_specs, ckpt, embeddings=embeddings)
     try:
-        extra = workers.learner.extra if resume else {}
-        _check_prompts(extra.get("prompt_fingerprint"), train_prompts.fingerprint, resume)
         coord = Coordinator(
-            cfg, workers=workers, start_step=extra.get("step", 0), prompts=(train_prompts, eval_prompts)
+            cfg,
+            workers=workers,
+            resume=resume,
+            drains_after=cadence.drains_after,
+            prompts=(train_prompts, eval_prompts),
         )
-        coord.nonfinite_in_row = extra.get("nonfinite_in_row", 0)
-        if resume:
-            log.info("resuming %s from %s (step %d, v%d)", cfg.train.run_name, resume, coord.step_idx, coord.version)
+        if ckpt:
+            log.info("resuming %s from %s (step %d, v%d)", cfg.train.run_name, ckpt, coord.step_idx, coord.version)
         coord.sync_samplers()  # samplers start from the learner's weights (the checkpoint's after a resume)
     except BaseException:
         # a sampler or scorer actor left pending for its resources (its node lost) would take them when a node
@@ -119,7 +127,7 @@ def _build(cfg: ExperimentConfig, *, backend: Backend, checkpoint: Path | None |
         eval_names=list(eval_specs),
         stats=coord.stats,  # an evaluation's retried reward calls count with the steps'
     )
-    return Built(coord, extra, evaluator), eval_specs
+    return Built(coord, evaluator), eval_specs
 
 
 def prompt_embeddings(cfg: ExperimentConfig, model_path: str, sets, *, backend: Backend) -> str | None:

@@ -3,10 +3,19 @@
 The shape of Ray Train v2's ``TrainController`` (``python/ray/train/v2/_internal/execution/controller/
 controller.py``): the run is a sequence of states (``services.training.state``, after its ``state.py``);
 :meth:`TrainController.step` does what the current state says and returns the next one, every change checked
-against the one transition table; policies return decisions the controller carries out: the failure policy
-(:meth:`~services.training.failure.FailurePolicy.decide`, Ray's ``FailurePolicy.make_decision``) turns an
-error into a restart or the end of the run, the guards (:class:`~services.training.guards.GuardMonitor`)
-into a stop or a rollback. Restarting and rolling back are states, not loops around the training loop. So is preemption: a SIGTERM /
+against the one transition table. The controller is the only decider: it holds the policies and carries out
+the typed decisions they return, each in one method (Ray's ``_execute_failure_decision`` /
+``_execute_resize_decision``): the failure policy (:meth:`~services.training.failure.FailurePolicy.decide`,
+Ray's ``FailurePolicy.make_decision``, ``failure_handling/``) turns an error into a restart or the end of the
+run (:meth:`_decide`); the guard policy (:class:`~services.training.failure.GuardPolicy`) and the cadence
+(:class:`~services.training.cadence.Cadence`: evaluations, checkpoints, the last step, the reward target)
+say when training ends and why (a :class:`~services.training.state.TrainingEnd` that travels in the states,
+carried out by :meth:`_training_ended`: a rollback or the evaluation after training). The run's record is
+a callback told of each state change, step report and evaluation (``services.training.callbacks``, Ray's
+``after_controller_state_update`` run from ``_set_state``); every checkpoint and the ``latest`` pointer are
+written through the one :class:`~services.checkpoints.CheckpointStore`, and each build starts from a
+:class:`~services.training.resume.ResumeState` read once from the checkpoint the controller verified.
+Restarting and rolling back are states, not loops around the training loop. So is preemption: a SIGTERM /
 SIGINT (:class:`~services.training.preemption.StopSignals`, installed once the backend has connected) is a
 request the controller reads after every transition; inside an attempt the run goes to :class:`Stopping`
 (the finished steps checkpointed, the workers released) and ends :class:`Preempted`, which ``run`` raises
@@ -22,16 +31,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from services.checkpoints import latest_intact
+from services.checkpoints import CheckpointStore
 from services.training.backends import Backend
 from services.training.build import Built, build_run
-from services.training.failure import FailureDecision, FailurePolicy
+from services.training.cadence import Cadence
+from services.training.callbacks import Evaluation
+from services.training.failure import FailureDecision, FailurePolicy, GuardPolicy
 from services.training.nodes import NodeLost
 from services.training.preemption import StepAbandoned, StopSignals
 from services.training.record import RunRecord, finished_summary
+from services.training.resume import ResumeState
 from services.training.state import (
     Building,
     Checkpointing,
@@ -46,6 +58,7 @@ from services.training.state import (
     Running,
     RunState,
     Stopping,
+    TrainingEnd,
     check_transition,
 )
 
@@ -55,7 +68,6 @@ if TYPE_CHECKING:
 __all__ = ["Attempt", "RunStopped", "TrainController"]
 
 log = logging.getLogger(__name__)
-HALTS = ("stop", "rollback")  # the guard actions that end training
 
 
 class RunStopped(Exception):  # noqa: N818 - it is how a preempted run ends, not an error of it
@@ -70,10 +82,14 @@ class RunStopped(Exception):  # noqa: N818 - it is how a preempted run ends, not
 
 @dataclass
 class Attempt:
-    """What one build made, and the record of the run it writes to."""
+    """What one build made from ``resume``, the record of the run it writes to, the guard policy (built on the
+    before-training metrics, ``before``: the checkpoint's, or the evaluation's once it ran)."""
 
     built: Built
+    resume: ResumeState
     record: RunRecord | None = None  # opened after the build (it may fail: the build is released then)
+    guards: GuardPolicy | None = None
+    before: dict = field(default_factory=dict)
 
     @property
     def coord(self):
@@ -83,8 +99,8 @@ class Attempt:
 class TrainController:
     """Carries a run from :class:`Initializing` to :class:`Finished` or :class:`Errored`.
 
-    ``build(cfg, backend=..., checkpoint=...)`` makes an attempt's workers (:func:`build_run`, or dummies in
-    tests); ``on_step(step, metrics)`` sees every RL step; ``on_finish(coord)`` runs once training and the
+    ``build(cfg, backend=..., resume=..., cadence=...)`` makes an attempt's workers (:func:`build_run`, or
+    dummies in tests); ``on_step(step, metrics)`` sees every RL step; ``on_finish(coord)`` runs once training and the
     after-training evaluation are done, before the workers are released (an error in it fails the run).
     """
 
@@ -105,6 +121,8 @@ class TrainController:
         self._saved_step = -1  # the step of the attempt's newest checkpoint (-1: none)
         self.progress, self.on_step, self.on_finish = progress, on_step, on_finish
         self.policy = FailurePolicy(cfg.train.max_failures)
+        self.cadence = Cadence(cfg.train)
+        self.store = CheckpointStore(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
         self.nodes = backend.node_watch()
         self.restarts = 0
         self.attempt: Attempt | None = None
@@ -137,7 +155,13 @@ class TrainController:
         if new.terminal:
             self._release_signals()
         self.state = new
+        self._report("after_state_update", state, new)
         return new
+
+    def _report(self, hook: str, *args) -> None:
+        """Tell the attempt's record (the run's one callback) what happened."""
+        if self.attempt is not None and self.attempt.record is not None:
+            getattr(self.attempt.record, hook)(*args)
 
     def _release_signals(self) -> None:
         """The run is over: no stop deadline interrupts what follows, and the handlers it installed go back."""
@@ -168,84 +192,103 @@ class TrainController:
         """Resume from the newest intact checkpoint (a finished run: nothing re-evaluated)."""
         cfg = self.cfg
         self.nodes.attempt_started()
-        # verified once (checksums read every byte of the checkpoint), then used by both checks below
-        ckpt = latest_intact(cfg.run_dir, on_corrupt=cfg.train.on_corrupt_checkpoint)
-        if (finished := finished_summary(cfg, ckpt)) is not None:
+        # verified once (checksums read every byte of the checkpoint), read once: everything below starts from it
+        resume = ResumeState.of(self.store.latest_intact(), learner_restarts=self.restarts)
+        if (finished := finished_summary(cfg, resume)) is not None:
             return Finished(finished)
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        built = self._build(cfg, backend=self.backend, checkpoint=ckpt)
-        built.coord.count_learner_restarts(self.restarts)
-        self.attempt = Attempt(built)
-        step = built.coord.step_idx
-        self._saved_step = step if ckpt is not None else -1
-        self.attempt.record = RunRecord(cfg, built.extra, step=step, progress=self.progress, on_step=self.on_step)
+        built = self._build(cfg, backend=self.backend, resume=resume, cadence=self.cadence)
+        self.attempt = Attempt(built, resume, before=dict(resume.before))
+        self._saved_step = resume.step if resume.checkpoint is not None else -1
+        self.attempt.record = RunRecord(cfg, resume, progress=self.progress, on_step=self.on_step)
         return Evaluating("before")
 
     def _evaluate(self, state: Evaluating) -> ControllerState:
         when = {"before": self._evaluate_before, "along": self._evaluate_along, "after": self._evaluate_after}
-        return when[state.when](self.attempt.coord, self.attempt.record, self.attempt.built.evaluator)
+        return when[state.when](state)
 
-    def _evaluate_before(self, coord, record: RunRecord, evaluate) -> ControllerState:
-        """The guards are built on this evaluation; a run already at its end goes on to the last one."""
-        record.evaluate_before(evaluate, coord.step_idx)
-        if coord.step_idx >= self.cfg.train.steps or record.reached():
-            return self._training_ended()
-        return Running()
+    def _evaluation(self, when: Literal["before", "along", "after"]) -> Evaluation:
+        """Run the evaluation (after training, and along it with ``eval.renorm_along``, the renormalised
+        baseline too) and report it."""
+        evaluate, step = self.attempt.built.evaluator, self.attempt.coord.step_idx
+        metrics, ratios, images = evaluate()
+        renorm = None
+        if when == "after" or (when == "along" and self.cfg.eval.renorm_along):
+            renorm, _, _ = evaluate(renormalize=True)
+        evaluation = Evaluation(when, step, metrics, ratios, images, renorm)
+        self._report("after_evaluation", evaluation)
+        return evaluation
 
-    def _evaluate_along(self, coord, record: RunRecord, evaluate) -> ControllerState:
+    def _evaluate_before(self, _: Evaluating) -> ControllerState:
+        """Skipped when the checkpoint has it; the guards are built on it; a run already at its end goes on
+        to the last evaluation."""
+        attempt = self.attempt
+        if not attempt.before:
+            attempt.before = self._evaluation("before").metrics
+        attempt.guards = GuardPolicy(self.cfg.train.guards, before=attempt.before)
+        end = self.cadence.end_after(attempt.coord.step_idx, attempt.record.rewards)
+        return self._training_ended(end) if end is not None else Running()
+
+    def _evaluate_along(self, _: Evaluating) -> ControllerState:
         """A guard on the evaluation's metrics may end training (a checkpoint first, as at every end)."""
-        metrics = record.evaluate_along(evaluate, coord.step_idx)
-        done = record.guards.check(coord.step_idx, metrics, evaluation=True) in HALTS
-        return Checkpointing(done) if coord.checkpoints_after(coord.step_idx) or done else Running()
+        evaluation = self._evaluation("along")
+        end = self.attempt.guards.decide(evaluation.step, evaluation.with_renorm, evaluation=True)
+        return Checkpointing(end) if self.cadence.checkpoints_after(evaluation.step) or end else Running()
 
-    def _evaluate_after(self, coord, record: RunRecord, evaluate) -> ControllerState:
+    def _evaluate_after(self, state: Evaluating) -> ControllerState:
         """The last evaluation, ``on_finish``, the workers released, the summary written."""
-        record.evaluate_after(evaluate, coord.step_idx)
-        coord.finish()
+        attempt = self.attempt
+        self._evaluation("after")
+        attempt.coord.finish()
         if self.on_finish is not None:
-            self.on_finish(coord)
+            self.on_finish(attempt.coord)
         self._end_attempt()
-        return Finished(record.summarize())
+        by_guard = state.end is not None and state.end.by_guard
+        return Finished(attempt.record.summarize(guards=attempt.guards.record(), stopped_by_guard=by_guard))
 
     def _run_step(self, _: Running) -> ControllerState:
-        """One RL step, then its cadence: an evaluation every ``train.eval_every`` steps, a checkpoint every
-        ``train.checkpoint_every`` steps and at the end. Experience made ahead is dropped when the run stops
-        between drain points; evaluations and checkpoints happen with nothing in flight."""
-        coord, record = self.attempt.coord, self.attempt.record
+        """One RL step, then what follows it: the end of training (a guard, the reward target, the last step),
+        an evaluation every ``train.eval_every`` steps, a checkpoint every ``train.checkpoint_every`` steps.
+        Experience made ahead is dropped when the run stops between drain points; evaluations and
+        checkpoints happen with nothing in flight."""
+        attempt = self.attempt
+        coord = attempt.coord
         report = coord.step()
-        record.log_step(report)
-        halt = record.guards.check(report.step, report.metrics) in HALTS
-        if record.reached() or halt or coord.step_idx >= self.cfg.train.steps:
+        self._report("after_report", report)
+        end = attempt.guards.decide(report.step, report.metrics)
+        end = end or self.cadence.end_after(coord.step_idx, attempt.record.rewards)
+        if end is not None:
             coord.drain()
-            return Checkpointing(done=True)
-        if coord.evaluates_after(coord.step_idx):
+            return Checkpointing(end)
+        if self.cadence.evaluates_after(coord.step_idx):
             return Evaluating("along")
-        return Checkpointing() if coord.checkpoints_after(coord.step_idx) else Running()
+        return Checkpointing() if self.cadence.checkpoints_after(coord.step_idx) else Running()
 
     def _checkpoint(self, state: Checkpointing) -> ControllerState:
-        self.attempt.coord.checkpoint(self.cfg.run_dir, self.attempt.record.checkpoint_extra())
+        self.attempt.coord.checkpoint(self.store, {"before": self.attempt.before})
         self._saved_step = self.attempt.coord.step_idx
-        return self._training_ended() if state.done else Running()
+        return self._training_ended(state.end) if state.end is not None else Running()
 
-    def _training_ended(self) -> ControllerState:
-        """A ``rollback`` guard fired: roll back to the newest checkpoint inside every bound; else evaluate."""
-        record = self.attempt.record
-        record.bar.close()
-        if record.guards.action != "rollback":
-            return Evaluating("after")
-        target = record.guards.rollback_target(self.cfg.run_dir)
+    def _training_ended(self, end: TrainingEnd) -> ControllerState:
+        """Carry out the end of training: a ``rollback`` guard's goes back to the newest checkpoint inside
+        every bound (the checkpoint store finds it); every other end goes to the evaluation after training."""
+        if end.why != "rollback":
+            return Evaluating("after", end)
+        target = self.store.rollback_target(self.attempt.guards.last_ok_step)
         if target is None:
             log.warning("rollback: no intact checkpoint inside the bounds; the run ends where the guard fired")
-            return Evaluating("after")
-        return RollingBack(target)
+            return Evaluating("after", end)
+        return RollingBack(target, end)
 
     def _roll_back(self, state: RollingBack) -> ControllerState:
         """Restore the target (``checkpoints/latest`` then names it, so a rerun finds the run finished there)."""
         log.warning("rollback: restoring %s", state.target)
         self.attempt.coord.shutdown()
-        self.attempt.built = self._build(self.cfg, backend=self.backend, checkpoint=state.target)
-        (self.cfg.run_dir / "checkpoints" / "latest").write_text(state.target.name)
-        return Evaluating("after")
+        resume = ResumeState.of(state.target, learner_restarts=self.restarts)
+        self.attempt.built = self._build(self.cfg, backend=self.backend, resume=resume, cadence=self.cadence)
+        self.attempt.resume = resume
+        self.store.point_latest(state.target)
+        return Evaluating("after", state.end)
 
     def _restart(self, state: Restarting) -> ControllerState:
         """After a lost node, first wait (``train.node_wait_s``) until the alive nodes can hold the run again."""
@@ -275,8 +318,7 @@ class TrainController:
     def _stop_run(self, _: Stopping) -> ControllerState:
         """Checkpoint the steps finished since the newest checkpoint (experience made ahead is dropped, not
         waited for: a rerun makes it again), release the workers, say where the run stopped."""
-        coord, record = self.attempt.coord, self.attempt.record
-        record.bar.close()
+        coord = self.attempt.coord
         coord.fail()  # drops the rollout in flight (pipelined) without waiting for it
         if coord.step_idx > self._saved_step:
             self.stop.saving(True)
@@ -290,8 +332,7 @@ class TrainController:
     def _preempted(self, abandoned: str | None = None) -> Preempted:
         """The end state, naming the checkpoint ``checkpoints/latest`` points at (read, not verified: the
         grace period is short, and the rerun verifies it)."""
-        latest = self.cfg.run_dir / "checkpoints" / "latest"
-        ckpt = latest.parent / latest.read_text().strip() if latest.is_file() else None
+        ckpt = self.store.latest()
         state = Preempted(self.stop.request, step=_step_of(ckpt), checkpoint=ckpt, abandoned=abandoned)
         log.debug("%s", RunStopped(state, total_steps=self.cfg.train.steps))  # said once, by whoever catches it
         return state

@@ -8,7 +8,10 @@ It runs in the driver, over the worker group the composition root injected
 (``services.training.workers``: Ray actors, or the plain objects they wrap, in one process for the
 benchmark's baseline); the same recipe runs on either. Where a run is in its life (evaluating,
 checkpointing, restarting, ...) is the controller's (``services.training.controller``): the coordinator
-makes steps, syncs and checkpoints when told.
+makes steps, syncs and checkpoints when told. It starts from the build's frozen
+:class:`~services.training.resume.ResumeState`, drains where the controller's cadence says
+(``drains_after``, ``services.training.cadence``) and writes its checkpoints through the run's
+:class:`~services.checkpoints.CheckpointStore`.
 
 ``train.pipeline: async`` overlaps the two halves of the recipe: before step k's update the next
 step's rollout is submitted to the samplers (``services.training.experience``), so sampling and scoring of
@@ -23,18 +26,20 @@ loop is the sync loop. The pipeline drains before every evaluation, checkpoint a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.checkpoints import write_manifest
+from services.checkpoints import CheckpointStore
 from services.methods import get_method
+from services.training.cadence import Cadence
 from services.training.experience import SYNC_TIMEOUT_S, Experience, ExperienceSource, ExperienceSpec, PolicyRef
 from services.training.remote import CallStats, call_with_retries
+from services.training.resume import ResumeState
 from services.training.shards import build_shards
 from services.training.workers import WorkerGroup
 from services.types import TrainBatch
@@ -59,10 +64,23 @@ class StepReport:
 class Coordinator:
     """Drives samplers, scorers and the learner through RL steps. Build with ``services.training.build``."""
 
-    def __init__(self, cfg: ExperimentConfig, *, workers: WorkerGroup, start_step: int = 0, prompts=None) -> None:
-        """``prompts``: the ``(train, eval)`` prompt sets (``services.training.prompts.prompt_sets(cfg)`` when None),
-        loaded once for the run."""
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        workers: WorkerGroup,
+        resume: ResumeState | None = None,
+        drains_after: Callable[[int], bool] | None = None,
+        prompts=None,
+    ) -> None:
+        """``resume``: where it starts (a fresh run when None); ``drains_after(step)``: whether no experience
+        may be made ahead past ``step`` (the controller's cadence; ``Cadence(cfg.train)`` when None);
+        ``prompts``: the ``(train, eval)`` prompt sets (``services.training.prompts.prompt_sets(cfg)`` when
+        None), loaded once for the run."""
         from services.training.prompts import prompt_sets
+
+        resume = resume or ResumeState()
+        self.drains_after = drains_after or Cadence(cfg.train).drains_after
 
         self.cfg = cfg
         self.prompt_set, self.eval_prompt_set = prompts if prompts is not None else prompt_sets(cfg)
@@ -70,11 +88,12 @@ class Coordinator:
         # the members themselves (actor handles or objects), for callers that reach one (tests, probes)
         self.samplers, self.scorers, self.learner = workers.samplers.members, workers.scorers.members, learner
         self.method = get_method(cfg.loss)
-        self.step_idx = start_step
+        self.step_idx = resume.step
         self.version = learner.version
         self.stats = CallStats()
         self._fault_base: dict[str, int] = {}  # counters at the previous step (faults/* are per step)
-        self.nonfinite_in_row = 0
+        self._count_learner_restarts(resume.learner_restarts)
+        self.nonfinite_in_row = resume.nonfinite_in_row
         self.weights_ref = learner.weights()
         self.train_scorers = {s.name: s.weight for s in cfg.reward.scorers}
         self.source = ExperienceSource(
@@ -166,21 +185,6 @@ class Coordinator:
         policy = PolicyRef(self.weights_ref, self.version)
         self._pending = self.source.submit(nxt, policy, min_version=self._min_version(nxt))
 
-    def drains_after(self, step: int) -> bool:
-        """Whether the run loop stops the pipeline once ``step`` steps are done (an evaluation, a
-        checkpoint or the last step follows)."""
-        return step >= self.cfg.train.steps or self.evaluates_after(step) or self.checkpoints_after(step)
-
-    def evaluates_after(self, step: int) -> bool:
-        """An evaluation follows step ``step`` (``train.eval_every``)."""
-        every = self.cfg.train.eval_every
-        return bool(every and step % every == 0)
-
-    def checkpoints_after(self, step: int) -> bool:
-        """A checkpoint follows step ``step`` (``train.checkpoint_every``)."""
-        every = self.cfg.train.checkpoint_every
-        return bool(every and step % every == 0)
-
     def drain(self) -> None:
         """Wait for (and drop) experience made ahead that will not be trained on (the run ended early)."""
         pending, self._pending = self._pending, None
@@ -261,8 +265,8 @@ class Coordinator:
                 self.stats.add(retries=1)
             self._set_weights(sampler)
 
-    def count_learner_restarts(self, total: int) -> None:
-        """This coordinator was rebuilt after ``total`` learner restarts in this run: its first step reports the
+    def _count_learner_restarts(self, total: int) -> None:
+        """This coordinator was built after ``total`` learner restarts in this run: its first step reports the
         latest one (``faults/learner_restarts`` 1), the totals all of them."""
         self.stats.learner_restarts = total
         self._fault_base["learner_restarts"] = max(total - 1, 0)
@@ -290,9 +294,8 @@ class Coordinator:
         }
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def checkpoint(self, run_dir: Path, extra: dict | None = None) -> Path:
-        """Atomic learner checkpoint + coordinator state; ``checkpoints/latest`` points at it."""
-        path = run_dir / "checkpoints" / f"step_{self.step_idx:06d}"
+    def checkpoint(self, store: CheckpointStore, extra: dict | None = None) -> Path:
+        """Learner checkpoint + coordinator state, written by ``store`` (atomic; ``latest`` then points at it)."""
         state = {
             "step": self.step_idx,
             "version": self.version,
@@ -301,11 +304,4 @@ class Coordinator:
             "nonfinite_in_row": self.nonfinite_in_row,
             **(extra or {}),
         }
-        self.learner.save(str(path), state)
-        (path / "coordinator.json").write_text(json.dumps(state))
-        write_manifest(path)  # last: a checkpoint without a matching manifest is not complete
-        latest = run_dir / "checkpoints" / "latest"
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(path.name)
-        tmp.replace(latest)
-        return path
+        return store.save(self.step_idx, state, self.learner.save)

@@ -11,16 +11,25 @@ alive nodes can hold the run again (``services.training.nodes``). Any other erro
 the learner's or a scorer's code, a timeout after every retry, would fail again on a retry and ends the
 run. Ray Train itself restarts no running worker group (``LearnerGroup``): the driver's command protocol
 would not survive a group rebuilt behind its back, so the run's policy owns every restart.
+
+Beside it, :class:`GuardPolicy` turns the guards' metrics (``services.training.guards``) into the decision
+that training ends (:class:`~services.training.state.TrainingEnd`, ``stop`` or ``rollback``, with the guard
+that fired as its reason); the controller carries it out (its ``Checkpointing`` then ``RollingBack`` state),
+as Ray Train v2's controller holds its failure and scaling policies and executes each decision in one
+``_execute_*`` method (``_internal/execution/controller/controller.py``, ``failure_handling/``).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from services.training.guards import GuardMonitor
 from services.training.learner_group import LearnerLost
+from services.training.state import TrainingEnd
 
-__all__ = ["FailureDecision", "FailurePolicy"]
+__all__ = ["FailureDecision", "FailurePolicy", "GuardPolicy"]
 
 
 class FailureDecision(enum.Enum):
@@ -38,3 +47,28 @@ class FailurePolicy:
         if (isinstance(err, LearnerLost) or nodes_lost) and restarts_so_far < self.max_failures:
             return FailureDecision.RESTART
         return FailureDecision.RAISE
+
+
+class GuardPolicy:
+    """``train.guards`` over one attempt, built on its before-training metrics (``max_rise`` bounds rise over
+    them). :meth:`decide` records what fired; ``warn`` guards never end training."""
+
+    def __init__(self, specs: Sequence, *, before: Mapping[str, float]) -> None:
+        self.monitor = GuardMonitor(specs, before=before)
+
+    def decide(self, step: int, metrics: Mapping[str, float], *, evaluation: bool = False) -> TrainingEnd | None:
+        """After a step's metrics (or an evaluation's): ``stop`` / ``rollback`` if such a guard fired (the
+        strongest), else ``None`` (train on)."""
+        firing = self.monitor.check(step, metrics, evaluation=evaluation)
+        if firing is None or firing.action not in ("stop", "rollback"):
+            return None
+        return TrainingEnd(firing.action, firing)
+
+    @property
+    def last_ok_step(self) -> int:
+        """The last evaluation at which every guard held (0: the base model): a rollback's bound."""
+        return self.monitor.last_ok_eval_step
+
+    def record(self) -> list[dict]:
+        """What fired, for ``summary.json``."""
+        return self.monitor.record()

@@ -7,17 +7,17 @@ every evaluation the evaluation metrics (``eval/digits_judge_20steps`` with ``mi
 recorded (step, metric, value, bound, action) in the run's ``summary.json`` and logged; ``stop``
 ends training there (the final evaluation runs as usual), ``rollback`` ends it and restores the
 newest checkpoint taken at or before the last evaluation at which every guard held, so the run's
-final model is one that was inside the bounds. This answers the question most asked in flow_grpo's
-tracker ("the model tends to reward hacking in only 10 steps"): watch what the proxy cannot see.
+final model is one that was inside the bounds (the decision is
+:class:`~services.training.failure.GuardPolicy`'s, the target the checkpoint store's). This answers the
+question most asked in flow_grpo's tracker ("the model tends to reward hacking in only 10 steps"): watch
+what the proxy cannot see.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -61,9 +61,10 @@ class GuardMonitor:
                 return f"> before {self.before[spec.metric]:.4g} + max_rise {spec.max_rise}"
         return None
 
-    def check(self, step: int, metrics: Mapping[str, float], *, evaluation: bool = False) -> str | None:
-        """Check every guard whose metric is in ``metrics``; returns the strongest action that fired, if any."""
-        action = None
+    def check(self, step: int, metrics: Mapping[str, float], *, evaluation: bool = False) -> Firing | None:
+        """Check every guard whose metric is in ``metrics``; returns the firing of the strongest action, if any
+        (the first of its rank)."""
+        strongest = None
         for spec in self.specs:
             value = metrics.get(spec.metric)
             if value is None:
@@ -74,29 +75,17 @@ class GuardMonitor:
             firing = Firing(step=step, metric=spec.metric, value=float(value), bound=bound, action=spec.action)
             self.fired.append(firing)
             log.warning("guard fired at step %d: %s = %.4g %s -> %s", step, spec.metric, value, bound, spec.action)
-            if action is None or _RANK[spec.action] > _RANK[action]:
-                action = spec.action
-        if evaluation and action is None:  # (a stop or rollback ends training: no evaluation is checked after one)
+            if strongest is None or _RANK[spec.action] > _RANK[strongest.action]:
+                strongest = firing
+        if evaluation and strongest is None:  # (a stop or rollback ends training: no evaluation is checked after one)
             self.last_ok_eval_step = step
-        return action
+        return strongest
 
     @property
     def action(self) -> str | None:
         """The strongest action that fired so far, ``None`` when nothing fired."""
         acts = [f.action for f in self.fired]
         return max(acts, key=_RANK.__getitem__) if acts else None
-
-    def rollback_target(self, run_dir: Path) -> Path | None:
-        """The newest intact checkpoint at or before the last evaluation inside every bound."""
-        from services.checkpoints import verify_checkpoint
-
-        root = Path(run_dir) / "checkpoints"
-        for cand in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
-            if verify_checkpoint(cand) is not None:
-                continue
-            if json.loads((cand / "coordinator.json").read_text())["step"] <= self.last_ok_eval_step:
-                return cand
-        return None
 
     def record(self) -> list[dict]:
         """What fired, for ``summary.json``."""

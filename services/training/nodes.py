@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.checkpoints import CheckpointStore
+
 if TYPE_CHECKING:
     from services.config import ExperimentConfig
 
@@ -162,5 +164,5 @@ def wait_for_placement(cfg: ExperimentConfig, nodes: NodeWatch, *, timeout_s: fl
 
 
 def _latest(run_dir: Path) -> str:
-    latest = run_dir / "checkpoints" / "latest"
-    return f"checkpoint {latest.read_text().strip()}" if latest.is_file() else "the start (no checkpoint yet)"
+    latest = CheckpointStore(run_dir).latest()
+    return f"checkpoint {latest.name}" if latest is not None else "the start (no checkpoint yet)"

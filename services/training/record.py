@@ -1,10 +1,10 @@
-"""The reporting side of a run: metrics.jsonl and the trackers, the progress bar, the guards, the
-evaluations before, along and after training, and the run's ``summary.json``.
+"""The reporting side of a run: metrics.jsonl and the trackers, the progress bar, the evaluations before,
+along and after training, and the run's ``summary.json``.
 
-:class:`RunRecord` writes what the controller (``services.training.controller``) hands it and answers what
-it asks (the reward target reached, the guards' actions); it decides nothing about the run's course and
-never touches the workers: evaluations go through the build's
-:class:`~services.training.evaluator.RunEvaluator`.
+:class:`RunRecord` is a :class:`~services.training.callbacks.RunCallback` of the controller
+(``services.training.controller``): it writes what the controller tells it (each step's report, each
+evaluation it ran, the end of training as a change of state) and decides nothing about the run's course;
+it never touches the workers and never checks a guard (``services.training.failure.GuardPolicy``).
 """
 
 from __future__ import annotations
@@ -18,14 +18,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.report import MetricsWriter, grid_tensor, plot_ratio_per_step, plot_training, save_image_grid
-from services.training.guards import GuardMonitor
+from services.training.cadence import reached, window_mean
+from services.training.callbacks import Evaluation, RunCallback, renorm_keys
+from services.training.state import Evaluating, RunState
 
 if TYPE_CHECKING:
-    from services.config import ExperimentConfig, TrainConfig
+    from services.config import ExperimentConfig
+    from services.training.resume import ResumeState
 
 __all__ = ["RunRecord", "RunSummary", "finished_summary", "reached", "window_mean"]
 
 log = logging.getLogger(__name__)
+_TRAINING_OVER = (RunState.ROLLING_BACK, RunState.STOPPING)  # and the evaluation after training
 
 
 @dataclass
@@ -40,36 +44,26 @@ class RunSummary:
     guards: list[dict] = field(default_factory=list)  # the guards that fired (services.training.guards)
 
 
-class RunRecord:
+class RunRecord(RunCallback):
     """One attempt's record: opened after its build (``metrics.jsonl`` cut back to the checkpoint's step),
-    closed when the attempt ends."""
+    closed when the attempt ends. ``rewards``: the training rewards so far (the early-stopping control's)."""
 
-    def __init__(self, cfg: ExperimentConfig, extra: dict, *, step: int, progress: bool, on_step) -> None:
+    def __init__(self, cfg: ExperimentConfig, resume: ResumeState, *, progress: bool, on_step) -> None:
         from tqdm import tqdm
 
-        self.cfg, self.on_step = cfg, on_step
+        self.cfg, self.on_step, step = cfg, on_step, resume.step
         self.writer = _open_writer(cfg)
-        self.summary = RunSummary(run_dir=cfg.run_dir, before=extra.get("before", {}))
+        self.summary = RunSummary(run_dir=cfg.run_dir, before=dict(resume.before))
         self.writer.truncate_after(step if self.summary.before else -1)  # no checkpoint yet: it reruns
         self.rewards = [r["reward/mean"] for r in self.writer.read() if "reward/mean" in r]
         self.bar = tqdm(total=cfg.train.steps, initial=step, disable=not progress, desc=cfg.train.run_name)
-        self.guards: GuardMonitor | None = None  # watches rises over the before-training metrics: built after them
 
-    def reached(self) -> bool:
-        """The windowed training reward reached ``train.stop_at_reward``."""
-        return reached(self.rewards, self.cfg.train)
+    def after_state_update(self, previous, current) -> None:
+        """Training is over (the evaluation after it, a rollback, a stop): the progress bar closes."""
+        if current.kind in _TRAINING_OVER or (isinstance(current, Evaluating) and current.when == "after"):
+            self.bar.close()
 
-    def evaluate_before(self, evaluate, step: int) -> None:
-        """Before training (a resumed run has it in its checkpoint); then the guards, which read it."""
-        cfg = self.cfg
-        if not self.summary.before:
-            self.summary.before, ratios, images = evaluate()
-            self.summary.ratio_per_step["reference"] = [1.0] * len(ratios[cfg.eval.full_steps])
-            _save_grids(cfg.run_dir, images, "before", cfg, self.writer, step)
-            self.writer.write(step, self.summary.before)
-        self.guards = GuardMonitor(cfg.train.guards, before=self.summary.before)
-
-    def log_step(self, report) -> None:
+    def after_report(self, report) -> None:
         """One RL step's metrics: the file and trackers, ``on_step``, the progress bar."""
         m = report.metrics
         self.rewards.append(m["reward/mean"])
@@ -83,42 +77,42 @@ class RunRecord:
         )
         self.bar.update(1)
 
-    def evaluate_along(self, evaluate, step: int) -> dict[str, float]:
+    def after_evaluation(self, evaluation: Evaluation) -> None:
+        {"before": self._before, "along": self._along, "after": self._after}[evaluation.when](evaluation)
+
+    def _before(self, ev: Evaluation) -> None:
+        """Before training (a resumed run has it in its checkpoint and is not evaluated again)."""
+        cfg = self.cfg
+        self.summary.before = ev.metrics
+        self.summary.ratio_per_step["reference"] = [1.0] * len(ev.ratios[cfg.eval.full_steps])
+        _save_grids(cfg.run_dir, ev.images, "before", cfg, self.writer, ev.step)
+        self.writer.write(ev.step, self.summary.before)
+
+    def _along(self, ev: Evaluation) -> None:
         """An evaluation during training (with the renormalised baseline when ``eval.renorm_along``)."""
-        cfg = self.cfg
-        metrics, _, images = evaluate()
-        if cfg.eval.renorm_along:  # the inference-time baseline at every evaluation point
-            renorm, _, _ = evaluate(renormalize=True)
-            metrics.update(_renorm_keys(renorm))
-        self.writer.write(step, metrics)
-        _log_grids(self.writer, images, "eval", cfg, step)
-        return metrics
+        self.writer.write(ev.step, ev.with_renorm)
+        _log_grids(self.writer, ev.images, "eval", self.cfg, ev.step)
 
-    def checkpoint_extra(self) -> dict:
-        """What a checkpoint keeps beside the coordinator's state."""
-        return {"before": self.summary.before}
-
-    def evaluate_after(self, evaluate, step: int) -> None:
-        """The after-training evaluation, and the paper's inference-time baseline on the same weights
-        (v rescaled to ||v_ref||)."""
-        cfg = self.cfg
-        after, ratios, images = evaluate()
-        renorm, _, _ = evaluate(renormalize=True)
+    def _after(self, ev: Evaluation) -> None:
+        """The after-training evaluation, and the paper's inference-time baseline on the same weights."""
+        cfg, step = self.cfg, ev.step
+        after = dict(ev.metrics)
         after["train/steps_done"] = float(step)
         # the rewards up to the step the weights are from (after a rollback, not those of the steps undone)
         after["train/final_reward"] = window_mean(self.rewards[:step], cfg.train.stop_window)
-        after.update(_renorm_keys(renorm))
+        after.update(renorm_keys(ev.renorm))
         self.summary.after = after
         self.writer.write(step, after)
-        self.summary.ratio_per_step["policy"] = ratios[cfg.eval.full_steps]
-        _save_grids(cfg.run_dir, images, "after", cfg, self.writer, step)
+        self.summary.ratio_per_step["policy"] = ev.ratios[cfg.eval.full_steps]
+        _save_grids(cfg.run_dir, ev.images, "after", cfg, self.writer, step)
         self.writer.trackers.log_summary(after)
 
     def close(self) -> None:
         self.writer.close()
 
-    def summarize(self) -> RunSummary:
-        """History, plots and ``summary.json``."""
+    def summarize(self, *, guards: list[dict], stopped_by_guard: bool) -> RunSummary:
+        """History, plots and ``summary.json`` (``guards``: what fired; ``stopped_by_guard``: training ended
+        by one)."""
         summary, cfg = self.summary, self.cfg
         summary.history = self.writer.read()
         plot_training([r for r in summary.history if "reward/mean" in r], cfg.run_dir / "training.png")
@@ -127,8 +121,8 @@ class RunRecord:
             cfg.run_dir / "norm_ratio_per_step.png",
             title=f"{cfg.train.run_name} ({cfg.eval.full_steps} steps)",
         )
-        summary.guards = self.guards.record()
-        _write_summary(summary, stopped_by_guard=self.guards.action in ("stop", "rollback"))
+        summary.guards = guards
+        _write_summary(summary, stopped_by_guard=stopped_by_guard)
         return summary
 
 
@@ -147,19 +141,14 @@ def _write_summary(summary: RunSummary, *, stopped_by_guard: bool) -> None:
     )
 
 
-def _renorm_keys(metrics: dict[str, float]) -> dict[str, float]:
-    """``eval/...`` -> ``eval_renorm/...`` (the norm ratio is 1 by construction and dropped)."""
-    return {k.replace("eval/", "eval_renorm/"): v for k, v in metrics.items() if "norm_ratio" not in k}
-
-
-def finished_summary(cfg: ExperimentConfig, ckpt: Path | None) -> RunSummary | None:
-    """The stored summary when the run directory holds this config's finished run (its newest intact
-    checkpoint ``ckpt`` is the final one), else ``None``."""
+def finished_summary(cfg: ExperimentConfig, resume: ResumeState) -> RunSummary | None:
+    """The stored summary when the run directory holds this config's finished run (the checkpoint it
+    resumes from, the newest intact one, is the final one), else ``None``."""
     path = cfg.run_dir / "summary.json"
-    if not path.is_file() or ckpt is None:
+    if not path.is_file() or resume.checkpoint is None:
         return None
     data = json.loads(path.read_text())
-    step = json.loads((ckpt / "coordinator.json").read_text())["step"]
+    step = resume.step
     if data.get("after", {}).get("train/steps_done") != step:
         return None
     history = MetricsWriter.read_file(cfg.run_dir)
@@ -192,19 +181,6 @@ def _open_writer(cfg: ExperimentConfig) -> MetricsWriter:
         config=cfg.model_dump(mode="json"),
     )
     return MetricsWriter(run_dir, trackers)
-
-
-def window_mean(rewards: list[float], window: int) -> float:
-    """Mean of the last ``window`` values (NaN for none)."""
-    tail = rewards[-window:]
-    return sum(tail) / len(tail) if tail else float("nan")
-
-
-def reached(rewards: list[float], train: TrainConfig) -> bool:
-    """The early-stopping control's test: the windowed training reward reached ``stop_at_reward``."""
-    if train.stop_at_reward is None or len(rewards) < train.stop_window:
-        return False
-    return window_mean(rewards, train.stop_window) >= train.stop_at_reward
 
 
 def _save_grids(

@@ -8,7 +8,7 @@ rollback restores, which evaluation is due), and :func:`check_transition` is the
 state is judged. :class:`~services.training.controller.TrainController` makes every change through it.
 
     Initializing -> Building -> Evaluating(before) -> Running <-> Evaluating(along) / Checkpointing
-        -> [RollingBack] -> Evaluating(after) -> Finished
+        -> [RollingBack] -> Evaluating(after) -> Finished     (the end of training's reason, TrainingEnd, in each)
     an error in an attempt -> Restarting -> Building (the failure policy said restart) | Errored
     a stop signal (services.training.preemption) -> Stopping (the step in flight finished: its checkpoint)
         -> Preempted; before an attempt is built, or with the step abandoned, -> Preempted at once
@@ -35,6 +35,7 @@ __all__ = [
     "RunState",
     "Running",
     "Stopping",
+    "TrainingEnd",
     "check_transition",
 ]
 
@@ -111,6 +112,21 @@ class ControllerState:
         return self.kind.terminal
 
 
+@dataclass(frozen=True)
+class TrainingEnd:
+    """Why training ends, the decision the controller carries out (``services.training.cadence``,
+    :class:`~services.training.failure.GuardPolicy`): ``steps`` (``train.steps`` done), ``reward``
+    (``train.stop_at_reward`` reached), ``stop`` or ``rollback`` (a guard: ``firing``, the
+    :class:`~services.training.guards.Firing` that said so)."""
+
+    why: Literal["steps", "reward", "stop", "rollback"]
+    firing: Any = None
+
+    @property
+    def by_guard(self) -> bool:
+        return self.why in ("stop", "rollback")
+
+
 # One frozen dataclass per state, as Ray Train v2's controller states: the alike declarations that
 # ``duplicates`` pairs (a field, then ``kind``) are the shape of a state type, not logic to share.
 
@@ -132,25 +148,33 @@ class Running(ControllerState):
 
 @dataclass(frozen=True)
 class Evaluating(ControllerState):
-    """``before`` training (skipped when the checkpoint has it), ``along`` it, or ``after`` it."""
+    """``before`` training (skipped when the checkpoint has it), ``along`` it, or ``after`` it (``end``: why
+    training ended, :class:`TrainingEnd`)."""
 
     when: Literal["before", "along", "after"]
+    end: TrainingEnd | None = None
     kind: ClassVar[RunState] = RunState.EVALUATING
 
 
 @dataclass(frozen=True)
 class Checkpointing(ControllerState):
-    """``done``: training ends with this checkpoint (the last step, a reward target, a guard)."""
+    """``end``: training ends with this checkpoint, and why (None: it goes on after it)."""
 
-    done: bool = False
+    end: TrainingEnd | None = None
     kind: ClassVar[RunState] = RunState.CHECKPOINTING
+
+    @property
+    def done(self) -> bool:
+        return self.end is not None
 
 
 @dataclass(frozen=True)
 class RollingBack(ControllerState):
-    """Restore ``target``, the newest intact checkpoint inside every guard's bounds."""
+    """Restore ``target``, the newest intact checkpoint inside every guard's bounds (``end``: the guard's
+    decision that training ends there)."""
 
     target: Path
+    end: TrainingEnd | None = None
     kind: ClassVar[RunState] = RunState.ROLLING_BACK
 
 

@@ -17,6 +17,7 @@ from services.training.build import Built
 from services.training.controller import RunStopped, TrainController
 from services.training.coordinator import Coordinator
 from services.training.failure import FailureDecision, FailurePolicy
+from services.training.guards import Firing
 from services.training.learner_group import LearnerLost
 from services.training.preemption import StepAbandoned, StopRequest, StopSignals, exit_code
 from services.training.state import (
@@ -33,6 +34,7 @@ from services.training.state import (
     Running,
     RunState,
     Stopping,
+    TrainingEnd,
     check_transition,
 )
 from services.training.workers import InlineExecutor, LocalPool, WorkerGroup
@@ -109,18 +111,21 @@ class DummyLearner:
 
 
 class Builds:
-    """The injected build: dummy workers resumed from a checkpoint's ``coordinator.json``; the evaluator's
-    guard metric crosses its bound at step ``bad_at``."""
+    """The injected build: dummy workers resumed from the controller's resume state (a checkpoint's
+    ``coordinator.json``); the evaluator's guard metric crosses its bound at step ``bad_at``."""
 
     def __init__(self, bad_at: int) -> None:
         self.bad_at, self.lost, self.made = bad_at, [], []
 
-    def __call__(self, cfg, *, backend, checkpoint) -> Built:
+    def __call__(self, cfg, *, backend, resume, cadence) -> Built:
+        checkpoint = resume.checkpoint
         extra = json.loads((checkpoint / "coordinator.json").read_text()) if checkpoint else {}
+        assert dict(resume.state) == extra  # the state the controller read once is the checkpoint's
         learner = DummyLearner(extra, self.lost)
         names = [s.name for s in cfg.reward.scorers]
         workers = WorkerGroup(LocalPool([DummySampler()]), LocalPool([DummyScorer(names)]), learner)
-        coord = Coordinator(cfg, workers=workers, start_step=extra.get("step", 0))
+        coord = Coordinator(cfg, workers=workers, resume=resume, drains_after=cadence.drains_after)
+        assert coord.step_idx == extra.get("step", 0)
         coord.sync_samplers()
 
         def evaluate(*, renormalize: bool = False):
@@ -128,7 +133,7 @@ class Builds:
             return {"eval/bad": bad}, {cfg.eval.full_steps: [1.0] * cfg.eval.full_steps}, {}
 
         self.made.append((checkpoint, coord))
-        return Built(coord, extra, evaluate)
+        return Built(coord, evaluate)
 
 
 def _cfg(tmp_path, **more):
@@ -163,10 +168,14 @@ def test_start_run_restart_after_a_lost_learner_rollback_done(tmp_path):
     # the restart resumes from step 1's checkpoint: the before-evaluation is in it, step 2 is redone
     assert seen[8:12] == [Building(), Evaluating("before"), Running(), Evaluating("along")]
     assert builds.made[1][0].name == "step_000001"
-    assert seen[12:16] == [Checkpointing(), Running(), Evaluating("along"), Checkpointing(done=True)]
-    # the guard fired at step 3's evaluation: back to step 2, the last one inside the bounds
-    assert seen[16] == RollingBack(cfg.run_dir / "checkpoints" / "step_000002")
-    assert seen[17:] == [Evaluating("after"), seen[-1]] and isinstance(seen[-1], Finished)
+    # the guard fired at step 3's evaluation: its decision (and the firing, its reason) travels in the states
+    fired = Firing(step=3, metric="eval/bad", value=1.0, bound="> max 0.5", action="rollback")
+    end = TrainingEnd("rollback", fired)
+    assert seen[12:16] == [Checkpointing(), Running(), Evaluating("along"), Checkpointing(end)]
+    assert seen[15].done and end.by_guard
+    # back to step 2, the last one inside the bounds
+    assert seen[16] == RollingBack(cfg.run_dir / "checkpoints" / "step_000002", end)
+    assert seen[17:] == [Evaluating("after", end), seen[-1]] and isinstance(seen[-1], Finished)
     assert builds.made[2][0].name == "step_000002" and builds.made[1][1].learner.stopped
     assert (cfg.run_dir / "checkpoints" / "latest").read_text() == "step_000002"
     summary = seen[-1].summary
