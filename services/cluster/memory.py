@@ -177,7 +177,8 @@ def _weights(model: ModelConfig) -> tuple[float, float, float, float]:
     else:
         params = variant.transformer_params
         tr, rest = params * width / 1e9, families.VAE_B * width
-        enc = (families.spec(model.kind).components_b - families.VAE_B) * width
+        comps_b = families.spec(model.kind).components_b if variant.components_b is None else variant.components_b
+        enc = (comps_b - families.VAE_B) * width
     trainable = float(variant.lora_per_rank * model.lora_rank) if model.lora_rank else params
     return tr, enc, rest, trainable
 

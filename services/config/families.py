@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from services.config.families_flux2 import FLUX2
 from services.config.family_spec import CLIP_G_B, CLIP_L_B, T5_XXL_B, VAE_B, FamilySpec, LoraDefaults, Variant
 
 __all__ = [
@@ -119,6 +120,7 @@ _SPECS = (
         components_b=CLIP_L_B + T5_XXL_B + VAE_B,
         variants=(Variant("flux", (), "flux1-dev", 11_901_408_320, 2_801_664),),
     ),
+    FLUX2,
 )
 
 FAMILIES: Mapping[str, FamilySpec] = MappingProxyType({s.name: s for s in _SPECS})

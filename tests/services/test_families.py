@@ -158,7 +158,7 @@ def test_behaviour_per_family():
     from services.prepare import EMBEDDED_TASKS, embedded_task
 
     assert family("sd3").generator is SD3Generator and family("flux").generator is FluxGenerator
-    assert {n for n in FAMILIES if isinstance(family(n), PipelineFamily)} == {"sd3", "flux"}
+    assert {n for n in FAMILIES if isinstance(family(n), PipelineFamily)} == FAMILIES.keys() - EMBEDDED_KINDS
     assert set(EMBEDDED_TASKS) == EMBEDDED_KINDS
     with pytest.raises(TypeError, match="loads from model.path"):
         embedded_task("flux")
