@@ -126,7 +126,8 @@ def _measured(cfg: ExperimentConfig, family: str) -> TransformerBytes:
     m = cfg.model
     local = m.path if m.path and Path(m.path).is_dir() else None
     return transformer_bytes(family, resolution=m.resolution, text_tokens=text_tokens(cfg), dtype=m.dtype,
-                             lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local)  # fmt: skip
+                             lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local,
+                             checkpointing=m.gradient_checkpointing)  # fmt: skip
 
 
 def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
@@ -134,10 +135,13 @@ def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
     per, n = _measured(cfg, family), cfg.learner.micro_batch * _rows(cfg)
     hint = "lower learner.micro_batch"
     saved = f"activations of {cfg.learner.micro_batch} samples (saved for backward)"
-    return [
+    terms = [
         Term(saved, per.saved * n / 1e9, "train", hint),
         Term("no-grad forwards beside them (v_ref / v_old)", per.no_grad_peak * n / 1e9, "train", hint),
     ]
+    if cfg.model.gradient_checkpointing:  # the checkpointed blocks' inputs above, one block recomputed in backward
+        terms.append(Term("backward: one checkpointed block recomputed", per.recompute * n / 1e9, "train", hint))
+    return terms
 
 
 def rollout_terms(cfg: ExperimentConfig, family: str, share: int) -> list[Term]:

@@ -84,3 +84,57 @@ def test_the_klein_recipe_fits_one_8_gpu_node():
     assert cfg.model.kind == "flux2" and spec("flux2").variant(cfg.model.path).name == "flux2-klein-9b"
     plan = plan_run(run_demand(cfg), nodes_from_file(ROOT / "deploy" / "clusters" / "one_8gpu_node.yaml"))
     assert plan.ok and not plan.warnings, (plan.unplaced, plan.warnings, plan.memory)
+
+
+def test_the_dev_recipe_fits_one_8_gpu_node_only_with_activation_checkpointing():
+    """FLUX.2 [dev]'s 64.45 GB bf16 transformer leaves no room for one sample's saved activations (25 GB at
+    512 px and 512 text rows); with ``model.gradient_checkpointing`` the plan counts the blocks' inputs and the
+    largest block re-materialised in backward, and the learner fits."""
+    from services.cluster.plan import nodes_from_file, plan_run, run_demand
+    from services.config import load_config
+
+    nodes = nodes_from_file(ROOT / "deploy" / "clusters" / "one_8gpu_node.yaml")
+    path = ROOT / "deploy" / "configs" / "flux2_dev_nft.yaml"
+    cfg = load_config(path, [])
+    assert cfg.model.gradient_checkpointing and spec("flux2").variant(cfg.model.path).name == "flux2-dev"
+    plan = plan_run(run_demand(cfg), nodes)
+    assert plan.ok and not plan.warnings, (plan.unplaced, plan.warnings, plan.memory)
+    (learner,) = [a for a in run_demand(cfg) if a.role == "learner"]
+    terms = {t.name: t.gb for t in learner.terms}
+    recompute = terms["backward: one checkpointed block recomputed"]
+    full = load_config(path, ["model.gradient_checkpointing=false"])
+    (plain,) = [a for a in run_demand(full) if a.role == "learner"]
+    saved = {t.name: t.gb for t in plain.terms}["activations of 1 samples (saved for backward)"]
+    assert 0 < recompute < saved and terms["activations of 1 samples (saved for backward)"] < saved / 10
+    assert not plan_run(run_demand(full), nodes).ok
+
+
+def test_activation_checkpointing_trains_the_same_lora_gradients(tmp_path):
+    """``model.gradient_checkpointing`` turns on diffusers' checkpointing in the generator; the LoRA gradients of
+    one velocity loss are those without it (float32 CPU: the recompute runs the same kernels)."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tiny_flux2
+
+    from services.config import ModelConfig
+    from services.models import build_generator
+
+    path = str(tiny_flux2.save_tiny_flux2_klein(tmp_path / "klein"))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)  # the same LoRA initialisation in both
+        gen = build_generator(ModelConfig(kind="flux2", path=path, resolution=32, lora_rank=2,
+                                          gradient_checkpointing=ckpt))  # fmt: skip
+        assert gen.transformer.is_gradient_checkpointing == ckpt
+        cond = gen.encode_prompts(["a photo of a cat"])
+        x = torch.randn(1, *gen.latent_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in gen.trainable_parameters():
+                p.add_(0.01)  # LoRA B starts at zero: move it so the A gradients are non-zero too
+        gen.velocity(x, torch.tensor([0.6]), cond).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in gen.trainable_parameters()]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
