@@ -65,7 +65,7 @@ class SigmaSchedule(Protocol):
 
     def sigma_grid(self, num_steps: int, shift: float | None = None) -> Tensor: ...
 
-    def train_shift(self, shift: float | None = None) -> float: ...
+    def train_shift(self, shift: float | None = None, *, num_steps: int | None = None) -> float: ...
 
 
 class PointMethod(Protocol):
@@ -258,7 +258,7 @@ class _ForwardSource(PointSource[P, B]):
             lo, hi = bounds[:-1], bounds[1:]
             idx = lo + (torch.rand(n, k, generator=g) * (hi - lo)).long()
             return grid[idx.clamp_max(len(grid) - 1)]
-        shift = self.schedule.train_shift(ro.shift)
+        shift = self.schedule.train_shift(ro.shift, num_steps=ro.num_steps)
         flat = sample_sigmas(n * k, scheme=scheme, shift=shift, low=lc.sigma_min, high=lc.sigma_max, generator=g)
         return flat.view(n, k)
 

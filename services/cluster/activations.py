@@ -228,10 +228,13 @@ class TransformerBytes:
     Attributes:
         saved: saved for backward by a forward with grad (the learner's ``v_theta``).
         no_grad_peak: peak of live intermediates of a forward under ``no_grad`` (rollouts, ``v_ref``).
+        recompute: with activation checkpointing (``saved`` then holds the checkpointed blocks' inputs), what the
+            backward re-materialises beside them: the largest block's saved activations; 0 without.
     """
 
     saved: int
     no_grad_peak: int
+    recompute: int = 0
 
 
 def measure(tr, kwargs: dict, dtype: torch.dtype, *, flash: bool = True) -> TransformerBytes:
@@ -256,13 +259,41 @@ def transformer_bytes(
     targets: tuple[str, ...],
     model_dir: str | None = None,
     latent_frames: int = 1,
+    checkpointing: bool = False,
 ) -> TransformerBytes:
     """One sample of ``family`` (``sd3`` / ``sd3.5-medium`` / ``sd3.5-large`` / ``flux``), measured on meta
-    (SD3.5-M at 512 px: ~30 s on two busy cores, FLUX ~15 s; cached per process); ``latent_frames``: a video's."""
+    (SD3.5-M at 512 px: ~30 s on two busy cores, FLUX ~15 s; cached per process); ``latent_frames``: a video's; ``checkpointing``: with
+    the transformer's activation checkpointing (``model.gradient_checkpointing``), measured once more."""
     with torch.device("meta"):
         tr = build_transformer(_config(family, "transformer", model_dir), getattr(torch, dtype), lora_rank, targets)
     inputs = transformer_inputs(tr, resolution // 8, text_tokens, latent_frames=latent_frames)
-    return measure(tr, inputs, getattr(torch, dtype))
+    full = measure(tr, inputs, getattr(torch, dtype))
+    if not checkpointing:
+        return full
+    largest = _largest_block_saved(tr, inputs, getattr(torch, dtype))
+    tr.enable_gradient_checkpointing()  # diffusers' own (non-reentrant): the blocks keep only their inputs
+    ckpt = measure(tr, inputs, getattr(torch, dtype))
+    return TransformerBytes(saved=ckpt.saved, no_grad_peak=ckpt.no_grad_peak, recompute=largest)
+
+
+def _largest_block_saved(tr, inputs: dict, dtype: torch.dtype) -> int:
+    """The most bytes one of ``tr``'s checkpointable blocks saves for backward (less its weights and inputs):
+    one forward with grad through diffusers' checkpointing hook, each block measured instead of checkpointed."""
+    sizes: list[int] = []
+
+    def probe(fn, *args, **kwargs):
+        out: list = []
+        given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        sizes.append(saved_bytes(lambda: out.append(fn(*args, **kwargs)), exclude=[*tr.parameters(), *given]))
+        return out[0]
+
+    tr.enable_gradient_checkpointing(gradient_checkpointing_func=probe)
+    with CudaAutocast(dtype, flash=True):
+        tr(**inputs)
+    tr.disable_gradient_checkpointing()
+    if not sizes:
+        raise ValueError(f"{type(tr).__name__} checkpoints no block: model.gradient_checkpointing cannot apply")
+    return max(sizes)
 
 
 @functools.lru_cache(maxsize=8)

@@ -127,7 +127,8 @@ def _measured(cfg: ExperimentConfig, family: str) -> TransformerBytes:
     local = m.path if m.path and Path(m.path).is_dir() else None
     return transformer_bytes(family, resolution=m.resolution, text_tokens=text_tokens(cfg), dtype=m.dtype,
                              lora_rank=m.lora_rank, targets=tuple(m.lora_targets), model_dir=local,
-                             latent_frames=families.spec(m.kind).latent_frames(m.num_frames))  # fmt: skip
+                             latent_frames=families.spec(m.kind).latent_frames(m.num_frames),
+                             checkpointing=m.gradient_checkpointing)  # fmt: skip
 
 
 def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
@@ -135,10 +136,13 @@ def training_terms(cfg: ExperimentConfig, family: str) -> list[Term]:
     per, n = _measured(cfg, family), cfg.learner.micro_batch * _rows(cfg)
     hint = "lower learner.micro_batch"
     saved = f"activations of {cfg.learner.micro_batch} samples (saved for backward)"
-    return [
+    terms = [
         Term(saved, per.saved * n / 1e9, "train", hint),
         Term("no-grad forwards beside them (v_ref / v_old)", per.no_grad_peak * n / 1e9, "train", hint),
     ]
+    if cfg.model.gradient_checkpointing:  # the checkpointed blocks' inputs above, one block recomputed in backward
+        terms.append(Term("backward: one checkpointed block recomputed", per.recompute * n / 1e9, "train", hint))
+    return terms
 
 
 def rollout_terms(cfg: ExperimentConfig, family: str, share: int) -> list[Term]:
@@ -183,7 +187,8 @@ def _weights(model: ModelConfig) -> tuple[float, float, float, float]:
     else:
         params = variant.transformer_params
         tr, rest = params * width / 1e9, families.VAE_B * width
-        enc = (families.spec(model.kind).components_b - families.VAE_B) * width
+        comps_b = families.spec(model.kind).components_b if variant.components_b is None else variant.components_b
+        enc = (comps_b - families.VAE_B) * width
     trainable = float(variant.lora_per_rank * model.lora_rank) if model.lora_rank else params
     return tr, enc, rest, trainable
 

@@ -45,6 +45,8 @@ class Variant:
         transformer_params / lora_per_rank: counted on the published config (meta device).
         overrides: changes to the folder's transformer config (SD3-medium: SD3.5-M's blocks without the second
             attention and the qk-norm, its ``pos_embed_max_size`` 192).
+        components_b: the variant's text encoders plus VAE (billions) where they differ from the family's
+            ``FamilySpec.components_b`` (FLUX.2 [klein]'s Qwen3 against [dev]'s Mistral); None = the family's.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Variant:
     transformer_params: int
     lora_per_rank: int
     overrides: Mapping[str, object] = field(default_factory=dict)
+    components_b: float | None = None
 
 
 @dataclass(frozen=True)

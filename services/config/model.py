@@ -54,6 +54,11 @@ class ModelConfig(Section):
         description="sd3/flux: T5 tokens per prompt (pipe.encode_prompt's max_sequence_length; flow_grpo's 128, "
         "diffusers' defaults are 256 for SD3 and 512 for FLUX); SD3's prompt_embeds are CLIP's 77 + this",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="the transformer's activation checkpointing (diffusers enable_gradient_checkpointing): the "
+        "backward recomputes each block instead of holding its activations (FLUX.2 [dev] needs it to fit 80 GB)",
+    )
     prompt_embeddings: Literal["once", "per_actor"] = Field(
         "once",
         description="sd3/flux training: 'once' = one pre-pass loads only the text encoders and encodes the training "

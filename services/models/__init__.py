@@ -30,6 +30,9 @@ def build_generator(
     path = path or model_cfg.path
     if path is None:  # the embedded default is prepared (pretrained and cached) by services.prepare
         raise ValueError("no model path: pass path=services.prepare.resolve_model(model_cfg).path")
-    return family(model_cfg.kind).build_generator(
+    gen = family(model_cfg.kind).build_generator(
         model_cfg, path, device=device, prompt_embeddings=prompt_embeddings, lora=lora
     )
+    if model_cfg.gradient_checkpointing:  # diffusers' own: each block's forward is recomputed in backward
+        gen.transformer.enable_gradient_checkpointing()
+    return gen

@@ -128,6 +128,11 @@ class FlowGenerator:
         """``(T + 1,)`` sampling grid of this family (``shift``: a static override, ``None`` = the scheduler's)."""
         return self.schedule.sigma_grid(num_steps, shift=shift)
 
+    def cfg_scale(self, guidance_scale: float) -> float:
+        """The CFG scale this model applies for a requested ``guidance_scale`` (the requested one by default; a
+        step-distilled model that ignores guidance: 1)."""
+        return guidance_scale
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` to ``compute_dtype`` on this device, or nothing at float32 (bit-identical)."""
         if self.compute_dtype == torch.float32:
@@ -187,6 +192,7 @@ class FlowGenerator:
         """``(policy, reference)`` ``(x, sigma) -> v`` closures for ``prompts`` with CFG (the null prompt
         is encoded only when ``guidance_scale != 1``); the prompts are encoded once for both.
         ``micro_batch``: samples per transformer call (see :meth:`guided_velocity_fn`)."""
+        guidance_scale = self.cfg_scale(guidance_scale)
         cond = self.encode_prompts(list(prompts))
         null = self.encode_prompts([""] * len(prompts)) if guidance_scale != 1.0 else None
         return (

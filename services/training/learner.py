@@ -116,7 +116,7 @@ class Learner:
         self.bins = BinMultipliers(ng)  # NormGuard's per-sigma-bin ratios and multipliers
         self._needs_old = self.method.reads_v_old() or lc.track_old_policy_gap
         self.copies.remember(self.version)
-        self._guidance = self.method.train_guidance(cfg.rollout)
+        self._guidance = self.gen.cfg_scale(self.method.train_guidance(cfg.rollout))
 
     # ---- training points (services.points: the method's point source) ----------------
     def _points(self, batch: TrainBatch, epoch: int) -> TrainingPoints:

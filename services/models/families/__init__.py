@@ -17,6 +17,7 @@ from services.models.families.base import ModelFamily
 from services.models.families.colour import COLOUR
 from services.models.families.digits import DIGITS
 from services.models.families.flux import FLUX
+from services.models.families.flux2 import FLUX2
 from services.models.families.pipeline import PipelineFamily
 from services.models.families.qwen_image import QWEN_IMAGE
 from services.models.families.sd3 import SD3
@@ -26,7 +27,7 @@ from services.models.families.z_image import Z_IMAGE
 __all__ = ["FAMILIES", "ModelFamily", "PipelineFamily", "family", "family_of_transformer"]
 
 FAMILIES: Mapping[str, ModelFamily] = MappingProxyType(
-    {f.name: f for f in (DIGITS, COLOUR, SD3, FLUX, QWEN_IMAGE, WAN, Z_IMAGE)}
+    {f.name: f for f in (DIGITS, COLOUR, SD3, FLUX, QWEN_IMAGE, WAN, Z_IMAGE, FLUX2)}
 )
 if set(FAMILIES) != set(SPECS) or any(FAMILIES[n].spec is not SPECS[n] for n in SPECS):
     raise ImportError(f"behaviour families {sorted(FAMILIES)} do not match the data ones {sorted(SPECS)}")

@@ -36,7 +36,8 @@ class PipelineFamily(ModelFamily):
         text = dict(max_sequence_length=m.max_sequence_length, prompt_embeddings=prompt_embeddings)
         return self.generator(path, resolution=m.resolution, device=device, dtype=m.dtype, **text, **lora)
 
-    def pipeline_class(self):
+    def pipeline_class(self, path: str | None = None):
+        """The diffusers pipeline class (of the model at ``path`` where the family has several; one by default)."""
         import diffusers
 
         return getattr(diffusers, self.spec.pipeline_class)
@@ -49,7 +50,7 @@ class PipelineFamily(ModelFamily):
         """The pipeline at ``path`` in ``dtype``: every component, only the transformer / VAE / scheduler
         (``image``: the text parts passed as ``None``, never read), or only the tokenizers and text encoders
         (``text``; the transformer too where :meth:`text_needs_transformer`)."""
-        cls, what = self.pipeline_class(), self.name
+        cls, what = self.pipeline_class(path), self.name
         skip = {"all": (), "image": self.spec.text_parts, "text": _IMAGE_PARTS}[parts]
         pipe = load_pretrained_checked(cls, path, what=what, torch_dtype=DTYPES[dtype], **dict.fromkeys(skip))
         if parts == "text" and self.text_needs_transformer(pipe):
