@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from services.config.families_flux2 import FLUX2
 from services.config.families_qwen_image import QWEN_IMAGE
 from services.config.families_wan import WAN
 from services.config.families_z_image import Z_IMAGE
-from services.config.families_flux2 import FLUX2
 from services.config.family_spec import CLIP_G_B, CLIP_L_B, T5_XXL_B, VAE_B, FamilySpec, LoraDefaults, Variant
 
 __all__ = [
