@@ -46,11 +46,12 @@ class ZImageSchedule(FlowSchedule):
     def sigma_grid(self, num_steps: int, shift: float | None = None) -> Tensor:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if shift is not None and self.mu is not None:
-            warnings.warn(f"a static shift {shift} replaces this scheduler's mu = {self.mu:.4f}", stacklevel=2)
-        static = shift if shift is not None else (self.shift if self.mu is None else None)
+        mu = self.mu_at(num_steps)
+        if shift is not None and mu is not None:
+            warnings.warn(f"a static shift {shift} replaces this scheduler's mu = {mu:.4f}", stacklevel=2)
+        static = shift if shift is not None else (self.shift if mu is None else None)
         base = np.array(torch.linspace(1.0, 1 / num_steps, num_steps).tolist()).astype(np.float32)
-        out = torch.from_numpy(np.asarray(self._shifted(base, static))).to(torch.float32)
+        out = torch.from_numpy(np.asarray(self._stretched(self._shifted(base, static, mu)))).to(torch.float32)
         return torch.cat([out, out.new_zeros(1)])
 
 
