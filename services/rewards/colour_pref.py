@@ -116,6 +116,8 @@ def train_colour_pref(
     """Fit :class:`ColourPref` on the task's real training scenes (module docstring); held-out figures."""
     from services.data.colour import TEST_SEED, TRAIN_SEED, colour_dataset
 
+    if steps < 1:  # the held-out figures report the last step's loss
+        raise ValueError(f"colour_pref: steps must be >= 1, got {steps}")
     x, y = colour_dataset(num_real, TRAIN_SEED)
     x = (x + 1) / 2  # [-1, 1] -> [0, 1]: the edits act on images
     torch.manual_seed(seed + 3)
@@ -144,7 +146,9 @@ def pref_dir(scorer_path: str | Path, steps: int) -> Path:
     return Path(scorer_path) / f"pref-{steps}-{PREF_VERSION}"
 
 
-def build_colour_pref(scorer_path: str | Path, *, steps: int = 400, seed: int = 0, log=print) -> Path:
+def build_colour_pref(
+    scorer_path: str | Path, *, steps: int = 400, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
     """Train and cache the preference proxy under ``scorer_path`` (once; ``build_once``)."""
     from services.models.cache import build_once
 
