@@ -24,7 +24,7 @@ sum ``g + f``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -48,7 +48,9 @@ class SplitAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self, closure=None, force: Sequence[Tensor | None] | None = None):  # noqa: D417
+    def step(  # noqa: D417
+        self, closure: Callable[[], float] | None = None, force: Sequence[Tensor | None] | None = None
+    ) -> float | None:
         """One step; ``force`` is one tensor (or ``None``) per parameter, in ``param_groups`` order.
 
         Args:

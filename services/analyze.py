@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from normguard_core.analysis import magnitude_sensitivity
+from normguard_core.analysis import AdjointSensitivity, magnitude_sensitivity
 from normguard_core.conventions import sigma_grid
 from services.config.families import require
 from services.report import format_table
@@ -21,7 +21,7 @@ from services.report import format_table
 __all__ = ["adjoint_report"]
 
 
-def _rows(name: str, res, sigmas: torch.Tensor) -> list[dict]:
+def _rows(name: str, res: AdjointSensitivity, sigmas: torch.Tensor) -> list[dict]:
     return [
         {
             "model": name,
@@ -44,7 +44,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     from services.models import build_generator
     from services.models.sampling import fixed_noise
     from services.prepare import prepare_embedded
-    from services.rewards import build_scorer
+    from services.rewards import DifferentiableScorer, build_scorer
 
     run_dir = Path(run_dir)
     cfg = ExperimentConfig.model_validate_json((run_dir / "config.json").read_text())
@@ -56,7 +56,10 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     if not spec.name.startswith("digits_") or spec.impl:
         raise ValueError(f"analyze needs a differentiable embedded digits proxy; the run's reward is {spec.name!r}")
     scorer = build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options)
+    if not isinstance(scorer, DifferentiableScorer):
+        raise TypeError(f"analyze needs a scorer with differentiable_score; {spec.name!r} has none")
     prompts = [digit_prompt(i % 10) for i in range(samples)]
+    assert cfg.rollout.shift is not None, "ExperimentConfig fills in the digits grid's shift (_digits_grid)"
     sigmas = sigma_grid(steps, shift=cfg.rollout.shift)
     rows, out = [], {}
     for name in ("base", "trained"):

@@ -154,6 +154,7 @@ def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print)
     embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
     unless ``model.path`` names a prepared directory."""
     if not spec(model_cfg.kind).embedded:
+        assert model_cfg.path, "ModelConfig._needs_path requires model.path for a non-embedded kind"
         return ResolvedModel(model_cfg.path)
     if model_cfg.path:
         # digits keeps its scorers in scorers/, colour in scorers-<steps>-<fakes>/

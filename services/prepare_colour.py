@@ -25,7 +25,12 @@ import torch
 
 from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
 from services.data.colour import all_prompts, real_colour_images
-from services.models.colour import DEFAULT_GUIDANCE, load_colour_generator, load_or_pretrain_colour
+from services.models.colour import (
+    DEFAULT_GUIDANCE,
+    ColourGenerator,
+    load_colour_generator,
+    load_or_pretrain_colour,
+)
 from services.types import EmbeddedAssets
 
 __all__ = ["COLOUR_SCORERS", "colour_preview", "colour_scorers", "prepare_colour"]
@@ -45,7 +50,7 @@ SCORER_VERSION = "r2"  # r2: the realism detector's real class is VAE reconstruc
 MEASURED_SECONDS = {"vae": 218.0, "transformer": 210.0, "scorers": 99.0}  # the run of the module docstring
 
 
-def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
+def _base_samples(gen: ColourGenerator, *, num: int, seed: int) -> torch.Tensor:
     """``(num, 3, 32, 32)`` base-model samples in [-1, 1]: 4 / 20 steps x guidance 1 / default, shuffled."""
     from services.models.sampling import fixed_noise, sample
 
@@ -61,7 +66,7 @@ def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
     return fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(seed))]
 
 
-def _vae_round_trip(gen) -> Callable[[torch.Tensor], torch.Tensor]:
+def _vae_round_trip(gen: ColourGenerator) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> decode(encode(x))`` through the generator's VAE, in [-1, 1], batched, no grad."""
     from services.models.colour_vae import decode_latents, encode_images
 

@@ -137,6 +137,7 @@ class FlowSchedule:
     def _shifted(self, sigmas: np.ndarray, static: float | None) -> np.ndarray:
         if static is not None:
             return static * sigmas / (1 + (static - 1) * sigmas)
+        assert self.mu is not None, "sigma_grid passes static=None only for a dynamic (mu) schedule"
         if self.time_shift_type == "exponential":
             return math.exp(self.mu) / (math.exp(self.mu) + (1 / sigmas - 1) ** 1.0)
         return self.mu / (self.mu + (1 / sigmas - 1) ** 1.0)

@@ -126,6 +126,7 @@ def train_colour_pref(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, steps), pct_start=0.1)
     gen = torch.Generator().manual_seed(seed + 3)
     model.train()
+    loss: Tensor | None = None
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         w, lo, lab = preference_pairs(x[idx], y[idx], gen)
@@ -136,6 +137,7 @@ def train_colour_pref(
         opt.step()
         sched.step()
     model.eval().requires_grad_(False)
+    assert loss is not None, "steps >= 1 (checked above)"
     xt, yt = colour_dataset(1024, TEST_SEED)
     stats = {"final_loss": float(loss.detach()), **_held_out(model, (xt + 1) / 2, yt)}
     log(f"colour_pref held-out: {stats}")

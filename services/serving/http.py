@@ -25,13 +25,15 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str | list[str] = Field(description="one prompt or a list (one image each)")
-    num_steps: int | None = Field(None, ge=1, le=10_000, description="sampler steps (default: the few-step default)")
-    guidance_scale: float | None = Field(None, ge=1.0, le=1e6, description="CFG scale, finite")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="noise seed (random when omitted)")
-    size: int | None = Field(None, ge=8, le=4096, description="image side in pixels")
-    checkpoint: str = Field(BASE_ID, description="checkpoint id from GET /v1/models")
-    renormalize: bool = Field(False, description="rescale v to ||v_ref|| each step (inference baseline)")
-    format: str = Field("json", pattern="^(json|png)$", description="'png' returns image/png for one image")
+    num_steps: int | None = Field(
+        default=None, ge=1, le=10_000, description="sampler steps (default: the few-step default)"
+    )
+    guidance_scale: float | None = Field(default=None, ge=1.0, le=1e6, description="CFG scale, finite")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="noise seed (random when omitted)")
+    size: int | None = Field(default=None, ge=8, le=4096, description="image side in pixels")
+    checkpoint: str = Field(default=BASE_ID, description="checkpoint id from GET /v1/models")
+    renormalize: bool = Field(default=False, description="rescale v to ||v_ref|| each step (inference baseline)")
+    format: str = Field(default="json", pattern="^(json|png)$", description="'png' returns image/png for one image")
 
 
 def _unprocessable(messages: list[str]) -> HTTPException:

@@ -38,7 +38,9 @@ class Arm(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys -> values")
-    methods: list[str] | None = Field(None, description="only with these loss.name values (None = every method)")
+    methods: list[str] | None = Field(
+        default=None, description="only with these loss.name values (None = every method)"
+    )
     by_method: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra overrides for one loss.name (e.g. a KL weight per method)"
     )
@@ -47,18 +49,22 @@ class Arm(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("ablation", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(default="ablation", pattern=r"^[A-Za-z0-9._-]+$")
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig overrides shared by all trials")
     axes: tuple[Axis, ...] = Field(min_length=1)
-    num_samples: int = Field(1, ge=1, description="repeats of the grid (random axes are re-drawn)")
-    max_concurrent_trials: int = Field(1, ge=1)
-    trial_cpus: float = Field(0.01, gt=0, description="CPUs of the trial driver itself (its actors ask for their own)")
-    asha: bool = Field(False, description="early-stop trials with ASHA on `metric` vs the `step` attribute")
-    asha_grace_steps: int = Field(5, ge=1)
-    metric: str = Field("reward/mean", description="the per-step metric ASHA compares")
+    num_samples: int = Field(default=1, ge=1, description="repeats of the grid (random axes are re-drawn)")
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    trial_cpus: float = Field(
+        default=0.01, gt=0, description="CPUs of the trial driver itself (its actors ask for their own)"
+    )
+    asha: bool = Field(default=False, description="early-stop trials with ASHA on `metric` vs the `step` attribute")
+    asha_grace_steps: int = Field(default=5, ge=1)
+    metric: str = Field(default="reward/mean", description="the per-step metric ASHA compares")
     mode: Literal["max", "min"] = "max"
     output_dir: str = "runs/sweeps"
-    renorm_baseline: bool = Field(True, description="also evaluate each trial with inference-time renormalisation")
+    renorm_baseline: bool = Field(
+        default=True, description="also evaluate each trial with inference-time renormalisation"
+    )
     arms: dict[str, Arm] = Field(
         default_factory=dict, description="named override sets; an axis with key `arm` picks among them"
     )
@@ -66,12 +72,12 @@ class SweepConfig(BaseModel):
         default_factory=dict, description="overrides per loss.name for every arm (e.g. SDE rollouts for flow_grpo)"
     )
     local_trials: bool = Field(
-        False,
+        default=False,
         description="each trial runs its samplers, scorers and learner in the trial's own process (small models on "
         "few cores: no actor start-up, and trials run side by side, one core each)",
     )
     early_stop_control: bool = Field(
-        False,
+        default=False,
         description="after the grid: for every finished trial with normguard.weight > 0, train the same "
         "config with NormGuard off, stopped once its training reward reaches that trial's final reward",
     )

@@ -73,7 +73,7 @@ def h3_rows(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--few", type=int, default=4)
     ap.add_argument("--full", type=int, default=20)
