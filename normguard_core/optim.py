@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -46,6 +47,12 @@ class SplitAdamW(torch.optim.Optimizer):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @overload
+    def step(self, closure: None = None, force: Sequence[Tensor | None] | None = None) -> None: ...
+
+    @overload  # torch's closure form, kept for the Optimizer signature: it raises
+    def step(self, closure: Callable[[], float], force: Sequence[Tensor | None] | None = None) -> float: ...
 
     @torch.no_grad()
     def step(  # noqa: D417

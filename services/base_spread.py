@@ -55,6 +55,8 @@ def base_spread(cfg: ExperimentConfig, *, seeds: int = 5, extra: Sequence[str] =
     assets = prepare_task(cfg.model)
     gen = load_colour_generator(assets.model_path)
     scorers = _scorers(cfg, str(assets.scorer_path), extra)
+    if cfg.data.train_prompts is None:
+        raise ValueError("base_spread evaluates the config's data.train_prompts; the config names no file")
     prompts = [line.strip() for line in Path(cfg.data.train_prompts).read_text().splitlines() if line.strip()]
     ev = in_process(gen, scorers, judge="colour_judge", real_images=real_colour_images(1024, split="test"))
     values: dict[str, list[float]] = {}

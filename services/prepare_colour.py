@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from services.models.colour import (
     load_or_pretrain_colour,
 )
 from services.types import EmbeddedAssets
+
+if TYPE_CHECKING:
+    from services.rewards.base import RewardScorer
 
 __all__ = ["COLOUR_SCORERS", "colour_preview", "colour_scorers", "prepare_colour"]
 
@@ -114,7 +118,7 @@ def prepare_colour(
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
 
 
-def colour_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, object]:
+def colour_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, RewardScorer]:
     """Every colour scorer by name (the proxies, the judges and the statistics)."""
     from services.rewards import build_scorer
 

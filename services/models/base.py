@@ -79,7 +79,8 @@ class _PeftAdapters(Protocol):
 def _adapters(transformer: nn.Module) -> _PeftAdapters:
     if not isinstance(transformer, _PeftAdapters):
         raise TypeError(
-            f"LoRA needs a transformer with peft adapters (diffusers' PeftAdapterMixin), got {type(transformer).__name__}"
+            "LoRA needs a transformer with peft adapters (diffusers' PeftAdapterMixin), "
+            f"got {type(transformer).__name__}"
         )
     return transformer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,7 +90,7 @@ class ServeConfig(BaseModel):
         return self.allowed_sizes or (self.model.resolution,)
 
 
-def load_serve_config(path: str | Path | None = None, **overrides) -> ServeConfig:
+def load_serve_config(path: str | Path | None = None, **overrides: Any) -> ServeConfig:
     """The YAML at ``path`` plus ``overrides``; ``NORMGUARD_SERVE_TOKEN`` (e.g. from a Kubernetes
     Secret in the pod's environment) sets ``auth_token`` when neither gives one, so the token need
     not be written into a config file."""

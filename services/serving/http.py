@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.models.families import family
@@ -100,7 +101,7 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
     expected = cfg.auth_token.encode() if cfg.auth_token else None
 
     @api.middleware("http")
-    async def guard(request: Request, call_next):
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path  # relative to the app's route prefix (Serve sets root_path)
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):

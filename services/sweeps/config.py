@@ -93,8 +93,11 @@ class SweepConfig(BaseModel):
         import itertools
 
         keys = [a.key for a in self.axes]
+        grids = [a.grid for a in self.axes if a.grid is not None]
+        if len(grids) != len(self.axes):
+            raise ValueError("with arms, give grid values on every axis")
         out = []
-        for values in itertools.product(*(a.grid for a in self.axes)):
+        for values in itertools.product(*grids):
             params = dict(zip(keys, values))
             arm = self.arms[params["arm"]]
             if arm.methods is None or params.get("loss.name") in arm.methods:
@@ -105,12 +108,13 @@ class SweepConfig(BaseModel):
     def _check(self) -> SweepConfig:
         if self.arms:
             arm_axes = [a for a in self.axes if a.key == "arm"]
-            if not arm_axes or any(a.grid is None for a in self.axes):
+            arm_grid = arm_axes[0].grid if arm_axes else None
+            if arm_grid is None or any(a.grid is None for a in self.axes):
                 raise ValueError("with arms, give an axis with key `arm` and grid values on every axis")
-            unknown = sorted(set(arm_axes[0].grid) - set(self.arms))
+            unknown = sorted(set(arm_grid) - set(self.arms))
             if unknown:
                 raise ValueError(f"arm axis names undeclared arms {unknown}; declared: {sorted(self.arms)}")
-            for params in self.grid_trials():
+            for params in self.grid_trials() or []:  # a list: self.arms is set
                 self.trial_config(params, "check")
             return self
         trial = self.trial_config({a.key: _first(a) for a in self.axes}, "check")
@@ -121,11 +125,12 @@ class SweepConfig(BaseModel):
     def trial_config(self, params: dict[str, Any], trial_name: str) -> ExperimentConfig:
         params = dict(params)
         layers = [self.base]
-        arm = self.arms.get(params.pop("arm", None)) if self.arms else None
+        arm_name = params.pop("arm", None)
+        arm = self.arms.get(arm_name) if self.arms and arm_name is not None else None
         method = params.get("loss.name", self.base.get("loss.name"))
-        layers.append(self.by_method.get(method, {}))
+        layers.append(self.by_method.get(method, {}) if method is not None else {})
         if arm is not None:
-            layers += [arm.overrides, arm.by_method.get(method, {})]
+            layers += [arm.overrides, arm.by_method.get(method, {}) if method is not None else {}]
         layers.append(params)
         data: dict[str, Any] = {}
         for layer in layers:
@@ -143,7 +148,9 @@ def _first(axis: Axis) -> Any:
         return axis.grid[0]
     if axis.choice is not None:
         return axis.choice[0]
-    return (axis.uniform or axis.loguniform)[0]
+    bounds = axis.uniform or axis.loguniform
+    assert bounds is not None, "Axis._one_kind: an axis has exactly one of its kinds"
+    return bounds[0]
 
 
 PATH_KEYS = ("data.train_prompts", "data.eval_prompts")  # files a trial reads: made absolute at load time
