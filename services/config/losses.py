@@ -39,7 +39,7 @@ class _LossSection(Section):
 class NFTLoss(_LossSection):
     """DiffusionNFT (NVlabs/DiffusionNFT ``train_nft_sd3.py``, ``config/nft.py``); defaults are the source's."""
 
-    name: Literal["diffusion_nft"] = "diffusion_nft"  # pyright: ignore[reportIncompatibleVariableOverride] - see base
+    name: Literal["diffusion_nft"] = "diffusion_nft"  # pyright: ignore[reportIncompatibleVariableOverride] - frozen
     beta: float = Field(default=1.0, gt=0, description="DiffusionNFT mixing strength (1.0 in the SD3 configs, 0.1 OCR)")
     adv_clip_max: float = Field(default=ADV_CLIP_MAX, gt=0, description="advantage clip, maps A to r in [0, 1]")
     adaptive_weighting: bool = Field(default=True, description="x0-space self-normalised error (reference code)")
@@ -60,7 +60,7 @@ class NFTLoss(_LossSection):
 class AWMLoss(_LossSection):
     """AWM (scxue/advantage_weighted_matching ``train_sd3_awm.py``); defaults are ``config/dgx_awm.py``'s."""
 
-    name: Literal["awm"] = "awm"  # pyright: ignore[reportIncompatibleVariableOverride] - see base
+    name: Literal["awm"] = "awm"  # pyright: ignore[reportIncompatibleVariableOverride] - frozen
     weighting: Literal["uniform", "sigma", "sigma2", "huber", "ghuber"] = "ghuber"
     ghuber_power: float = Field(default=0.25, gt=0, description="p of the ghuber weighting")
     clip_range: float | None = Field(default=1.0, gt=0, description="PPO ratio clip; None = plain AWM")
@@ -81,7 +81,7 @@ class AWMLoss(_LossSection):
 class DPOLoss(_LossSection):
     """Flow-DPO (flow_grpo ``train_sd3_dpo.py``, ``config/dpo.py``)."""
 
-    name: Literal["flow_dpo"] = "flow_dpo"  # pyright: ignore[reportIncompatibleVariableOverride] - see base
+    name: Literal["flow_dpo"] = "flow_dpo"  # pyright: ignore[reportIncompatibleVariableOverride] - frozen
     beta: float = Field(default=100.0, gt=0, description="inverse temperature on per-element MSEs (flow_grpo SD3: 100)")
     min_gap: float = Field(default=0.0, ge=0, description="reward gap below which a group is a tie")
     ties: Literal["skip", "flow_grpo"] = Field(
@@ -96,7 +96,7 @@ class DPOLoss(_LossSection):
 class GRPOLoss(_LossSection):
     """Flow-GRPO (flow_grpo ``train_sd3.py``, ``config/grpo.py``)."""
 
-    name: Literal["flow_grpo"] = "flow_grpo"  # pyright: ignore[reportIncompatibleVariableOverride] - see base
+    name: Literal["flow_grpo"] = "flow_grpo"  # pyright: ignore[reportIncompatibleVariableOverride] - frozen
     clip_range: float = Field(default=1e-4, gt=0)
     adv_clip_max: float = Field(default=ADV_CLIP_MAX, gt=0)
     kl_weight: float = Field(

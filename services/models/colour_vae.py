@@ -75,7 +75,7 @@ def train_vae(
         x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
         post = vae.encode(x, return_dict=False)[0]
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = _decoded(vae.decode(z))  # pyright: ignore[reportArgumentType] - diffusers types z as torch.FloatTensor
+        rec = _decoded(vae.decode(z))  # pyright: ignore[reportArgumentType] - diffusers: z typed FloatTensor
         kl = post.kl().mean() / x[0].numel()  # per-pixel, as the reconstruction terms are means
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + KL_WEIGHT * kl
         if colour_weight:

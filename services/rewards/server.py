@@ -140,8 +140,9 @@ class RewardReplica:
                 "(the cluster's environment or runtime_env) or allow_unauthenticated: true for a loopback test"
             )
         # ray types serve.batch's result as a plain callable; the batched method has these setters (Serve docs)
-        self._batched.set_max_batch_size(cfg.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue]
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue]
+        b = self._batched
+        b.set_max_batch_size(cfg.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue] - ray stub
+        b.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue] - ray stub
 
     # ---- by handle ---------------------------------------------------------------------------
     async def score(self, payload: dict) -> dict:
@@ -278,8 +279,8 @@ def reward_app(cfg: RewardServerConfig):
     else:
         options["num_replicas"] = cfg.num_replicas
     # ray annotates serve.deployment as returning the decorator even when it is handed the class
-    deployment = serve.deployment(RewardReplica).options(**options)  # pyright: ignore[reportFunctionMemberAccess]
-    return deployment.bind(cfg.model_dump())
+    dep = serve.deployment(RewardReplica).options(**options)  # pyright: ignore[reportFunctionMemberAccess] - ray stub
+    return dep.bind(cfg.model_dump())
 
 
 def deploy(cfg: RewardServerConfig, *, blocking: bool = False):

@@ -117,7 +117,7 @@ class Replica:
             items = [it for it, _ in members]
             try:
                 # ray types serve.multiplexed's result as the coroutine, not the method that returns it
-                gen = await self.get_model(key[0])  # pyright: ignore[reportCallIssue]
+                gen = await self.get_model(key[0])  # pyright: ignore[reportCallIssue] - ray stub: serve.multiplexed
                 results = await loop.run_in_executor(self.compute, GeneratorCore.run_isolated, gen, items)
             except Exception as err:  # noqa: BLE001 - e.g. a checkpoint that fails to load: these requests only
                 results = [{"error": f"{type(err).__name__}: {clip(str(err))}"}] * len(items)

@@ -85,7 +85,7 @@ class Board:
 
 
 # ray's overloads of remote() leave out the actor options (max_concurrency); the call is Ray's documented one
-DrainBoard = ray.remote(num_cpus=0, max_concurrency=64)(Board)  # pyright: ignore[reportCallIssue]
+DrainBoard = ray.remote(num_cpus=0, max_concurrency=64)(Board)  # pyright: ignore[reportCallIssue] - ray stub
 
 
 class DrainGate:
@@ -112,7 +112,8 @@ class DrainGate:
             with contextlib.suppress(Exception):  # a missed beat is the next one's to make
                 knows = self.draining
                 # ray types an actor method's .remote() on a get_actor handle as Never; it is an awaitable ObjectRef
-                if await board.beat.remote(self.id, self.inflight, knows):  # pyright: ignore[reportGeneralTypeIssues]
+                beat = board.beat.remote(self.id, self.inflight, knows)
+                if await beat:  # pyright: ignore[reportGeneralTypeIssues] - ray stub
                     self.draining = True
             await asyncio.sleep(POLL_S)
 
