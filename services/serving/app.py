@@ -215,7 +215,7 @@ GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _ingress(api: FastAPI, base: type, name: str):
+def _ingress(api: "FastAPI", base: type, name: str):
     """``base`` as the FastAPI ingress deployment ``name``, with the service's routes."""
 
     @serve.deployment(name=name)
@@ -325,7 +325,7 @@ def serve_forever(
         ray.shutdown()
 
 
-def _stop(latch: StopLatch, cfg: ServeConfig, board: ActorHandle) -> int:
+def _stop(latch: StopLatch, cfg: ServeConfig, board: "ActorHandle") -> int:
     request = latch.wait()
     print(
         f"normguard serve: {request.name}: taking no new requests; finishing those in flight "
