@@ -17,6 +17,7 @@ from normguard_core.analysis import AdjointSensitivity, magnitude_sensitivity
 from normguard_core.conventions import sigma_grid
 from services.config.families import require
 from services.report import format_table
+from services.rewards.base import DifferentiableScorer, RewardScorer
 
 __all__ = ["adjoint_report"]
 
@@ -36,6 +37,12 @@ def _rows(name: str, res: AdjointSensitivity, sigmas: torch.Tensor) -> list[dict
     ]
 
 
+def _differentiable(scorer: RewardScorer) -> DifferentiableScorer:
+    if not isinstance(scorer, DifferentiableScorer):
+        raise TypeError(f"analyze needs a scorer with differentiable_score; {scorer.name!r} has none")
+    return scorer
+
+
 def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, seed: int = 0) -> list[dict]:
     """Adjoint sensitivities of the base and trained models of a digits run; writes adjoint.json/png."""
     from services.checkpoints import load_weights
@@ -44,7 +51,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     from services.models import build_generator
     from services.models.sampling import fixed_noise
     from services.prepare import prepare_embedded
-    from services.rewards import DifferentiableScorer, build_scorer
+    from services.rewards import build_scorer
 
     run_dir = Path(run_dir)
     cfg = ExperimentConfig.model_validate_json((run_dir / "config.json").read_text())
@@ -55,9 +62,7 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     spec = cfg.reward.scorers[0]  # the run's reward proxy (digits_ink by default), differentiable
     if not spec.name.startswith("digits_") or spec.impl:
         raise ValueError(f"analyze needs a differentiable embedded digits proxy; the run's reward is {spec.name!r}")
-    scorer = build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options)
-    if not isinstance(scorer, DifferentiableScorer):
-        raise TypeError(f"analyze needs a scorer with differentiable_score; {spec.name!r} has none")
+    scorer = _differentiable(build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options))
     prompts = [digit_prompt(i % 10) for i in range(samples)]
     assert cfg.rollout.shift is not None, "ExperimentConfig fills in the digits grid's shift (_digits_grid)"
     sigmas = sigma_grid(steps, shift=cfg.rollout.shift)
