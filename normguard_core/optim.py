@@ -24,7 +24,8 @@ sum ``g + f``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -47,8 +48,16 @@ class SplitAdamW(torch.optim.Optimizer):
             raise ValueError(f"invalid AdamW settings lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
+    @overload
+    def step(self, closure: None = None, force: Sequence[Tensor | None] | None = None) -> None: ...
+
+    @overload  # torch's closure form, kept for the Optimizer signature: it raises
+    def step(self, closure: Callable[[], float], force: Sequence[Tensor | None] | None = None) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure=None, force: Sequence[Tensor | None] | None = None):  # noqa: D417
+    def step(  # noqa: D417
+        self, closure: Callable[[], float] | None = None, force: Sequence[Tensor | None] | None = None
+    ) -> float | None:
         """One step; ``force`` is one tensor (or ``None``) per parameter, in ``param_groups`` order.
 
         Args:

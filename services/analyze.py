@@ -13,15 +13,16 @@ from pathlib import Path
 
 import torch
 
-from normguard_core.analysis import magnitude_sensitivity
+from normguard_core.analysis import AdjointSensitivity, magnitude_sensitivity
 from normguard_core.conventions import sigma_grid
 from services.config.families import require
 from services.report import format_table
+from services.rewards.base import DifferentiableScorer, RewardScorer
 
 __all__ = ["adjoint_report"]
 
 
-def _rows(name: str, res, sigmas: torch.Tensor) -> list[dict]:
+def _rows(name: str, res: AdjointSensitivity, sigmas: torch.Tensor) -> list[dict]:
     return [
         {
             "model": name,
@@ -34,6 +35,12 @@ def _rows(name: str, res, sigmas: torch.Tensor) -> list[dict]:
         }
         for k in range(len(res.mean))
     ]
+
+
+def _differentiable(scorer: RewardScorer) -> DifferentiableScorer:
+    if not isinstance(scorer, DifferentiableScorer):
+        raise TypeError(f"analyze needs a scorer with differentiable_score; {scorer.name!r} has none")
+    return scorer
 
 
 def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, seed: int = 0) -> list[dict]:
@@ -55,8 +62,9 @@ def adjoint_report(run_dir: str | Path, *, steps: int = 10, samples: int = 40, s
     spec = cfg.reward.scorers[0]  # the run's reward proxy (digits_ink by default), differentiable
     if not spec.name.startswith("digits_") or spec.impl:
         raise ValueError(f"analyze needs a differentiable embedded digits proxy; the run's reward is {spec.name!r}")
-    scorer = build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options)
+    scorer = _differentiable(build_scorer(spec.name, path=str(assets.scorer_path), options=spec.options))
     prompts = [digit_prompt(i % 10) for i in range(samples)]
+    assert cfg.rollout.shift is not None, "ExperimentConfig fills in the digits grid's shift (_digits_grid)"
     sigmas = sigma_grid(steps, shift=cfg.rollout.shift)
     rows, out = [], {}
     for name in ("base", "trained"):

@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
+    from services.rewards.base import RewardScorer
 
 __all__ = ["base_spread", "main"]
 
 
-def _scorers(cfg, scorer_path: str, extra: Sequence[str]) -> dict[str, object]:
+def _scorers(cfg: ExperimentConfig, scorer_path: str, extra: Sequence[str]) -> dict[str, RewardScorer]:
     from services.rewards import build_scorer
 
     specs = {s.name: s for s in (*cfg.reward.scorers, *cfg.reward.eval_scorers)}
@@ -36,7 +41,7 @@ def _scorers(cfg, scorer_path: str, extra: Sequence[str]) -> dict[str, object]:
     return out
 
 
-def base_spread(cfg, *, seeds: int = 5, extra: Sequence[str] = ()) -> dict[str, list[float]]:
+def base_spread(cfg: ExperimentConfig, *, seeds: int = 5, extra: Sequence[str] = ()) -> dict[str, list[float]]:
     """``eval/<metric>_<steps>steps`` -> its values over ``seeds`` evaluation seeds of the base model."""
     from pathlib import Path
 
@@ -50,6 +55,8 @@ def base_spread(cfg, *, seeds: int = 5, extra: Sequence[str] = ()) -> dict[str, 
     assets = prepare_task(cfg.model)
     gen = load_colour_generator(assets.model_path)
     scorers = _scorers(cfg, str(assets.scorer_path), extra)
+    if cfg.data.train_prompts is None:
+        raise ValueError("base_spread evaluates the config's data.train_prompts; the config names no file")
     prompts = [line.strip() for line in Path(cfg.data.train_prompts).read_text().splitlines() if line.strip()]
     ev = in_process(gen, scorers, judge="colour_judge", real_images=real_colour_images(1024, split="test"))
     values: dict[str, list[float]] = {}
@@ -72,7 +79,7 @@ def base_spread(cfg, *, seeds: int = 5, extra: Sequence[str] = ()) -> dict[str, 
 def main(argv: list[str] | None = None) -> None:
     from services.config import load_config
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     ap.add_argument("--seeds", type=int, default=5)

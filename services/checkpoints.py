@@ -121,7 +121,9 @@ def resolve_checkpoint(path: str | Path, step: int | None = None) -> Path:
             raise CheckpointError(f"checkpoint {cand} is corrupt or partial: {problem}")
         return cand
     if (root / "latest").is_file():
-        return latest_intact(p)
+        found = latest_intact(p)
+        assert found is not None, "latest_intact finds a checkpoint (or raises) once checkpoints/latest exists"
+        return found
     if (p / WEIGHTS).is_file() or (p / "learner.pt").is_file():
         return p
     raise CheckpointError(f"no checkpoint at {path} (expected a run directory or a checkpoint with {WEIGHTS})")

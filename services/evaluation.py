@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from services.report import eval_key
+
+if TYPE_CHECKING:
+    from services.models.base import FlowGenerator
+    from services.rewards.base import RewardScorer
 
 __all__ = ["EvalPlan", "EvalResult", "Evaluator", "evaluate", "in_process"]
 
@@ -84,7 +89,8 @@ def evaluate(plan: EvalPlan, ev: Evaluator, *, renormalize: bool = False) -> Eva
     prompts = [p for p in plan.prompts for _ in range(per)]
     meta = [m for m in plan.metadata for _ in range(per)] if plan.metadata else None
     groups = torch.arange(len(plan.prompts)).repeat_interleave(per)  # one group per prompt
-    real = ev.features(ev.real_images) if ev.features is not None and ev.real_images is not None else None
+    features = ev.features
+    real = features(ev.real_images) if features is not None and ev.real_images is not None else None
     result = EvalResult()
     for n in sorted(set(plan.steps)):
         out = ev.sample(prompts, n, plan.guidance_scale, plan.shift, plan.seed, renormalize)
@@ -95,8 +101,8 @@ def evaluate(plan: EvalPlan, ev: Evaluator, *, renormalize: bool = False) -> Eva
                 result.metrics[eval_key(name, n)] = float(scores[name].mean())
         result.ratio_per_step[n] = out["ratio"].mean(dim=1).tolist()
         result.metrics[eval_key("norm_ratio", n)] = float(out["ratio"].mean())
-        if real is not None:
-            result.metrics.update(feature_metrics(ev.features(out["images"]), real, groups, n))
+        if features is not None and real is not None:
+            result.metrics.update(feature_metrics(features(out["images"]), real, groups, n))
     return result
 
 
@@ -115,10 +121,17 @@ def feature_metrics(fake: Tensor, real: Tensor, groups: Tensor, n: int) -> dict[
     return out
 
 
-def in_process(gen, scorers: Mapping[str, object], *, judge: str | None = None, real_images=None) -> Evaluator:
+def in_process(
+    gen: FlowGenerator,
+    scorers: Mapping[str, RewardScorer],
+    *,
+    judge: str | None = None,
+    real_images: Tensor | None = None,
+) -> Evaluator:
     """An :class:`Evaluator` on a generator and scorer objects in this process (``judge``: the scorer
     whose ``features`` the set-level metrics use)."""
     from services.models.sampling import fixed_noise, sample
+    from services.rewards.base import FeatureJudge
 
     def sample_fn(
         prompts: Sequence[str], n: int, guidance: float, shift: float | None, seed: int, renorm: bool
@@ -127,14 +140,20 @@ def in_process(gen, scorers: Mapping[str, object], *, judge: str | None = None, 
         out = sample(gen, prompts, noise=noise, num_steps=n, guidance_scale=guidance, shift=shift, renormalize=renorm)
         return {"images": out.images, "ratio": out.ratio}
 
-    def score_fn(images: Tensor, prompts: Sequence[str], groups: Tensor, meta) -> dict[str, Tensor]:
+    def score_fn(
+        images: Tensor, prompts: Sequence[str], groups: Tensor, meta: Sequence[dict] | None
+    ) -> dict[str, Tensor]:
         return {name: s.score(images, list(prompts)) for name, s in scorers.items()}
 
-    features = None
-    if judge is not None:
+    if judge is None:
+        return Evaluator(sample=sample_fn, score=score_fn, features=None, real_images=real_images)
+    judge_name = judge
 
-        def features(images: Tensor) -> Tensor:
-            with torch.no_grad():
-                return scorers[judge].features(images)
+    def features(images: Tensor) -> Tensor:
+        scorer = scorers[judge_name]
+        if not isinstance(scorer, FeatureJudge):
+            raise TypeError(f"judge {judge_name!r} ({type(scorer).__name__}) has no features(images) method")
+        with torch.no_grad():
+            return scorer.features(images)
 
     return Evaluator(sample=sample_fn, score=score_fn, features=features, real_images=real_images)

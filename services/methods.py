@@ -300,6 +300,8 @@ class FlowGRPO(Method[GRPOLoss, StepBatch]):
         return self.cfg.guard  # GRPO-Guard's ratio reads the sampling policy's SDE mean
 
     def kl_scale(self, sigma: Tensor, sigma_next: Tensor | None, noise_level: float) -> Tensor:
+        if sigma_next is None:
+            raise ValueError("Flow-GRPO's SDE KL weight needs the step's next sigma")
         return sde_kl_scale(sigma, sigma_next, noise_level=noise_level)
 
     def targets(self, reward: Tensor, group_ids: Tensor, adv: AdvantageConfig) -> Targets:

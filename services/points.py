@@ -213,12 +213,14 @@ class PointSource(Generic[P, B]):
         """This epoch's training points (rows ``unit * K + j``)."""
         raise NotImplementedError
 
-    def inputs(self, batch: TrainBatch, pts: P, rows: Tensor, device) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(
+        self, batch: TrainBatch, pts: P, rows: Tensor, device: torch.device | str
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``(x (R, *D), sigma (R,), condition rows (R,))`` of the velocity call at ``rows`` (on ``device``,
         the condition rows on the CPU)."""
         raise NotImplementedError
 
-    def lagged_inputs(self, batch: TrainBatch, pts: P, rows: Tensor, device) -> tuple[Tensor, ...]:
+    def lagged_inputs(self, batch: TrainBatch, pts: P, rows: Tensor, device: torch.device | str) -> tuple[Tensor, ...]:
         """:meth:`inputs` of the lagged copies: one per row (a pair's winner only)."""
         return tuple(t[: len(rows)] for t in self.inputs(batch, pts, rows, device))
 
@@ -279,7 +281,9 @@ class SamplePoints(_ForwardSource[SampleDraw, SampleBatch]):
         adv, r = batch.advantages[unit], batch.reward_prob[unit]
         return SampleDraw(unit=unit, sample=unit, sigma=sigma, noise=noise, adv=adv, r=r)
 
-    def inputs(self, batch: TrainBatch, pts: SampleDraw, rows: Tensor, device) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(
+        self, batch: TrainBatch, pts: SampleDraw, rows: Tensor, device: torch.device | str
+    ) -> tuple[Tensor, Tensor, Tensor]:
         sigma, noise, idx = pts.sigma[rows], pts.noise[rows], pts.sample[rows]
         return interpolate(batch.latents[idx], noise, sigma).to(device), sigma.to(device), idx
 
@@ -308,7 +312,9 @@ class PairPoints(_ForwardSource[PairDraw, PairBatch]):
         unit, sigma, noise = self._sigma_noise(batch, epoch)
         return PairDraw(unit=unit, sample=unit, loser=unit + batch.num_pairs, sigma=sigma, noise=noise)
 
-    def inputs(self, batch: TrainBatch, pts: PairDraw, rows: Tensor, device) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(
+        self, batch: TrainBatch, pts: PairDraw, rows: Tensor, device: torch.device | str
+    ) -> tuple[Tensor, Tensor, Tensor]:
         sigma, noise = pts.sigma[rows], pts.noise[rows]
         idx = torch.cat([pts.sample[rows], pts.loser[rows]])
         sigma, noise = torch.cat([sigma, sigma]), torch.cat([noise, noise])
@@ -333,6 +339,13 @@ class PairPoints(_ForwardSource[PairDraw, PairBatch]):
         return Micro(loss_batch, self.method.kl_scale(at.sigma, None, 0.0))
 
 
+def _trajectory(batch: TrainBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch's stored SDE ``(states, log_probs, sigmas)``; a batch of an ODE rollout has none."""
+    if batch.states is None or batch.log_probs is None or batch.sigmas is None:
+        raise ValueError("trajectory points (Flow-GRPO) need the batch's SDE states, log_probs and sigmas")
+    return batch.states, batch.log_probs, batch.sigmas
+
+
 class TrajectoryPoints(PointSource[StepDraw, StepBatch]):
     """Flow-GRPO's points: K of the T stored SDE steps per sample, permuted per sample.
 
@@ -347,15 +360,18 @@ class TrajectoryPoints(PointSource[StepDraw, StepBatch]):
     def draw(self, batch: TrainBatch, epoch: int) -> StepDraw:
         g, k, n = self.generator(batch, epoch), self.timesteps, batch.units
         unit = torch.arange(n).repeat_interleave(k)  # (n K,)
-        t = batch.log_probs.shape[0]
+        t = _trajectory(batch)[1].shape[0]
         if k > t:
             raise ValueError(f"timesteps_per_sample={k} > the {t} rollout steps")
         steps = torch.stack([torch.randperm(t, generator=g)[:k] for _ in range(n)]).flatten() if n else unit
         return StepDraw(unit=unit, sample=unit, step_k=steps, adv=batch.advantages[unit])
 
-    def inputs(self, batch: TrainBatch, pts: StepDraw, rows: Tensor, device) -> tuple[Tensor, Tensor, Tensor]:
+    def inputs(
+        self, batch: TrainBatch, pts: StepDraw, rows: Tensor, device: torch.device | str
+    ) -> tuple[Tensor, Tensor, Tensor]:
         s, k = pts.sample[rows], pts.step_k[rows]
-        return batch.states[k, s].to(device), batch.sigmas[k].to(device), s
+        states, _, sigmas = _trajectory(batch)
+        return states[k, s].to(device), sigmas[k].to(device), s
 
     def micro(
         self, batch: TrainBatch, pts: StepDraw, lagged: LaggedVelocities, rows: Tensor, at: Evaluated
@@ -363,9 +379,11 @@ class TrajectoryPoints(PointSource[StepDraw, StepBatch]):
         """The stored SDE step's log-prob under theta and at sampling time."""
         dev, x, sigma = at.device, at.x, at.sigma
         s_idx, k = pts.sample[rows], pts.step_k[rows]
-        s_next = batch.sigmas[k + 1].to(dev)
-        x_next = batch.states[k + 1, s_idx].to(dev)
+        states, log_probs, sigmas = _trajectory(batch)
+        s_next = sigmas[k + 1].to(dev)
+        x_next = states[k + 1, s_idx].to(dev)
         step = sde_step(x, at.v_theta, sigma, s_next, noise_level=self.noise_level, x_next=x_next)
+        assert step.log_prob is not None, "sde_step gives the log-prob of the x_next it is handed"
         guard = None
         if self.guard:  # GRPO-Guard: the sampling policy's SDE mean at the same state
             if lagged.v_old is None:
@@ -375,7 +393,7 @@ class TrajectoryPoints(PointSource[StepDraw, StepBatch]):
             guard = GuardTerms(mean=step.mean, old_mean=old.mean, step_std=step.std)
         loss_batch = StepBatch(
             log_prob=step.log_prob,
-            old_log_prob=batch.log_probs[k, s_idx].to(dev),
+            old_log_prob=log_probs[k, s_idx].to(dev),
             advantages=pts.adv[rows].to(dev),
             guard=guard,
         )

@@ -18,7 +18,7 @@ from services.config import ExperimentConfig, ModelConfig
 from services.config.families import EMBEDDED_KINDS, spec
 from services.data.digits import digit_prompt, digits_dataset, split_indices
 from services.models.digits import load_digits_generator, load_or_pretrain_digits
-from services.rewards import build_scorer
+from services.rewards import RewardScorer, build_scorer
 from services.types import EmbeddedAssets
 
 __all__ = ["EmbeddedAssets", "EmbeddedTask", "embedded_task", "prepare_embedded", "real_test_images"]
@@ -64,7 +64,7 @@ def prepare_embedded(
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
 
 
-def embedded_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, object]:
+def embedded_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, RewardScorer]:
     """The proxy and the independent judges of the embedded default, by name."""
     return {
         name: build_scorer(name, path=str(assets.scorer_path), device=device)
@@ -154,6 +154,7 @@ def resolve_model(model_cfg: ModelConfig, *, log: Callable[[str], None] = print)
     embedded digits default is pretrained once and cached with its scorers (``prepare_embedded``),
     unless ``model.path`` names a prepared directory."""
     if not spec(model_cfg.kind).embedded:
+        assert model_cfg.path, "ModelConfig._needs_path requires model.path for a non-embedded kind"
         return ResolvedModel(model_cfg.path)
     if model_cfg.path:
         # digits keeps its scorers in scorers/, colour in scorers-<steps>-<fakes>/

@@ -20,14 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from normguard_core.seeding import FAKE_SAMPLES_STREAM, offset_seed
 from services.data.colour import all_prompts, real_colour_images
 from services.models.cache import BUILD_THREADS, pinned_threads
-from services.models.colour import DEFAULT_GUIDANCE, load_colour_generator, load_or_pretrain_colour
+from services.models.colour import (
+    DEFAULT_GUIDANCE,
+    ColourGenerator,
+    load_colour_generator,
+    load_or_pretrain_colour,
+)
 from services.types import EmbeddedAssets
+
+if TYPE_CHECKING:
+    from services.rewards.base import RewardScorer
 
 __all__ = ["COLOUR_SCORERS", "colour_preview", "colour_scorers", "prepare_colour"]
 
@@ -46,7 +55,7 @@ SCORER_VERSION = "r2"  # r2: the realism detector's real class is VAE reconstruc
 MEASURED_SECONDS = {"vae": 218.0, "transformer": 210.0, "scorers": 99.0}  # the run of the module docstring
 
 
-def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
+def _base_samples(gen: ColourGenerator, *, num: int, seed: int) -> torch.Tensor:
     """``(num, 3, 32, 32)`` base-model samples in [-1, 1]: 4 / 20 steps x guidance 1 / default, shuffled."""
     from services.models.sampling import fixed_noise, sample
 
@@ -62,7 +71,7 @@ def _base_samples(gen, *, num: int, seed: int) -> torch.Tensor:
     return fake[torch.randperm(len(fake), generator=torch.Generator().manual_seed(seed))]
 
 
-def _vae_round_trip(gen) -> Callable[[torch.Tensor], torch.Tensor]:
+def _vae_round_trip(gen: ColourGenerator) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> decode(encode(x))`` through the generator's VAE, in [-1, 1], batched, no grad."""
     from services.models.colour_vae import decode_latents, encode_images
 
@@ -125,7 +134,7 @@ def _prepare_colour(
     return EmbeddedAssets(model_path=model_path, scorer_path=scorer_path)
 
 
-def colour_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, object]:
+def colour_scorers(assets: EmbeddedAssets, device: str = "cpu") -> dict[str, RewardScorer]:
     """Every colour scorer by name (the proxies, the judges and the statistics)."""
     from services.rewards import build_scorer
 

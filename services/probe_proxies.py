@@ -24,9 +24,14 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from services.models.colour import ColourGenerator
+    from services.rewards.base import RewardScorer
 
 __all__ = ["ProbeConfig", "ascend", "main"]
 
@@ -116,7 +121,7 @@ def _setup(config_path: str, samples: int):
     return cfg, assets, gen, prompts, base.detach().cpu()
 
 
-def _decoder(gen) -> Callable[[Tensor], Tensor]:
+def _decoder(gen: ColourGenerator) -> Callable[[Tensor], Tensor]:
     from services.models.colour_vae import decode_latents
 
     def decode(z: Tensor) -> Tensor:  # with gradients, as the pipeline decodes (clamped to [0, 1])
@@ -125,7 +130,9 @@ def _decoder(gen) -> Callable[[Tensor], Tensor]:
     return decode
 
 
-def _measure(decode, judge, stats: dict, prompts: Sequence[str]) -> Callable[[Tensor], dict[str, float]]:
+def _measure(
+    decode: Callable[[Tensor], Tensor], judge: RewardScorer, stats: dict, prompts: Sequence[str]
+) -> Callable[[Tensor], dict[str, float]]:
     from services.rewards.colour import colour_stats
 
     @torch.no_grad()
@@ -139,12 +146,15 @@ def _measure(decode, judge, stats: dict, prompts: Sequence[str]) -> Callable[[Te
     return measure
 
 
-def _proxy_fn(name: str, scorer_path: str, decode, prompts: Sequence[str]) -> tuple[Callable[[Tensor], Tensor], bool]:
-    from services.rewards import build_scorer
+def _proxy_fn(
+    name: str, scorer_path: str, decode: Callable[[Tensor], Tensor], prompts: Sequence[str]
+) -> tuple[Callable[[Tensor], Tensor], bool]:
+    from services.rewards import DifferentiableScorer, build_scorer
 
     scorer = build_scorer(name, path=scorer_path)
-    if hasattr(scorer, "differentiable_score"):
-        return (lambda z: scorer.differentiable_score(decode(z), prompts)), True
+    if isinstance(scorer, DifferentiableScorer):
+        differentiable = scorer
+        return (lambda z: differentiable.differentiable_score(decode(z), prompts)), True
 
     def batched(z: Tensor) -> Tensor:  # ES: many perturbed copies of every sample, prompts repeated
         reps = len(z) // len(prompts)
@@ -165,7 +175,7 @@ def _print_table(name: str, rows: list[dict[str, float]], seconds: float, every:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("config", help="an experiment config of the colour task (its cached assets are used)")
     ap.add_argument("--proxies", default="colour_clip,colour_pref,colour_jpeg")
     ap.add_argument("--samples", type=int, default=48)

@@ -7,6 +7,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -88,10 +89,22 @@ def format_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | 
     return "\n".join([line, sep, *body])
 
 
+class Trackers(Protocol):
+    """Where the metrics are mirrored (``services.training.trackers.Trackers``: TensorBoard / W&B / MLflow)."""
+
+    def log_scalars(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def log_images(self, step: int, images: Mapping[str, Tensor]) -> None: ...
+
+    def log_summary(self, summary: Mapping[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MetricsWriter:
     """Append-only metrics.jsonl in a run directory, mirrored to the run's trackers."""
 
-    def __init__(self, run_dir: str | Path, trackers=None) -> None:
+    def __init__(self, run_dir: str | Path, trackers: Trackers | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"

@@ -55,7 +55,7 @@ def _normguard_term(
         margin=normguard.margin if normguard is not None else 0.0,
         power=normguard.power if normguard is not None else 2,
         scale=normguard.scale if normguard is not None else "relative",
-        floor=normguard.floor if active else None,
+        floor=normguard.floor if active and normguard is not None else None,
         floor_weight=bins.floor if bins is not None else None,
     )
 

@@ -96,9 +96,12 @@ def diffusion_nft_loss(
     v_old = v_old.detach()
     v_pos = beta * v_theta + (1.0 - beta) * v_old
     v_neg = (1.0 + beta) * v_old - beta * v_theta
-    kw = dict(x0=x0, noise=noise, sigma=sigma, adaptive=adaptive_weighting, weight_min=weight_min)
-    l_pos = _per_sample_error(v_pos, **kw)  # (B,)
-    l_neg = _per_sample_error(v_neg, **kw)  # (B,)
+    l_pos = _per_sample_error(
+        v_pos, x0=x0, noise=noise, sigma=sigma, adaptive=adaptive_weighting, weight_min=weight_min
+    )  # (B,)
+    l_neg = _per_sample_error(
+        v_neg, x0=x0, noise=noise, sigma=sigma, adaptive=adaptive_weighting, weight_min=weight_min
+    )  # (B,)
     r = reward_prob.to(l_pos.dtype)
     loss = loss_scale * ((r * l_pos + (1.0 - r) * l_neg) / beta).mean()
     metrics = {

@@ -40,7 +40,7 @@ class ExperimentConfig(Section):
     """The whole experiment. Derived values are properties, never stored twice."""
 
     model: ModelConfig = ModelConfig()
-    prompts: tuple[str, ...] = Field(tuple(f"a handwritten digit {d}" for d in range(10)), min_length=1)
+    prompts: tuple[str, ...] = Field(default=tuple(f"a handwritten digit {d}" for d in range(10)), min_length=1)
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()

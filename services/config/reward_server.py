@@ -15,27 +15,33 @@ class RewardServerRef(Section):
     (``url``). The wire format is JSON with base64 PNG images, never pickle (``services.rewards.wire``)."""
 
     url: str | None = Field(
-        None, pattern=r"^https?://", description="the server's base URL over HTTP, e.g. http://host:8000/pickscore"
+        default=None,
+        pattern=r"^https?://",
+        description="the server's base URL over HTTP, e.g. http://host:8000/pickscore",
     )
-    app: str | None = Field(None, min_length=1, description="the Serve application's name, reached by handle")
-    deployment: str = Field("RewardScorer", min_length=1, description="the deployment's name inside the app")
+    app: str | None = Field(default=None, min_length=1, description="the Serve application's name, reached by handle")
+    deployment: str = Field(default="RewardScorer", min_length=1, description="the deployment's name inside the app")
     api_key_env: str | None = Field(
-        "NORMGUARD_REWARD_KEY",
+        default="NORMGUARD_REWARD_KEY",
         description="environment variable holding the bearer token sent over HTTP (null: none sent); the key "
         "itself never sits in a config file",
     )
-    timeout_s: float = Field(60.0, gt=0, description="per request: a slower answer is an error naming the scorer")
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="per request: a slower answer is an error naming the scorer"
+    )
     connect_retries: int = Field(
-        3,
+        default=3,
         ge=0,
         description="tries again while no replica answers (refused connection, 502/503/504, a replica that died "
         "in the call), with exponential backoff: bounded waiting, logged; other errors go to reward.retries",
     )
-    backoff_s: float = Field(0.5, ge=0, description="first wait between those tries (doubles each time)")
-    max_reply_bytes: int = Field(1 << 20, ge=1024, description="a longer reply is refused unread")
-    images_per_request: int = Field(32, ge=1, description="images per request (a group-wise scorer: all in one)")
-    concurrency: int = Field(4, ge=1, description="requests in flight at once per scorer call")
-    groupwise: bool = Field(False, description="the served scorer is group-wise (sent whole prompt groups)")
+    backoff_s: float = Field(default=0.5, ge=0, description="first wait between those tries (doubles each time)")
+    max_reply_bytes: int = Field(default=1 << 20, ge=1024, description="a longer reply is refused unread")
+    images_per_request: int = Field(
+        default=32, ge=1, description="images per request (a group-wise scorer: all in one)"
+    )
+    concurrency: int = Field(default=4, ge=1, description="requests in flight at once per scorer call")
+    groupwise: bool = Field(default=False, description="the served scorer is group-wise (sent whole prompt groups)")
 
     @model_validator(mode="after")
     def _one_address(self) -> RewardServerRef:

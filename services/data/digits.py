@@ -37,8 +37,10 @@ def digit_prompt(label: int) -> str:
 def digits_dataset(resolution: int = 16) -> tuple[Tensor, Tensor]:
     """All 1797 sklearn digits as ``(N, 1, R, R)`` in [-1, 1] and ``(N,)`` labels."""
     from sklearn.datasets import load_digits
+    from sklearn.utils import Bunch
 
     d = load_digits()
+    assert isinstance(d, Bunch), "load_digits() returns a Bunch (return_X_y=False, its default)"
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     if resolution != 8:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False)

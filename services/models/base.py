@@ -22,6 +22,7 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +65,26 @@ class Condition:
         return Condition({k: v.to(device) for k, v in self.tensors.items()})
 
 
+@runtime_checkable
+class _PeftAdapters(Protocol):
+    """diffusers' ``PeftAdapterMixin``, the part LoRA training uses."""
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None: ...
+
+    def disable_adapters(self) -> None: ...
+
+    def enable_adapters(self) -> None: ...
+
+
+def _adapters(transformer: nn.Module) -> _PeftAdapters:
+    if not isinstance(transformer, _PeftAdapters):
+        raise TypeError(
+            "LoRA needs a transformer with peft adapters (diffusers' PeftAdapterMixin), "
+            f"got {type(transformer).__name__}"
+        )
+    return transformer
+
+
 class FlowGenerator:
     """Base of the diffusers-transformer generators: trainable backbone, reference, guidance.
 
@@ -95,11 +116,12 @@ class FlowGenerator:
             self.transformer.requires_grad_(False)
             cfg = LoraConfig(
                 r=lora_rank,
-                lora_alpha=lora_alpha or lora_rank,
+                # peft annotates lora_alpha int but only divides by it (scaling = lora_alpha / r): a float is fine
+                lora_alpha=cast(int, lora_alpha or lora_rank),
                 target_modules=list(lora_targets),
                 init_lora_weights=True,
             )
-            self.transformer.add_adapter(cfg)  # peft casts the adapters to the base layer's dtype
+            _adapters(self.transformer).add_adapter(cfg)  # peft casts the adapters to the base layer's dtype
         else:
             self._reference = copy.deepcopy(self.transformer).eval().requires_grad_(False)
         for p in self.trainable_parameters():  # train in float32 (a no-op for a float32 model)
@@ -163,11 +185,12 @@ class FlowGenerator:
         if self._reference is not None:
             yield self._reference
             return
-        self.transformer.disable_adapters()
+        adapters = _adapters(self.transformer)
+        adapters.disable_adapters()
         try:
             yield self.transformer
         finally:
-            self.transformer.enable_adapters()
+            adapters.enable_adapters()
 
     def velocity(
         self, x: Tensor, sigma: Tensor, cond: Condition, *, reference: bool = False, module: nn.Module | None = None

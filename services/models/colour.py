@@ -21,11 +21,14 @@ and scale 0.412 (latent std 1.002 after normalisation); transformer 1200 steps a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import operator
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +36,21 @@ from torch import Tensor, nn
 
 from normguard_core.conventions import interpolate, sample_sigmas, velocity_target
 from services.data.colour import NULL_LABEL, TRAIN_SEED, colour_dataset, parse_colour_prompt
+from services.hub import to_device
 from services.models.base import Condition, FlowGenerator
 from services.models.cache import build_once, default_cache_dir
 from services.models.colour_vae import VAE_ARCH, build_colour_vae, decode_latents, encode_images
-from services.models.digits import sd3_backbone_call
+from services.models.digits import SD3Arch, sd3_backbone_call
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 __all__ = ["ColourConditioner", "ColourGenerator", "load_colour_generator", "load_or_pretrain_colour"]
 
 LATENT_SHAPE = (4, 8, 8)
 NUM_TOKENS = 4
-_ARCH = dict(
+_ARCH = SD3Arch(
     num_layers=4,
     attention_head_dim=32,
     num_attention_heads=4,
@@ -68,13 +76,13 @@ class ColourConditioner(nn.Module):
     def forward(self, labels: Tensor) -> Condition:
         attr = torch.stack([emb(labels[:, k]) for k, emb in enumerate(self.tokens)], dim=1)  # (B, 3, C)
         tokens = torch.cat([self.prefix.expand(labels.shape[0], -1, -1), attr], dim=1)  # (B, 4, C)
-        pooled = sum(emb(labels[:, k]) for k, emb in enumerate(self.pooled))  # (B, P)
+        pooled = functools.reduce(operator.add, [emb(labels[:, k]) for k, emb in enumerate(self.pooled)])  # (B, P)
         return Condition({"prompt_embeds": tokens, "pooled": pooled})
 
 
-def build_colour_transformer() -> nn.Module:
+def build_colour_transformer() -> SD3Transformer2DModel:
     """The SD3 transformer of the colour task (2.3 M parameters, 16 tokens of 2 x 2 x 4 latents)."""
-    from diffusers import SD3Transformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     side = LATENT_SHAPE[1]
     return SD3Transformer2DModel(
@@ -92,10 +100,12 @@ class ColourGenerator(FlowGenerator):
 
     name = "colour"
 
-    def __init__(self, transformer: nn.Module, conditioner: ColourConditioner, vae: nn.Module, **kwargs) -> None:
+    def __init__(
+        self, transformer: nn.Module, conditioner: ColourConditioner, vae: AutoencoderKL, **kwargs: Any
+    ) -> None:
         super().__init__(transformer, **kwargs)
         self.conditioner = conditioner.to(self.device).eval().requires_grad_(False)
-        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.vae = to_device(vae, self.device).eval().requires_grad_(False)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -133,7 +143,7 @@ def pretrain_colour_transformer(
     batch_size: int = 128,
     lr: float = 1e-3,
     progress: Callable[[int, float], None] | None = None,
-) -> tuple[nn.Module, ColourConditioner]:
+) -> tuple[SD3Transformer2DModel, ColourConditioner]:
     """Rectified flow on ``latents (N, 4, 8, 8)`` with ``labels (N, 3)``; returns the EMA weights.
 
     EMA decay ``min(0.999, (1 + k) / (10 + k))`` (warm-up, as the digits model); 10 % null prompts.
@@ -235,7 +245,8 @@ def load_colour_generator(
     lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
 ) -> ColourGenerator:
     """Load a cached colour model directory as a generator (LoRA as the digits generator)."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     path = Path(path)
     if not (path / "meta.json").is_file():

@@ -20,14 +20,20 @@ decoding inverts it, ``vae.decode(latent / scaling_factor + shift_factor)``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DecoderOutput
 
 __all__ = ["VAE_ARCH", "build_colour_vae", "decode_latents", "encode_images", "set_latent_normalisation", "train_vae"]
 
-VAE_ARCH = dict(
+# dict[str, Any]: diffusers annotates the block tuples as 1-tuples (``Tuple[str]``), these are 3-tuples
+VAE_ARCH: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
@@ -41,15 +47,15 @@ VAE_ARCH = dict(
 KL_WEIGHT = 1e-6
 
 
-def build_colour_vae() -> nn.Module:
+def build_colour_vae() -> AutoencoderKL:
     """A fresh ``AutoencoderKL`` of :data:`VAE_ARCH` (shift 0, scale 1 until :func:`set_latent_normalisation`)."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     return AutoencoderKL(**VAE_ARCH, scaling_factor=1.0, shift_factor=0.0)
 
 
 def train_vae(
-    vae: nn.Module,
+    vae: AutoencoderKL,
     images: Tensor,
     *,
     steps: int,
@@ -58,7 +64,7 @@ def train_vae(
     colour_weight: float = 1.0,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
-) -> nn.Module:
+) -> AutoencoderKL:
     """Fit ``vae`` to ``images (N, 3, 32, 32)`` in [-1, 1]: ``L1 + L2 + 1e-6 KL`` plus ``colour_weight`` x the
     L1 of the 4 x 4 average-pooled images (module docstring)."""
     gen = torch.Generator().manual_seed(seed)
@@ -67,9 +73,9 @@ def train_vae(
     vae.train()
     for k in range(steps):
         x = images[torch.randint(0, len(images), (batch_size,), generator=gen)]
-        post = vae.encode(x).latent_dist
+        post = vae.encode(x, return_dict=False)[0]
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
+        rec = _decoded(vae.decode(z))  # pyright: ignore[reportArgumentType] - diffusers: z typed FloatTensor
         kl = post.kl().mean() / x[0].numel()  # per-pixel, as the reconstruction terms are means
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + KL_WEIGHT * kl
         if colour_weight:
@@ -85,17 +91,17 @@ def train_vae(
 
 
 @torch.no_grad()
-def _raw_latents(vae: nn.Module, images: Tensor, *, batch: int = 256, seed: int = 0) -> Tensor:
+def _raw_latents(vae: AutoencoderKL, images: Tensor, *, batch: int = 256, seed: int = 0) -> Tensor:
     """Posterior samples ``z (N, 4, 8, 8)`` (SD3 trains on samples of the latent distribution)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for part in images.split(batch):
-        post = vae.encode(part).latent_dist
+        post = vae.encode(part, return_dict=False)[0]
         out.append(post.mean + post.std * torch.randn(post.mean.shape, generator=gen))
     return torch.cat(out)
 
 
-def set_latent_normalisation(vae: nn.Module, images: Tensor) -> tuple[float, float]:
+def set_latent_normalisation(vae: AutoencoderKL, images: Tensor) -> tuple[float, float]:
     """Set SD3's ``shift_factor`` (mean of z) and ``scaling_factor`` (1 / std of z) from ``images``."""
     z = _raw_latents(vae, images)
     shift, scale = float(z.mean()), float(1.0 / z.std())
@@ -104,13 +110,22 @@ def set_latent_normalisation(vae: nn.Module, images: Tensor) -> tuple[float, flo
 
 
 @torch.no_grad()
-def encode_images(vae: nn.Module, images: Tensor, *, seed: int = 0) -> Tensor:
+def encode_images(vae: AutoencoderKL, images: Tensor, *, seed: int = 0) -> Tensor:
     """``(N, 3, 32, 32)`` in [-1, 1] -> normalised latents ``(N, 4, 8, 8)``, ``(z - shift) * scale``."""
     cfg = vae.config
-    return (_raw_latents(vae, images, seed=seed) - cfg.shift_factor) * cfg.scaling_factor
+    return (_raw_latents(vae, images, seed=seed) - cfg["shift_factor"]) * cfg["scaling_factor"]
 
 
-def decode_latents(vae: nn.Module, latents: Tensor) -> Tensor:
+def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     """Normalised latents ``(B, 4, 8, 8)`` -> ``(B, 3, 32, 32)`` in [-1, 1] (not clamped)."""
     cfg = vae.config
-    return vae.decode(latents / cfg.scaling_factor + cfg.shift_factor).sample
+    return _decoded(vae.decode(latents / cfg["scaling_factor"] + cfg["shift_factor"]))
+
+
+def _decoded(out: DecoderOutput | Tensor) -> Tensor:
+    """The images of ``AutoencoderKL.decode`` (a ``DecoderOutput`` at its default ``return_dict=True``;
+    diffusers annotates the union without overloads)."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    assert isinstance(out, DecoderOutput), "AutoencoderKL.decode(z) returns a DecoderOutput"
+    return out.sample

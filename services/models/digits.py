@@ -18,6 +18,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +29,27 @@ from services.data.digits import NULL_CLASS, digits_dataset, parse_digit_prompt,
 from services.models.base import Condition, FlowGenerator
 from services.models.cache import build_once, default_cache_dir
 
+if TYPE_CHECKING:
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
 __all__ = ["DigitConditioner", "DigitsGenerator", "load_digits_generator", "load_or_pretrain_digits"]
 
 NUM_TOKENS = 4
-_ARCH = dict(
+
+
+class SD3Arch(TypedDict):
+    """The ``SD3Transformer2DModel`` sizes the embedded tasks fix (the rest come from the task's latents)."""
+
+    num_layers: int
+    attention_head_dim: int
+    num_attention_heads: int
+    joint_attention_dim: int
+    caption_projection_dim: int
+    pooled_projection_dim: int
+    patch_size: int
+
+
+_ARCH = SD3Arch(
     num_layers=4,
     attention_head_dim=32,
     num_attention_heads=4,
@@ -57,9 +75,9 @@ class DigitConditioner(nn.Module):
         return Condition({"prompt_embeds": tokens, "pooled": self.pooled(labels)})
 
 
-def build_digits_transformer(resolution: int = 16) -> nn.Module:
+def build_digits_transformer(resolution: int = 16) -> SD3Transformer2DModel:
     """The SD3 transformer of the embedded default (2.3 M parameters at R = 16)."""
-    from diffusers import SD3Transformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
         sample_size=resolution, in_channels=1, out_channels=1, pos_embed_max_size=resolution, **_ARCH
@@ -83,7 +101,7 @@ class DigitsGenerator(FlowGenerator):
     name = "digits"
 
     def __init__(
-        self, transformer: nn.Module, conditioner: DigitConditioner, *, resolution: int = 16, **kwargs
+        self, transformer: nn.Module, conditioner: DigitConditioner, *, resolution: int = 16, **kwargs: Any
     ) -> None:
         super().__init__(transformer, **kwargs)
         self.conditioner = conditioner.to(self.device).eval().requires_grad_(False)
@@ -122,7 +140,7 @@ def pretrain_digits(
     batch_size: int = 128,
     lr: float = 1e-3,
     progress: Callable[[int, float], None] | None = None,
-) -> tuple[nn.Module, DigitConditioner]:
+) -> tuple[SD3Transformer2DModel, DigitConditioner]:
     """Rectified-flow pretraining on the digits train split; returns EMA weights.
 
     The EMA decay warms up as ``min(0.999, (1 + k) / (10 + k))`` so that short runs are not
@@ -198,7 +216,7 @@ def load_digits_generator(
     lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
 ) -> DigitsGenerator:
     """Load a cached digits model directory as a generator."""
-    from diffusers import SD3Transformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     path = Path(path)
     if not (path / "meta.json").is_file():

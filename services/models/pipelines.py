@@ -18,7 +18,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from services.models.families import PipelineFamily, family
 from services.models.families.flux import FluxGenerator
 from services.models.families.sd3 import SD3Generator
 from services.models.prompt_embeddings import ENCODE_BATCH
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["FluxGenerator", "SD3Generator", "encode_prompt_file", "encode_with_pipeline", "load_pipeline"]
 
@@ -46,7 +49,7 @@ def load_pipeline(kind: str, path: str, dtype: str, *, parts: Literal["all", "im
 
 
 def encode_with_pipeline(
-    pipe, kind: str, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
+    pipe: DiffusionPipeline, kind: str, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
 ) -> dict[str, Tensor]:
     """``{"prompt_embeds": (B, L, C), "pooled": (B, P)}`` of ``prompts`` by the family's ``pipe.encode_prompt``
     call (no CFG branch: the null prompt is a prompt); ``L`` is 77 + ``max_sequence_length`` for SD3, that for

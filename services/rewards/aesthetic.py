@@ -14,12 +14,13 @@ flow_grpo's ``aesthetic_score`` trains on.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from services.hub import load_pretrained_checked
-from services.rewards.base import load_state_file, validate_images
+from services.rewards.base import features_tensor, load_state_file, validate_images
 
 __all__ = ["AestheticHead", "AestheticScorer"]
 
@@ -79,11 +80,11 @@ class AestheticScorer:
             imgs = list((images[i : i + self.batch_size].clamp(0, 1) * 255).round().byte().cpu())
             pixels = self.processor(images=imgs, return_tensors="pt")["pixel_values"].to(self.device)
             emb = self.clip.get_image_features(pixel_values=pixels)
-            emb = getattr(emb, "pooler_output", emb)
+            emb = features_tensor(emb)
             emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             out.append(self.head(emb.float()).squeeze(-1).cpu())
         return torch.cat(out)
 
 
-def _laion_aesthetic(path: str | None = None, device: str | torch.device = "cpu", **options) -> AestheticScorer:
+def _laion_aesthetic(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> AestheticScorer:
     return AestheticScorer("laion_aesthetic", path, device=device, **options)

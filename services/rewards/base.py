@@ -19,13 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "load_state_file",
+    "DifferentiableScorer",
+    "FeatureJudge",
     "GroupRewardScorer",
     "RewardScorer",
     "available_scorers",
@@ -64,7 +66,34 @@ def takes_clips(scorer: object) -> bool:
     return bool(getattr(scorer, "takes_clips", False))
 
 
-def is_groupwise(scorer: object) -> bool:
+@runtime_checkable
+class DifferentiableScorer(Protocol):
+    """A scorer whose ``differentiable_score(images, prompts) -> (B,)`` keeps the gradient w.r.t. the images."""
+
+    name: str
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+    def differentiable_score(self, images: Tensor, prompts: Sequence[str]) -> Tensor: ...
+
+
+@runtime_checkable
+class FeatureJudge(Protocol):
+    """A judge whose ``features(images (B, 3, H, W)) -> (B, F)`` the set-level metrics compare."""
+
+    def features(self, images: Tensor) -> Tensor: ...
+
+
+def features_tensor(out: object) -> Tensor:
+    """The ``(B, D)`` tensor of a transformers ``get_*_features`` call: the tensor itself (transformers 4) or
+    its ``pooler_output`` (transformers 5 returns a model output)."""
+    pooled = getattr(out, "pooler_output", out)
+    if not isinstance(pooled, Tensor):
+        raise TypeError(f"expected a feature tensor or a model output with pooler_output, got {type(out).__name__}")
+    return pooled
+
+
+def is_groupwise(scorer: object) -> TypeGuard[GroupRewardScorer]:
     """Whether ``scorer`` scores whole prompt groups (see the module docstring)."""
     return bool(getattr(scorer, "groupwise", False))
 
@@ -192,7 +221,7 @@ def _check_protocol(name: str, impl: str, scorer: object) -> None:
         )
     if not hasattr(scorer, "name"):
         try:
-            scorer.name = name
+            setattr(scorer, "name", name)  # noqa: B010 - scorer is any user object, its type has no name
         except AttributeError:
             pass
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from services.hub import load_pretrained_checked
-from services.rewards.base import validate_images
+from services.hub import load_pretrained_checked, to_device
+from services.rewards.base import features_tensor, validate_images
 
 __all__ = ["CLIPPreferenceScorer"]
 
@@ -58,7 +59,7 @@ class CLIPPreferenceScorer:
                     "directory of the same architecture, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K>}} for its "
                     "config and processor"
                 )
-            self.model = load_open_clip_state(state_file, base).to(self.device).eval()
+            self.model = to_device(load_open_clip_state(state_file, base), self.device).eval()
             processor_path = processor_path or base
         else:
             from transformers import CLIPModel
@@ -81,8 +82,7 @@ class CLIPPreferenceScorer:
             ).to(self.device)
             img = self.model.get_image_features(pixel_values=inputs["pixel_values"])
             txt = self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            img = getattr(img, "pooler_output", img)  # transformers v5 returns a model output
-            txt = getattr(txt, "pooler_output", txt)
+            img, txt = features_tensor(img), features_tensor(txt)  # transformers v5 returns a model output
             cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
             scale = self.model.logit_scale.exp() if self.use_logit_scale else 1.0
             out.append((scale * cos).float().cpu())
@@ -165,11 +165,11 @@ def load_open_clip_state(path: Path, base: str):
     return model
 
 
-def _pickscore(path: str | None = None, device: str | torch.device = "cpu", **options) -> CLIPPreferenceScorer:
+def _pickscore(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> CLIPPreferenceScorer:
     return CLIPPreferenceScorer("pickscore", path, device=device, use_logit_scale=True, **options)
 
 
-def _hpsv2(path: str | None = None, device: str | torch.device = "cpu", **options) -> CLIPPreferenceScorer:
+def _hpsv2(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> CLIPPreferenceScorer:
     return CLIPPreferenceScorer("hpsv2", path, device=device, use_logit_scale=False, **options)
 
 
@@ -202,5 +202,5 @@ class GroupRankScorer:
         return out
 
 
-def _clip_group_rank(path: str | None = None, device: str | torch.device = "cpu", **options) -> GroupRankScorer:
+def _clip_group_rank(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> GroupRankScorer:
     return GroupRankScorer(CLIPPreferenceScorer("clip_group_rank", path, device=device, **options))

@@ -28,10 +28,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from services.data.colour import RESOLUTION, parse_colour_prompt
 from services.rewards.base import validate_images
+from services.rewards.colour_training import ColourCLIP, ColourNet, RealismCNN
 
 __all__ = ["ColourNetScorer", "ColourStatScorer", "JpegScorer", "colour_stats", "jpeg_kilobytes"]
 
@@ -69,7 +70,7 @@ def _to_net(images: Tensor, device: torch.device) -> Tensor:
 class ColourNetScorer:
     """``kind``: "clip" (the proxy), "judge" (mean P(prompted attribute)) or "realism" (P(real))."""
 
-    def __init__(self, name: str, net: nn.Module, *, kind: str, device: str | torch.device = "cpu") -> None:
+    def __init__(self, name: str, net: ColourNet, *, kind: str, device: str | torch.device = "cpu") -> None:
         if kind not in ("clip", "judge", "realism"):
             raise ValueError(f"{name}: kind must be clip, judge or realism, got {kind!r}")
         self.name, self.kind = name, kind
@@ -84,14 +85,14 @@ class ColourNetScorer:
     def features(self, images: Tensor) -> Tensor:
         """Penultimate features ``(B, F)`` (the judge's 128-d; the set-level metrics use them)."""
         x = _to_net(images, self.device)
-        return self.net.encode_image(x) if self.kind == "clip" else self.net.features(x)
+        return self.net.encode_image(x) if isinstance(self.net, ColourCLIP) else self.net.features(x)
 
     def differentiable_score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """The ``(B,)`` score with gradients w.r.t. the images."""
         x = _to_net(images, self.device)
-        if self.kind == "realism":
+        if isinstance(self.net, RealismCNN):
             return self.net(x).softmax(dim=-1)[:, 1].float()
-        if self.kind == "clip":
+        if isinstance(self.net, ColourCLIP):
             from services.rewards.colour_training import LOGIT_SCALE_MAX, tokenize
 
             txt = self.net.encode_text(tokenize(prompts).to(self.device))  # (B, D)

@@ -116,6 +116,8 @@ def train_colour_pref(
     """Fit :class:`ColourPref` on the task's real training scenes (module docstring); held-out figures."""
     from services.data.colour import TEST_SEED, TRAIN_SEED, colour_dataset
 
+    if steps < 1:  # the held-out figures report the last step's loss
+        raise ValueError(f"colour_pref: steps must be >= 1, got {steps}")
     x, y = colour_dataset(num_real, TRAIN_SEED)
     x = (x + 1) / 2  # [-1, 1] -> [0, 1]: the edits act on images
     torch.manual_seed(seed + 3)
@@ -124,6 +126,7 @@ def train_colour_pref(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, steps), pct_start=0.1)
     gen = torch.Generator().manual_seed(seed + 3)
     model.train()
+    loss: Tensor | None = None
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         w, lo, lab = preference_pairs(x[idx], y[idx], gen)
@@ -134,6 +137,7 @@ def train_colour_pref(
         opt.step()
         sched.step()
     model.eval().requires_grad_(False)
+    assert loss is not None, "steps >= 1 (checked above)"
     xt, yt = colour_dataset(1024, TEST_SEED)
     stats = {"final_loss": float(loss.detach()), **_held_out(model, (xt + 1) / 2, yt)}
     log(f"colour_pref held-out: {stats}")
@@ -144,7 +148,9 @@ def pref_dir(scorer_path: str | Path, steps: int) -> Path:
     return Path(scorer_path) / f"pref-{steps}-{PREF_VERSION}"
 
 
-def build_colour_pref(scorer_path: str | Path, *, steps: int = 400, seed: int = 0, log=print) -> Path:
+def build_colour_pref(
+    scorer_path: str | Path, *, steps: int = 400, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
     """Train and cache the preference proxy under ``scorer_path`` (once; ``build_once``)."""
     from services.models.cache import build_once
 

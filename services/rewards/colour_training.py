@@ -16,13 +16,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +122,9 @@ class RealismCNN(nn.Module):
         return self.head(self.features(x))
 
 
+ColourNet: TypeAlias = "ColourCLIP | ColourJudge | RealismCNN"
+
+
 def clip_loss(model: ColourCLIP, images: Tensor, ids: Tensor) -> Tensor:
     """Symmetric InfoNCE with every same-prompt pair a positive (module docstring)."""
     img, txt = model.encode_image(images), model.encode_text(ids)  # (B, D) each
@@ -134,7 +140,7 @@ def _batches(n: int, *, steps: int, batch: int, seed: int):
         yield torch.randint(0, n, (batch,), generator=gen)
 
 
-def _fit(net: nn.Module, loss_fn: Callable[[Tensor], Tensor], n: int, *, steps: int, seed: int, lr=2e-3):
+def _fit(net: nn.Module, loss_fn: Callable[[Tensor], Tensor], n: int, *, steps: int, seed: int, lr: float = 2e-3):
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
@@ -232,7 +238,7 @@ def train_colour_scorers(
     judge = ColourJudge()
     _fit(
         judge,
-        lambda i: sum(F.cross_entropy(h, y[i, k]) for k, h in enumerate(judge(x[i]))),
+        lambda i: functools.reduce(operator.add, [F.cross_entropy(h, y[i, k]) for k, h in enumerate(judge(x[i]))]),
         len(x),
         steps=steps,
         seed=seed + 1,
@@ -260,13 +266,13 @@ def _save(out_dir: Path, nets: dict[str, nn.Module], meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_net(path: str | Path | None, which: str) -> nn.Module:
+def load_net(path: str | Path | None, which: str) -> ColourNet:
     """A saved scorer network (``which``: clip, judge or realism) from a directory of :func:`train_colour_scorers`."""
     if path is None:
         raise ValueError(f"colour_{which}: needs path= the scorer directory (written by prepare_colour)")
     p = Path(path) / f"{which}.pt"
     if not p.is_file():
         raise FileNotFoundError(f"colour_{which}: no {p.name} under {path}; run prepare_colour first")
-    net = {"clip": ColourCLIP, "judge": ColourJudge, "realism": RealismCNN}[which]()
+    net: ColourNet = {"clip": ColourCLIP, "judge": ColourJudge, "realism": RealismCNN}[which]()
     net.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
     return net.eval().requires_grad_(False)

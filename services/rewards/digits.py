@@ -75,7 +75,9 @@ def _to_gray(images: Tensor, resolution: int) -> Tensor:
 class DigitScorer:
     """P(prompted digit) (``kind="class"``) or P(real) (``kind="realism"``) from a trained net."""
 
-    def __init__(self, name: str, net: nn.Module, *, kind: str, resolution: int, device: str | torch.device = "cpu"):
+    def __init__(
+        self, name: str, net: _CNN | _MLP, *, kind: str, resolution: int, device: str | torch.device = "cpu"
+    ) -> None:
         self.name, self.kind, self.resolution = name, kind, resolution
         self.device = torch.device(device)
         self.net = net.to(self.device).eval().requires_grad_(False)
@@ -107,7 +109,9 @@ class DigitScorer:
 class InkScorer(DigitScorer):
     """``P(prompted digit) * min(1, ink / ink_target)``: a proxy with room to rise and to be hacked."""
 
-    def __init__(self, name: str, net: nn.Module, *, resolution: int, ink_target: float, device="cpu") -> None:
+    def __init__(
+        self, name: str, net: _CNN | _MLP, *, resolution: int, ink_target: float, device: str | torch.device = "cpu"
+    ) -> None:
         super().__init__(name, net, kind="class", resolution=resolution, device=device)
         if not 0 < ink_target <= 1:
             raise ValueError(f"{name}: ink_target must be in (0, 1], got {ink_target}")
@@ -191,14 +195,18 @@ def train_digit_scorers(
     return acc
 
 
-def _load(path: str | None, which: str, device: str | torch.device) -> tuple[nn.Module, int]:
+def _load(path: str | None, which: str, device: str | torch.device) -> tuple[_CNN | _MLP, int]:
     if path is None:
         raise ValueError(f"digits_{which}: needs path= the scorer directory (written by `normguard prepare`)")
     p = Path(path)
     if not (p / f"{which}.pt").is_file():
         raise FileNotFoundError(f"digits_{which}: no {which}.pt under {p}; run `normguard prepare` first")
     res = json.loads((p / "meta.json").read_text())["resolution"]
-    net = {"classifier": lambda: _CNN(10), "judge": lambda: _MLP(res * res, 10), "realism": lambda: _CNN(2)}[which]()
+    net: _CNN | _MLP = {
+        "classifier": lambda: _CNN(10),
+        "judge": lambda: _MLP(res * res, 10),
+        "realism": lambda: _CNN(2),
+    }[which]()
     net(torch.zeros(1, 1, res, res))
     net.load_state_dict(torch.load(p / f"{which}.pt", map_location="cpu", weights_only=True))
     return net, res
@@ -249,9 +257,11 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
         offset = np.eye(s_a.shape[0]) * FD_EPS
         covmean, _ = _sqrtm((s_a + offset) @ (s_b + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=FD_IMAG_ATOL):
-            raise ValueError(f"the Frechet distance's matrix root has an imaginary part {np.abs(covmean.imag).max()}")
-        covmean = covmean.real
+        if not np.allclose(np.imag(np.diagonal(covmean)), 0, atol=FD_IMAG_ATOL):
+            raise ValueError(
+                f"the Frechet distance's matrix root has an imaginary part {np.abs(np.imag(covmean)).max()}"
+            )
+        covmean = np.real(covmean)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2.0 * covmean))
 
 
@@ -261,7 +271,7 @@ def _sqrtm(m: np.ndarray) -> tuple[np.ndarray, bool]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", linalg.LinAlgWarning)
-        root = linalg.sqrtm(m)
+        root = np.asarray(linalg.sqrtm(m))  # an array: without disp=False sqrtm returns no error estimate
     singular = False
     for w in caught:
         if issubclass(w.category, linalg.LinAlgWarning) and str(w.message).startswith("Matrix is singular"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,9 @@ from torch import Tensor, nn
 from services.hub import load_pretrained_checked
 from services.rewards.aesthetic import AestheticHead
 from services.rewards.base import load_state_file, validate_images
+
+if TYPE_CHECKING:
+    from transformers import BlipTextConfig, BlipVisionConfig
 
 __all__ = ["ImageRewardModel", "ImageRewardScorer", "preprocess", "to_hf_keys"]
 
@@ -134,14 +138,18 @@ def _text_config(med: dict, encoder_width: int):
 
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     keys += ("max_position_embeddings", "vocab_size", "layer_norm_eps", "hidden_act", "pad_token_id")
-    none = {"bos_token_id": None, "eos_token_id": None, "sep_token_id": None}  # generation ids: not read by the score
+    none: dict[str, Any] = {
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "sep_token_id": None,
+    }  # generation ids: not read by the score
     return BlipTextConfig(**{k: med[k] for k in keys}, **none, encoder_hidden_size=encoder_width, is_decoder=True)
 
 
 class ImageRewardModel(nn.Module):
     """BLIP ViT + BERT with cross-attention + ImageReward's MLP; ``forward`` gives the normalised score."""
 
-    def __init__(self, vision_config, text_config) -> None:
+    def __init__(self, vision_config: BlipVisionConfig, text_config: BlipTextConfig) -> None:
         from transformers import BlipTextModel, BlipVisionModel
 
         super().__init__()
@@ -195,7 +203,7 @@ def preprocess(images: Tensor, size: int) -> Tensor:
         w, h = pil.size
         short, long = min(w, h), max(w, h)
         new_long = int(size * long / short)  # torchvision Resize(int)'s rounding
-        pil = pil.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
+        pil = pil.resize((size, new_long) if w <= h else (new_long, size), Image.Resampling.BICUBIC)
         w, h = pil.size
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))  # torchvision CenterCrop
         pil = pil.crop((left, top, left + size, top + size))
@@ -244,7 +252,10 @@ class ImageRewardScorer:
         med = json.loads(med_file.read_text()) if med_file.is_file() else PUBLISHED_MED_CONFIG
         state = load_state_file(weights, what=name)
         self.model = build_image_reward(state, med, vision_heads=vision_heads).to(self.device)
-        self.image_size = self.model.visual.config.image_size
+        image_size = self.model.visual.config.image_size
+        if not isinstance(image_size, int):
+            raise TypeError(f"{name}: the BLIP vision config's image_size must be one int, got {image_size!r}")
+        self.image_size = image_size
         self.tokenizer = load_pretrained_checked(BertTokenizer, tokenizer, what=f"{name} tokenizer")
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})  # blip.py
 
@@ -265,5 +276,5 @@ class ImageRewardScorer:
         return torch.cat(out)
 
 
-def _image_reward(path: str | None = None, device: str | torch.device = "cpu", **options) -> ImageRewardScorer:
+def _image_reward(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> ImageRewardScorer:
     return ImageRewardScorer("image_reward", path, device=device, **options)

@@ -18,12 +18,16 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from services.hub import load_pretrained_checked
 from services.rewards.base import validate_images
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["HTTPJudge", "LocalVLMJudge", "probs_to_score"]
 
@@ -143,7 +147,7 @@ class HTTPJudge:
         backoff_s: float = 0.5,
         api_key: str | None = None,
         concurrency: int = 8,
-        transport=None,
+        transport: httpx.BaseTransport | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         import httpx
@@ -219,9 +223,9 @@ class HTTPJudge:
         return torch.tensor(list(self._pool.map(self._one, images, prompts)), dtype=torch.float32)
 
 
-def _vlm_judge(path: str | None = None, device: str | torch.device = "cpu", **options) -> LocalVLMJudge:
+def _vlm_judge(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> LocalVLMJudge:
     return LocalVLMJudge("vlm_judge", path, device=device, **options)
 
 
-def _http_judge(path: str | None = None, device: str | torch.device = "cpu", **options) -> HTTPJudge:
+def _http_judge(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> HTTPJudge:
     return HTTPJudge("http_judge", path, device=device, **options)

@@ -33,6 +33,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -158,5 +159,5 @@ def _mean_std(path: str) -> tuple[list[float], list[float]]:
     return list(raw.get("image_mean", [0.5] * 3)), list(raw.get("image_std", [0.5] * 3))
 
 
-def _ocr(path: str | None = None, device: str | torch.device = "cpu", **options) -> OCRScorer:
+def _ocr(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> OCRScorer:
     return OCRScorer("ocr", path, device=device, **options)

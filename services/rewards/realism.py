@@ -7,6 +7,7 @@ The score is P(real): the softmax probability of the label whose name is ``real_
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,5 +57,5 @@ class RealismDetector:
         return torch.cat(out)
 
 
-def _realism(path: str | None = None, device: str | torch.device = "cpu", **options) -> RealismDetector:
+def _realism(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> RealismDetector:
     return RealismDetector("realism_detector", path, device=device, **options)

@@ -23,13 +23,16 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from services.rewards.base import validate_images
 from services.rewards.wire import WireError, parse_scores, request_body, to_uint8
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["RemoteScorer", "RewardServerError"]
 
@@ -65,7 +68,7 @@ class RemoteScorer:
         images_per_request: int = 32,
         concurrency: int = 4,
         groupwise: bool = False,
-        transport=None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if (url is None) == (app is None):
             raise ValueError(f"{scorer}: give exactly one of url (over HTTP) or app (a Serve handle)")
@@ -76,7 +79,7 @@ class RemoteScorer:
         self.where = url or f"Serve app {app!r} / {deployment}"
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"reward-{scorer}")
         self._handle = None
-        self.client = None
+        self.client: httpx.Client | None = None
         if url is not None:
             import httpx
 
@@ -138,8 +141,12 @@ class RemoteScorer:
         raise AssertionError("unreachable")
 
     # ---- over HTTP -------------------------------------------------------------------------------
-    def _send_http(self, u8: Tensor, prompts: list[str], groups, meta) -> list[float]:
+    def _send_http(
+        self, u8: Tensor, prompts: list[str], groups: Tensor | None, meta: Sequence[dict | None] | None
+    ) -> list[float]:
         import httpx
+
+        assert self.client is not None, "score sends over HTTP only with a client (url given)"
 
         body = json.dumps(request_body(u8, prompts, group_ids=groups, metadata=meta)).encode()
         headers = {"Content-Type": "application/json"}
@@ -163,7 +170,7 @@ class RemoteScorer:
         except (ValueError, WireError) as err:  # json's errors are ValueErrors
             raise RewardServerError(f"{self.name}: malformed reply from {self.url}: {err}") from err
 
-    def _read_capped(self, resp) -> bytes:
+    def _read_capped(self, resp: httpx.Response) -> bytes:
         declared = resp.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_reply_bytes:
             raise RewardServerError(
@@ -179,7 +186,9 @@ class RemoteScorer:
         return bytes(buf)
 
     # ---- by Serve handle -------------------------------------------------------------------------
-    def _send_handle(self, u8: Tensor, prompts: list[str], groups, meta) -> list[float]:
+    def _send_handle(
+        self, u8: Tensor, prompts: list[str], groups: Tensor | None, meta: Sequence[dict | None] | None
+    ) -> list[float]:
         from ray.exceptions import RayActorError
 
         handle = self._serve_handle()

@@ -29,8 +29,9 @@ import hmac
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field, model_validator
@@ -39,6 +40,9 @@ from ray import serve
 from services.config.base import Section
 from services.rewards.base import build_scorer, is_groupwise
 from services.rewards.wire import WireError, decode_image, parse_body
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
 
 __all__ = ["AutoscalingSpec", "RewardReplica", "RewardServerConfig", "deploy", "reward_app"]
 
@@ -49,11 +53,11 @@ _PICKLE_TYPES = ("application/octet-stream", "application/python-pickle", "appli
 class AutoscalingSpec(Section):
     """Serve's autoscaling range for the replicas (``autoscaling_config``)."""
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in flight per replica to aim for")
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="requests in flight per replica to aim for")
+    upscale_delay_s: float = Field(default=5.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
 
     @model_validator(mode="after")
     def _range(self) -> AutoscalingSpec:
@@ -66,30 +70,32 @@ class RewardServerConfig(Section):
     """One scorer as one Serve application."""
 
     scorer: str = Field(description="registered scorer name, or a label when impl is set")
-    impl: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-    path: str | None = Field(None, description="checkpoint dir / hub id for the scorer")
+    impl: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    path: str | None = Field(default=None, description="checkpoint dir / hub id for the scorer")
     options: dict[str, Any] = Field(default_factory=dict, description="scorer-specific keyword arguments")
-    app: str | None = Field(None, description="Serve application name (default: the scorer's)")
-    deployment: str = Field("RewardScorer", min_length=1)
-    route_prefix: str | None = Field(None, pattern=r"^/", description="HTTP prefix (default: /<app>)")
-    num_replicas: int = Field(1, ge=1, description="fixed replicas (ignored with autoscaling)")
+    app: str | None = Field(default=None, description="Serve application name (default: the scorer's)")
+    deployment: str = Field(default="RewardScorer", min_length=1)
+    route_prefix: str | None = Field(default=None, pattern=r"^/", description="HTTP prefix (default: /<app>)")
+    num_replicas: int = Field(default=1, ge=1, description="fixed replicas (ignored with autoscaling)")
     autoscaling: AutoscalingSpec | None = None
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per replica")
     runtime_env: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray runtime_env of each replica (env_vars, pip, working_dir), merged over the job's",
     )
-    torch_threads: int = Field(1, ge=1)
-    max_batch_size: int = Field(8, ge=1, description="requests merged into one scorer call")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="longest wait for a batch to fill")
-    max_ongoing_requests: int = Field(16, ge=1, description="per replica; more queue in Serve's router")
-    api_key_env: str = Field("NORMGUARD_REWARD_KEY", description="variable holding the bearer token, per replica")
-    allow_unauthenticated: bool = Field(False, description="serve HTTP without a token (a loopback test only)")
-    max_request_bytes: int = Field(64 << 20, ge=1024)
-    max_images: int = Field(512, ge=1, description="images per request")
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    torch_threads: int = Field(default=1, ge=1)
+    max_batch_size: int = Field(default=8, ge=1, description="requests merged into one scorer call")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="longest wait for a batch to fill")
+    max_ongoing_requests: int = Field(default=16, ge=1, description="per replica; more queue in Serve's router")
+    api_key_env: str = Field(
+        default="NORMGUARD_REWARD_KEY", description="variable holding the bearer token, per replica"
+    )
+    allow_unauthenticated: bool = Field(default=False, description="serve HTTP without a token (a loopback test only)")
+    max_request_bytes: int = Field(default=64 << 20, ge=1024)
+    max_images: int = Field(default=512, ge=1, description="images per request")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
 
     @property
     def app_name(self) -> str:
@@ -133,8 +139,10 @@ class RewardReplica:
                 f"reward server {cfg.scorer}: ${cfg.api_key_env} is not set in the replica's environment; set it "
                 "(the cluster's environment or runtime_env) or allow_unauthenticated: true for a loopback test"
             )
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # ray types serve.batch's result as a plain callable; the batched method has these setters (Serve docs)
+        b = self._batched
+        b.set_max_batch_size(cfg.max_batch_size)  # pyright: ignore[reportAttributeAccessIssue] - ray stub
+        b.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)  # pyright: ignore[reportAttributeAccessIssue] - ray stub
 
     # ---- by handle ---------------------------------------------------------------------------
     async def score(self, payload: dict) -> dict:
@@ -148,7 +156,7 @@ class RewardReplica:
         return {"scorer": self.cfg.scorer, "scores": await self._batched(job)}
 
     # ---- over HTTP ---------------------------------------------------------------------------
-    async def __call__(self, request) -> Any:
+    async def __call__(self, request: Request) -> Any:
         from starlette.responses import JSONResponse
 
         try:
@@ -159,7 +167,7 @@ class RewardReplica:
             log.exception("%s: scoring failed", self.cfg.scorer)
             return JSONResponse({"error": f"{self.cfg.scorer}: {type(err).__name__}: {err}"}, status_code=500)
 
-    async def _http(self, request) -> dict:
+    async def _http(self, request: Request) -> dict:
         path = request.url.path.rstrip("/")  # Serve passes the full path; the prefix routed it here
         if request.method == "GET" and path.endswith("/health"):
             return {"scorer": self.cfg.scorer, "groupwise": self.groupwise}
@@ -179,7 +187,7 @@ class RewardReplica:
                 401, "a valid 'Authorization: Bearer <token>' header is required", {"WWW-Authenticate": "Bearer"}
             )
 
-    async def _read_body(self, request) -> bytes:
+    async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.cfg.max_request_bytes:
             raise _Refused(413, f"the body is {declared} bytes; this server takes at most {self.cfg.max_request_bytes}")
@@ -228,16 +236,17 @@ class RewardReplica:
         kw = {}
         if self.takes_metadata and any(j.metadata is not None for j in jobs):
             kw["metadata"] = [m for j in jobs for m in (j.metadata or [None] * len(j.prompts))]
+        scorer = self.scorer
         with torch.no_grad():
-            if self.groupwise:
+            if is_groupwise(scorer):  # self.groupwise: the same flag
                 groups, offset = [], 0
                 for j in jobs:
                     g = j.group_ids if j.group_ids is not None else torch.zeros(len(j.prompts), dtype=torch.long)
                     groups.append(g.long() - g.min() + offset)
                     offset = int(groups[-1].max()) + 1
-                out = self.scorer.score(images, prompts, torch.cat(groups), **kw)
+                out = scorer.score(images, prompts, torch.cat(groups), **kw)
             else:
-                out = self.scorer.score(images, prompts, **kw)
+                out = scorer.score(images, prompts, **kw)
         out = out.detach().float().cpu().flatten()
         if out.shape != (len(prompts),) or not torch.isfinite(out).all():
             raise ValueError(f"{self.cfg.scorer} returned {tuple(out.shape)} / non-finite scores for {len(prompts)}")
@@ -247,7 +256,7 @@ class RewardReplica:
         """Serve's health check: a replica that built its scorer is healthy."""
 
 
-def _parameters(fn) -> set[str]:
+def _parameters(fn: Callable[..., object]) -> set[str]:
     import inspect
 
     try:
@@ -269,7 +278,9 @@ def reward_app(cfg: RewardServerConfig):
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
         options["num_replicas"] = cfg.num_replicas
-    return serve.deployment(RewardReplica).options(**options).bind(cfg.model_dump())
+    # ray annotates serve.deployment as returning the decorator even when it is handed the class
+    dep = serve.deployment(RewardReplica).options(**options)  # pyright: ignore[reportFunctionMemberAccess] - ray stub
+    return dep.bind(cfg.model_dump())
 
 
 def deploy(cfg: RewardServerConfig, *, blocking: bool = False):
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import yaml
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("config", help="YAML of RewardServerConfig")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

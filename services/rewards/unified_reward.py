@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,7 +71,7 @@ class UnifiedRewardJudge(HTTPJudge):
         resize: int | None = 512,
         max_tokens: int | None = None,
         unparsable: str = "error",
-        **http_options,
+        **http_options: Any,
     ) -> None:
         if unparsable not in ("error", "zero"):
             raise ValueError(f"{name}: unparsable must be 'error' or 'zero', got {unparsable!r}")
@@ -82,7 +83,7 @@ class UnifiedRewardJudge(HTTPJudge):
 
         pil = Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         if self.resize:
-            pil = pil.resize((self.resize, self.resize), Image.BICUBIC)
+            pil = pil.resize((self.resize, self.resize), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         pil.save(buf, "PNG")
         url = "data:image;base64," + base64.b64encode(buf.getvalue()).decode()  # flow_grpo's pil_image_to_base64
@@ -105,5 +106,5 @@ class UnifiedRewardJudge(HTTPJudge):
             raise
 
 
-def _unified_reward(path: str | None = None, device: str | torch.device = "cpu", **options) -> UnifiedRewardJudge:
+def _unified_reward(path: str | None = None, device: str | torch.device = "cpu", **options: Any) -> UnifiedRewardJudge:
     return UnifiedRewardJudge("unified_reward", path, device=device, **options)

@@ -26,6 +26,7 @@ import base64
 import binascii
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class ScoreBody(BaseModel):
 
     images: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
-    metadata: list[dict[str, Any] | None] | None = Field(None, alias="meta_datas")
+    metadata: list[dict[str, Any] | None] | None = Field(default=None, alias="meta_datas")
     group_ids: list[int] | None = None
 
     @model_validator(mode="after")
@@ -105,7 +106,13 @@ def decode_image(text: str, *, max_pixels: int) -> Tensor:
     return arr.permute(2, 0, 1).contiguous()
 
 
-def request_body(images_u8: Tensor, prompts, *, group_ids: Tensor | None = None, metadata=None) -> dict:
+def request_body(
+    images_u8: Tensor,
+    prompts: Sequence[str],
+    *,
+    group_ids: Tensor | None = None,
+    metadata: Sequence[dict | None] | None = None,
+) -> dict:
     """The JSON body of one request (:class:`ScoreBody`'s fields)."""
     body: dict[str, Any] = {"images": [encode_png(img) for img in images_u8], "prompts": list(prompts)}
     if group_ids is not None:

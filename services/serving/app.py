@@ -33,7 +33,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import HTTPException
@@ -47,6 +47,10 @@ from services.serving.failover import forward_with_failover
 from services.serving.generator import BASE_ID, GenerationItem, GeneratorCore, clip
 from services.serving.http import GenerateRequest, build_fastapi, validate
 from services.signals import exit_code
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from ray.actor import ActorHandle
 
 __all__ = ["GenerateRequest", "build_app", "app_from_env"]
 
@@ -82,19 +86,23 @@ class Replica:
         if self._consumer is None or self._consumer.done():
             self.queue = self.queue or asyncio.Queue()
             self._consumer = asyncio.get_running_loop().create_task(self._batches())
+        queue = self.queue
+        assert queue is not None, "the queue is created with its consumer"
         fut = asyncio.get_running_loop().create_future()
         # its queue time starts here (the gateway's clock is another process's)
-        self.queue.put_nowait((replace(item, received=time.perf_counter()), fut))
+        queue.put_nowait((replace(item, received=time.perf_counter()), fut))
         return await fut
 
     async def _batches(self) -> None:
         """The consumer: take everything queued, run it, answer; forever."""
+        queue = self.queue
+        assert queue is not None, "generate_item creates the queue before it starts the consumer"
         while True:
-            batch = [await self.queue.get()]
+            batch = [await queue.get()]
             if self.cfg.batch_wait_timeout_s:
                 await asyncio.sleep(self.cfg.batch_wait_timeout_s)
-            while len(batch) < self.cfg.max_batch_size and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+            while len(batch) < self.cfg.max_batch_size and not queue.empty():
+                batch.append(queue.get_nowait())
             await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[tuple[GenerationItem, asyncio.Future]]) -> None:
@@ -108,7 +116,8 @@ class Replica:
         for key, members in groups.items():
             items = [it for it, _ in members]
             try:
-                gen = await self.get_model(key[0])
+                # ray types serve.multiplexed's result as the coroutine, not the method that returns it
+                gen = await self.get_model(key[0])  # pyright: ignore[reportCallIssue] - ray stub: serve.multiplexed
                 results = await loop.run_in_executor(self.compute, GeneratorCore.run_isolated, gen, items)
             except Exception as err:  # noqa: BLE001 - e.g. a checkpoint that fails to load: these requests only
                 results = [{"error": f"{type(err).__name__}: {clip(str(err))}"}] * len(items)
@@ -193,7 +202,7 @@ class _OneHop(Frontend, Replica):
         return {**(await self.generate_item(item)), "attempts": 1}
 
 
-GENERATE_RESPONSES = {
+GENERATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing or wrong bearer token (when auth_token is set)"},
     404: {"description": "unknown checkpoint"},
     413: {"description": "request body too large"},
@@ -206,7 +215,7 @@ GENERATE_RESPONSES = {
 }
 
 
-def _ingress(api, base: type, name: str):
+def _ingress(api: "FastAPI", base: type, name: str):
     """``base`` as the FastAPI ingress deployment ``name``, with the service's routes."""
 
     @serve.deployment(name=name)
@@ -316,7 +325,7 @@ def serve_forever(
         ray.shutdown()
 
 
-def _stop(latch: StopLatch, cfg: ServeConfig, board) -> int:
+def _stop(latch: StopLatch, cfg: ServeConfig, board: "ActorHandle") -> int:
     request = latch.wait()
     print(
         f"normguard serve: {request.name}: taking no new requests; finishing those in flight "

@@ -29,12 +29,20 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import ray
 from fastapi import HTTPException
 
 from services.signals import SIGNALS, StopRequest
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+_Handler: TypeAlias = "Callable[[int, FrameType | None], Any] | int | None"  # what signal.signal returns
 
 __all__ = ["Board", "DrainBoard", "DrainCut", "DrainGate", "DrainResult", "StopLatch", "board_name", "drain"]
 
@@ -76,7 +84,8 @@ class Board:
         return sum(r.inflight for r in live), sum(not r.knows for r in live)
 
 
-DrainBoard = ray.remote(num_cpus=0, max_concurrency=64)(Board)
+# ray's overloads of remote() leave out the actor options (max_concurrency); the call is Ray's documented one
+DrainBoard = ray.remote(num_cpus=0, max_concurrency=64)(Board)  # pyright: ignore[reportCallIssue] - ray stub
 
 
 class DrainGate:
@@ -97,10 +106,14 @@ class DrainGate:
             self._task = asyncio.get_running_loop().create_task(self._report())
 
     async def _report(self) -> None:
+        board = self.board
+        assert board is not None, "watch starts the reports only with a board"
         while True:
             with contextlib.suppress(Exception):  # a missed beat is the next one's to make
                 knows = self.draining
-                if await self.board.beat.remote(self.id, self.inflight, knows):
+                # ray types an actor method's .remote() on a get_actor handle as Never; it is an awaitable ObjectRef
+                beat = board.beat.remote(self.id, self.inflight, knows)
+                if await beat:  # pyright: ignore[reportGeneralTypeIssues] - ray stub
                     self.draining = True
             await asyncio.sleep(POLL_S)
 
@@ -139,7 +152,7 @@ class StopLatch:
         self.request: StopRequest | None = None
         self.cut_on_second = True
         self._event = threading.Event()
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def install(self) -> StopLatch:
         for sig in SIGNALS:
@@ -154,9 +167,10 @@ class StopLatch:
     def wait(self) -> StopRequest:
         while not self._event.wait(0.5):  # a short wait keeps the main thread responsive to signals
             pass
+        assert self.request is not None, "_handle sets the request before the event"
         return self.request
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.request is None:
             self.request = StopRequest(signum, time.monotonic())
             self._event.set()
@@ -164,7 +178,7 @@ class StopLatch:
             raise DrainCut(signal.Signals(signum).name)
 
 
-def drain(board, timeout_s: float) -> DrainResult:
+def drain(board: ActorHandle, timeout_s: float) -> DrainResult:
     """Raise the drain flag of ``board`` (a :data:`DrainBoard` handle) and wait, at most ``timeout_s``, until
     the app's ingress replicas are idle."""
     t0 = time.monotonic()

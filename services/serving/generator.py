@@ -7,12 +7,16 @@ import base64
 import io
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.checkpoints import load_weights
 from services.models.sampling import fixed_noise, sample
 from services.serving.config import ServeConfig
+
+if TYPE_CHECKING:
+    from services.models.base import FlowGenerator
 
 __all__ = ["BASE_ID", "GenerationItem", "GeneratorCore", "clip"]
 
@@ -83,7 +87,7 @@ class GeneratorCore:
         return gen
 
     @staticmethod
-    def run(gen, items: list[GenerationItem]) -> list[list[str]]:
+    def run(gen: FlowGenerator, items: list[GenerationItem]) -> list[list[str]]:
         """One sampler batch for requests sharing (steps, guidance, renormalize); each request's noise
         comes from its own seed, so its images do not depend on its batch neighbours."""
         first = items[0]
@@ -107,7 +111,7 @@ class GeneratorCore:
         return grouped
 
     @staticmethod
-    def run_isolated(gen, items: list[GenerationItem]) -> list[dict]:
+    def run_isolated(gen: FlowGenerator, items: list[GenerationItem]) -> list[dict]:
         """:meth:`run` on the whole batch; if it fails, each request alone, so a bad one fails by itself
         (``{"error": ...}``) and its neighbours still get their images."""
         t0 = time.perf_counter()
@@ -119,7 +123,7 @@ class GeneratorCore:
         return [{"images": im, "batch_requests": len(items), "compute_ms": ms} for im in images]
 
     @staticmethod
-    def _alone(gen, item: GenerationItem) -> dict:
+    def _alone(gen: FlowGenerator, item: GenerationItem) -> dict:
         t0 = time.perf_counter()
         try:
             (images,) = GeneratorCore.run(gen, [item])

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.models.families import family
@@ -25,13 +26,15 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str | list[str] = Field(description="one prompt or a list (one image each)")
-    num_steps: int | None = Field(None, ge=1, le=10_000, description="sampler steps (default: the few-step default)")
-    guidance_scale: float | None = Field(None, ge=1.0, le=1e6, description="CFG scale, finite")
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="noise seed (random when omitted)")
-    size: int | None = Field(None, ge=8, le=4096, description="image side in pixels")
-    checkpoint: str = Field(BASE_ID, description="checkpoint id from GET /v1/models")
-    renormalize: bool = Field(False, description="rescale v to ||v_ref|| each step (inference baseline)")
-    format: str = Field("json", pattern="^(json|png)$", description="'png' returns image/png for one image")
+    num_steps: int | None = Field(
+        default=None, ge=1, le=10_000, description="sampler steps (default: the few-step default)"
+    )
+    guidance_scale: float | None = Field(default=None, ge=1.0, le=1e6, description="CFG scale, finite")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="noise seed (random when omitted)")
+    size: int | None = Field(default=None, ge=8, le=4096, description="image side in pixels")
+    checkpoint: str = Field(default=BASE_ID, description="checkpoint id from GET /v1/models")
+    renormalize: bool = Field(default=False, description="rescale v to ||v_ref|| each step (inference baseline)")
+    format: str = Field(default="json", pattern="^(json|png)$", description="'png' returns image/png for one image")
 
 
 def _unprocessable(messages: list[str]) -> HTTPException:
@@ -98,7 +101,7 @@ def build_fastapi(cfg: ServeConfig) -> FastAPI:
     expected = cfg.auth_token.encode() if cfg.auth_token else None
 
     @api.middleware("http")
-    async def guard(request: Request, call_next):
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         path = request.url.path  # relative to the app's route prefix (Serve sets root_path)
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):

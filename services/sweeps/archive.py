@@ -46,7 +46,7 @@ def archive_sweep(sweep_dir: str | Path, out: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

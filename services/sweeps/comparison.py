@@ -42,7 +42,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from services.sweeps.keys import GAP_STATS, LOWER_IS_BETTER, QUALITY, judge_key, paired_keys, quality_keys
+from services.sweeps.keys import GAP_STATS, LOWER_IS_BETTER, QUALITY, ArmRuns, judge_key, paired_keys, quality_keys
 from services.sweeps.markdown import HIGH_LEVEL_EXCLUDES, markdown_tables, matched_markdown
 from services.sweeps.plots import plot_frontiers, plot_ratios
 from services.sweeps.trials import load_runs as _load
@@ -83,12 +83,12 @@ def _curves(run: dict, steps: int, *, renorm: bool = False, keys: tuple[str, ...
     point is the base model's, the same with and without renormalisation)."""
     prefix = "eval_renorm/" if renorm else "eval/"
     out: dict[str, list[float]] = defaultdict(list)
-    keys = ["reward", *keys]
+    names = ("reward", *keys)
     for i, p in enumerate(run["points"]):
         src = p if not renorm or i == 0 else {k.replace("eval_renorm/", "eval/"): v for k, v in p.items()}
         if renorm and i > 0 and not any(k.startswith(prefix) for k in p):
             continue
-        for k in keys:
+        for k in names:
             v = _reward_at(run, src, steps) if k == "reward" else src.get(f"eval/{k}_{steps}steps")
             if v is not None:
                 out[k].append(float(v))
@@ -100,19 +100,20 @@ def _reward_at(run: dict, point: dict, steps: int) -> float | None:
     ``reward.scorers`` combines them), None unless every term was evaluated."""
     weights = run.get("reward_weights") or {run["reward"]: 1.0}
     values = [point.get(f"eval/{name}_{steps}steps") for name in weights]
-    if any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if len(present) != len(values):
         return None
-    return sum(w * float(v) for w, v in zip(weights.values(), values))
+    return sum(w * float(v) for w, v in zip(weights.values(), present))
 
 
-def _arms(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+def _arms(runs: list[dict]) -> ArmRuns:
     by: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
         by[(r["params"].get("loss.name", "?"), r["params"].get("arm", "?"))].append(r)
     return by
 
 
-def _series(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> dict[str, list]:
+def _series(by: ArmRuns, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> dict[str, list]:
     """arm -> [(seed, curves)], with the derived early_stop (none arm) and renorm (none arm renormalised)."""
     out: dict[str, list] = {}
     for (m, arm), runs in sorted(by.items()):
@@ -167,7 +168,7 @@ def compare_sweep(
     runs = _load(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"no finished trials under {sweep_dir / 'trials'}")
-    steps = steps or runs[0]["full_steps"]
+    steps = int(steps or runs[0]["full_steps"])
     by, keys = _arms(runs), quality_keys(runs)
     methods = sorted({m for m, _ in by})
     final = [row for method in methods for row in _final_rows(by, method, steps, keys)]
@@ -186,7 +187,9 @@ def compare_sweep(
     return {**first, "final": final, "bound": bound, "keys": keys, "out": out, "by_rule": by_rule}
 
 
-def _tables_md(by_rule: dict, rules: tuple[str, ...], final, bound, keys, steps: int) -> str:
+def _tables_md(
+    by_rule: dict, rules: tuple[str, ...], final: list[dict], bound: list[dict], keys: tuple[str, ...], steps: int
+) -> str:
     """``tables.md``: the first rule's full tables, then the matched sections of every other rule."""
     first = by_rule[rules[0]]
     text = markdown_tables(
@@ -204,7 +207,9 @@ def _tables_md(by_rule: dict, rules: tuple[str, ...], final, bound, keys, steps:
 _FILES = {"matched": "matched", "paired": "paired", "high": "matched_high", "high_paired": "paired_high"}
 
 
-def _matched_tables(by, methods: list[str], steps: int, keys: tuple[str, ...], rule: str) -> dict[str, list[dict]]:
+def _matched_tables(
+    by: ArmRuns, methods: list[str], steps: int, keys: tuple[str, ...], rule: str
+) -> dict[str, list[dict]]:
     """The matched and paired rows of every method under ``rule``, at the common level and at the higher
     level without the strong regularisers (a strong KL caps the common level where the hack has barely
     started; NormGuard against the rest matters most where it is under way)."""
@@ -235,7 +240,7 @@ def compare_and_report(sweep_dir: str | Path, out_dir: str | Path | None = None,
     )
 
 
-def _bound_rows(by, method: str) -> list[dict]:
+def _bound_rows(by: ArmRuns, method: str) -> list[dict]:
     """Per arm: the largest per-step ratio and the deficit against ``min(none arm, bound)``, paired by seed."""
     none = {r["params"].get("train.seed", 0): r["ratio"] for r in by.get((method, "none"), []) if r["ratio"]}
     rows = []
@@ -322,7 +327,7 @@ def _better(key: str, diff: float, other: float | None) -> bool:
     return diff < 0 if key in LOWER_IS_BETTER else diff > 0
 
 
-def _final_rows(by, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> list[dict]:
+def _final_rows(by: ArmRuns, method: str, steps: int, keys: tuple[str, ...] = QUALITY) -> list[dict]:
     """Every arm after its last step: reward, quality, and the extremes of the per-step norm ratio."""
     rows = []
     for (m, arm), rs in sorted(by.items()):

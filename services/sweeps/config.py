@@ -38,7 +38,9 @@ class Arm(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys -> values")
-    methods: list[str] | None = Field(None, description="only with these loss.name values (None = every method)")
+    methods: list[str] | None = Field(
+        default=None, description="only with these loss.name values (None = every method)"
+    )
     by_method: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="extra overrides for one loss.name (e.g. a KL weight per method)"
     )
@@ -47,18 +49,22 @@ class Arm(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("ablation", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(default="ablation", pattern=r"^[A-Za-z0-9._-]+$")
     base: dict[str, Any] = Field(default_factory=dict, description="ExperimentConfig overrides shared by all trials")
     axes: tuple[Axis, ...] = Field(min_length=1)
-    num_samples: int = Field(1, ge=1, description="repeats of the grid (random axes are re-drawn)")
-    max_concurrent_trials: int = Field(1, ge=1)
-    trial_cpus: float = Field(0.01, gt=0, description="CPUs of the trial driver itself (its actors ask for their own)")
-    asha: bool = Field(False, description="early-stop trials with ASHA on `metric` vs the `step` attribute")
-    asha_grace_steps: int = Field(5, ge=1)
-    metric: str = Field("reward/mean", description="the per-step metric ASHA compares")
+    num_samples: int = Field(default=1, ge=1, description="repeats of the grid (random axes are re-drawn)")
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    trial_cpus: float = Field(
+        default=0.01, gt=0, description="CPUs of the trial driver itself (its actors ask for their own)"
+    )
+    asha: bool = Field(default=False, description="early-stop trials with ASHA on `metric` vs the `step` attribute")
+    asha_grace_steps: int = Field(default=5, ge=1)
+    metric: str = Field(default="reward/mean", description="the per-step metric ASHA compares")
     mode: Literal["max", "min"] = "max"
     output_dir: str = "runs/sweeps"
-    renorm_baseline: bool = Field(True, description="also evaluate each trial with inference-time renormalisation")
+    renorm_baseline: bool = Field(
+        default=True, description="also evaluate each trial with inference-time renormalisation"
+    )
     arms: dict[str, Arm] = Field(
         default_factory=dict, description="named override sets; an axis with key `arm` picks among them"
     )
@@ -66,12 +72,12 @@ class SweepConfig(BaseModel):
         default_factory=dict, description="overrides per loss.name for every arm (e.g. SDE rollouts for flow_grpo)"
     )
     local_trials: bool = Field(
-        False,
+        default=False,
         description="each trial runs its samplers, scorers and learner in the trial's own process (small models on "
         "few cores: no actor start-up, and trials run side by side, one core each)",
     )
     early_stop_control: bool = Field(
-        False,
+        default=False,
         description="after the grid: for every finished trial with normguard.weight > 0, train the same "
         "config with NormGuard off, stopped once its training reward reaches that trial's final reward",
     )
@@ -87,8 +93,11 @@ class SweepConfig(BaseModel):
         import itertools
 
         keys = [a.key for a in self.axes]
+        grids = [a.grid for a in self.axes if a.grid is not None]
+        if len(grids) != len(self.axes):
+            raise ValueError("with arms, give grid values on every axis")
         out = []
-        for values in itertools.product(*(a.grid for a in self.axes)):
+        for values in itertools.product(*grids):
             params = dict(zip(keys, values))
             arm = self.arms[params["arm"]]
             if arm.methods is None or params.get("loss.name") in arm.methods:
@@ -99,12 +108,13 @@ class SweepConfig(BaseModel):
     def _check(self) -> SweepConfig:
         if self.arms:
             arm_axes = [a for a in self.axes if a.key == "arm"]
-            if not arm_axes or any(a.grid is None for a in self.axes):
+            arm_grid = arm_axes[0].grid if arm_axes else None
+            if arm_grid is None or any(a.grid is None for a in self.axes):
                 raise ValueError("with arms, give an axis with key `arm` and grid values on every axis")
-            unknown = sorted(set(arm_axes[0].grid) - set(self.arms))
+            unknown = sorted(set(arm_grid) - set(self.arms))
             if unknown:
                 raise ValueError(f"arm axis names undeclared arms {unknown}; declared: {sorted(self.arms)}")
-            for params in self.grid_trials():
+            for params in self.grid_trials() or []:  # a list: self.arms is set
                 self.trial_config(params, "check")
             return self
         trial = self.trial_config({a.key: _first(a) for a in self.axes}, "check")
@@ -115,11 +125,12 @@ class SweepConfig(BaseModel):
     def trial_config(self, params: dict[str, Any], trial_name: str) -> ExperimentConfig:
         params = dict(params)
         layers = [self.base]
-        arm = self.arms.get(params.pop("arm", None)) if self.arms else None
+        arm_name = params.pop("arm", None)
+        arm = self.arms.get(arm_name) if self.arms and arm_name is not None else None
         method = params.get("loss.name", self.base.get("loss.name"))
-        layers.append(self.by_method.get(method, {}))
+        layers.append(self.by_method.get(method, {}) if method is not None else {})
         if arm is not None:
-            layers += [arm.overrides, arm.by_method.get(method, {})]
+            layers += [arm.overrides, arm.by_method.get(method, {}) if method is not None else {}]
         layers.append(params)
         data: dict[str, Any] = {}
         for layer in layers:
@@ -137,7 +148,9 @@ def _first(axis: Axis) -> Any:
         return axis.grid[0]
     if axis.choice is not None:
         return axis.choice[0]
-    return (axis.uniform or axis.loguniform)[0]
+    bounds = axis.uniform or axis.loguniform
+    assert bounds is not None, "Axis._one_kind: an axis has exactly one of its kinds"
+    return bounds[0]
 
 
 PATH_KEYS = ("data.train_prompts", "data.eval_prompts")  # files a trial reads: made absolute at load time

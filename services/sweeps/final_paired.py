@@ -73,7 +73,7 @@ def paired_table(trials: dict[tuple[str, str, int], dict[str, float]], method: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args(argv)

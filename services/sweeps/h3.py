@@ -24,13 +24,15 @@ import csv
 from pathlib import Path
 
 from services.sweeps.comparison import MATCH_RULES, _arms, _matched_rows, _series, mean_ci
-from services.sweeps.keys import quality_keys
+from services.sweeps.keys import ArmRuns, quality_keys
 from services.sweeps.trials import load_runs as _load
 
 __all__ = ["h3_rows"]
 
 
-def _per_seed_diffs(by, method: str, steps: int, keys, rule: str, ng: str, other: str, metric: str) -> dict:
+def _per_seed_diffs(
+    by: ArmRuns, method: str, steps: int, keys: tuple[str, ...], rule: str, ng: str, other: str, metric: str
+) -> dict:
     """seed -> ``metric(ng) - metric(other)`` at the method's matched level at ``steps`` under ``rule``."""
     _, per_arm = _matched_rows(_series(by, method, steps, keys), method, keys, rule)
     a, b = per_arm.get(ng, {}).get(metric, {}), per_arm.get(other, {}).get(metric, {})
@@ -63,7 +65,7 @@ def h3_rows(
                 d_full = _per_seed_diffs(by, method, full, keys, rule, ng, vs, metric)
                 both = sorted(set(d_few) & set(d_full))
                 h3 = [d_few[s] - d_full[s] for s in both]
-                row = {"method": method, "normguard": ng, "vs": vs, "metric": metric, "rule": rule}
+                row: dict[str, object] = {"method": method, "normguard": ng, "vs": vs, "metric": metric, "rule": rule}
                 for name, vals in ((f"diff_{few}", list(d_few.values())), (f"diff_{full}", list(d_full.values()))):
                     row[name], row[f"{name}_ci95"], row[f"{name}_seeds"] = mean_ci(vals)
                 row["h3"], row["h3_ci95"], row["seeds"] = mean_ci(h3)
@@ -73,7 +75,7 @@ def h3_rows(
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--few", type=int, default=4)
     ap.add_argument("--full", type=int, default=20)

@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["GAP_STATS", "LOWER_IS_BETTER", "QUALITY", "SET_LEVEL", "judge_key", "paired_keys", "quality_keys"]
+from typing import TypeAlias
 
+__all__ = [
+    "ArmRuns",
+    "GAP_STATS",
+    "LOWER_IS_BETTER",
+    "QUALITY",
+    "SET_LEVEL",
+    "judge_key",
+    "paired_keys",
+    "quality_keys",
+]
+
+ArmRuns: TypeAlias = "dict[tuple[str, str], list[dict]]"  # (method, arm) -> its trials' runs
 SET_LEVEL = ("frechet", "kid", "diversity", "recall", "precision")  # in the judge's features, every task
 QUALITY = (*SET_LEVEL, "digits_judge", "digits_classifier")  # the digits task's (the default)
 LOWER_IS_BETTER = {"frechet", "kid"}

@@ -65,7 +65,16 @@ _RULE_TITLES = {
 }
 
 
-def _matched_sections(matched, paired, high, high_paired, judge, extra, at: str, rule: str) -> list[str]:
+def _matched_sections(
+    matched: list[dict],
+    paired: list[dict],
+    high: list[dict] | None,
+    high_paired: list[dict] | None,
+    judge: str,
+    extra: tuple[str, ...],
+    at: str,
+    rule: str,
+) -> list[str]:
     lines = _matched_md(f"At matched reward{at}: {_RULE_TITLES[rule]}", matched, paired, judge, extra)
     if high:
         excluded = ", ".join(HIGH_LEVEL_EXCLUDES)

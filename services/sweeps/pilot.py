@@ -190,7 +190,7 @@ def margins_from_spread(text: str, steps: int = 20) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("collect", help="read a pilot sweep's trials into a JSON file")
     c.add_argument("sweep_dir")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from services.sweeps.keys import paired_keys
+from services.sweeps.keys import ArmRuns, paired_keys
+
+# comparison._series: (by, method, steps, keys) -> arm -> its seeds' curves
+SeriesFn = Callable[[ArmRuns, str, int, tuple[str, ...]], dict[str, list]]
 
 __all__ = ["plot_frontiers", "plot_ratios"]
 
@@ -18,7 +22,9 @@ _COLORS = {
 }
 
 
-def plot_frontiers(by, methods: list[str], steps: int, path: Path, keys: tuple[str, ...], *, series) -> None:
+def plot_frontiers(
+    by: ArmRuns, methods: list[str], steps: int, path: Path, keys: tuple[str, ...], *, series: SeriesFn
+) -> None:
     """Reward vs each paired metric along training, one curve per arm (``series``: ``comparison._series``)."""
     import matplotlib
 
@@ -50,7 +56,7 @@ def plot_frontiers(by, methods: list[str], steps: int, path: Path, keys: tuple[s
     plt.close(fig)
 
 
-def plot_ratios(by, methods: list[str], path: Path) -> None:
+def plot_ratios(by: ArmRuns, methods: list[str], path: Path) -> None:
     """The per-step norm ratio after training, per arm, with the bound ``1 + margin``."""
     import matplotlib
 

@@ -60,7 +60,7 @@ def decisive_agreement(old: dict[Key, tuple[float, float]], new: dict[Key, tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     ap.add_argument("old")
     ap.add_argument("new")
     ap.add_argument("--metrics", default="frechet", help="comma-separated metric names of paired.csv")

@@ -10,11 +10,15 @@ import csv
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.report import eval_key, format_table, split_eval_key
 from services.sweeps.config import SweepConfig
+
+if TYPE_CHECKING:
+    from ray import tune
 
 __all__ = ["run_sweep", "results_table"]
 
@@ -40,6 +44,7 @@ def _search_space(sweep: SweepConfig) -> dict[str, Any]:
         elif a.uniform is not None:
             space[a.key] = tune.uniform(*a.uniform)
         else:
+            assert a.loguniform is not None, "Axis._one_kind: an axis has exactly one of its kinds"
             space[a.key] = tune.loguniform(*a.loguniform)
     return space
 
@@ -102,7 +107,9 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space=_search_space(sweep) if not sweep.arms else {"trial": tune.grid_search(sweep.grid_trials())},
+            param_space=_search_space(sweep)
+            if not sweep.arms
+            else {"trial": tune.grid_search(sweep.grid_trials() or [])},
             tune_config=tune.TuneConfig(
                 num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler
             ),
@@ -115,7 +122,7 @@ def run_sweep(sweep: SweepConfig) -> list[dict]:
     return write_results(sweep)
 
 
-def _fit(tuner) -> None:
+def _fit(tuner: tune.Tuner) -> None:
     grid = tuner.fit()
     errors = [r.error for r in grid if r.error]
     if errors:
@@ -155,7 +162,7 @@ def _reward_level(run_dir: Path, num_se: float) -> float | None:
     return mean - num_se * std / math.sqrt(n)
 
 
-def _run_controls(sweep: SweepConfig, trainable, storage: str) -> None:
+def _run_controls(sweep: SweepConfig, trainable: type[tune.Trainable] | Callable, storage: str) -> None:
     from ray import tune
 
     controls = control_params(sweep)
@@ -250,7 +257,8 @@ def _plots(sweep: SweepConfig) -> None:
             for t in trials:
                 a = t["after"]
                 rk = next((k for k in a if k.startswith("eval/") and ("classifier" in k or "pickscore" in k)), None)
-                rk = rk and eval_key(split_eval_key(rk)[0].removeprefix("eval/"), n)
+                parts = split_eval_key(rk) if rk else None
+                rk = eval_key(parts[0].removeprefix("eval/"), n) if parts else None
                 qkey = next((k for k in a if k.startswith("eval/") and qk in k and k.endswith(f"_{n}steps")), None)
                 if rk in a and qkey:
                     label = ", ".join(f"{v}" for _, v in sorted(t["params"].items()))
