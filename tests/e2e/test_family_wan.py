@@ -16,14 +16,10 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -33,6 +29,7 @@ from conftest import cli_env, free_port
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import tiny_models  # noqa: E402
 import tiny_wan  # noqa: E402
+from test_real_model_path import _served_png  # noqa: E402
 
 pytestmark = [pytest.mark.e2e]
 BIN = Path(sys.executable).parent
@@ -189,33 +186,7 @@ def _frames(png_b64: str) -> torch.Tensor:
 
 
 def _serve_one_video(run: Path, port: int) -> torch.Tensor:
-    proc = subprocess.Popen(
-        [str(BIN / "normguard"), "serve", str(run), "--port", str(port), "--num-cpus", "2"],
-        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            pytest.fail("normguard serve did not come up in 240 s")
-        body = {"prompt": PROMPT, "checkpoint": "trained", "seed": SEED, "num_steps": STEPS, "guidance_scale": 1.0}
-        r = httpx.post(f"{url}/v1/generate", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        (png,) = r.json()["images"]
-        return _frames(png)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    return _frames(_served_png(run, port))
 
 
 def _stock_frames(base: Path, lora_dir: Path | None) -> torch.Tensor:

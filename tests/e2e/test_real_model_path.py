@@ -85,7 +85,8 @@ def _write_config(assets, kind: str, root: Path) -> Path:
     return path
 
 
-def _serve_one_image(run: Path, port: int) -> torch.Tensor:
+def _served_png(run: Path, port: int) -> str:
+    """``normguard serve`` of ``run``: one sample of the trained checkpoint, its base64 PNG (a video family's: APNG)."""
     proc = subprocess.Popen(
         [str(BIN / "normguard"), "serve", str(run), "--port", str(port), "--num-cpus", "2"],
         env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -107,16 +108,21 @@ def _serve_one_image(run: Path, port: int) -> torch.Tensor:
         body = {"prompt": PROMPT, "checkpoint": "trained", "seed": SEED, "num_steps": STEPS, "guidance_scale": 1.0}
         r = httpx.post(f"{url}/v1/generate", json=body, timeout=300)
         assert r.status_code == 200, r.text
-        from PIL import Image
-
         (png,) = r.json()["images"]
-        return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(png))))).permute(2, 0, 1)
+        return png
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _serve_one_image(run: Path, port: int) -> torch.Tensor:
+    from PIL import Image
+
+    png = _served_png(run, port)
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(png))))).permute(2, 0, 1)
 
 
 def _stock_image(kind: str, base: Path, lora_dir: Path | None) -> torch.Tensor:
