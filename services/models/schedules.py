@@ -187,7 +187,7 @@ class FlowSchedule:
     def _shifted(self, sigmas: np.ndarray, static: float | None, mu: float | None) -> np.ndarray:
         if static is not None:
             return static * sigmas / (1 + (static - 1) * sigmas)
-        assert self.mu is not None, "sigma_grid passes static=None only for a dynamic (mu) schedule"
+        assert mu is not None, "sigma_grid passes static=None only for a dynamic (mu) schedule"
         if self.time_shift_type == "exponential":
             return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
         return mu / (mu + (1 / sigmas - 1) ** 1.0)
