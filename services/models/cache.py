@@ -14,7 +14,9 @@ __all__ = ["BUILD_THREADS", "build_once", "default_cache_dir", "pinned_threads"]
 
 # The colour task's assets are built on one torch thread: a CPU reduction splits over the threads, so 2 000
 # pretraining steps on two threads end in another base model than on one (docs/tasks/colour.md, the sweep's run
-# log: FD 86.5 against 78.8 at step 0). One thread gives the same model on any core count.
+# log: FD 86.5 against 78.8 at step 0). One thread gives the same model on any core count of one machine, not on
+# another CPU (its instruction set picks other kernels: 4.99 / 5.61 / 6.20 colour_pref at step 0 on three): a testbed
+# that must be the same everywhere is committed as its weights (services.assets).
 BUILD_THREADS = 1
 
 
