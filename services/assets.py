@@ -24,11 +24,16 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from services.models.cache import default_cache_dir
 
-__all__ = ["AssetMismatch", "digest", "pack", "unpack"]
+__all__ = ["COMMITTED", "AssetMismatch", "digest", "pack", "restore_committed", "unpack"]
+
+# The committed testbeds (docs/tasks/colour.md, testbed v3); absent where the package is installed without docs/
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "tasks" / "colour_sweep" / "assets"
 
 
 class AssetMismatch(RuntimeError):
@@ -103,6 +108,22 @@ def unpack(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def restore_committed(target: Path, log: Callable[[str], None] = print) -> bool:
+    """Unpack the committed archive of cache directory ``target`` (same name) if there is one and ``target`` is
+    not built yet; a local build with other weights is kept and named in a warning (its runs are not the
+    committed testbed's). Returns whether ``target`` now holds the committed content."""
+    archive = COMMITTED / f"{target.name}.tar.gz"
+    if not archive.is_file():
+        return False
+    try:
+        unpack(archive, target.parent)
+    except AssetMismatch as err:
+        warnings.warn(f"{err}; its runs are not on the committed testbed ({archive})", stacklevel=2)
+        return False
+    log(f"{target}: the committed testbed ({archive.name}, content sha256 {digest(target)[:12]})")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

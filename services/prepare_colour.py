@@ -30,6 +30,7 @@ from services.models.cache import BUILD_THREADS, pinned_threads
 from services.models.colour import (
     DEFAULT_GUIDANCE,
     ColourGenerator,
+    colour_cache_path,
     load_colour_generator,
     load_or_pretrain_colour,
 )
@@ -113,9 +114,11 @@ def _prepare_colour(
 ) -> EmbeddedAssets:
     import time
 
+    from services.assets import restore_committed
     from services.rewards.colour_pref import build_colour_pref
     from services.rewards.colour_training import train_colour_scorers
 
+    restore_committed(colour_cache_path(vae_steps=vae_steps, steps=pretrain_steps, seed=seed, cache_dir=cache_dir), log)
     model_path = load_or_pretrain_colour(
         vae_steps=vae_steps, steps=pretrain_steps, seed=seed, cache_dir=cache_dir, log=log
     )

@@ -46,7 +46,13 @@ if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-__all__ = ["ColourConditioner", "ColourGenerator", "load_colour_generator", "load_or_pretrain_colour"]
+__all__ = [
+    "ColourConditioner",
+    "ColourGenerator",
+    "colour_cache_path",
+    "load_colour_generator",
+    "load_or_pretrain_colour",
+]
 
 LATENT_SHAPE = (4, 8, 8)
 NUM_TOKENS = 4
@@ -214,6 +220,12 @@ def _train_all(tmp: Path, *, vae_steps: int, steps: int, seed: int, log: Callabl
     return dict(vae_seconds=round(t_vae, 1), transformer_seconds=round(time.time() - t0 - t_vae, 1))
 
 
+def colour_cache_path(*, vae_steps: int, steps: int, seed: int, cache_dir: str | Path | None = None) -> Path:
+    """The cache directory of these settings (``colour-<key>`` under ``cache_dir`` or ``$NORMGUARD_CACHE``)."""
+    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
+    return root / f"colour-{_cache_key(vae_steps, steps, seed)}"
+
+
 def load_or_pretrain_colour(
     *,
     vae_steps: int = 800,
@@ -223,8 +235,7 @@ def load_or_pretrain_colour(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Path of the cached colour model (``vae/``, ``transformer/``, ``conditioner.pt``), trained first if needed."""
-    root = Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
-    target = root / f"colour-{_cache_key(vae_steps, steps, seed)}"
+    target = colour_cache_path(vae_steps=vae_steps, steps=steps, seed=seed, cache_dir=cache_dir)
 
     def build(tmp: Path) -> dict:
         log(f"pretraining the colour task's VAE ({vae_steps} steps) and generator ({steps} steps) into {target} ...")

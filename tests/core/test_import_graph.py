@@ -95,8 +95,9 @@ LAYERS = (
         "services.data",
     ),
     ("services.models", "services.rewards"),  # generators and scorers
-    # the embedded default's assets, the one evaluation path, the placement plan
-    ("services.prepare", "services.prepare_colour", "services.evaluation", "services.cluster"),
+    # the embedded default's assets (built, or unpacked from a committed archive), the one evaluation path, the
+    # placement plan
+    ("services.prepare", "services.prepare_colour", "services.assets", "services.evaluation", "services.cluster"),
     ("services.training", "services.serving", "services.rewards.server"),  # the services (a reward server is one)
     ("services.sweeps", "services.analyze"),  # built on training
     ("services.cli", "services"),  # parses and calls one function per command

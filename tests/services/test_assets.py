@@ -58,20 +58,32 @@ def test_digest_sees_a_changed_byte_and_a_renamed_file(tmp_path):
     assert len({before, changed, digest(src)}) == 3
 
 
-def test_the_committed_colour_testbed_is_what_prepare_looks_for_and_nothing_is_rebuilt(tmp_path):
-    """docs/tasks/colour_sweep/assets holds testbed v3 (docs/tasks/colour.md): unpacked into an empty cache,
-    ``prepare_colour`` at deploy/configs/colour_nft.yaml's settings finds every part and trains nothing."""
+def test_prepare_on_an_empty_cache_unpacks_the_committed_colour_testbed_and_trains_nothing(tmp_path):
+    """docs/tasks/colour_sweep/assets holds testbed v3 (docs/tasks/colour.md): ``prepare_colour`` at
+    deploy/configs/colour_nft.yaml's settings, on an empty cache, takes every part from it and trains nothing."""
     from pathlib import Path
 
+    from services.assets import COMMITTED
     from services.prepare_colour import prepare_colour
 
-    committed = Path(__file__).parents[2] / "docs" / "tasks" / "colour_sweep" / "assets"
-    (archive,) = committed.glob("colour-*.tar.gz")
-    cached = unpack(archive, tmp_path)
+    (archive,) = COMMITTED.glob("colour-*.tar.gz")
     lines: list[str] = []
     assets = prepare_colour(pretrain_steps=1200, cache_dir=tmp_path, log=lines.append)
-    assert (
-        Path(assets.model_path) == cached
-        and digest(cached) == (committed / f"{cached.name}.sha256").read_text().split()[0]
-    )
+    cached = Path(assets.model_path)
+    assert cached == tmp_path / archive.name.removesuffix(".tar.gz")
+    assert digest(cached) == (COMMITTED / f"{cached.name}.sha256").read_text().split()[0]
+    assert any("the committed testbed" in s for s in lines), lines
     assert not [s for s in lines if "pretraining" in s or "training the colour" in s], lines
+
+
+def test_a_local_build_with_other_weights_is_kept_and_named(tmp_path, monkeypatch):
+    import services.assets as assets
+
+    archive = pack(_built(tmp_path / "cache"), tmp_path / "committed")
+    monkeypatch.setattr(assets, "COMMITTED", archive.parent)
+    local = _built(tmp_path / "local", weight=b"another machine's rounding")
+    with pytest.warns(UserWarning, match="not on the committed testbed"):
+        assert not assets.restore_committed(local)
+    assert (local / "transformer" / "model.safetensors").read_bytes() == b"another machine's rounding"
+    assert assets.restore_committed(tmp_path / "empty" / "colour-abc", log=lambda s: None)
+    assert digest(tmp_path / "empty" / "colour-abc") == digest(tmp_path / "cache" / "colour-abc")
