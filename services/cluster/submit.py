@@ -15,6 +15,10 @@ import os
 import shlex
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 __all__ = ["build_entrypoint", "submit"]
 
@@ -74,7 +78,7 @@ def submit(
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def _follow_logs(client, job_id: str, timeout_s: float) -> bool:
+def _follow_logs(client: JobSubmissionClient, job_id: str, timeout_s: float) -> bool:
     """Print the job's logs as they arrive until it ends (``tail_job_logs``); False if unavailable."""
 
     async def follow():
