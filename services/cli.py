@@ -11,6 +11,14 @@ import logging
 import os
 import shlex
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.config import ExperimentConfig
+
+    # what ``add_subparsers`` returns: typeshed's generic name (argparse exports no public one, and the
+    # runtime class is not subscriptable, hence only here)
+    _Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
 __all__ = ["main"]
 
@@ -24,13 +32,13 @@ def _setup() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _load(args):
+def _load(args: argparse.Namespace) -> ExperimentConfig:
     from services.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from services.config.families import spec
     from services.prepare import prepare_and_preview
 
@@ -44,7 +52,7 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     """Exits 0, or 128 + the signal that stopped the run (143 SIGTERM, 130 SIGINT) after its checkpoint."""
     from services.training.preemption import StepAbandoned, exit_code
     from services.training.run import RunStopped, train_and_report
@@ -61,7 +69,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_submit(args) -> int:
+def cmd_submit(args: argparse.Namespace) -> int:
     from services.cluster.submit import submit
 
     return submit(
@@ -69,7 +77,7 @@ def cmd_submit(args) -> int:
     )
 
 
-def cmd_serve(args) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a run dir / checkpoint (as checkpoint 'trained') or a serve YAML; ``--host`` / ``--port``
     override the YAML's only when given."""
     from services.serving.app import serve_forever
@@ -77,7 +85,7 @@ def cmd_serve(args) -> int:
     return serve_forever(args.target, host=args.host, port=args.port, num_cpus=args.num_cpus)
 
 
-def cmd_sweep(args) -> int:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from services.sweeps.config import load_sweep
     from services.sweeps.tune import run_sweep, write_results
 
@@ -89,21 +97,21 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_analyze(args) -> int:
+def cmd_analyze(args: argparse.Namespace) -> int:
     from services.analyze import adjoint_report
 
     adjoint_report(args.run_dir, steps=args.steps, samples=args.samples)
     return 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     from services.sweeps.comparison import compare_and_report
 
     print(compare_and_report(args.sweep_dir, args.out, steps=args.steps))
     return 0
 
 
-def cmd_plan(args) -> int:
+def cmd_plan(args: argparse.Namespace) -> int:
     from services.cluster.plan import plan_for
 
     try:
@@ -115,7 +123,7 @@ def cmd_plan(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from services.serving.export import export_run
 
     out = export_run(args.run_dir, args.out, step=args.step, overwrite=args.overwrite)
@@ -125,7 +133,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_scorers(args) -> int:
+def cmd_scorers(args: argparse.Namespace) -> int:
     from services.rewards import available_scorers
 
     print("\n".join(available_scorers()))
@@ -133,7 +141,7 @@ def cmd_scorers(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="normguard", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="normguard", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True)
     _training_commands(sub)
     _sweep_commands(sub)
@@ -142,14 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _with_config(sub, name: str, help_: str):
+def _with_config(sub: _Commands, name: str, help_: str) -> argparse.ArgumentParser:
     sp = sub.add_parser(name, help=help_)
     sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded digits default)")
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
     return sp
 
 
-def _training_commands(sub) -> None:
+def _training_commands(sub: _Commands) -> None:
     sp = _with_config(sub, "prepare", "pretrain and cache the embedded generator and scorers; write preview grids")
     sp.add_argument("--out", default=None, help="directory for the preview PNGs")
     sp.set_defaults(fn=cmd_prepare)
@@ -174,7 +182,7 @@ def _training_commands(sub) -> None:
     sp.set_defaults(fn=cmd_analyze)
 
 
-def _sweep_commands(sub) -> None:
+def _sweep_commands(sub: _Commands) -> None:
     sp = sub.add_parser("sweep", help="run / resume an ablation sweep on Ray Tune; print its table")
     sp.add_argument("config", help="sweep YAML (deploy/sweeps/*.yaml)")
     sp.add_argument("overrides", nargs="*", help="key.path=value overrides of the sweep config")
@@ -187,7 +195,7 @@ def _sweep_commands(sub) -> None:
     sp.set_defaults(fn=cmd_compare)
 
 
-def _serving_commands(sub) -> None:
+def _serving_commands(sub: _Commands) -> None:
     sp = sub.add_parser("serve", help="serve a trained run / checkpoint or a serve YAML over HTTP (Ray Serve)")
     sp.add_argument(
         "target", nargs="?", default=None, help="run dir, checkpoint dir or serve YAML (default: base model)"

@@ -39,9 +39,10 @@ import copy
 import functools
 import json
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -49,6 +50,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from services.config.families import architecture
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = [
     "CudaAutocast",
@@ -85,8 +89,8 @@ class CudaAutocast(TorchFunctionMode):
         super().__init__()
         self.dtype, self.flash, self._cache = dtype, flash, {}
 
-    def _cast(self, to: torch.dtype):
-        def one(t):
+    def _cast(self, to: torch.dtype) -> Callable[[object], object]:
+        def one(t: object) -> object:
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()) or t.dtype in (to, torch.float64):
                 return t
             if t.is_leaf and t.requires_grad:  # autocast caches a leaf's cast for the region
@@ -98,27 +102,33 @@ class CudaAutocast(TorchFunctionMode):
 
         return one
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kw: dict[str, Any] = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in _CUDA_LOW:
-            args, kwargs = tree_map(self._cast(self.dtype), (args, kwargs))
+            args, kw = tree_map(self._cast(self.dtype), (args, kw))
         elif name in _CUDA_FP32:
-            args, kwargs = tree_map(self._cast(torch.float32), (args, kwargs))
-        if self.flash and name == "scaled_dot_product_attention" and kwargs.get("attn_mask") is None:
-            q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value") if n in kwargs))[:3]
+            args, kw = tree_map(self._cast(torch.float32), (args, kw))
+        if self.flash and name == "scaled_dot_product_attention" and kw.get("attn_mask") is None:
+            q, k, v = (*args, *(kw[n] for n in ("query", "key", "value") if n in kw))[:3]
             out = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, kwargs.get("dropout_p", 0.0), kwargs.get("is_causal", False), scale=kwargs.get("scale")
+                q, k, v, kw.get("dropout_p", 0.0), kw.get("is_causal", False), scale=kw.get("scale")
             )
             return out[0]
-        return func(*args, **kwargs)
+        return func(*args, **kw)
 
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
 
-def saved_bytes(fn, *, exclude: list[torch.Tensor]) -> int:
+def saved_bytes(fn: Callable[[], object], *, exclude: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd saves while ``fn()`` runs, less those of ``exclude``."""
     skip = {_storage_key(t) for t in exclude}
     seen: dict[int, int] = {}
@@ -152,7 +162,13 @@ class LivePeak(TorchDispatchMode):
             self.now -= entry[0]
             del self.live[key]
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(
+        self,
+        func: Callable[..., Any],
+        types: Collection[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and (key := _storage_key(t)) not in self.skip:
@@ -166,7 +182,7 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
-def _peak(fn, *, exclude: list[torch.Tensor]) -> int:
+def _peak(fn: Callable[[], object], *, exclude: list[torch.Tensor]) -> int:
     with torch.no_grad(), LivePeak(exclude) as live:
         out = fn()
     del out
@@ -187,7 +203,7 @@ def _config(family: str, what: str, model_dir: str | None = None) -> dict:
     return config
 
 
-def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, targets: tuple[str, ...]):
+def build_transformer(config: dict, dtype: torch.dtype, lora_rank: int | None, targets: tuple[str, ...]) -> ModelMixin:
     """The transformer of ``config`` (its ``_class_name``) as ``FlowGenerator`` holds it, on the current default
     device: the base in ``dtype``, the LoRA adapters (or, without LoRA, the whole transformer: it trains) in
     float32."""
@@ -211,7 +227,7 @@ def _frames(latent_frames: int) -> dict:
 
 
 def transformer_inputs(
-    tr, latent_side: int, text_tokens: int, device: str | torch.device = "meta", *, latent_frames: int = 1
+    tr: ModelMixin, latent_side: int, text_tokens: int, device: str | torch.device = "meta", *, latent_frames: int = 1
 ) -> dict:
     """One sample's keyword arguments, as the generator of the family whose ``transformer_class`` ``tr`` is passes
     them (``ModelFamily.plan_inputs``; ``latent_frames``: a video family's)."""
@@ -237,7 +253,7 @@ class TransformerBytes:
     recompute: int = 0
 
 
-def measure(tr, kwargs: dict, dtype: torch.dtype, *, flash: bool = True) -> TransformerBytes:
+def measure(tr: ModelMixin, kwargs: dict, dtype: torch.dtype, *, flash: bool = True) -> TransformerBytes:
     """Both counts of one call ``tr(**kwargs)`` (any device), under the GPU's autocast for ``dtype``
     (``flash=False``: the device's own attention kernel, for a real CPU forward)."""
     exclude = [*tr.parameters(), *tr.buffers(), *(t for t in kwargs.values() if isinstance(t, torch.Tensor))]
@@ -276,12 +292,12 @@ def transformer_bytes(
     return TransformerBytes(saved=ckpt.saved, no_grad_peak=ckpt.no_grad_peak, recompute=largest)
 
 
-def _largest_block_saved(tr, inputs: dict, dtype: torch.dtype) -> int:
+def _largest_block_saved(tr: ModelMixin, inputs: dict, dtype: torch.dtype) -> int:
     """The most bytes one of ``tr``'s checkpointable blocks saves for backward (less its weights and inputs):
     one forward with grad through diffusers' checkpointing hook, each block measured instead of checkpointed."""
     sizes: list[int] = []
 
-    def probe(fn, *args, **kwargs):
+    def probe(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         out: list = []
         given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         sizes.append(saved_bytes(lambda: out.append(fn(*args, **kwargs)), exclude=[*tr.parameters(), *given]))

@@ -14,7 +14,9 @@ import asyncio
 import os
 import shlex
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 __all__ = ["build_entrypoint", "submit"]
 
@@ -74,7 +76,14 @@ def submit(
     return 0 if status == JobStatus.SUCCEEDED else 1
 
 
-def _follow_logs(client, job_id: str, timeout_s: float) -> bool:
+class _LogTail(Protocol):
+    """What :func:`_follow_logs` uses of Ray's ``JobSubmissionClient`` (a Protocol: Ray is imported only inside
+    :func:`submit`, ``tests/core/test_import_graph.py``)."""
+
+    def tail_job_logs(self, job_id: str) -> AsyncIterator[str]: ...
+
+
+def _follow_logs(client: _LogTail, job_id: str, timeout_s: float) -> bool:
     """Print the job's logs as they arrive until it ends (``tail_job_logs``); False if unavailable."""
 
     async def follow():

@@ -23,44 +23,46 @@ __all__ = ["ModelConfig"]
 
 
 class ModelConfig(Section):
-    kind: Literal[KINDS] = Field("digits", description="generator family (services.config.families)")  # type: ignore[valid-type]
-    path: str | None = Field(None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
+    kind: Literal[KINDS] = Field(default="digits", description="generator family (services.config.families)")  # type: ignore[valid-type]
+    path: str | None = Field(default=None, description="local directory or hub id of a diffusers pipeline (sd3/flux)")
     lora_rank: int | None = Field(
-        None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
+        default=None, ge=1, description="LoRA rank; None = full fine-tuning with a frozen reference copy"
     )
     lora_alpha: float | None = Field(
-        None,
+        default=None,
         gt=0,
         description="LoRA alpha; None = the family's source scale x rank (sd3, flux: 2 x rank; digits: rank)",
     )
     lora_targets: tuple[str, ...] = Field(
-        LORA_DEFAULTS["digits"].targets,
+        default=LORA_DEFAULTS["digits"].targets,
         description="peft target module names; omitted = the family's source list (services.config.families)",
     )
-    resolution: int = Field(16, ge=8, le=4096, description="image side in pixels")
+    resolution: int = Field(default=16, ge=8, le=4096, description="image side in pixels")
     num_frames: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="video families (wan): frames per sample, 4 k + 1 (the VAE's temporal compression); unset = "
         "the family's default (wan: 5, Flow-Factory's recipe); image families: must stay unset",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype on the device")
-    pretrain_steps: int = Field(600, ge=0, description="digits only: steps of the embedded pretraining")
-    cache_dir: str | None = Field(None, description="digits only: where pretrained weights are cached")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="weights dtype on the device"
+    )
+    pretrain_steps: int = Field(default=600, ge=0, description="digits only: steps of the embedded pretraining")
+    cache_dir: str | None = Field(default=None, description="digits only: where pretrained weights are cached")
     max_sequence_length: int = Field(
-        128,
+        default=128,
         ge=1,
         le=512,
         description="sd3/flux: T5 tokens per prompt (pipe.encode_prompt's max_sequence_length; flow_grpo's 128, "
         "diffusers' defaults are 256 for SD3 and 512 for FLUX); SD3's prompt_embeds are CLIP's 77 + this",
     )
     gradient_checkpointing: bool = Field(
-        False,
+        default=False,
         description="the transformer's activation checkpointing (diffusers enable_gradient_checkpointing): the "
         "backward recomputes each block instead of holding its activations (FLUX.2 [dev] needs it to fit 80 GB)",
     )
     prompt_embeddings: Literal["once", "per_actor"] = Field(
-        "once",
+        default="once",
         description="sd3/flux training: 'once' = one pre-pass loads only the text encoders and encodes the training "
         "set, the evaluation set and '' (CFG's null prompt) into a file in the run directory; samplers and learners "
         "then load no text encoder and look prompts up. 'per_actor' = every sampler and learner loads the text "

@@ -8,6 +8,7 @@ import torch
 from services.config import ModelConfig
 from services.models.base import Condition, FlowGenerator
 from services.models.families import FAMILIES, family
+from services.models.families.base import LoraArgs
 
 __all__ = ["Condition", "FlowGenerator", "build_generator"]
 
@@ -26,7 +27,7 @@ def build_generator(
     ``prompt_embeddings``: sd3 / flux only, a table file of ``services.models.prompt_embeddings`` (the run's
     pre-pass, ``model.prompt_embeddings: once``): the generator then loads no text encoder and looks its prompts
     up there. ``None``: it loads them and encodes its prompts itself (``per_actor``, serving, digits)."""
-    lora = dict(lora_rank=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_targets=model_cfg.lora_targets)
+    lora = LoraArgs(lora_rank=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, lora_targets=model_cfg.lora_targets)
     path = path or model_cfg.path
     if path is None:  # the embedded default is prepared (pretrained and cached) by services.prepare
         raise ValueError("no model path: pass path=services.prepare.resolve_model(model_cfg).path")

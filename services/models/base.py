@@ -22,13 +22,16 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from normguard_core.samplers import VelocityFn, cfg_combine
 from services.models.schedules import FlowSchedule
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 __all__ = ["Condition", "FlowGenerator"]
 
@@ -99,7 +102,7 @@ class FlowGenerator:
 
     def __init__(
         self,
-        transformer: nn.Module,
+        transformer: ModelMixin,
         *,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
@@ -107,7 +110,8 @@ class FlowGenerator:
         device: torch.device | str = "cpu",
     ) -> None:
         self.device = torch.device(device)
-        self.transformer = transformer.to(self.device)
+        # diffusers wraps ModelMixin.to in functools.wraps, whose typeshed _Wrapped is not bound as a method
+        self.transformer = transformer.to(self.device)  # pyright: ignore[reportArgumentType]
         self.lora_rank = lora_rank
         self._reference: nn.Module | None = None
         if lora_rank is not None:

@@ -44,6 +44,7 @@ from services.models.digits import SD3Arch, sd3_backbone_call
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.modeling_utils import ModelMixin
     from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 __all__ = [
@@ -107,7 +108,7 @@ class ColourGenerator(FlowGenerator):
     name = "colour"
 
     def __init__(
-        self, transformer: nn.Module, conditioner: ColourConditioner, vae: AutoencoderKL, **kwargs: Any
+        self, transformer: ModelMixin, conditioner: ColourConditioner, vae: AutoencoderKL, **kwargs: Any
     ) -> None:
         super().__init__(transformer, **kwargs)
         self.conditioner = conditioner.to(self.device).eval().requires_grad_(False)

@@ -30,6 +30,7 @@ from services.models.base import Condition, FlowGenerator
 from services.models.cache import build_once, default_cache_dir
 
 if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
     from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 __all__ = ["DigitConditioner", "DigitsGenerator", "load_digits_generator", "load_or_pretrain_digits"]
@@ -101,7 +102,7 @@ class DigitsGenerator(FlowGenerator):
     name = "digits"
 
     def __init__(
-        self, transformer: nn.Module, conditioner: DigitConditioner, *, resolution: int = 16, **kwargs: Any
+        self, transformer: ModelMixin, conditioner: DigitConditioner, *, resolution: int = 16, **kwargs: Any
     ) -> None:
         super().__init__(transformer, **kwargs)
         self.conditioner = conditioner.to(self.device).eval().requires_grad_(False)

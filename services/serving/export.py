@@ -47,7 +47,10 @@ def _export_lora(cfg: ExperimentConfig, weights: dict, out: Path) -> list[str]:
     import diffusers
 
     m = cfg.model
-    pipe_cls = getattr(diffusers, spec(m.kind).lora_writer)  # the family's LoRA file writer
+    writer = spec(m.kind).lora_writer  # the family's LoRA file writer
+    if writer is None:  # export_run refuses a LoRA run of such a family before it gets here
+        raise ValueError(f"the {m.kind} model has no LoRA format to export to")
+    pipe_cls = getattr(diffusers, writer)
     metadata = {
         "r": m.lora_rank,
         "lora_alpha": m.lora_alpha or m.lora_rank,

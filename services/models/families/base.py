@@ -11,7 +11,7 @@ diffusers family adds loading its pipeline and encoding prompts (``services.mode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from services.config.families import FamilySpec
 
@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from services.config import ModelConfig
     from services.models.base import FlowGenerator
 
-__all__ = ["ModelFamily"]
+__all__ = ["LoraArgs", "ModelFamily"]
+
+
+class LoraArgs(TypedDict):
+    """The LoRA settings of ``model`` a family passes on to its generator (``FlowGenerator``'s keywords)."""
+
+    lora_rank: int | None
+    lora_alpha: float | None
+    lora_targets: Sequence[str]
 
 
 class ModelFamily:
@@ -42,7 +50,7 @@ class ModelFamily:
         return f"{type(self).__name__}({self.name!r})"
 
     def build_generator(
-        self, model_cfg: ModelConfig, path: str, *, device: Any, prompt_embeddings: str | None, lora: dict
+        self, model_cfg: ModelConfig, path: str, *, device: Any, prompt_embeddings: str | None, lora: LoraArgs
     ) -> FlowGenerator:
         """The family's generator loaded from ``path`` (``lora``: ``lora_rank`` / ``lora_alpha`` /
         ``lora_targets``; ``prompt_embeddings``: a table file to look prompts up in, or None)."""

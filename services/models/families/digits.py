@@ -8,15 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from services.config.families import spec
 from services.models.families.base import ModelFamily
+
+if TYPE_CHECKING:
+    from services.config import ModelConfig
+    from services.models.base import FlowGenerator
+    from services.models.families.base import LoraArgs
 
 __all__ = ["DIGITS", "DigitsFamily"]
 
 
 class DigitsFamily(ModelFamily):
-    def build_generator(self, model_cfg, path, *, device, prompt_embeddings, lora):
+    def build_generator(
+        self, model_cfg: ModelConfig, path: str, *, device: Any, prompt_embeddings: str | None, lora: LoraArgs
+    ) -> FlowGenerator:
         if prompt_embeddings is not None:
             raise ValueError("the digits generator has no text encoder: its prompts are not precomputed")
         from services.models.digits import load_digits_generator

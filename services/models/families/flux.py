@@ -10,6 +10,8 @@ scale goes into the embedding. Its grid: the scheduler config's resolution-depen
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,9 @@ from services.config.families import spec
 from services.models.base import Condition
 from services.models.families.pipeline import PipelineFamily, PipelineGenerator, vae_decode
 from services.models.schedules import FlowSchedule
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["FLUX", "FluxFamily", "FluxGenerator"]
 
@@ -38,7 +43,7 @@ class FluxGenerator(PipelineGenerator):
         guidance: float = 3.5,
         max_sequence_length: int = 128,
         prompt_embeddings: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
         pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
@@ -82,7 +87,7 @@ class FluxGenerator(PipelineGenerator):
 class FluxFamily(PipelineFamily):
     generator = FluxGenerator
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         c, f32, side = tr.config, dict(device=device, dtype=torch.float32), latent_side // _PATCH
         return dict(
             hidden_states=torch.zeros(1, side * side, c.in_channels, **f32),
@@ -95,7 +100,9 @@ class FluxFamily(PipelineFamily):
             return_dict=False,
         )
 
-    def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )

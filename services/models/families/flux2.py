@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,9 @@ from services.config.families import spec
 from services.models.base import Condition
 from services.models.families.pipeline import PipelineFamily, PipelineGenerator
 from services.models.schedules import FlowSchedule, empirical_mu
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["FLUX2", "Flux2Family", "Flux2Generator"]
 
@@ -59,7 +63,7 @@ class Flux2Generator(PipelineGenerator):
         guidance: float = 4.0,
         max_sequence_length: int = 128,
         prompt_embeddings: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``guidance``: [dev]'s embedded guidance scale; ``prompt_embeddings``: a table file to look prompts up in
         (the text encoder is then not loaded)."""
@@ -122,18 +126,22 @@ class Flux2Generator(PipelineGenerator):
 class Flux2Family(PipelineFamily):
     generator = Flux2Generator
 
-    def pipeline_class(self, path: str | None = None):
+    def pipeline_class(self, path: str | None = None) -> type[DiffusionPipeline]:
         """``Flux2Pipeline`` or ``Flux2KleinPipeline``, as ``path``'s ``model_index.json`` names it."""
         import diffusers
+        from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
         if path is None:
             return super().pipeline_class()
-        name = diffusers.DiffusionPipeline.load_config(path).get("_class_name")
-        if name not in _PIPELINES:
+        config = DiffusionPipeline.load_config(path)
+        # diffusers annotates load_config as a tuple, which it returns only with return_unused_kwargs /
+        # return_commit_hash; without them it returns the config dict
+        name = config.get("_class_name")  # pyright: ignore[reportAttributeAccessIssue]
+        if not isinstance(name, str) or name not in _PIPELINES:
             raise ValueError(f"{path} is a {name}, not a FLUX.2 pipeline ({', '.join(_PIPELINES)})")
         return getattr(diffusers, name)
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         c, f32, tokens = tr.config, dict(device=device, dtype=torch.float32), (latent_side // _PATCH) ** 2
         return dict(
             hidden_states=torch.zeros(1, tokens, c.in_channels, **f32),
@@ -145,7 +153,9 @@ class Flux2Family(PipelineFamily):
             return_dict=False,
         )
 
-    def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
         embeds, _ = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=max_sequence_length)
         return embeds, embeds.new_zeros(embeds.shape[0], 0)  # no pooled projection
 

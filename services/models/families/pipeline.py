@@ -10,7 +10,7 @@ pipelines pass the scheduler's float32 timesteps).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -20,33 +20,73 @@ from services.models.base import Condition, FlowGenerator
 from services.models.families.base import ModelFamily
 from services.models.prompt_embeddings import PromptEmbeddings
 
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    from services.config import ModelConfig
+    from services.models.families.base import LoraArgs
+
 __all__ = ["DTYPES", "PipelineFamily", "PipelineGenerator", "vae_decode"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _IMAGE_PARTS = ("transformer", "vae")
 
 
+class GeneratorClass(Protocol):
+    """A pipeline generator's constructor as :meth:`PipelineFamily.build_generator` calls it (the generator
+    classes take more keywords, with defaults: guidance, a video family's frames)."""
+
+    def __call__(
+        self,
+        path: str,
+        *,
+        resolution: int,
+        device: Any,
+        dtype: str,
+        max_sequence_length: int,
+        prompt_embeddings: str | None,
+        lora_rank: int | None,
+        lora_alpha: float | None,
+        lora_targets: Sequence[str],
+    ) -> PipelineGenerator: ...
+
+
 class PipelineFamily(ModelFamily):
     """A family loaded from a diffusers pipeline (``spec.pipeline_class``) by its generator class."""
 
-    generator: type[PipelineGenerator]
+    generator: GeneratorClass
 
-    def build_generator(self, model_cfg, path, *, device, prompt_embeddings, lora):
-        m = model_cfg
-        text = dict(max_sequence_length=m.max_sequence_length, prompt_embeddings=prompt_embeddings)
-        return self.generator(path, resolution=m.resolution, device=device, dtype=m.dtype, **text, **lora)
+    def build_generator(
+        self, model_cfg: ModelConfig, path: str, *, device: Any, prompt_embeddings: str | None, lora: LoraArgs
+    ) -> PipelineGenerator:
+        m, embeddings = model_cfg, prompt_embeddings
+        return self.generator(
+            path,
+            resolution=m.resolution,
+            device=device,
+            dtype=m.dtype,
+            max_sequence_length=m.max_sequence_length,
+            prompt_embeddings=embeddings,
+            **lora,
+        )
 
-    def pipeline_class(self, path: str | None = None):
+    def pipeline_class(self, path: str | None = None) -> type[DiffusionPipeline]:
         """The diffusers pipeline class (of the model at ``path`` where the family has several; one by default)."""
         import diffusers
 
-        return getattr(diffusers, self.spec.pipeline_class)
+        name = self.spec.pipeline_class
+        if name is None:  # every pipeline family's spec names its class (services.config.families)
+            raise TypeError(f"{self.name}: its FamilySpec names no pipeline_class")
+        return getattr(diffusers, name)
 
-    def text_needs_transformer(self, pipe) -> bool:
+    def text_needs_transformer(self, pipe: DiffusionPipeline) -> bool:
         """Whether a text-only load must keep the transformer (its ``encode_prompt`` reads the config)."""
         return False
 
-    def load_pipeline(self, path: str, dtype: str, *, parts: Literal["all", "image", "text"] = "all"):
+    def load_pipeline(
+        self, path: str, dtype: str, *, parts: Literal["all", "image", "text"] = "all"
+    ) -> DiffusionPipeline:
         """The pipeline at ``path`` in ``dtype``: every component, only the transformer / VAE / scheduler
         (``image``: the text parts passed as ``None``, never read), or only the tokenizers and text encoders
         (``text``; the transformer too where :meth:`text_needs_transformer`)."""
@@ -58,12 +98,14 @@ class PipelineFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def encode_prompt(self, pipe, prompts: list[str], *, max_sequence_length: int, device) -> tuple[Tensor, Tensor]:
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
         """``(prompt_embeds (B, L, C), pooled (B, P))`` by ``pipe.encode_prompt`` (no CFG branch)."""
         raise NotImplementedError(f"{self.name}: no text encoder")
 
     def encode(
-        self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
+        self, pipe: DiffusionPipeline, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
     ) -> dict[str, Tensor]:
         """``{"prompt_embeds": (B, L, C), "pooled": (B, P)}`` of ``prompts`` (the null prompt is a prompt);
         ``L`` is ``spec.text_tokens(max_sequence_length)``."""
@@ -74,7 +116,7 @@ class PipelineFamily(ModelFamily):
         return {"prompt_embeds": embeds, "pooled": pooled}
 
 
-def vae_decode(vae, z: Tensor) -> Tensor:
+def vae_decode(vae: ModelMixin, z: Tensor) -> Tensor:
     """Scaled / shifted VAE latents ``(B, C, h, w)`` -> images ``(B, 3, H, W)`` in [0, 1]."""
     z = z.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     with torch.no_grad():
@@ -88,8 +130,15 @@ class PipelineGenerator(FlowGenerator):
     family: PipelineFamily
 
     def _load(
-        self, path: str, dtype: str, max_sequence_length: int, prompt_embeddings: str | None, *, resolution: int, device
-    ):
+        self,
+        path: str,
+        dtype: str,
+        max_sequence_length: int,
+        prompt_embeddings: str | None,
+        *,
+        resolution: int,
+        device: torch.device | str,
+    ) -> DiffusionPipeline:
         """The pipeline on ``device`` (without its text encoders when prompts come from a table), and what
         every family keeps of the settings."""
         self.max_sequence_length, self.resolution, self.compute_dtype = max_sequence_length, resolution, DTYPES[dtype]

@@ -24,6 +24,9 @@ Data (LoRA targets, plan figures): ``services.config.families_qwen_image``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +34,9 @@ from services.config.families import spec
 from services.models.base import Condition
 from services.models.families.pipeline import PipelineFamily, PipelineGenerator
 from services.models.schedules import FlowSchedule
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["QWEN_IMAGE", "QwenImageFamily", "QwenImageGenerator"]
 
@@ -63,7 +69,7 @@ class QwenImageGenerator(PipelineGenerator):
         dtype: str = "float32",
         max_sequence_length: int = 128,
         prompt_embeddings: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``prompt_embeddings``: a table file to look prompts up in; the text encoder is then not loaded."""
         pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
@@ -118,7 +124,9 @@ def batch_text(cond: Condition) -> tuple[Tensor, Tensor | None]:
 class QwenImageFamily(PipelineFamily):
     generator = QwenImageGenerator
 
-    def encode(self, pipe, prompts, *, max_sequence_length, device):
+    def encode(
+        self, pipe: DiffusionPipeline, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> dict[str, Tensor]:
         """``{"prompt_embeds": (B, M, C), "prompt_embeds_mask": (B, M)}``, ``M = max_sequence_length``: the
         pipeline's ``encode_prompt`` of the batch, zero-padded (mask 0) from its longest prompt to ``M``."""
         with torch.no_grad():
@@ -132,7 +140,7 @@ class QwenImageFamily(PipelineFamily):
             "prompt_embeds_mask": torch.cat([mask, mask.new_zeros(b, pad)], dim=1),
         }
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         c, f32, side = tr.config, dict(device=device, dtype=torch.float32), latent_side // _PATCH
         return dict(
             hidden_states=torch.zeros(1, side * side, c.in_channels, **f32),
@@ -143,7 +151,7 @@ class QwenImageFamily(PipelineFamily):
             return_dict=False,
         )
 
-    def plan_vae_latent(self, vae, latent_side, dtype):
+    def plan_vae_latent(self, vae: Any, latent_side: int, dtype: Any) -> Any:
         return torch.zeros(1, vae.config.z_dim, 1, latent_side, latent_side, device="meta", dtype=dtype)
 
 

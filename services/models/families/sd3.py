@@ -10,6 +10,8 @@ text-only load keeps the transformer. Data (LoRA targets, plan figures): ``servi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +19,9 @@ from services.config.families import spec
 from services.models.base import Condition
 from services.models.families.pipeline import PipelineFamily, PipelineGenerator, vae_decode
 from services.models.schedules import FlowSchedule
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["SD3", "SD3Family", "SD3Generator"]
 
@@ -37,7 +42,7 @@ class SD3Generator(PipelineGenerator):
         dtype: str = "float32",
         max_sequence_length: int = 128,
         prompt_embeddings: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``prompt_embeddings``: a table file to look prompts up in; the text encoders are then not loaded."""
         pipe = self._load(path, dtype, max_sequence_length, prompt_embeddings, resolution=resolution, device=device)
@@ -72,7 +77,7 @@ class SD3Generator(PipelineGenerator):
 class SD3Family(PipelineFamily):
     generator = SD3Generator
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         c, f32 = tr.config, dict(device=device, dtype=torch.float32)
         return dict(
             hidden_states=torch.zeros(1, c.in_channels, latent_side, latent_side, **f32),
@@ -82,10 +87,12 @@ class SD3Family(PipelineFamily):
             return_dict=False,
         )
 
-    def text_needs_transformer(self, pipe) -> bool:
+    def text_needs_transformer(self, pipe: DiffusionPipeline) -> bool:
         return pipe.text_encoder_3 is None  # T5-less: encode_prompt reads the transformer's config
 
-    def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=prompts,
             prompt_2=None,

@@ -27,6 +27,9 @@ TI2V (``expand_timesteps``) is refused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -36,12 +39,22 @@ from services.models.base import Condition
 from services.models.families.pipeline import DTYPES, PipelineFamily, PipelineGenerator
 from services.models.schedules import FlowSchedule
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from peft import LoraConfig
+
+    from services.config import ModelConfig
+    from services.models.families.base import LoraArgs
+
 __all__ = ["WAN", "WanExperts", "WanFamily", "WanGenerator", "wan_schedule"]
 
 _SPEC = spec("wan")
 
 
-def wan_schedule(config, *, image_seq_len: int) -> FlowSchedule:
+def wan_schedule(config: Mapping[str, Any], *, image_seq_len: int) -> FlowSchedule:
     """The Euler flow grid of a Wan pipeline's scheduler ``config`` (see the module docstring): a
     ``FlowMatchEulerDiscreteScheduler``'s own, or a flow UniPC's ``flow_shift`` as a static shift."""
     if config.get("_class_name") == "UniPCMultistepScheduler":
@@ -63,15 +76,15 @@ class WanExperts(nn.Module):
     others, as ``WanPipeline.__call__`` switches them (per sample here: a learner's batch mixes sigmas). LoRA is
     added to both, as Flow-Factory's ``apply_lora(components=['transformer', 'transformer_2'])``."""
 
-    def __init__(self, high: nn.Module, low: nn.Module, boundary: float) -> None:
+    def __init__(self, high: ModelMixin, low: ModelMixin, boundary: float) -> None:
         super().__init__()
         self.transformer, self.transformer_2, self.boundary = high, low, boundary
 
     @property
-    def config(self):
+    def config(self) -> Any:  # the high-noise expert's (diffusers' FrozenDict, read by attribute)
         return self.transformer.config
 
-    def add_adapter(self, config) -> None:
+    def add_adapter(self, config: LoraConfig) -> None:
         self.transformer.add_adapter(config)
         self.transformer_2.add_adapter(config)
 
@@ -83,7 +96,9 @@ class WanExperts(nn.Module):
         self.transformer.enable_adapters()
         self.transformer_2.enable_adapters()
 
-    def forward(self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict=False):
+    def forward(
+        self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False
+    ) -> tuple[Tensor]:
         high = timestep >= self.boundary
         parts, rows = [], []
         for expert, mask in ((self.transformer, high), (self.transformer_2, ~high)):
@@ -111,7 +126,7 @@ class WanGenerator(PipelineGenerator):
         dtype: str = "float32",
         max_sequence_length: int = 512,
         prompt_embeddings: str | None = None,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``num_frames``: ``4 k + 1`` (None: the family's default); ``prompt_embeddings``: a table file to look
         prompts up in, the text encoder then not loaded."""
@@ -127,13 +142,15 @@ class WanGenerator(PipelineGenerator):
         side = resolution // self.vae_scale
         tokens = self.latent_frames * (side // patch[1]) * (side // patch[2])
         self.schedule = wan_schedule(pipe.scheduler.config, image_seq_len=tokens)
-        super().__init__(transformer, device=device, **kwargs)
+        # WanExperts is an nn.Module with the config / peft-adapter surface the base reads, not a ModelMixin (it
+        # has no enable_gradient_checkpointing: model.gradient_checkpointing fails on Wan 2.2 A14B)
+        super().__init__(transformer, device=device, **kwargs)  # pyright: ignore[reportArgumentType]
 
     @staticmethod
-    def _backbone(pipe, path: str) -> nn.Module:
+    def _backbone(pipe: DiffusionPipeline, path: str) -> ModelMixin | WanExperts:
         """The transformer, or Wan 2.2 A14B's two experts (:class:`WanExperts`)."""
-        ratio = pipe.config.boundary_ratio
-        if pipe.config.expand_timesteps or (pipe.transformer_2 is not None) != (ratio is not None):
+        ratio = pipe.config["boundary_ratio"]  # WanPipeline registers both in its config, always
+        if pipe.config["expand_timesteps"] or (pipe.transformer_2 is not None) != (ratio is not None):
             raise NotImplementedError(f"{path}: expand_timesteps (Wan 2.2 TI2V) or one expert alone is not supported")
         if pipe.transformer_2 is None:
             return pipe.transformer
@@ -173,14 +190,22 @@ class WanGenerator(PipelineGenerator):
 class WanFamily(PipelineFamily):
     generator = WanGenerator
 
-    def build_generator(self, model_cfg, path, *, device, prompt_embeddings, lora):
-        m = model_cfg
-        text = dict(max_sequence_length=m.max_sequence_length, prompt_embeddings=prompt_embeddings)
-        return self.generator(
-            path, resolution=m.resolution, num_frames=m.num_frames, device=device, dtype=m.dtype, **text, **lora
+    def build_generator(
+        self, model_cfg: ModelConfig, path: str, *, device: Any, prompt_embeddings: str | None, lora: LoraArgs
+    ) -> WanGenerator:
+        m, embeddings = model_cfg, prompt_embeddings
+        return WanGenerator(  # self.generator, with the frames only WanGenerator takes
+            path,
+            resolution=m.resolution,
+            num_frames=m.num_frames,
+            device=device,
+            dtype=m.dtype,
+            max_sequence_length=m.max_sequence_length,
+            prompt_embeddings=embeddings,
+            **lora,
         )
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device, latent_frames: int = 1):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any, latent_frames: int = 1) -> dict:
         c, f32 = tr.config, dict(device=device, dtype=torch.float32)
         return dict(
             hidden_states=torch.zeros(1, c.in_channels, latent_frames, latent_side, latent_side, **f32),
@@ -189,10 +214,12 @@ class WanFamily(PipelineFamily):
             return_dict=False,
         )
 
-    def plan_vae_latent(self, vae, latent_side, dtype, latent_frames: int = 1):
+    def plan_vae_latent(self, vae: Any, latent_side: int, dtype: Any, latent_frames: int = 1) -> Any:
         return torch.zeros(1, vae.config.z_dim, latent_frames, latent_side, latent_side, device="meta", dtype=dtype)
 
-    def load_pipeline(self, path, dtype, *, parts="all"):
+    def load_pipeline(
+        self, path: str, dtype: str, *, parts: Literal["all", "image", "text"] = "all"
+    ) -> DiffusionPipeline:
         """As the other pipelines'; a text-only load also leaves out Wan 2.2's second expert."""
         if parts != "text":
             return super().load_pipeline(path, dtype, parts=parts)
@@ -201,7 +228,7 @@ class WanFamily(PipelineFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def lora_files(self, weights, name):
+    def lora_files(self, weights: dict, name: str) -> dict[str, dict]:
         """Wan 2.2's two experts: ``name`` for ``transformer``'s LoRA and ``*_transformer_2.safetensors`` for
         ``transformer_2``'s (load it with ``load_lora_weights(dir, weight_name=..., load_into_transformer_2=True)``)."""
         low = {k.removeprefix("transformer_2."): v for k, v in weights.items() if k.startswith("transformer_2.")}
@@ -210,12 +237,12 @@ class WanFamily(PipelineFamily):
         high = {k.removeprefix("transformer."): v for k, v in weights.items() if k.startswith("transformer.")}
         return {name: high, name.replace(".safetensors", "_transformer_2.safetensors"): low}
 
-    def export_transformer(self, model_path, weights, out):
+    def export_transformer(self, model_path: str, weights: dict, out: Path) -> list[str] | None:
         """A full fine-tune of Wan 2.2's experts: ``transformer/`` and ``transformer_2/`` (None for Wan 2.1: the
         one ``transformer/`` folder, as every pipeline family's)."""
         if not any(k.startswith("transformer_2.") for k in weights):
             return None
-        from diffusers import WanTransformer3DModel
+        from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
 
         for part in ("transformer", "transformer_2"):
             expert = WanTransformer3DModel.from_pretrained(model_path, subfolder=part)
@@ -227,7 +254,9 @@ class WanFamily(PipelineFamily):
             expert.save_pretrained(out / part)
         return ["transformer/", "transformer_2/"]
 
-    def encode_prompt(self, pipe, prompts, *, max_sequence_length, device):
+    def encode_prompt(
+        self, pipe: DiffusionPipeline, prompts: list[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> tuple[Tensor, Tensor]:
         embeds, _ = pipe.encode_prompt(
             prompt=prompts, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length, device=device
         )

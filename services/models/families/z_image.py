@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from normguard_core.samplers import VelocityFn
 from services.config.families import spec
 from services.models.base import Condition
 from services.models.families.pipeline import PipelineFamily, PipelineGenerator, vae_decode
 from services.models.schedules import FlowSchedule
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 __all__ = ["Z_IMAGE", "ZImageFamily", "ZImageGenerator", "ZImageSchedule"]
 
@@ -71,7 +77,7 @@ class ZImageGenerator(PipelineGenerator):
         prompt_embeddings: str | None = None,
         cfg_truncation: float = 1.0,
         cfg_normalization: float = 0.0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         """``cfg_truncation`` / ``cfg_normalization``: the pipeline's (defaults: off); ``prompt_embeddings``: a
         table file to look prompts up in (the text encoder is then not loaded)."""
@@ -127,7 +133,9 @@ class ZImageGenerator(PipelineGenerator):
             rows.append(pred)
         return torch.stack(rows)
 
-    def _guided(self, cond, null_cond, guidance_scale, reference):
+    def _guided(
+        self, cond: Condition, null_cond: Condition | None, guidance_scale: float, reference: bool
+    ) -> VelocityFn:
         """The base's batched CFG (conditional rows, then null) with ``cfg_truncation``: the conditional
         velocity for a truncated sample, and a conditional-only call at a sigma where every sample is truncated, as
         the pipeline makes one there (the learner's train-time CFG does not truncate: it sees no sigma)."""
@@ -151,7 +159,7 @@ class ZImageGenerator(PipelineGenerator):
 class ZImageFamily(PipelineFamily):
     generator = ZImageGenerator
 
-    def plan_inputs(self, tr, latent_side, text_tokens, device):
+    def plan_inputs(self, tr: Any, latent_side: int, text_tokens: int, device: Any) -> dict:
         c, f32 = tr.config, dict(device=device, dtype=torch.float32)
         return dict(
             x=[torch.zeros(c.in_channels, 1, latent_side, latent_side, **f32)],
@@ -160,7 +168,9 @@ class ZImageFamily(PipelineFamily):
             return_dict=False,
         )
 
-    def encode(self, pipe, prompts, *, max_sequence_length, device):
+    def encode(
+        self, pipe: DiffusionPipeline, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device | str
+    ) -> dict[str, Tensor]:
         """``{"prompt_embeds": (B, L, C), "prompt_mask": (B, L)}``, ``L = max_sequence_length``: the pipeline's
         unpadded list, zero-padded at the end, ``prompt_mask`` marking each prompt's rows."""
         with torch.no_grad():
