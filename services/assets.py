@@ -127,7 +127,7 @@ def restore_committed(target: Path, log: Callable[[str], None] = print) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.assets", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m services.assets", description=(__doc__ or "").partition("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pk = sub.add_parser("pack", help="a cache directory -> DIR/<name>.tar.gz + .sha256")
     pk.add_argument("src")
