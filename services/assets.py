@@ -89,13 +89,7 @@ def unpack(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / name
     if target.exists():
-        have = digest(target)
-        if have != want:
-            raise AssetMismatch(
-                f"{target} holds other weights (sha256 {have[:12]}, the archive's {want[:12]}): a local build of "
-                "the same settings on another machine; move it aside, or set NORMGUARD_CACHE to another directory"
-            )
-        return target
+        return _same_as(target, want)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".unpack-{name}-"))
     try:
@@ -104,9 +98,23 @@ def unpack(archive: str | Path, cache_dir: str | Path | None = None) -> Path:
         got = digest(tmp / name)
         if got != want:
             raise AssetMismatch(f"{archive}: content sha256 {got[:12]} is not the manifest's {want[:12]}")
-        os.replace(tmp / name, target)
+        try:
+            os.replace(tmp / name, target)
+        except OSError:  # another process published it first (as build_once): keep theirs if it is the same
+            return _same_as(target, want)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _same_as(target: Path, want: str) -> Path:
+    """``target`` when its content digest is ``want``; :class:`AssetMismatch` naming both when it is not."""
+    have = digest(target)
+    if have != want:
+        raise AssetMismatch(
+            f"{target} holds other weights (sha256 {have[:12]}, the archive's {want[:12]}): a local build of "
+            "the same settings on another machine; move it aside, or set NORMGUARD_CACHE to another directory"
+        )
     return target
 
 
@@ -122,7 +130,8 @@ def restore_committed(target: Path, log: Callable[[str], None] = print) -> bool:
     except AssetMismatch as err:
         warnings.warn(f"{err}; its runs are not on the committed testbed ({archive})", stacklevel=2)
         return False
-    log(f"{target}: the committed testbed ({archive.name}, content sha256 {digest(target)[:12]})")
+    want = _manifest(archive).read_text().split()[0]  # unpack checked the content against it
+    log(f"{target}: the committed testbed ({archive.name}, content sha256 {want[:12]})")
     return True
 
 

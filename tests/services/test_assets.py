@@ -87,3 +87,23 @@ def test_a_local_build_with_other_weights_is_kept_and_named(tmp_path, monkeypatc
     assert (local / "transformer" / "model.safetensors").read_bytes() == b"another machine's rounding"
     assert assets.restore_committed(tmp_path / "empty" / "colour-abc", log=lambda s: None)
     assert digest(tmp_path / "empty" / "colour-abc") == digest(tmp_path / "cache" / "colour-abc")
+
+
+def test_a_copy_published_by_another_process_meanwhile_is_kept_when_it_is_the_same(tmp_path, monkeypatch):
+    """Two trials unpacking at once on a fresh machine: the one whose rename loses keeps the winner's copy."""
+    import os as os_mod
+
+    import services.assets as assets
+
+    src = _built(tmp_path / "cache")
+    archive = pack(src, tmp_path / "out")
+    real_replace = os_mod.replace
+
+    def lose_the_race(a, b):
+        real_replace(a, b)  # the other process's copy lands first ...
+        raise OSError(39, "Directory not empty")  # ... so this one's rename fails
+
+    monkeypatch.setattr(assets.os, "replace", lose_the_race)
+    got = unpack(archive, tmp_path / "fresh")
+    assert digest(got) == digest(src)
+    assert not [p for p in (tmp_path / "fresh").iterdir() if p.name.startswith(".unpack-")]
