@@ -238,3 +238,27 @@ def test_train_serve_export_and_load_in_stock_wan_pipeline(tmp_path):
     diff = ((stock * 255).round().int() - served.int()).abs().max().item()
     assert diff <= 1, f"stock WanPipeline + export differs from the service by {diff}/255"
     assert (stock - base).abs().max().item() > 1e-3  # the exported LoRA changes the stock pipeline's frames
+
+
+def test_wan22_gradient_checkpointing_reaches_both_experts_and_keeps_the_gradient(tmp_path):
+    """``model.gradient_checkpointing: true`` on Wan 2.2 A14B's two experts (it raised before: the pair module had
+    no ``enable_gradient_checkpointing``): both experts checkpoint, and one backward through a batch that mixes
+    high- and low-noise timesteps gives the gradients of the run without checkpointing."""
+    from services.models import build_generator
+
+    path = tiny_wan.save_tiny_wan(tmp_path / "wan22", EULER, boundary_ratio=0.875)
+    grads = []
+    for ckpt in (False, True):
+        gen = build_generator(_model(path, gradient_checkpointing=ckpt))
+        experts = gen.transformer
+        assert [experts.transformer.gradient_checkpointing, experts.transformer_2.gradient_checkpointing] == [ckpt] * 2
+        torch.manual_seed(0)
+        x = torch.randn(2, *gen.latent_shape)
+        text = torch.randn(2, TOKENS, experts.config.text_dim)
+        experts.train()
+        out = experts(hidden_states=x, timestep=torch.tensor([950.0, 100.0]), encoder_hidden_states=text)[0]
+        out.square().mean().backward()
+        grads.append([p.grad.clone() for p in experts.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -96,6 +96,15 @@ class WanExperts(nn.Module):
         self.transformer.enable_adapters()
         self.transformer_2.enable_adapters()
 
+    def enable_gradient_checkpointing(self, **kwargs: Any) -> None:
+        """Both experts' own (diffusers ``ModelMixin.enable_gradient_checkpointing``): ``model.gradient_checkpointing``."""
+        self.transformer.enable_gradient_checkpointing(**kwargs)
+        self.transformer_2.enable_gradient_checkpointing(**kwargs)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.transformer.disable_gradient_checkpointing()
+        self.transformer_2.disable_gradient_checkpointing()
+
     def forward(
         self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False
     ) -> tuple[Tensor]:
@@ -142,8 +151,8 @@ class WanGenerator(PipelineGenerator):
         side = resolution // self.vae_scale
         tokens = self.latent_frames * (side // patch[1]) * (side // patch[2])
         self.schedule = wan_schedule(pipe.scheduler.config, image_seq_len=tokens)
-        # WanExperts is an nn.Module with the config / peft-adapter surface the base reads, not a ModelMixin (it
-        # has no enable_gradient_checkpointing: model.gradient_checkpointing fails on Wan 2.2 A14B)
+        # WanExperts is an nn.Module with the config / peft-adapter / checkpointing surface the base reads, not a
+        # ModelMixin
         super().__init__(transformer, device=device, **kwargs)  # pyright: ignore[reportArgumentType]
 
     @staticmethod
